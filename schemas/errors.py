@@ -1,0 +1,25 @@
+"""The OpenAI error object: every 4xx/5xx of the HTTP API has this shape."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+def error_body(
+    message: str, type: str = "invalid_request_error", param: str | None = None,
+    code: str | None = None,
+) -> dict:
+    return ErrorResponse(
+        error=ErrorDetail(message=message, type=type, param=param, code=code)
+    ).model_dump()

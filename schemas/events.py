@@ -1,0 +1,93 @@
+"""Kafka events: one versioned envelope, one payload model per event type.
+
+Every event carries ``event_id`` (consumers deduplicate on it), ``event_type`` (the
+discriminator) and ``schema_version`` (bumped on any incompatible payload change;
+consumers reject versions they do not know into the dead-letter topic). Events are
+JSON-encoded UTF-8; the Kafka key is the response id the event is about.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from schemas.chat import FinishReason, Role
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Event(BaseModel):
+    """Fields every event has."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    event_id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    schema_version: Literal[1] = 1
+    occurred_at: datetime = Field(default_factory=_now)
+    producer: str = Field(description="Which process made it, e.g. serving@host:pid.")
+
+    def key(self) -> bytes:
+        """The Kafka partition key."""
+        raise NotImplementedError
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+class LoggedMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    role: Role
+    content: str
+
+
+class LoggedChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    index: int
+    text: str
+    finish_reason: FinishReason | None
+    completion_tokens: int
+
+
+class SamplingRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    temperature: float
+    top_p: float
+    max_tokens: int
+    n: int
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+
+
+class InteractionLogged(Event):
+    """A chat completion was served (streamed or not)."""
+
+    event_type: Literal["interaction.logged"] = "interaction.logged"
+    response_id: str
+    user: str | None
+    policy_version: str
+    model: str = Field(description="The `model` the client asked for.")
+    messages: list[LoggedMessage]
+    choices: list[LoggedChoice]
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: float
+    ttft_ms: float | None
+    stream: bool
+    sampling: SamplingRecord
+
+    def key(self) -> bytes:
+        return self.response_id.encode()
+
+
+AnyEvent = Annotated[InteractionLogged, Field(discriminator="event_type")]
+_ADAPTER: TypeAdapter[AnyEvent] = TypeAdapter(AnyEvent)
+
+
+def parse_event(raw: bytes | str) -> AnyEvent:
+    """Decode and validate one event; raises ``pydantic.ValidationError`` if malformed."""
+    return _ADAPTER.validate_json(raw)

@@ -1,0 +1,75 @@
+"""All configuration, read once from the environment (prefix ``ALIGNLOOP_``).
+
+With nothing set, every process runs on the embedded defaults under ``state_dir``:
+a private Postgres, a private Kafka-protocol broker and the demo model. Setting
+``ALIGNLOOP_DATABASE_URL``, ``ALIGNLOOP_KAFKA_BOOTSTRAP`` and ``ALIGNLOOP_BASE_MODEL``
+points the same code at real infrastructure.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ALIGNLOOP_", extra="ignore")
+
+    # --- where things live -------------------------------------------------------
+    state_dir: Path = Field(
+        Path(".alignloop"),
+        description="Root of everything the embedded stack keeps: Postgres data, "
+        "the demo model, the event spool, adapters.",
+    )
+    database_url: str | None = Field(
+        None, description="Postgres URL. Unset: the embedded Postgres under state_dir."
+    )
+    kafka_bootstrap: str | None = Field(
+        None, description="Kafka bootstrap servers, comma separated. Unset: embedded broker."
+    )
+    base_model: Path | None = Field(
+        None,
+        description="A Hugging Face causal LM directory. Unset: the demo model, "
+        "built once under state_dir/models/demo.",
+    )
+
+    # --- serving -----------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str = Field(
+        "alignloop",
+        description="The `model` name clients use to get the routed policy.",
+    )
+    max_model_len: int = Field(512, description="Context window the engine is started with.")
+    max_request_bytes: int = Field(1_000_000, description="Larger request bodies get 413.")
+    max_n: int = Field(8, description="Largest accepted `n` (choices per request).")
+    default_max_tokens: int = Field(
+        128, description="Completion budget when a request names none (capped by context)."
+    )
+    response_id_secret: SecretStr | None = Field(
+        None,
+        description="HMAC key that signs response ids, so any replica can tell a real id "
+        "from a forged one without a database lookup. Unset: a random key is made once "
+        "and kept in state_dir/secrets/response_id.key.",
+    )
+    engine_dtype: str = Field("auto", description="vLLM dtype; auto = bfloat16 on CPU.")
+    engine_kv_cache_gib: int = Field(1, description="KV cache size on CPU (GiB).")
+    max_loras: int = Field(4, description="Adapters resident in the engine at once.")
+    max_lora_rank: int = Field(8, description="Largest LoRA rank the engine accepts.")
+
+    # --- event producing ----------------------------------------------------------
+    spool_dir: Path | None = Field(
+        None, description="Where events wait while Kafka is away. Unset: state_dir/spool."
+    )
+    spool_max_bytes: int = Field(
+        256 * 1024 * 1024, description="Spool bound; beyond it new events are dropped."
+    )
+    kafka_client_id: str = "alignloop"
+
+    def resolved_spool_dir(self) -> Path:
+        return self.spool_dir or self.state_dir / "spool"
+
+    def demo_model_dir(self) -> Path:
+        return self.state_dir / "models" / "demo"
