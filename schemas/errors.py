@@ -17,7 +17,9 @@ class ErrorResponse(BaseModel):
 
 
 def error_body(
-    message: str, type: str = "invalid_request_error", param: str | None = None,
+    message: str,
+    type: str = "invalid_request_error",
+    param: str | None = None,
     code: str | None = None,
 ) -> dict:
     return ErrorResponse(

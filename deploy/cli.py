@@ -1,0 +1,41 @@
+"""The `alignloop` console script: one entry point, dispatching to each package.
+
+Each command lives in the package that owns it and is imported only when used, so
+`alignloop --help` is instant and `alignloop serve` never imports the trainer.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "up": ("deploy.stack", "Start the whole loop on embedded defaults."),
+    "serve": ("serving.server", "Run the OpenAI-compatible chat API (one replica)."),
+    "bootstrap-model": ("trainer.bootstrap_cli", "Build the small demo base model."),
+}
+
+
+def usage() -> str:
+    width = max(len(c) for c in COMMANDS)
+    lines = ["usage: alignloop COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    lines += ["", "`alignloop COMMAND --help` describes a command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS:
+        print(f"alignloop: unknown command '{name}'\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":  # vLLM spawns workers: the entry module must be guarded
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""The FastAPI application: routes, lifespan, metrics middleware.
+
+Routes stay thin; the work is in `serving.chat`. The app owns the lifecycles of the
+engine and the event publisher (started before the first request, stopped after the
+last).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from schemas.chat import ChatCompletionRequest, ModelCard, ModelList
+from schemas.settings import Settings
+from serving import metrics
+from serving.chat import ChatService
+from serving.engine import Engine
+from serving.errors import install_error_handlers, parse_body, read_json
+from serving.policies import PolicyRouter
+from serving.response_ids import ResponseIdSigner, load_or_create_secret
+
+log = logging.getLogger(__name__)
+
+POLICY_HEADER = "X-Alignloop-Policy"
+USER_HEADER = "X-Alignloop-User"
+
+
+def create_app(settings: Settings, model_dir: Path, publisher) -> FastAPI:
+    """Build the app. ``publisher`` is an `EventPublisher` (started/closed by the app)."""
+    engine = Engine(settings, model_dir)
+    router = PolicyRouter(settings.served_model_name)
+    if settings.response_id_secret is not None:
+        secret = settings.response_id_secret.get_secret_value().encode()
+    else:
+        secret = load_or_create_secret(settings.state_dir / "secrets" / "response_id.key")
+    chat = ChatService(settings, engine, router, ResponseIdSigner(secret), publisher)
+    started_at = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        publisher.start()
+        engine.start()
+        log.info("serving %s on the chat API", model_dir)
+        try:
+            yield
+        finally:
+            engine.shutdown()
+            publisher.close(timeout=10)
+
+    app = FastAPI(title="alignloop", version="0.1.0", lifespan=lifespan)
+    app.state.chat = chat
+    install_error_handlers(app)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.REQUESTS.labels(
+            path, str(response.status_code), response.headers.get(POLICY_HEADER, "-")
+        ).inc()
+        return response
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = parse_body(
+            ChatCompletionRequest, await read_json(request, settings.max_request_bytes)
+        )
+        user = req.user or request.headers.get(USER_HEADER)
+        prepared = chat.prepare(req, user)
+        headers = {POLICY_HEADER: prepared.policy.version}
+        if req.stream:
+            return StreamingResponse(
+                chat.stream(prepared),
+                media_type="text/event-stream",
+                headers={**headers, "Cache-Control": "no-cache"},
+            )
+        completion = await chat.complete(prepared)
+        return JSONResponse(completion.model_dump(), headers=headers)
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return ModelList(
+            data=[
+                ModelCard(id=name, created=started_at, max_model_len=settings.max_model_len)
+                for name in router.model_names()
+            ]
+        )
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok", "model_dir": str(model_dir), "events": publisher.snapshot()}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,108 @@
+"""The vLLM engine, in-process, and the tokenizer that frames chat prompts for it.
+
+One `AsyncLLM` serves every policy version: the base model, plus LoRA adapters that
+later versions add at run time (``enable_lora``). The API process keeps its own copy
+of the tokenizer so it can render the chat template, count prompt tokens and reject
+over-long prompts before anything reaches the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from schemas.chat import ChatMessage
+from schemas.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def on_gpu() -> bool:
+    """The one device decision: CUDA when a GPU is visible, else the CPU build of vLLM."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A LoRA adapter the engine can serve: a unique name, a numeric id, a directory."""
+
+    name: str
+    int_id: int
+    path: Path
+
+
+class Engine:
+    """Start/stop the engine; render prompts; stream generations."""
+
+    def __init__(self, settings: Settings, model_dir: Path) -> None:
+        self.settings = settings
+        self.model_dir = model_dir
+        self.max_model_len = settings.max_model_len
+        self._llm = None
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+
+    def start(self) -> None:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        gpu = on_gpu()
+        if not gpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.engine_kv_cache_gib))
+        dtype = self.settings.engine_dtype
+        if dtype == "auto" and not gpu:
+            dtype = "bfloat16"
+        args = AsyncEngineArgs(
+            model=str(self.model_dir),
+            dtype=dtype,
+            max_model_len=self.max_model_len,
+            enforce_eager=not gpu,
+            enable_lora=True,
+            max_lora_rank=self.settings.max_lora_rank,
+            max_loras=self.settings.max_loras,
+            disable_log_stats=True,
+        )
+        log.info("starting vLLM engine on %s (%s)", self.model_dir, "cuda" if gpu else "cpu")
+        self._llm = AsyncLLM.from_engine_args(args)
+
+    def shutdown(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+
+    def prompt_token_ids(self, messages: list[ChatMessage]) -> list[int]:
+        """Render the model's chat template and tokenize, as the engine will see it."""
+        conversation = [{"role": m.role, "content": m.text()} for m in messages]
+        text = self.tokenizer.apply_chat_template(
+            conversation, add_generation_prompt=True, tokenize=False
+        )
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    async def generate(
+        self,
+        prompt_ids: list[int],
+        sampling_params,
+        request_id: str,
+        adapter: Adapter | None = None,
+    ) -> AsyncIterator:
+        """Yield vLLM ``RequestOutput``s. Closing the iterator aborts the request."""
+        from vllm.inputs import TokensPrompt
+        from vllm.lora.request import LoRARequest
+
+        assert self._llm is not None, "engine not started"
+        lora = None
+        if adapter is not None:
+            lora = LoRARequest(adapter.name, adapter.int_id, str(adapter.path))
+        async for output in self._llm.generate(
+            TokensPrompt(prompt_token_ids=prompt_ids),
+            sampling_params,
+            request_id,
+            lora_request=lora,
+        ):
+            yield output

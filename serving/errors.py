@@ -1,0 +1,135 @@
+"""HTTP errors in the OpenAI error shape, and the handlers that guarantee it.
+
+Every failure the API can report is an `APIError` (status + OpenAI error fields). The
+handlers installed by `install_error_handlers` turn it, FastAPI's own validation
+errors, unknown routes and any unexpected exception into
+``{"error": {"message", "type", "param", "code"}}``, so a client never sees an HTML page
+or a bare stack trace.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from schemas.errors import error_body
+
+log = logging.getLogger(__name__)
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(
+            error_body(self.message, self.type, self.param, self.code), status_code=self.status
+        )
+
+
+_UNION_TAGS = {"str", "int", "float", "bool", "none", "dict"}
+
+
+def _loc_to_param(loc: tuple) -> str:
+    """('messages', 0, 'role') -> 'messages[0].role'. Drops the body/query prefix and the
+    type tags pydantic adds for union members (('content', 'list[TextPart]') -> 'content')."""
+    out = ""
+    for part in loc:
+        if part in ("body", "query") and not out:
+            continue
+        if isinstance(part, str) and (part in _UNION_TAGS or "[" in part):
+            continue
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def validation_error(exc: ValidationError | RequestValidationError) -> APIError:
+    """The first problem, named by the field it is about."""
+    first = exc.errors()[0]
+    param = _loc_to_param(tuple(first.get("loc", ())))
+    msg = first.get("msg", "invalid value")
+    message = f"Invalid value for '{param}': {msg}" if param else msg
+    return APIError(400, message, param=param or None, code="invalid_value")
+
+
+async def read_json(request: Request, max_bytes: int) -> object:
+    """Read at most ``max_bytes`` of body (413 beyond, even without Content-Length) and
+    parse it as JSON (400 if it is not)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise _too_large(max_bytes)
+    body = bytearray()
+    async for chunk in request.stream():
+        body.extend(chunk)
+        if len(body) > max_bytes:
+            raise _too_large(max_bytes)
+    if not body:
+        raise APIError(
+            400, "The request body is empty; expected a JSON object.", code="invalid_json"
+        )
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(
+            400, f"The request body is not valid JSON: {e}", code="invalid_json"
+        ) from None
+
+
+def parse_body(model: type[ModelT], payload: object) -> ModelT:
+    if not isinstance(payload, dict):
+        raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+    try:
+        return model.model_validate(payload)
+    except ValidationError as e:
+        raise validation_error(e) from None
+
+
+def _too_large(max_bytes: int) -> APIError:
+    return APIError(
+        413, f"The request body exceeds the limit of {max_bytes} bytes.", code="request_too_large"
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_error(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
+        return APIError(exc.status_code, str(exc.detail), type=kind).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return APIError(500, "Internal server error.", type="server_error").response()

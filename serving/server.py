@@ -1,0 +1,63 @@
+"""`alignloop serve`: run the chat API (one replica) under uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from schemas.settings import Settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="alignloop serve", description=__doc__)
+    ap.add_argument("--host", help="bind address (default: ALIGNLOOP_HOST or 127.0.0.1)")
+    ap.add_argument("--port", type=int, help="port (default: ALIGNLOOP_PORT or 8000)")
+    ap.add_argument("--log-level", default="info")
+    args = ap.parse_args(argv)
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    settings = Settings()
+    host = args.host or settings.host
+    port = args.port or settings.port
+    model_dir = settings.base_model or settings.demo_model_dir()
+    if not (model_dir / "config.json").exists():
+        print(
+            f"alignloop serve: no model at {model_dir}. Run `alignloop bootstrap-model` "
+            "or set ALIGNLOOP_BASE_MODEL to a Hugging Face model directory.",
+            file=sys.stderr,
+        )
+        return 2
+    if not settings.kafka_bootstrap:
+        print(
+            "alignloop serve: set ALIGNLOOP_KAFKA_BOOTSTRAP (or run `alignloop up`, which "
+            "starts an embedded broker).",
+            file=sys.stderr,
+        )
+        return 2
+
+    import uvicorn
+
+    from serving.app import create_app
+    from serving.publisher import EventPublisher
+
+    # One spool per replica: two processes must never replay the same spool.
+    spool_dir = settings.resolved_spool_dir() / f"serving-{host}-{port}"
+    publisher = EventPublisher(
+        settings.kafka_bootstrap,
+        spool_dir,
+        settings.spool_max_bytes,
+        client_id=f"{settings.kafka_client_id}-serving-{port}",
+    )
+    app = create_app(settings, model_dir, publisher)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=10,
+        access_log=False,
+    )
+    return 0
