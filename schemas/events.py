@@ -84,7 +84,57 @@ class InteractionLogged(Event):
         return self.response_id.encode()
 
 
-AnyEvent = Annotated[InteractionLogged, Field(discriminator="event_type")]
+Rating = Literal["up", "down"]
+
+
+class FeedbackSubmitted(Event):
+    """A user rated one answer thumbs up or down.
+
+    ``feedback_id`` identifies the rating; when the client supplied an idempotency key it
+    is derived from it (so a retried request yields the same id and event id, and the
+    ingestor stores it once). A later rating by the same user of the same response
+    replaces this one as *current*; both stay in the history.
+    """
+
+    event_type: Literal["feedback.submitted"] = "feedback.submitted"
+    feedback_id: uuid.UUID
+    response_id: str
+    choice_index: int = Field(0, ge=0, description="Which of the response's n choices.")
+    rating: Rating
+    user: str | None = None
+    comment: str | None = None
+    idempotency_key: str | None = None
+
+    def key(self) -> bytes:
+        return self.response_id.encode()
+
+
+class PreferenceSubmitted(Event):
+    """An explicit comparison: which of two answers is better.
+
+    Either both answers are responses this service issued (``chosen_response_id`` /
+    ``rejected_response_id``), or an annotation tool supplies the texts (``messages``,
+    ``chosen``, ``rejected``).
+    """
+
+    event_type: Literal["preference.submitted"] = "preference.submitted"
+    preference_id: uuid.UUID
+    user: str | None = None
+    idempotency_key: str | None = None
+    chosen_response_id: str | None = None
+    rejected_response_id: str | None = None
+    messages: list[LoggedMessage] | None = None
+    chosen: str | None = None
+    rejected: str | None = None
+
+    def key(self) -> bytes:
+        return (self.chosen_response_id or str(self.preference_id)).encode()
+
+
+AnyEvent = Annotated[
+    InteractionLogged | FeedbackSubmitted | PreferenceSubmitted,
+    Field(discriminator="event_type"),
+]
 _ADAPTER: TypeAdapter[AnyEvent] = TypeAdapter(AnyEvent)
 
 
