@@ -40,6 +40,7 @@ _HEADER = struct.Struct(">2sII")  # magic, payload length, crc32(payload)
 _TOPIC_LEN = struct.Struct(">H")
 _KEY_LEN = struct.Struct(">i")  # -1: key is None
 _MAX_PAYLOAD = 1 << 30  # sanity bound on a length field; garbage lengths fail the read
+_MIN_PAYLOAD = _TOPIC_LEN.size + _KEY_LEN.size
 _CURSOR_FILE = "cursor.json"
 _SEGMENT_FMT = "seg-{:012d}.log"
 
@@ -70,6 +71,12 @@ def encode_record(record: SpoolRecord) -> bytes:
     return _HEADER.pack(_MAGIC, len(payload), zlib.crc32(payload)) + payload
 
 
+def encoded_size(record: SpoolRecord) -> int:
+    """``len(encode_record(record))`` without building it (what the bound counts)."""
+    key = 0 if record.key is None else len(record.key)
+    return _HEADER.size + _MIN_PAYLOAD + len(record.topic.encode()) + key + len(record.value)
+
+
 def _decode_payload(payload: bytes) -> SpoolRecord:
     (topic_len,) = _TOPIC_LEN.unpack_from(payload, 0)
     pos = _TOPIC_LEN.size
@@ -80,9 +87,6 @@ def _decode_payload(payload: bytes) -> SpoolRecord:
     key = None if key_len < 0 else payload[pos : pos + key_len]
     pos += max(key_len, 0)
     return SpoolRecord(topic, key, payload[pos:])
-
-
-_MIN_PAYLOAD = _TOPIC_LEN.size + _KEY_LEN.size
 
 
 def _read_one(f: BinaryIO) -> tuple[bytes, int] | None:

@@ -1,0 +1,536 @@
+"""Durable, non-blocking event producing for the serving process.
+
+``EventPublisher.publish()`` never blocks the request path and never raises: it hands the
+event to a bounded in-memory queue and returns a ``concurrent.futures.Future`` that
+resolves to where the event was *safely handed over*:
+
+* ``"kafka"``: acknowledged by the broker (``acks=all``, idempotent producer);
+* ``"spool"``: fsync'd into the local disk spool, to be replayed to Kafka later;
+* or it fails with :class:`~serving.spool.SpoolFull` (the event was dropped: the spool is
+  at its bound) or :class:`PublisherClosed`.
+
+One background thread owns the ``KafkaProducer`` and runs this state machine::
+
+            send+ack ok                       replay chunk acked, spool empty
+          ┌──────────┐                      ┌──────────────────────────────┐
+          ▼          │   any send fails     │                              ▼
+   ──▶ [SPOOLING] ──probe ok──▶ [REPLAYING] ─┘                         [DIRECT]
+          ▲  ▲                       │  replay send fails                  │
+          │  └───────────────────────┘                                     │
+          └────────────────────── any send fails ──────────────────────────┘
+
+* DIRECT: batches from the queue are sent and awaited (flush); successes resolve
+  "kafka". On any failure the failed records, then everything queued after them, go to
+  the spool in publish order, the producer is closed, and the state becomes SPOOLING.
+* SPOOLING: queued events are appended to the spool (fsync per batch) and resolve
+  "spool". Every ``probe_interval`` seconds a probe opens a TCP connection to the
+  bootstrap servers and, if that works, creates a **new** ``KafkaProducer`` (a restarted
+  broker has forgotten the old producer id; the old sequence numbers would be rejected).
+* REPLAYING: the spool is sent in order, in chunks; the read cursor advances only over
+  the acknowledged prefix of each chunk. Events published meanwhile are appended to the
+  spool behind the records being replayed, so nothing overtakes a spooled event. When the
+  spool is empty the state becomes DIRECT.
+
+``start()`` begins in SPOOLING with an immediate probe, so a spool left by a previous
+process is replayed before any new event goes to Kafka directly.
+
+**Queue overflow and order.** The memory queue holds ``queue_size`` events. When it is full
+``publish()`` does not block: the event is appended (without fsync) to a separate
+*overflow spool* on disk and the publisher enters overflow mode, in which every later
+``publish()`` also goes to the overflow spool. The worker keeps draining the memory queue
+(to Kafka or to the main spool: those events are older), fsyncs the overflow spool and
+resolves its futures "spool", and once the memory queue is empty it moves the overflow
+records to the tail of the main spool and leaves overflow mode. So publish order is kept
+even across an overflow, at the price of a disk append on the caller's thread while
+overflowing (no fsync there; the worker fsyncs). The bound ``spool_max_bytes`` applies to
+both spools together.
+
+**Guarantees.** At-least-once into Kafka with publish order kept per key (and globally, as
+far as the spool is concerned). Duplicates are possible only when a send's outcome is
+unknown (the broker wrote a batch but its ack was lost) or when the process dies between a
+replay ack and the cursor update; consumers dedupe by ``event_id``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import queue
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kafka import KafkaProducer
+from prometheus_client import Counter, Gauge, Histogram
+
+from schemas.events import Event
+from serving.spool import DiskSpool, SpoolFull, SpoolRecord, encoded_size
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "EventPublisher",
+    "PublisherClosed",
+    "PublisherState",
+    "SpoolFull",
+]
+
+# --- metrics (module level: one registry per process) ---------------------------------
+PUBLISHED = Counter(
+    "alignloop_events_published_total",
+    "Events handed over, by topic and outcome (kafka: acked; spool: fsync'd to the local "
+    "spool for later replay; dropped: spool full or publisher closed).",
+    ["topic", "outcome"],
+)
+REPLAYED = Counter(
+    "alignloop_events_replayed_total",
+    "Spooled events acknowledged by Kafka during a replay.",
+    ["topic"],
+)
+SPOOL_RECORDS = Gauge("alignloop_events_spool_records", "Events waiting in the disk spool.")
+SPOOL_BYTES = Gauge("alignloop_events_spool_bytes", "Encoded bytes waiting in the disk spool.")
+QUEUE_DEPTH = Gauge("alignloop_events_queue_depth", "Events waiting in the memory queue.")
+KAFKA_UP = Gauge("alignloop_events_kafka_up", "1 if the producer currently reaches Kafka.")
+HANDOVER_SECONDS = Histogram(
+    "alignloop_events_publish_ack_seconds",
+    "From publish() to the event being safely handed over, by outcome (kafka or spool).",
+    ["outcome"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+
+
+class PublisherClosed(RuntimeError):
+    """publish() after close(): the event was not accepted."""
+
+
+class PublisherState(enum.StrEnum):
+    NEW = "new"
+    DIRECT = "direct"
+    SPOOLING = "spooling"
+    REPLAYING = "replaying"
+    CLOSED = "closed"
+
+
+@dataclass(slots=True)
+class _Pending:
+    topic: str
+    key: bytes | None
+    value: bytes
+    future: Future[str]
+    published_at: float = field(default_factory=time.monotonic)
+
+    def record(self) -> SpoolRecord:
+        return SpoolRecord(self.topic, self.key, self.value)
+
+
+def _parse_bootstrap(bootstrap: str) -> list[tuple[str, int]]:
+    hosts = []
+    for part in bootstrap.split(","):
+        host, _, port = part.strip().rpartition(":")
+        hosts.append((host.strip("[]") or "localhost", int(port or 9092)))
+    return hosts
+
+
+class EventPublisher:
+    """Produces events to Kafka durably without ever blocking the caller (see module doc).
+
+    Thread-safe: ``publish()`` may be called from any thread, including an asyncio loop.
+    """
+
+    def __init__(
+        self,
+        bootstrap: str,
+        spool_dir: Path,
+        spool_max_bytes: int,
+        client_id: str = "alignloop",
+        *,
+        queue_size: int = 10_000,
+        batch_size: int = 500,
+        linger_ms: int = 5,
+        request_timeout_ms: int = 3_000,
+        delivery_timeout_ms: int = 5_000,
+        max_block_ms: int = 3_000,
+        probe_interval: float = 1.0,
+        replay_chunk: int = 500,
+        spool_segment_bytes: int = 16 * 1024 * 1024,
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.spool_dir = Path(spool_dir)
+        self.spool_max_bytes = spool_max_bytes
+        self.client_id = client_id
+        self.batch_size = batch_size
+        self.probe_interval = probe_interval
+        self.replay_chunk = replay_chunk
+        self._producer_config: dict[str, Any] = {
+            "bootstrap_servers": [b.strip() for b in bootstrap.split(",")],
+            "client_id": client_id,
+            "acks": "all",
+            "enable_idempotence": True,
+            "linger_ms": linger_ms,
+            "request_timeout_ms": request_timeout_ms,
+            "delivery_timeout_ms": max(delivery_timeout_ms, linger_ms + request_timeout_ms),
+            "max_block_ms": max_block_ms,
+            "bootstrap_timeout_ms": max_block_ms,
+            "reconnect_backoff_max_ms": 1_000,
+        }
+        # How long a flush may take: every batch completes by the delivery timeout.
+        self._flush_timeout = self._producer_config["delivery_timeout_ms"] / 1000 + 2.0
+        # The real bound (both spools together) is enforced here; the DiskSpool caps are a
+        # backstop with headroom, so that moving overflow records into the main spool can
+        # never fail half-way because of a racing append.
+        self._main = DiskSpool(
+            self.spool_dir / "main", 2 * spool_max_bytes, segment_bytes=spool_segment_bytes
+        )
+        self._overflow = DiskSpool(
+            self.spool_dir / "overflow", 2 * spool_max_bytes, segment_bytes=spool_segment_bytes
+        )
+        self._queue: queue.Queue[_Pending] = queue.Queue(maxsize=queue_size)
+        self._lock = threading.Lock()  # guards _overflowing, _overflow_pending, _closed
+        self._overflowing = False
+        self._overflow_pending: deque[_Pending] = deque()
+        self._closed = False
+        self._stop = threading.Event()
+        self._state = PublisherState.NEW
+        self._producer: KafkaProducer | None = None
+        self._next_probe = 0.0
+        self._last_error: str | None = None
+        self._thread: threading.Thread | None = None
+        self._update_gauges()
+
+    # --- public API -------------------------------------------------------------------
+
+    def start(self) -> EventPublisher:
+        """Start the background thread. Returns at once; replay of a leftover spool and the
+        first connection happen in the background."""
+        if self._thread is None:
+            self._state = PublisherState.SPOOLING  # with an immediate probe
+            self._thread = threading.Thread(
+                target=self._run, name=f"event-publisher-{self.client_id}", daemon=True
+            )
+            self._thread.start()
+        return self
+
+    def publish(self, topic: str, event: Event) -> Future[str]:
+        """Hand ``event`` over for delivery to ``topic`` (key ``event.key()``); never blocks
+        on the broker, never raises. See the module doc for what the future resolves to."""
+        future: Future[str] = Future()
+        future.set_running_or_notify_cancel()  # a waiter's cancel() must not void delivery
+        item = _Pending(topic, event.key(), event.to_bytes(), future)
+        with self._lock:
+            if self._closed:
+                self._drop(item, PublisherClosed("the event publisher is closed"))
+                return future
+            if not self._overflowing:
+                try:
+                    self._queue.put_nowait(item)
+                    return future
+                except queue.Full:
+                    self._overflowing = True
+                    log.warning("event queue full: spilling new events to the overflow spool")
+            # Overflow mode: append behind everything older (see module doc).
+            size = encoded_size(item.record())
+            if self._main.bytes + self._overflow.bytes + size > self.spool_max_bytes:
+                self._drop(item, SpoolFull(f"event spool is full ({self.spool_max_bytes} B)"))
+                return future
+            try:
+                self._overflow.append_many([item.record()], fsync=False)
+            except Exception as exc:  # disk error: report it on the future, not raise
+                self._drop(item, exc)
+                return future
+            self._overflow_pending.append(item)
+        return future
+
+    async def publish_and_wait(self, topic: str, event: Event) -> str:
+        """Publish and wait until the event is acked by Kafka or fsync'd in the spool.
+        Returns "kafka" or "spool"; raises SpoolFull / PublisherClosed if it was dropped."""
+        return await asyncio.wrap_future(self.publish(topic, event))
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop accepting events, deliver or spool everything accepted, stop the thread.
+
+        What is still queued is sent if Kafka is up (else spooled); a replay in progress
+        stops and continues at the next start. Waits up to ``timeout`` seconds.
+        """
+        with self._lock:
+            self._closed = True
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.error("event publisher did not stop within %.1fs", timeout)
+                return
+        else:
+            self._finish()
+        self._state = PublisherState.CLOSED
+
+    def snapshot(self) -> dict[str, Any]:
+        """State for /healthz."""
+        return {
+            "state": str(self._state),
+            "kafka_up": self._producer is not None,
+            "queue_depth": self._queue.qsize(),
+            "overflowing": self._overflowing,
+            "spool_records": len(self._main) + len(self._overflow),
+            "spool_bytes": self._main.bytes + self._overflow.bytes,
+            "spool_max_bytes": self.spool_max_bytes,
+            "last_error": self._last_error,
+        }
+
+    @property
+    def state(self) -> PublisherState:
+        return self._state
+
+    def __enter__(self) -> EventPublisher:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- the worker thread ------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            # A previous process may have died in overflow mode: those records are newer
+            # than the main spool's, older than anything published now.
+            self._move_overflow(final=False)
+            while True:
+                self._settle_overflow()
+                if self._overflowing and self._queue.empty():
+                    self._move_overflow(final=True)
+                stopping = self._stop.is_set()
+                if stopping and self._queue.empty() and not self._overflowing:
+                    break
+                if self._state is PublisherState.DIRECT and len(self._main):
+                    self._state = PublisherState.REPLAYING  # overflow records just arrived
+                if self._state is PublisherState.DIRECT:
+                    batch = self._take(0.0 if stopping else 0.1)
+                    if batch:
+                        self._send_direct(batch)
+                elif self._state is PublisherState.REPLAYING and not stopping:
+                    if not len(self._main) and not self._overflowing:
+                        self._state = PublisherState.DIRECT  # nothing (left) to replay
+                        log.info("event spool empty; producing directly to Kafka")
+                        continue
+                    self._spool(self._take(0.0))  # behind the records being replayed
+                    self._replay_chunk()
+                else:  # SPOOLING (or REPLAYING while stopping: leave it for the next start)
+                    if not stopping and time.monotonic() >= self._next_probe:
+                        self._probe()
+                        continue
+                    wait = max(0.0, min(0.1, self._next_probe - time.monotonic()))
+                    self._spool(self._take(0.0 if stopping else wait))
+                self._update_gauges()
+        except Exception:
+            log.exception("event publisher thread crashed; events now fail")
+            self._last_error = "publisher thread crashed"
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        """Resolve whatever is left and release resources (worker thread or close())."""
+        with self._lock:
+            self._closed = True
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            self._spool([item])
+        self._settle_overflow()
+        self._close_producer(timeout=1.0)
+        self._update_gauges()
+        self._main.close()
+        self._overflow.close()
+
+    def _take(self, timeout: float) -> list[_Pending]:
+        """Up to batch_size queued events, waiting up to ``timeout`` for the first."""
+        try:
+            first = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+        except queue.Empty:
+            return []
+        batch = [first]
+        while len(batch) < self.batch_size:
+            try:
+                batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    # --- Kafka --------------------------------------------------------------------------
+
+    def _send_and_wait(self, records: Sequence[SpoolRecord | _Pending]) -> list[bool]:
+        """Send records and wait for their acks; True per acknowledged record."""
+        producer = self._producer
+        assert producer is not None
+        futures: list[Any] = []
+        for r in records:
+            try:
+                futures.append(producer.send(r.topic, value=r.value, key=r.key))
+            except Exception as exc:  # e.g. KafkaTimeoutError after max_block_ms of metadata
+                # Do not try the rest: each could block as long again, and a later record
+                # must not be acked ahead of this one.
+                self._last_error = f"send: {exc!r}"
+                futures.extend([None] * (len(records) - len(futures)))
+                break
+        try:
+            producer.flush(timeout=self._flush_timeout)
+        except Exception as exc:
+            self._last_error = f"flush: {exc!r}"
+        acked = []
+        for f in futures:
+            ok = f is not None and f.is_done and f.succeeded()
+            if f is not None and f.is_done and f.failed():
+                self._last_error = f"produce: {f.exception!r}"
+            acked.append(ok)
+        return acked
+
+    def _send_direct(self, batch: list[_Pending]) -> None:
+        acked = self._send_and_wait(batch)
+        failed = []
+        for item, ok in zip(batch, acked, strict=True):
+            if ok:
+                self._resolve(item, "kafka")
+            else:
+                failed.append(item)
+        if failed:
+            self._outage()
+            self._spool(failed)
+
+    def _replay_chunk(self) -> None:
+        records = self._main.peek(self.replay_chunk)
+        if not records:
+            return  # the loop switches to DIRECT (or first moves the overflow records)
+        acked = self._send_and_wait(records)
+        prefix = 0
+        while prefix < len(acked) and acked[prefix]:
+            prefix += 1
+        self._main.advance(prefix)
+        for r in records[:prefix]:
+            REPLAYED.labels(r.topic).inc()
+        if prefix < len(records):
+            self._outage()
+
+    def _probe(self) -> None:
+        """Reconnect if the broker answers: a TCP connect first (cheap when it is down),
+        then a fresh KafkaProducer."""
+        self._next_probe = time.monotonic() + self.probe_interval
+        if not self._reachable():
+            return
+        try:
+            self._producer = KafkaProducer(**self._producer_config)
+        except Exception as exc:
+            self._last_error = f"connect: {exc!r}"
+            log.debug("kafka probe failed: %r", exc)
+            return
+        KAFKA_UP.set(1)
+        self._state = PublisherState.REPLAYING
+        log.info(
+            "kafka reachable at %s; replaying %d spooled events", self.bootstrap, len(self._main)
+        )
+
+    def _reachable(self) -> bool:
+        for host, port in _parse_bootstrap(self.bootstrap):
+            try:
+                with socket.create_connection((host, port), timeout=0.5):
+                    return True
+            except OSError:
+                continue
+        return False
+
+    def _outage(self) -> None:
+        log.warning(
+            "kafka unreachable (%s); spooling events to %s", self._last_error, self.spool_dir
+        )
+        self._close_producer(timeout=0.0)
+        self._state = PublisherState.SPOOLING
+        self._next_probe = time.monotonic() + self.probe_interval
+
+    def _close_producer(self, timeout: float) -> None:
+        producer, self._producer = self._producer, None
+        KAFKA_UP.set(0)
+        if producer is not None:
+            with contextlib.suppress(Exception):
+                producer.close(timeout=timeout)
+
+    # --- spooling -------------------------------------------------------------------------
+
+    def _spool(self, items: list[_Pending]) -> None:
+        """Append to the main spool in order (one fsync), resolving "spool"; what does not
+        fit under the bound is dropped (newest first: order of the kept ones is intact)."""
+        if not items:
+            return
+        room = self.spool_max_bytes - self._main.bytes - self._overflow.bytes
+        kept: list[_Pending] = []
+        for item in items:
+            size = encoded_size(item.record())
+            if size <= room:
+                kept.append(item)
+                room -= size
+            else:
+                self._drop(item, SpoolFull(f"event spool is full ({self.spool_max_bytes} B)"))
+                room = -1  # once one is dropped, drop the rest: no gaps inside a batch
+        try:
+            self._main.append_many([i.record() for i in kept], fsync=True)
+        except Exception as exc:
+            log.exception("cannot write the event spool")
+            for item in kept:
+                self._drop(item, exc)
+            return
+        for item in kept:
+            self._resolve(item, "spool")
+
+    def _settle_overflow(self) -> None:
+        """fsync the overflow spool and resolve the futures of what it holds."""
+        with self._lock:
+            items = list(self._overflow_pending)
+            self._overflow_pending.clear()
+        if not items:
+            return
+        try:
+            self._overflow.sync()
+        except Exception as exc:
+            for item in items:
+                self._drop(item, exc)
+            return
+        for item in items:
+            self._resolve(item, "spool")
+
+    def _move_overflow(self, *, final: bool) -> None:
+        """Move overflow records to the main spool's tail. ``final``: also leave overflow
+        mode, atomically with taking the last records (later publishes go to the queue,
+        which this thread only reads after the move, so they stay behind)."""
+        while True:
+            with self._lock:
+                records = self._overflow.peek(self.replay_chunk)
+                last = len(records) == len(self._overflow)
+                if last and final:
+                    self._overflowing = False
+            if records:
+                self._main.append_many(records, fsync=True)
+                self._overflow.advance(len(records))
+            if last:
+                return
+
+    # --- bookkeeping ---------------------------------------------------------------------
+
+    def _resolve(self, item: _Pending, outcome: str) -> None:
+        PUBLISHED.labels(item.topic, outcome).inc()
+        HANDOVER_SECONDS.labels(outcome).observe(time.monotonic() - item.published_at)
+        item.future.set_result(outcome)
+
+    def _drop(self, item: _Pending, exc: BaseException) -> None:
+        PUBLISHED.labels(item.topic, "dropped").inc()
+        item.future.set_exception(exc)
+
+    def _update_gauges(self) -> None:
+        SPOOL_RECORDS.set(len(self._main) + len(self._overflow))
+        SPOOL_BYTES.set(self._main.bytes + self._overflow.bytes)
+        QUEUE_DEPTH.set(self._queue.qsize())
