@@ -1,6 +1,7 @@
 """Durable, non-blocking event producing for the serving process.
 
-``EventPublisher.publish()`` never blocks the request path and never raises: it hands the
+``EventPublisher.publish()`` never blocks the request path and never raises for broker or
+disk reasons (only for a programming error such as an event without ``key()``): it hands the
 event to a bounded in-memory queue and returns a ``concurrent.futures.Future`` that
 resolves to where the event was *safely handed over*:
 
@@ -11,13 +12,10 @@ resolves to where the event was *safely handed over*:
 
 One background thread owns the ``KafkaProducer`` and runs this state machine::
 
-            send+ack ok                       replay chunk acked, spool empty
-          ┌──────────┐                      ┌──────────────────────────────┐
-          ▼          │   any send fails     │                              ▼
-   ──▶ [SPOOLING] ──probe ok──▶ [REPLAYING] ─┘                         [DIRECT]
-          ▲  ▲                       │  replay send fails                  │
-          │  └───────────────────────┘                                     │
-          └────────────────────── any send fails ──────────────────────────┘
+    start ──▶ SPOOLING ──probe ok (new producer)──▶ REPLAYING ──spool empty──▶ DIRECT
+                 ▲                                     │                          │
+                 └────────── a send or replay fails ───┴──────────────────────────┘
+    (DIRECT ──overflow records moved into the spool──▶ REPLAYING, see below)
 
 * DIRECT: batches from the queue are sent and awaited (flush); successes resolve
   "kafka". On any failure the failed records, then everything queued after them, go to
@@ -44,6 +42,11 @@ records to the tail of the main spool and leaves overflow mode. So publish order
 even across an overflow, at the price of a disk append on the caller's thread while
 overflowing (no fsync there; the worker fsyncs). The bound ``spool_max_bytes`` applies to
 both spools together.
+
+**Outage detection** happens on the next send: its batch fails after at most
+``delivery_timeout_ms`` (default 5 s), so during the first seconds of an outage a
+``publish_and_wait`` can take that long before resolving "spool". An idle publisher keeps
+``kafka_up`` at 1 until it next sends.
 
 **Guarantees.** At-least-once into Kafka with publish order kept per key (and globally, as
 far as the spool is concerned). Duplicates are possible only when a send's outcome is
