@@ -153,9 +153,10 @@ def start_vllm_server(model_dir: Path, port: int, log_path: Path) -> subprocess.
 
 
 def default_model_dir() -> Path:
-    from tests.fixtures.model import build_cached_demo_model
+    from tests.fixtures.model import demo_model_cache_dir
+    from trainer.demo_model import bootstrap_demo_model
 
-    return build_cached_demo_model()
+    return bootstrap_demo_model(demo_model_cache_dir())
 
 
 def main() -> int:

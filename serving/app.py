@@ -22,6 +22,7 @@ from serving import metrics
 from serving.chat import ChatService
 from serving.engine import Engine
 from serving.errors import install_error_handlers, parse_body, read_json
+from serving.feedback_routes import feedback_router
 from serving.policies import PolicyRouter
 from serving.response_ids import ResponseIdSigner, load_or_create_secret
 
@@ -39,7 +40,8 @@ def create_app(settings: Settings, model_dir: Path, publisher) -> FastAPI:
         secret = settings.response_id_secret.get_secret_value().encode()
     else:
         secret = load_or_create_secret(settings.state_dir / "secrets" / "response_id.key")
-    chat = ChatService(settings, engine, router, ResponseIdSigner(secret), publisher)
+    signer = ResponseIdSigner(secret)
+    chat = ChatService(settings, engine, router, signer, publisher)
     started_at = int(time.time())
 
     @asynccontextmanager
@@ -56,6 +58,7 @@ def create_app(settings: Settings, model_dir: Path, publisher) -> FastAPI:
     app = FastAPI(title="alignloop", version="0.1.0", lifespan=lifespan)
     app.state.chat = chat
     install_error_handlers(app)
+    app.include_router(feedback_router(settings, signer, publisher))
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
