@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--client-id", default="alignloop-ingestor")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)  # its INFO is per-connection chatter
     if not args.database_url or not args.bootstrap:
         print(
             "alignloop ingest: set ALIGNLOOP_DATABASE_URL and ALIGNLOOP_KAFKA_BOOTSTRAP "

@@ -28,8 +28,9 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import psycopg
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
@@ -51,6 +52,7 @@ from schemas.events import (
 )
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 WRITE_LOCK_KEY = 0x616C_696E  # "alin": serialises batch transactions of all ingestors
 
@@ -419,8 +421,9 @@ class Ingestor:
             linger_ms=5,
         )
         log.info(
-            "ingesting %s, %s as group %s",
-            *(cfg.interactions_topic, cfg.feedback_topic),
+            "ingesting %s and %s as group %s",
+            cfg.interactions_topic,
+            cfg.feedback_topic,
             cfg.group_id,
         )
         try:
@@ -500,7 +503,7 @@ class Ingestor:
             # Find the culprits one savepoint per event, still in one transaction.
             log.warning("batch rejected by Postgres (%s); retrying event by event", exc)
         rejected: list[_DeadLetter] = []
-        totals = [0, 0, 0]
+        written: list[BatchResult] = []
         with conn.transaction():
             for event, msg in parsed:
                 try:
@@ -509,14 +512,15 @@ class Ingestor:
                 except (psycopg.DataError, psycopg.IntegrityError) as exc:
                     rejected.append(_DeadLetter(msg, "db_rejected", _reason(exc)))
                     continue
-                totals = [
-                    totals[0] + one.interactions,
-                    totals[1] + one.feedback,
-                    totals[2] + one.preferences,
-                ]
-        return BatchResult(*totals), rejected
+                written.append(one)
+        total = BatchResult(
+            sum(r.interactions for r in written),
+            sum(r.feedback for r in written),
+            sum(r.preferences for r in written),
+        )
+        return total, rejected
 
-    def _retry_db(self, attempt):  # type: ignore[no-untyped-def]
+    def _retry_db(self, attempt: Callable[[], _T]) -> _T:
         """Run ``attempt`` until it succeeds, backing off exponentially on connection-type
         errors (server down, restarting, deadlock). Never gives up; stop() interrupts."""
         delay = self.config.retry_initial_s
