@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import psycopg
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
@@ -378,6 +378,22 @@ class _Stopping(Exception):
     uncommitted (it will be redelivered)."""
 
 
+class _LogAssignment(ConsumerRebalanceListener):
+    """Logs what this member holds after each rebalance and forgets lag gauges and committed
+    offsets of partitions it gave away."""
+
+    def __init__(self, ingestor: Ingestor) -> None:
+        self._ingestor = ingestor
+
+    def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        for tp in revoked:
+            self._ingestor._committed.pop(tp, None)
+
+    def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        names = ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(assigned))
+        log.info("assigned partitions: %s", names or "none")
+
+
 class Ingestor:
     """The consume → store → commit loop. ``run()`` blocks until ``stop()`` (thread-safe,
     also from a signal handler)."""
@@ -398,10 +414,11 @@ class Ingestor:
         cfg = self.config
         if cfg.metrics_port is not None:
             start_http_server(cfg.metrics_port)
-        self._conn = self._retry_db(self._open_connection)
+        try:
+            self._conn = self._retry_db(self._open_connection)
+        except _Stopping:
+            return
         consumer = KafkaConsumer(
-            cfg.interactions_topic,
-            cfg.feedback_topic,
             bootstrap_servers=cfg.bootstrap,
             group_id=cfg.group_id,
             client_id=cfg.client_id,
@@ -412,6 +429,9 @@ class Ingestor:
             max_poll_interval_ms=10000,
             max_poll_records=cfg.max_batch,
             **cfg.consumer_overrides,
+        )
+        consumer.subscribe(
+            [cfg.interactions_topic, cfg.feedback_topic], listener=_LogAssignment(self)
         )
         producer = KafkaProducer(
             bootstrap_servers=cfg.bootstrap,
