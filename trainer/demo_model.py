@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import shutil
 import tempfile
 import time
@@ -211,13 +210,16 @@ def encode_example(
 
 @contextlib.contextmanager
 def _deterministic_torch(threads: int) -> Iterator[None]:
-    """Fixed threads + deterministic kernels for the build, restoring the caller's state."""
+    """Fixed threads + deterministic kernels + a private RNG for the build, restoring the
+    caller's state afterwards (the build seeds torch; the caller's random stream is theirs).
+    """
     old_threads = torch.get_num_threads()
     old_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
     try:
-        yield
+        with torch.random.fork_rng(devices=[]):
+            yield
     finally:
         torch.set_num_threads(old_threads)
         torch.use_deterministic_algorithms(old_deterministic)
@@ -324,8 +326,7 @@ def pretrain(
 def _build_into(directory: Path, config: BootstrapConfig, *, progress: bool) -> dict:
     """Train and save everything except the manifest into ``directory``; return its data."""
     started = time.monotonic()
-    random.seed(config.seed)
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # weight init; batch order has its own generator
     world = corpus.make_world(config.world_seed)
     examples = corpus.make_corpus(
         config.seed,
@@ -355,7 +356,7 @@ def _build_into(directory: Path, config: BootstrapConfig, *, progress: bool) -> 
     tail = losses[-min(20, len(losses)) :]
     return {
         "parameters": model.num_parameters(),
-        "train_seconds": round(train_seconds, 1),
+        "train_seconds": round(train_seconds, 1),  # corpus + tokenizer + pretraining
         "final_loss": round(sum(tail) / len(tail), 4),
         "corpus_examples": len(examples),
         "max_example_tokens": too_long,
@@ -379,6 +380,14 @@ def _remove_stale_builds(out_dir: Path) -> None:
             shutil.rmtree(sibling, ignore_errors=True)
         except PermissionError:
             pass  # alive, someone else's
+
+
+def _make_readable(directory: Path) -> None:
+    """mkdtemp makes a private (0700) directory; a model is meant to be shared (e.g. with a
+    serving container running as another user), so open it up like a normal checkout."""
+    directory.chmod(0o755)
+    for path in directory.iterdir():
+        path.chmod(0o644)
 
 
 def _install(build_dir: Path, out_dir: Path, expected_hash: str, *, force: bool) -> None:
@@ -450,6 +459,7 @@ def bootstrap_demo_model(
         }
         # Written last: its presence is what marks the directory complete.
         (build_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        _make_readable(build_dir)
         _install(build_dir, out_dir, expected, force=force)
     except BaseException:
         shutil.rmtree(build_dir, ignore_errors=True)

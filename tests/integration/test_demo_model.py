@@ -206,3 +206,19 @@ def test_cli_reports_an_existing_model(demo_model_dir: Path, capsys) -> None:
     assert summary["model_dir"] == str(demo_model_dir)
     assert summary["recipe_hash"] == recipe_hash(BootstrapConfig())
     assert os.path.isdir(summary["model_dir"])
+
+
+def test_build_leaves_the_callers_torch_state_alone(tmp_path: Path) -> None:
+    threads = torch.get_num_threads()
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    bootstrap_demo_model(tmp_path / "model", TINY, progress=False)
+    assert torch.equal(torch.rand(3), expected)
+    assert torch.get_num_threads() == threads
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_built_model_is_readable_by_others(tiny_build: Path) -> None:
+    assert tiny_build.stat().st_mode & 0o777 == 0o755
+    assert {p.stat().st_mode & 0o777 for p in tiny_build.iterdir()} == {0o644}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from trainer import corpus
@@ -57,7 +59,7 @@ def test_every_corpus_answer_classifies_as_its_label() -> None:
 def test_answerable_corpus_answers_state_the_world_fact() -> None:
     world = corpus.make_world()
     capitals = {c.name: c.capital for c in world.countries}
-    rng = __import__("random").Random(0)
+    rng = random.Random(0)
     for _ in range(200):
         prompt = corpus.make_prompt(rng, world, "capital")
         country = dict(prompt.facts)["country"]
