@@ -183,7 +183,7 @@ def main() -> int:
     a_url, v_url = f"http://127.0.0.1:{a_port}", f"http://127.0.0.1:{v_port}"
     try:
         log("starting both servers (about a minute on CPU)…")
-        if not wait_healthy(a_url, ours, 400) or not wait_healthy(v_url, theirs, 400):
+        if not wait_healthy(a_url, ours, 400) or not wait_healthy(v_url, theirs, 400, "/health"):
             log(f"a server did not start; logs in {work}")
             return 1
         load = dict(

@@ -9,10 +9,13 @@ from __future__ import annotations
 import importlib
 import sys
 
+# name -> ("module:function", one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "up": ("deploy.stack", "Start the whole loop on embedded defaults."),
-    "serve": ("serving.server", "Run the OpenAI-compatible chat API (one replica)."),
-    "bootstrap-model": ("trainer.bootstrap_cli", "Build the small demo base model."),
+    "up": ("deploy.stack:main", "Start the whole loop on embedded defaults."),
+    "serve": ("serving.server:main", "Run the OpenAI-compatible chat API (one replica)."),
+    "ingest": ("feedback.cli:main", "Consume interactions and feedback into Postgres."),
+    "data": ("feedback.cli:data_main", "Export training datasets: data export KIND --out F."),
+    "bootstrap-model": ("trainer.bootstrap_cli:main", "Build the small demo base model."),
 }
 
 
@@ -33,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"alignloop: unknown command '{name}'\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    module_name, function = COMMANDS[name][0].split(":")
+    entry = getattr(importlib.import_module(module_name), function)
+    return int(entry(rest) or 0)
 
 
 if __name__ == "__main__":  # vLLM spawns workers: the entry module must be guarded

@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
             state / "logs" / "serving.log",
             env,
         )
-        children.append(serve)
+        ingest = Child("ingestor", [*py, "ingest"], state / "logs" / "ingestor.log", env)
+        children += [serve, ingest]
         for child in children:
             child.start()
         with console.status("starting the chat API (vLLM engine, ~30 s on CPU)…"):
@@ -172,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
         console.print(f"""[bold green]alignloop is up[/bold green]
   chat API      {api}/v1/chat/completions  (model "{settings.served_model_name}")
-  metrics       {api}/metrics
+  feedback      {api}/v1/feedback, {api}/v1/preferences
+  metrics       {api}/metrics (serving)
+                http://127.0.0.1:{settings.ingest_metrics_port}/metrics (ingestor)
   Postgres      {db_url}
   Kafka         {bootstrap}
   logs          {state / "logs"}

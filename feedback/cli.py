@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
@@ -19,33 +18,31 @@ from pathlib import Path
 from schemas import topics
 
 
-def _settings_defaults() -> tuple[str | None, str | None]:
+def _settings():
     from schemas.settings import Settings
 
-    settings = Settings()
-    return settings.database_url, settings.kafka_bootstrap
+    return Settings()
 
 
 def main(argv: list[str] | None = None) -> int:
     """``alignloop ingest``: run the feedback ingestor until SIGTERM / Ctrl-C."""
     from feedback.ingestor import IngestConfig, Ingestor
 
-    db_default, bootstrap_default = _settings_defaults()
-    env = os.environ.get
+    settings = _settings()
     ap = argparse.ArgumentParser(prog="alignloop ingest", description=main.__doc__)
-    ap.add_argument("--database-url", default=db_default)
-    ap.add_argument("--bootstrap", default=bootstrap_default)
-    ap.add_argument("--group-id", default=env("ALIGNLOOP_INGEST_GROUP_ID", "alignloop-ingestor"))
+    ap.add_argument("--database-url", default=settings.database_url)
+    ap.add_argument("--bootstrap", default=settings.kafka_bootstrap)
+    ap.add_argument("--group-id", default=settings.ingest_group_id)
     ap.add_argument("--interactions-topic", default=topics.INTERACTIONS)
     ap.add_argument("--feedback-topic", default=topics.FEEDBACK)
     ap.add_argument("--dead-letter-topic", default=topics.DEAD_LETTER)
     ap.add_argument(
         "--metrics-port",
         type=int,
-        default=int(env("ALIGNLOOP_INGEST_METRICS_PORT", "9102")),
+        default=settings.ingest_metrics_port,
         help="Prometheus /metrics port; 0 disables it",
     )
-    ap.add_argument("--max-batch", type=int, default=int(env("ALIGNLOOP_INGEST_MAX_BATCH", "2000")))
+    ap.add_argument("--max-batch", type=int, default=settings.ingest_max_batch)
     ap.add_argument("--client-id", default="alignloop-ingestor")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -85,7 +82,7 @@ def export_main(argv: list[str] | None = None) -> int:
     from feedback import datasets
     from feedback.db import connect
 
-    db_default, _ = _settings_defaults()
+    db_default = _settings().database_url
     ap = argparse.ArgumentParser(prog="alignloop data export", description=export_main.__doc__)
     ap.add_argument("kind", choices=["pairs", "pointwise", "prompts"])
     ap.add_argument("--out", type=Path, required=True, help="JSONL file to write")
@@ -119,6 +116,18 @@ def export_main(argv: list[str] | None = None) -> int:
                 count += 1
     print(f"wrote {count} {args.kind} rows to {args.out} (watermark {wm})", file=sys.stderr)
     return 0
+
+
+def data_main(argv: list[str] | None = None) -> int:
+    """``alignloop data SUBCOMMAND``: today only ``export``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] != "export":
+        print(
+            "usage: alignloop data export {pairs,pointwise,prompts} --out FILE.jsonl",
+            file=sys.stderr,
+        )
+        return 2
+    return export_main(args[1:])
 
 
 if __name__ == "__main__":

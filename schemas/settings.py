@@ -68,6 +68,15 @@ class Settings(BaseSettings):
     )
     kafka_client_id: str = "alignloop"
 
+    # --- feedback ingestor ----------------------------------------------------------
+    ingest_group_id: str = Field(
+        "alignloop-ingestor", description="Kafka consumer group of the ingestors."
+    )
+    ingest_metrics_port: int = Field(9102, description="Ingestor /metrics port; 0 = off.")
+    ingest_max_batch: int = Field(
+        2000, description="Most events written to Postgres in one transaction."
+    )
+
     def resolved_spool_dir(self) -> Path:
         return self.spool_dir or self.state_dir / "spool"
 

@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.broker",
     "tests.fixtures.model",
     "tests.fixtures.server",
+    "tests.fixtures.postgres",
 ]

@@ -18,8 +18,6 @@ from feedback.ingestor import prepare_session, store_events
 from schemas.events import LoggedMessage, PreferenceSubmitted
 from tests.fixtures.postgres import make_feedback, make_interaction
 
-pytest_plugins = ["tests.fixtures.postgres"]  # pg_url, migrated_url
-
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 
 

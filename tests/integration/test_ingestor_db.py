@@ -16,8 +16,6 @@ from feedback.db import connect, load_migrations, migrate
 from feedback.ingestor import prepare_session, store_events
 from tests.fixtures.postgres import make_feedback, make_interaction
 
-pytest_plugins = ["tests.fixtures.postgres"]  # pg_url, migrated_url
-
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 
 

@@ -28,8 +28,6 @@ from schemas.events import AnyEvent
 from tests.fixtures.broker import unique_topic
 from tests.fixtures.postgres import make_feedback, make_interaction
 
-pytest_plugins = ["tests.fixtures.postgres"]  # pg_url, migrated_url, private_postgres
-
 REPO = Path(__file__).resolve().parents[2]
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 
