@@ -32,6 +32,41 @@ POLICY_HEADER = "X-Alignloop-Policy"
 USER_HEADER = "X-Alignloop-User"
 
 
+class RequestCounter:
+    """Counts answered requests by route, status and policy version.
+
+    A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware`` runs every request in an
+    extra task group and costs more CPU than the feedback endpoint itself.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        seen: dict[str, str] = {}
+
+        async def capture(message) -> None:
+            if message["type"] == "http.response.start":
+                seen["status"] = str(message["status"])
+                for name, value in message.get("headers", ()):
+                    if name.lower() == POLICY_HEADER.lower().encode():
+                        seen["policy"] = value.decode()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            route = scope.get("route")
+            metrics.REQUESTS.labels(
+                getattr(route, "path", "unmatched"),
+                seen.get("status", "500"),
+                seen.get("policy", "-"),
+            ).inc()
+
+
 def create_app(settings: Settings, model_dir: Path, publisher) -> FastAPI:
     """Build the app. ``publisher`` is an `EventPublisher` (started/closed by the app)."""
     engine = Engine(settings, model_dir)
@@ -56,19 +91,10 @@ def create_app(settings: Settings, model_dir: Path, publisher) -> FastAPI:
             publisher.close(timeout=10)
 
     app = FastAPI(title="alignloop", version="0.1.0", lifespan=lifespan)
+    app.add_middleware(RequestCounter)
     app.state.chat = chat
     install_error_handlers(app)
     app.include_router(feedback_router(settings, signer, publisher))
-
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics.REQUESTS.labels(
-            path, str(response.status_code), response.headers.get(POLICY_HEADER, "-")
-        ).inc()
-        return response
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):

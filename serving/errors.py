@@ -81,13 +81,16 @@ async def read_json(request: Request, max_bytes: int) -> object:
     """Read at most ``max_bytes`` of body (413 beyond, even without Content-Length) and
     parse it as JSON (400 if it is not)."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise _too_large(max_bytes)
-    body = bytearray()
-    async for chunk in request.stream():
-        body.extend(chunk)
-        if len(body) > max_bytes:
+    if declared is not None and declared.isdigit():
+        if int(declared) > max_bytes:
             raise _too_large(max_bytes)
+        body = await request.body()  # bounded by the declared length
+    else:  # chunked: count as it arrives
+        body = bytearray()
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > max_bytes:
+                raise _too_large(max_bytes)
     if not body:
         raise APIError(
             400, "The request body is empty; expected a JSON object.", code="invalid_json"
