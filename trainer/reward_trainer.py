@@ -1,0 +1,656 @@
+"""One reward model round: snapshot the feedback, train, evaluate, gate, version.
+
+:func:`train_reward_model` is the whole round, in this order:
+
+1. **Data** as of a watermark (:func:`feedback.datasets.snapshot`): preference pairs
+   (explicit comparisons, and up- vs down-rated answers to one prompt) and thumbs labels,
+   split by prompt hash into train and held-out (:func:`feedback.datasets.is_heldout`, so a
+   prompt stays on its side in every round and versions are compared on the same pairs).
+   Warm start (default): train on what arrived since the current version's watermark plus
+   a seeded replay sample of the older examples; otherwise on everything.
+2. **Training**: Bradley-Terry on pairs + weighted logistic on thumbs
+   (:mod:`trainer.reward_losses`), AdamW on the adapter and head only. The batch of step
+   ``s`` is a pure function of (seed, s), so a resumed run sees exactly the batches the
+   uninterrupted one would have. Every ``checkpoint_every`` steps the adapter, head,
+   optimizer state, step and seed are written atomically with a sha256 manifest; a later
+   invocation with the same configuration resumes from the newest one (with the run's
+   original watermark), and refuses one whose checksums do not match.
+3. **Evaluation** on held-out data: pairwise accuracy, thumbs AUC, reward mean/std per
+   label; the current version is evaluated on the same data.
+4. **Gate and version**: accepted only if it clears the configured bars and does not trail
+   the current version by more than the tolerance; either way the candidate is written
+   and recorded (current, or rejected with the reason), see :mod:`trainer.reward_registry`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import psycopg
+import torch
+from prometheus_client import Counter, Gauge, start_http_server
+
+from feedback import datasets
+from feedback.datasets import PointwiseLabel, PreferencePair, Watermark
+from feedback.db import connect, migrate
+from feedback.ingestor import prompt_hash
+from schemas.events import LoggedMessage
+from trainer import reward_registry as registry
+from trainer.reward_config import RewardConfig
+from trainer.reward_losses import auc, pairwise_accuracy, reward_loss
+from trainer.reward_model import (
+    RewardModel,
+    attach_reward_model,
+    load_base_model,
+    load_reward_model,
+    load_seq_cls_model,
+    new_lora_reward_model,
+)
+
+log = logging.getLogger(__name__)
+
+RUN_DIR_NAME = "reward_runs/active"
+CHECKPOINT_STATE = "state.pt"
+
+STEPS = Counter("alignloop_reward_train_steps_total", "Reward model optimizer steps taken.")
+PAIRS = Counter("alignloop_reward_train_pairs_total", "Preference pairs trained on (with reuse).")
+LOSS = Gauge("alignloop_reward_train_loss", "Loss of the latest reward model training step.")
+PROGRESS = Gauge("alignloop_reward_train_progress", "Step / steps of the running round.")
+HELDOUT = Gauge(
+    "alignloop_reward_heldout_metric", "Held-out metrics of the latest candidate.", ["metric"]
+)
+ROUNDS = Counter("alignloop_reward_rounds_total", "Reward model rounds by outcome.", ["outcome"])
+
+
+class InsufficientData(RuntimeError):
+    """Too little feedback for a round; nothing was trained or registered."""
+
+
+class CheckpointCorrupted(RuntimeError):
+    """The run's checkpoint fails its checksums; resuming from it is refused."""
+
+
+# --- data ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RewardData:
+    """What a round trains and evaluates on, as of ``watermark``."""
+
+    watermark: Watermark
+    train_pairs: list[PreferencePair]
+    heldout_pairs: list[PreferencePair]
+    train_labels: list[PointwiseLabel]
+    heldout_labels: list[PointwiseLabel]
+    new_examples: int
+    """Training examples that arrived after the parent's watermark (all, from scratch)."""
+    replayed_examples: int
+    warnings: list[str] = field(default_factory=list)
+
+
+def _pair_prompt_hash(pair: PreferencePair) -> str:
+    """Explicit preferences given as texts carry no hash; derive the ingestor's own."""
+    if pair.prompt_hash:
+        return pair.prompt_hash
+    return prompt_hash([LoggedMessage(**m) for m in pair.messages])
+
+
+def _pair_key(pair: PreferencePair) -> str:
+    return json.dumps([pair.messages, pair.chosen, pair.rejected], sort_keys=True)
+
+
+def _label_key(label: PointwiseLabel) -> str:
+    return f"{label.response_id}:{label.choice_index}:{label.label}"
+
+
+def _new_plus_replay(items: list, old_keys: set[str], key, ratio: float, rng: random.Random):
+    new = [x for x in items if key(x) not in old_keys]
+    old = [x for x in items if key(x) in old_keys]
+    replay = rng.sample(old, min(len(old), round(ratio * len(new))))
+    return new + replay, len(new), len(replay)
+
+
+def load_data(
+    conn: psycopg.Connection,
+    config: RewardConfig,
+    *,
+    watermark: Watermark | None = None,
+    parent_watermark: Watermark | None = None,
+) -> RewardData:
+    """Read pairs and labels as of ``watermark`` (default: now) and split them.
+
+    With ``parent_watermark`` (a warm start) the training set is the examples that were not
+    there at the parent's watermark plus ``replay_ratio`` times as many older ones.
+    """
+    with datasets.snapshot(conn) as now:
+        mark = watermark or now
+        pairs = list(datasets.preference_pairs(conn, mark))
+        labels = list(datasets.pointwise_labels(conn, mark))
+        old_pairs = old_labels = None
+        if parent_watermark is not None:
+            old_pairs = {_pair_key(p) for p in datasets.preference_pairs(conn, parent_watermark)}
+            old_labels = {_label_key(x) for x in datasets.pointwise_labels(conn, parent_watermark)}
+
+    fraction = config.heldout_fraction
+    heldout_pairs = [p for p in pairs if datasets.is_heldout(_pair_prompt_hash(p), fraction)]
+    train_pairs = [p for p in pairs if not datasets.is_heldout(_pair_prompt_hash(p), fraction)]
+    heldout_labels = [x for x in labels if datasets.is_heldout(x.prompt_hash, fraction)]
+    train_labels = [x for x in labels if not datasets.is_heldout(x.prompt_hash, fraction)]
+
+    warnings = []
+    kinds = {x.label for x in labels}
+    if len(kinds) == 1:
+        only = next(iter(kinds))
+        warnings.append(
+            f"all {len(labels)} thumbs are {only}: they train pointwise only (no rated pairs "
+            "can form), pairs come only from explicit preferences, thumbs AUC is undefined"
+        )
+
+    new = len(train_pairs) + len(train_labels)
+    replayed = 0
+    if parent_watermark is not None:
+        assert old_pairs is not None and old_labels is not None
+        rng = random.Random(config.seed)
+        train_pairs, new_p, replay_p = _new_plus_replay(
+            train_pairs, old_pairs, _pair_key, config.replay_ratio, rng
+        )
+        train_labels, new_l, replay_l = _new_plus_replay(
+            train_labels, old_labels, _label_key, config.replay_ratio, rng
+        )
+        new, replayed = new_p + new_l, replay_p + replay_l
+    return RewardData(
+        mark, train_pairs, heldout_pairs, train_labels, heldout_labels, new, replayed, warnings
+    )
+
+
+def check_enough(data: RewardData, config: RewardConfig) -> None:
+    """Raise :class:`InsufficientData` with what is missing, if anything is."""
+    train = len(data.train_pairs) + len(data.train_labels)
+    heldout = len(data.heldout_pairs) + len(data.heldout_labels)
+    problems = []
+    if data.new_examples == 0:
+        problems.append("no new feedback since the current version")
+    if train < config.min_train_examples:
+        problems.append(
+            f"{train} training examples (pairs + thumbs), need {config.min_train_examples}"
+        )
+    if heldout < config.min_heldout_examples:
+        problems.append(
+            f"{heldout} held-out examples (pairs + thumbs), need {config.min_heldout_examples}"
+        )
+    if config.pointwise_weight == 0 and not data.train_pairs:
+        problems.append("no training pairs and pointwise_weight is 0")
+    if problems:
+        raise InsufficientData(
+            "not enough feedback for a reward model round (watermark "
+            f"{data.watermark}): " + "; ".join(problems) + ". No new version was made."
+        )
+
+
+@functools.lru_cache(maxsize=64)
+def _permutation(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return tuple(torch.randperm(n, generator=generator).tolist())
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Indices of step ``step``'s batch: positions ``step*batch_size ...`` of an endless
+    stream of seeded per-epoch permutations. A pure function, so resuming needs no state."""
+    if n == 0:
+        return []
+    start = step * batch_size
+    return [_permutation(n, seed, p // n)[p % n] for p in range(start, start + batch_size)]
+
+
+# --- evaluation and the gate -------------------------------------------------------------
+
+
+def _stats(values: torch.Tensor) -> dict[str, float | int | None]:
+    if values.numel() == 0:
+        return {"n": 0, "mean": None, "std": None}
+    std = float(values.std()) if values.numel() > 1 else 0.0
+    return {"n": values.numel(), "mean": round(float(values.mean()), 4), "std": round(std, 4)}
+
+
+def evaluate(
+    model: RewardModel, pairs: Sequence[PreferencePair], labels: Sequence[PointwiseLabel]
+) -> dict[str, Any]:
+    """Held-out metrics: pairwise accuracy, thumbs AUC, reward mean/std per label."""
+    model.train(False)
+    r_chosen = model.score([p.messages for p in pairs], [p.chosen for p in pairs])
+    r_rejected = model.score([p.messages for p in pairs], [p.rejected for p in pairs])
+    r_labeled = model.score([x.messages for x in labels], [x.answer for x in labels])
+    y = torch.tensor([1 if x.label == "up" else 0 for x in labels], dtype=torch.long)
+    accuracy = pairwise_accuracy(r_chosen, r_rejected)
+    thumbs_auc = auc(r_labeled, y)
+    return {
+        "pairwise_accuracy": None if accuracy is None else round(accuracy, 4),
+        "n_pairs": len(pairs),
+        "auc": None if thumbs_auc is None else round(thumbs_auc, 4),
+        "n_labels": len(labels),
+        "reward": {
+            "up": _stats(r_labeled[y == 1]),
+            "down": _stats(r_labeled[y == 0]),
+            "chosen": _stats(r_chosen),
+            "rejected": _stats(r_rejected),
+        },
+    }
+
+
+def gate(
+    metrics: dict[str, Any],
+    parent_metrics: dict[str, Any] | None,
+    config: RewardConfig,
+    parent_version: str | None = None,
+) -> tuple[bool, str]:
+    """Accept or reject a candidate; the reason is recorded either way."""
+    accuracy, thumbs_auc = metrics.get("pairwise_accuracy"), metrics.get("auc")
+    if accuracy is None and thumbs_auc is None:
+        return False, "no held-out pairs and no two-sided thumbs: nothing to evaluate on"
+    problems = []
+    if accuracy is not None and accuracy < config.min_pairwise_accuracy:
+        problems.append(
+            f"held-out pairwise accuracy {accuracy:.4f} < bar {config.min_pairwise_accuracy}"
+        )
+    if thumbs_auc is not None and thumbs_auc < config.min_auc:
+        problems.append(f"held-out thumbs AUC {thumbs_auc:.4f} < bar {config.min_auc}")
+    if parent_metrics is not None:
+        for name in ("pairwise_accuracy", "auc"):
+            new, old = metrics.get(name), parent_metrics.get(name)
+            if new is not None and old is not None and new < old - config.regression_tolerance:
+                problems.append(
+                    f"held-out {name} {new:.4f} is worse than {parent_version}'s {old:.4f} on "
+                    f"the same data by more than {config.regression_tolerance}"
+                )
+    if problems:
+        return False, "; ".join(problems)
+    summary = ", ".join(
+        f"{name} {metrics[name]:.4f}"
+        for name in ("pairwise_accuracy", "auc")
+        if metrics.get(name) is not None
+    )
+    against = f" (current was {parent_version})" if parent_version else ""
+    return True, f"passed the gate: {summary}{against}"
+
+
+# --- checkpoints -------------------------------------------------------------------------
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoint directories, oldest first (hidden temporaries are not listed)."""
+    return sorted((run_dir / "checkpoints").glob("step-*"))
+
+
+def save_checkpoint(
+    run_dir: Path, model: RewardModel, optimizer: torch.optim.Optimizer, step: int, seed: int
+) -> Path:
+    """Write ``step-NNNNNN`` atomically (manifest included), then drop older ones."""
+    target = run_dir / "checkpoints" / f"step-{step:06d}"
+    state = {
+        "step": step,
+        "seed": seed,
+        "trainable": model.trainable_state(),
+        "optimizer": optimizer.state_dict(),
+    }
+    registry.write_dir_atomically(target, lambda d: torch.save(state, d / CHECKPOINT_STATE))
+    for older in _checkpoints(run_dir):
+        if older != target:
+            shutil.rmtree(older, ignore_errors=True)
+    return target
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """The saved state, after checking the manifest; a mismatch is refused."""
+    try:
+        registry.verify_dir(path)
+    except registry.CorruptedDirectory as exc:
+        raise CheckpointCorrupted(
+            f"checkpoint {path} is corrupted ({exc}); refusing to resume from it. "
+            "Delete it, or start over with --fresh."
+        ) from exc
+    return torch.load(path / CHECKPOINT_STATE, weights_only=True)
+
+
+# --- the round ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    outcome: Literal["registered", "rejected", "stopped"]
+    version: registry.RewardVersion | None
+    """The version written (current or rejected); None when stopped before evaluation."""
+    metrics: dict[str, Any] | None
+    parent_metrics: dict[str, Any] | None
+    reason: str
+    warnings: list[str]
+    stats: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "outcome": self.outcome,
+            "version": self.version.version if self.version else None,
+            "status": self.version.status if self.version else None,
+            "metrics": self.metrics,
+            "parent_metrics": self.parent_metrics,
+            "reason": self.reason,
+            "warnings": self.warnings,
+            "stats": self.stats,
+        }
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _progress(enabled: bool):
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+    )
+
+
+def _run_record(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_run_record(run_dir: Path, record: dict[str, Any]) -> None:
+    """``run.json`` (watermark, parent, its metrics, fingerprint): what a resume reuses."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / f".run.json.{os.getpid()}"
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, run_dir / "run.json")
+
+
+def _can_warm_start(config: RewardConfig, parent: registry.RewardVersion | None) -> bool:
+    if not config.warm_start or parent is None:
+        return False
+    wanted_kind = "seq_cls" if config.seq_cls_model else "lora"
+    same_base = wanted_kind == "seq_cls" or parent.base_model == str(config.base_model)
+    if parent.kind != wanted_kind or not same_base:
+        log.warning("cannot warm-start from %s (other kind or base): from scratch", parent.version)
+        return False
+    return True
+
+
+class _Models:
+    """The base (loaded once) and the reward models built on it for one round."""
+
+    def __init__(self, config: RewardConfig) -> None:
+        self.config = config
+        self.base = None
+        self.tokenizer = None
+        if not config.seq_cls_model:
+            self.base, self.tokenizer = load_base_model(Path(config.base_model))
+
+    def parent(self, record: registry.RewardVersion, adapter_name: str) -> RewardModel:
+        """The registered version ``record``, on the shared base when it fits there."""
+        path = registry.verified_path(record)
+        shared = self.base is not None and record.base_model == str(self.config.base_model)
+        if record.kind == "lora" and shared:
+            model = attach_reward_model(self.base, self.tokenizer, path, adapter_name=adapter_name)
+            self.base = model.peft_model
+            return model
+        return load_reward_model(path)
+
+    def candidate(self, record: registry.RewardVersion | None) -> RewardModel:
+        """Warm-started from ``record``, or freshly initialised."""
+        config = self.config
+        if config.seq_cls_model:
+            source = registry.verified_path(record) if record else Path(config.seq_cls_model)
+            return load_seq_cls_model(source, config.max_length)
+        if record is not None:
+            model = self.parent(record, "reward")
+        else:
+            model = new_lora_reward_model(
+                self.base,
+                self.tokenizer,
+                r=config.lora_r,
+                alpha=config.lora_alpha,
+                target_modules=config.lora_target_modules,
+                max_length=config.max_length,
+                seed=config.seed,
+                base_model_path=str(config.base_model),
+            )
+            self.base = model.peft_model
+        model.max_length = config.max_length
+        model.peft_model.set_adapter("reward")  # type: ignore[attr-defined]
+        return model
+
+
+def _evaluate_parent(
+    models: _Models, parent: registry.RewardVersion | None, data: RewardData
+) -> dict[str, Any] | None:
+    """The current version's metrics on this round's held-out data (the gate's reference)."""
+    if parent is None:
+        return None
+    model = models.parent(parent, "previous")
+    metrics = evaluate(model, data.heldout_pairs, data.heldout_labels)
+    if hasattr(model, "peft_model") and model.peft_model is models.base:
+        models.base.delete_adapter("previous")
+    return metrics
+
+
+def train_reward_model(config: RewardConfig, conn: psycopg.Connection | None = None) -> RoundResult:
+    """Run (or resume) one round; see the module docstring. ``config`` must name the
+    database, state directory and base model (the CLI fills them from the settings).
+
+    Raises :class:`InsufficientData` (nothing made) or :class:`CheckpointCorrupted`.
+    """
+    if (
+        not config.database_url
+        or not config.state_dir
+        or not (config.base_model or config.seq_cls_model)
+    ):
+        raise ValueError("config needs database_url, state_dir and base_model (or seq_cls_model)")
+    if config.metrics_port:
+        start_http_server(config.metrics_port)
+    own_conn = conn is None
+    conn = conn or connect(config.database_url, autocommit=True)
+    try:
+        migrate(conn)
+        with _torch_threads(config.num_threads):
+            return _round(conn, config)
+    finally:
+        if own_conn:
+            conn.close()
+
+
+def _round(conn: psycopg.Connection, config: RewardConfig) -> RoundResult:
+    started = time.monotonic()
+    state_dir = Path(config.state_dir)  # type: ignore[arg-type]
+    run_dir = state_dir / RUN_DIR_NAME
+    parent = registry.current_version(conn)
+    warm = _can_warm_start(config, parent)
+
+    record = None if config.fresh else _run_record(run_dir)
+    if record is not None and (
+        record["fingerprint"] != config.fingerprint()
+        or record["parent_version"] != (parent.version if parent else None)
+    ):
+        log.warning("an unfinished run with another configuration or parent: starting over")
+        record = None
+    if record is None:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+    watermark = Watermark(**record["watermark"]) if record else None
+    parent_mark = Watermark(**parent.watermark) if warm and parent else None
+    data = load_data(conn, config, watermark=watermark, parent_watermark=parent_mark)
+    for warning in data.warnings:
+        log.warning(warning)
+    try:
+        check_enough(data, config)
+    except InsufficientData:
+        ROUNDS.labels("insufficient_data").inc()
+        raise
+
+    models = _Models(config)
+    if record is None:
+        parent_metrics = _evaluate_parent(models, parent, data)
+        record = {
+            "fingerprint": config.fingerprint(),
+            "parent_version": parent.version if parent else None,
+            "watermark": data.watermark.__dict__,
+            "parent_metrics": parent_metrics,
+            "seed": config.seed,
+        }
+        _write_run_record(run_dir, record)
+    parent_metrics = record["parent_metrics"]
+
+    model = models.candidate(parent if warm else None)
+    params = model.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    start_step = 0
+    checkpoints = _checkpoints(run_dir)
+    if checkpoints:
+        state = load_checkpoint(checkpoints[-1])
+        model.load_trainable_state(state["trainable"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_step = int(state["step"])
+        log.info("resuming reward model training at step %d", start_step)
+
+    stats = _train_steps(model, optimizer, data, config, run_dir, start_step)
+    stats.update(
+        resumed_from_step=start_step,
+        watermark=data.watermark.__dict__,
+        train_pairs=len(data.train_pairs),
+        train_labels=len(data.train_labels),
+        heldout_pairs=len(data.heldout_pairs),
+        heldout_labels=len(data.heldout_labels),
+        new_examples=data.new_examples,
+        replayed_examples=data.replayed_examples,
+        warm_start=warm,
+    )
+    if stats["final_step"] < config.steps:
+        ROUNDS.labels("stopped").inc()
+        reason = f"stopped at step {stats['final_step']} of {config.steps}; run again to resume"
+        return RoundResult("stopped", None, None, parent_metrics, reason, data.warnings, stats)
+
+    metrics = evaluate(model, data.heldout_pairs, data.heldout_labels)
+    for name in ("pairwise_accuracy", "auc"):
+        if metrics[name] is not None:
+            HELDOUT.labels(name).set(metrics[name])
+    parent_name = parent.version if parent else None
+    accepted, reason = gate(metrics, parent_metrics, config, parent_name)
+    stats["seconds"] = round(time.monotonic() - started, 2)
+    version = registry.register_version(
+        conn,
+        state_dir,
+        model,
+        accepted=accepted,
+        parent_version=parent_name,
+        watermark=data.watermark.__dict__,
+        metrics=metrics,
+        parent_metrics=parent_metrics,
+        reason=reason,
+        config={**config.to_json(), "database_url": None},
+        train_stats=stats,
+    )
+    shutil.rmtree(run_dir, ignore_errors=True)
+    outcome: Literal["registered", "rejected"] = "registered" if accepted else "rejected"
+    ROUNDS.labels(outcome).inc()
+    return RoundResult(outcome, version, metrics, parent_metrics, reason, data.warnings, stats)
+
+
+def _train_steps(
+    model: RewardModel,
+    optimizer: torch.optim.Optimizer,
+    data: RewardData,
+    config: RewardConfig,
+    run_dir: Path,
+    start_step: int,
+) -> dict[str, Any]:
+    """Steps ``start_step .. steps`` (or until ``stop_after_steps``), checkpointing."""
+    end = config.steps
+    if config.stop_after_steps is not None:
+        end = min(end, start_step + config.stop_after_steps)
+    pairs, labels = data.train_pairs, data.train_labels
+    model.train(True)
+    losses: list[float] = []
+    pairs_seen = 0
+    train_seconds = 0.0
+    with _progress(config.progress) as bar:
+        task = bar.add_task(
+            "training reward model", total=config.steps, completed=start_step, status=""
+        )
+        for step in range(start_step, end):
+            t0 = time.perf_counter()
+            pair_batch = [
+                pairs[i] for i in batch_indices(len(pairs), config.batch_size, step, config.seed)
+            ]
+            label_batch = [
+                labels[i]
+                for i in batch_indices(len(labels), config.batch_size, step, config.seed + 1)
+            ]
+            if config.pointwise_weight == 0:
+                label_batch = []
+            conversations = [p.messages for p in pair_batch] * 2 + [x.messages for x in label_batch]
+            answers = [p.chosen for p in pair_batch] + [p.rejected for p in pair_batch]
+            answers += [x.answer for x in label_batch]
+            rewards = model.rewards(conversations, answers)
+            n = len(pair_batch)
+            y = torch.tensor([1.0 if x.label == "up" else 0.0 for x in label_batch])
+            loss = reward_loss(
+                rewards[:n], rewards[n : 2 * n], rewards[2 * n :], y, config.pointwise_weight
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(
+                [p for group in optimizer.param_groups for p in group["params"]], 1.0
+            )
+            optimizer.step()
+            train_seconds += time.perf_counter() - t0
+            losses.append(loss.item())
+            pairs_seen += n
+            STEPS.inc()
+            PAIRS.inc(n)
+            LOSS.set(losses[-1])
+            PROGRESS.set((step + 1) / config.steps)
+            bar.update(task, advance=1, status=f"loss {losses[-1]:.4f}")
+            done = step + 1
+            if config.checkpoint_every and (done % config.checkpoint_every == 0 or done == end):
+                save_checkpoint(run_dir, model, optimizer, done, config.seed)
+    final_step = max(start_step, end)
+    tail = losses[-min(10, len(losses)) :]
+    return {
+        "final_step": final_step,
+        "steps_this_run": final_step - start_step,
+        "final_loss": round(sum(tail) / len(tail), 4) if tail else None,
+        "train_seconds": round(train_seconds, 2),
+        "pairs_per_s": round(pairs_seen / train_seconds, 1) if train_seconds else None,
+    }
