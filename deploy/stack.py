@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, help="chat API port (default 8000)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("pgserver").setLevel(logging.WARNING)  # logs every pg_ctl call
 
     overrides = {
         k: v
@@ -171,21 +172,28 @@ def main(argv: list[str] | None = None) -> int:
                     f"{serve.log_path}:\n{serve.log_tail()}"
                 )
                 return 1
-        console.print(f"""[bold green]alignloop is up[/bold green]
+        console.print(
+            f"""[bold green]alignloop is up[/bold green]
   chat API      {api}/v1/chat/completions  (model "{settings.served_model_name}")
-  feedback      {api}/v1/feedback, {api}/v1/preferences
+  feedback      {api}/v1/feedback
+                {api}/v1/preferences
   metrics       {api}/metrics (serving)
                 http://127.0.0.1:{settings.ingest_metrics_port}/metrics (ingestor)
   Postgres      {db_url}
   Kafka         {bootstrap}
   logs          {state / "logs"}
-Ctrl-C stops everything.""")
+Ctrl-C stops everything.""",
+            soft_wrap=True,
+        )
         _supervise(children)
         return 0
     except (KeyboardInterrupt, _Stop):
-        console.print("\nstopping…")
         return 0
     finally:
+        # A second Ctrl-C must not abandon the children half-way: finish the shutdown.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        console.print("stopping…")
         for child in reversed(children):
             child.stop()
         if broker is not None:
