@@ -1,0 +1,324 @@
+"""The canary controller: ``alignloop canary``.
+
+Each tick (every ``--poll-seconds``):
+
+1. no canary, not held, a candidate waiting → start the oldest candidate as canary at the
+   first ramp weight;
+2. a canary running → read its live votes (:mod:`deploy.canary_data`), :func:`decide`,
+   write the decision with its statistics to the audit log, and carry it out through the
+   registry: promote, roll back, advance the ramp, or hold for a human.
+
+Every registry command carries the routing generation the decision was made on, so if an
+operator changed anything in between, the command fails with ``ConcurrentChange`` and the
+next tick decides again on fresh data. While the registry is held the controller starts,
+advances and promotes nothing; guardrail rollbacks still happen unless
+``CanaryConfig.guardrails_override_hold`` is off. Metrics on ``--metrics-port``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import psycopg
+from prometheus_client import Counter, Gauge, start_http_server
+
+from deploy import canary_data, registry
+from deploy.canary_stats import (
+    ACTIONS,
+    CANARY,
+    STABLE,
+    CanaryConfig,
+    Observations,
+    confidence_sequence,
+    guardrail_breaches,
+    rule_actions,
+    srm_p_value,
+)
+
+log = logging.getLogger(__name__)
+
+DECISIONS = Counter("alignloop_canary_decisions_total", "Controller decisions.", ["action"])
+BOUNDS = Gauge(
+    "alignloop_canary_difference",
+    "Canary − stable thumbs-up rate: estimate and always-valid bounds; margin is −m.",
+    ["which"],
+)
+VOTES = Gauge("alignloop_canary_votes", "Current ratings in the canary test.", ["arm"])
+STAGE = Gauge("alignloop_canary_stage", "Ramp stage of the active canary (−1: none).")
+SRM_P = Gauge("alignloop_canary_srm_p_value", "Sample-ratio-mismatch test p-value.")
+CONFLICTS = Counter(
+    "alignloop_canary_conflicts_total", "Decisions not applied: the registry changed meanwhile."
+)
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str
+    """One of promote | rollback | hold | continue | advance_stage."""
+    reason: str
+    statistics: dict[str, Any] = field(default_factory=dict)
+
+
+def _num(x: Any) -> float | None:
+    """JSON-safe float (None for NaN and infinities)."""
+    value = float(x)
+    return value if math.isfinite(value) else None
+
+
+def decide(
+    config: CanaryConfig,
+    observations: Observations,
+    stage: int,
+    started_at: datetime,
+    now: datetime,
+    *,
+    stage_started_at: datetime | None = None,
+    held: bool = False,
+) -> Decision:
+    """What to do with a canary now. Precedence: guardrails (roll back), hold (by an
+    operator, nothing else happens), sample-ratio mismatch (hold for a human), then the
+    statistical rules of :func:`deploy.canary_stats.rule_actions`. The current ramp
+    stage's votes are those of the last stratum."""
+    obs = observations
+    est = confidence_sequence(config, obs.votes, obs.ups)
+    elapsed = (now - started_at).total_seconds()
+    stage_elapsed = (now - (stage_started_at or started_at)).total_seconds()
+    stage_votes = float(obs.votes[:, CANARY, -1].sum()) if obs.votes.shape[-1] else 0.0
+    p_srm = float(srm_p_value(obs.served, obs.weights, config.srm_min_served))
+    breaches = guardrail_breaches(config, obs.health)
+    stats: dict[str, Any] = {
+        "estimate": _num(est.estimate),
+        "lower": _num(est.lower),
+        "upper": _num(est.upper),
+        "std_error": _num(np.sqrt(est.variance)),
+        "margin": config.margin,
+        "alpha": config.alpha,
+        "superior": bool(est.lower > 0),
+        "votes": {"stable": int(est.votes[STABLE]), "canary": int(est.votes[CANARY])},
+        "ups": {"stable": int(est.ups[STABLE]), "canary": int(est.ups[CANARY])},
+        "users": {"stable": int(est.users[STABLE]), "canary": int(est.users[CANARY])},
+        "stage": stage,
+        "stage_votes": int(stage_votes),
+        "strata_weights": [float(w) for w in obs.weights],
+        "elapsed_s": elapsed,
+        "stage_elapsed_s": stage_elapsed,
+        "srm_p_value": p_srm,
+        "guardrail_breaches": breaches,
+    }
+    if breaches and (config.guardrails_override_hold or not held):
+        return Decision("rollback", "guardrail: " + "; ".join(breaches), stats)
+    if held:
+        return Decision("hold", "held by an operator: no automatic action", stats)
+    if p_srm < config.srm_p_value:
+        return Decision(
+            "hold",
+            f"sample ratio mismatch (p = {p_srm:.2g} < {config.srm_p_value}): routing or "
+            "logging is broken, the comparison cannot be trusted; a human must look",
+            stats,
+        )
+    code = int(rule_actions(config, est, stage, elapsed, stage_elapsed, stage_votes))
+    action = ACTIONS[code]
+    bounds = f"[{est.lower:+.4f}, {est.upper:+.4f}] vs margin -{config.margin}"
+    if action == "rollback":
+        if est.upper < -config.margin:
+            reason = f"canary worse than the margin: difference {bounds}"
+        else:
+            reason = f"undecided at the maximum size or duration, back to stable: {bounds}"
+    elif action == "promote":
+        reason = f"non-inferior: difference {bounds}"
+    elif action == "advance_stage":
+        reason = f"stage {stage} minimums met; ramping to {config.stages[stage + 1]:.0%}"
+    else:
+        reason = f"collecting: difference {bounds}"
+    return Decision(action, reason, stats)
+
+
+class CanaryController:
+    """Drives the registry from live data; one tick at a time (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: CanaryConfig,
+        *,
+        model_name: str = "alignloop",
+        settle_seconds: float = 30.0,
+        actor: str = registry.CONTROLLER,
+    ) -> None:
+        self.config = config
+        self.model_name = model_name
+        self.settle_seconds = settle_seconds
+        self.actor = actor
+
+    def tick(self, conn: psycopg.Connection) -> Decision | None:
+        """One look. Returns the decision about the active canary (None when there was
+        none, or one was just started)."""
+        routing = registry.routing_table(conn)
+        if routing.canary_version is None:
+            STAGE.set(-1)
+            self._maybe_start(conn, routing)
+            return None
+        canary = routing.canary_version
+        assert routing.canary_started_at is not None
+        now = conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
+        strata = registry.canary_strata(conn, canary, routing.canary_started_at)
+        obs = canary_data.load_observations(
+            conn,
+            canary,
+            routing.stable_version,
+            strata,
+            now,
+            model_name=self.model_name,
+            settle_seconds=self.settle_seconds,
+        )
+        stage = min(int(routing.canary_stage or 0), len(self.config.stages) - 1)
+        decision = decide(
+            self.config,
+            obs,
+            stage,
+            routing.canary_started_at,
+            now,
+            stage_started_at=routing.stage_started_at,
+            held=routing.held,
+        )
+        self._export(decision, stage)
+        registry.record_decision(
+            conn, canary, decision.action, decision.reason, decision.statistics
+        )
+        log.info("canary %s: %s (%s)", canary, decision.action, decision.reason)
+        try:
+            self._apply(conn, routing, decision, stage)
+        except registry.ConcurrentChange as exc:
+            CONFLICTS.inc()
+            log.warning("decision on %s not applied: %s", canary, exc)
+        return decision
+
+    def _maybe_start(self, conn: psycopg.Connection, routing: registry.Routing) -> None:
+        if routing.held:
+            return
+        candidates = registry.list_versions(conn, "candidate")
+        if not candidates:
+            return
+        version = candidates[0].version
+        try:
+            registry.start_canary(
+                conn,
+                version,
+                self.config.stages[0],
+                actor=self.actor,
+                reason="new candidate: canary at the first ramp stage",
+                stage=0,
+                expect_state="candidate",
+                expect_generation=routing.generation,
+                respect_hold=True,
+            )
+            log.info("canary %s started at %.0f%%", version, 100 * self.config.stages[0])
+        except registry.ConcurrentChange as exc:
+            CONFLICTS.inc()
+            log.warning("did not start %s: %s", version, exc)
+
+    def _apply(
+        self, conn: psycopg.Connection, routing: registry.Routing, d: Decision, stage: int
+    ) -> None:
+        canary = routing.canary_version
+        assert canary is not None
+        common = {"actor": self.actor, "expect_generation": routing.generation}
+        if d.action == "promote":
+            registry.promote(
+                conn, canary, reason=d.reason, stats=d.statistics, expect_state="canary",
+                respect_hold=True, **common,
+            )  # fmt: skip
+        elif d.action == "rollback":
+            registry.rollback(
+                conn, reason=d.reason, stats=d.statistics, expect_canary=canary, **common
+            )
+        elif d.action == "advance_stage":
+            registry.set_canary_weight(
+                conn, canary, self.config.stages[stage + 1], reason=d.reason, stage=stage + 1,
+                respect_hold=True, **common,
+            )  # fmt: skip
+        elif d.action == "hold" and not routing.held:
+            registry.hold(conn, actor=self.actor, reason=d.reason)
+
+    def _export(self, d: Decision, stage: int) -> None:
+        DECISIONS.labels(d.action).inc()
+        s = d.statistics
+        for which in ("estimate", "lower", "upper"):
+            value = s.get(which)
+            BOUNDS.labels(which).set(math.nan if value is None else value)
+        BOUNDS.labels("margin").set(-self.config.margin)
+        VOTES.labels("stable").set(s["votes"]["stable"])
+        VOTES.labels("canary").set(s["votes"]["canary"])
+        SRM_P.set(s["srm_p_value"])
+        STAGE.set(stage)
+
+    def run(self, database_url: str, stop: threading.Event, poll_seconds: float) -> None:
+        """Tick until ``stop`` is set; reconnects with backoff when Postgres goes away."""
+        from feedback.db import connect, migrate
+
+        backoff = 1.0
+        while not stop.is_set():
+            try:
+                with connect(database_url, autocommit=True) as conn:
+                    migrate(conn)
+                    backoff = 1.0
+                    while not stop.is_set():
+                        self.tick(conn)
+                        stop.wait(poll_seconds)
+            except psycopg.OperationalError as exc:
+                log.warning("Postgres unavailable (%s); retrying in %.0fs", exc, backoff)
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 60.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``alignloop canary``: run the canary controller until SIGTERM / Ctrl-C."""
+    from schemas.settings import Settings
+
+    ap = argparse.ArgumentParser(prog="alignloop canary", description=main.__doc__)
+    ap.add_argument("--database-url", default=Settings().database_url)
+    ap.add_argument("--poll-seconds", type=float, default=30.0)
+    ap.add_argument("--metrics-port", type=int, default=9103, help="0 disables /metrics")
+    ap.add_argument("--demo", action="store_true", help="small demo thresholds")
+    ap.add_argument("--margin", type=float, help="non-inferiority margin (default 0.02)")
+    ap.add_argument("--alpha", type=float, help="error probability (default 0.05)")
+    ap.add_argument("--model-name", default="alignloop", help="the routed model name")
+    ap.add_argument("--once", action="store_true", help="one tick, print it, exit")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if not args.database_url:
+        print("alignloop canary: set ALIGNLOOP_DATABASE_URL or --database-url", file=sys.stderr)
+        return 2
+    config = CanaryConfig.demo() if args.demo else CanaryConfig()
+    overrides = {k: v for k, v in (("margin", args.margin), ("alpha", args.alpha)) if v}
+    if overrides:
+        from dataclasses import replace
+
+        config = replace(config, **overrides)
+    controller = CanaryController(config, model_name=args.model_name)
+    if args.once:
+        from feedback.db import connect, migrate
+
+        with connect(args.database_url, autocommit=True) as conn:
+            migrate(conn)
+            decision = controller.tick(conn)
+        print(decision if decision else "no active canary")
+        return 0
+    if args.metrics_port:
+        start_http_server(args.metrics_port)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    started = time.monotonic()
+    controller.run(args.database_url, stop, args.poll_seconds)
+    log.info("canary controller stopped after %.0fs", time.monotonic() - started)
+    return 0

@@ -1,0 +1,121 @@
+"""Live A/B data for the canary controller: a read-only query over the feedback tables.
+
+Reads ``interactions`` (who was served which policy, when, how fast) and
+``feedback_current`` (each user's latest rating of each answer) — both written by the
+feedback ingestor (migration 0001) — and never writes anything. The per-policy counters in
+``policy_stats`` are not enough for the test: it needs votes *per user* (users are the
+clusters of the variance) and *per stratum* (the traffic weight the canary had when the
+answer was served).
+
+Which interactions count:
+
+* only answers served under the routed model name (``model = 'alignloop'`` by default):
+  a client that pins a version (``model: "base"``) chose its arm itself, so it is not part
+  of the randomized comparison and would also skew the sample-ratio test;
+* only answers of the canary and of the stable version it is compared with;
+* stratum s covers ``[started_at_s + settle, started_at_{s+1})``: right after a weight
+  change some replicas still route with the old weight until they see the NOTIFY, so the
+  first ``settle_seconds`` of each stratum are left out.
+
+A rating's cluster is the served user (``interactions.user_id``), else the rating user,
+else the response itself (an anonymous answer is its own cluster).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+import numpy as np
+import psycopg
+
+from deploy.canary_stats import CANARY, Health, Observations
+
+_VOTES = """
+WITH strata AS (
+    SELECT * FROM unnest(%(stratum)s::int[], %(lo)s::timestamptz[], %(hi)s::timestamptz[])
+        AS s(stratum, lo, hi)
+), routed AS (
+    SELECT i.response_id, i.user_id, s.stratum,
+           (i.policy_version = %(canary)s)::int AS arm
+    FROM interactions i
+    JOIN strata s ON i.occurred_at >= s.lo AND i.occurred_at < s.hi
+    WHERE i.policy_version IN (%(canary)s, %(stable)s) AND i.model = %(model)s
+)
+SELECT coalesce(r.user_id, nullif(fc.user_key, ''), 'anonymous:' || r.response_id) AS who,
+       r.arm, r.stratum, count(*) AS votes, count(*) FILTER (WHERE fc.rating = 'up') AS ups
+FROM routed r JOIN feedback_current fc USING (response_id)
+GROUP BY 1, 2, 3
+"""
+
+_SERVED = """
+WITH strata AS (
+    SELECT * FROM unnest(%(stratum)s::int[], %(lo)s::timestamptz[], %(hi)s::timestamptz[])
+        AS s(stratum, lo, hi)
+)
+SELECT (i.policy_version = %(canary)s)::int AS arm, s.stratum, count(*)
+FROM interactions i
+JOIN strata s ON i.occurred_at >= s.lo AND i.occurred_at < s.hi
+WHERE i.policy_version IN (%(canary)s, %(stable)s) AND i.model = %(model)s
+GROUP BY 1, 2
+"""
+
+_LATENCY = """
+SELECT (policy_version = %(canary)s)::int AS arm, count(*),
+       percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ms)
+FROM interactions
+WHERE policy_version IN (%(canary)s, %(stable)s) AND model = %(model)s
+  AND occurred_at >= %(since)s
+GROUP BY 1
+"""
+
+
+def load_observations(
+    conn: psycopg.Connection,
+    canary: str,
+    stable: str,
+    strata: Sequence[tuple[int, int, float, datetime]],
+    now: datetime,
+    *,
+    model_name: str = "alignloop",
+    settle_seconds: float = 30.0,
+) -> Observations:
+    """Votes per (user, arm, stratum), served counts and latency of one canary.
+
+    ``strata``: the canary's (stratum, stage, weight, started_at) rows in order, as
+    :func:`deploy.registry.canary_strata` returns them. 5xx counts and adapter load
+    failures are not in these tables (serving reports them); they stay unknown here."""
+    if not strata:
+        empty = np.zeros((0, 2, 0))
+        return Observations(empty, empty, np.zeros((2, 0)), np.zeros(0))
+    settle = timedelta(seconds=settle_seconds)
+    starts = [row[3] for row in strata]
+    params = {
+        "stratum": list(range(len(strata))),
+        "lo": [start + settle for start in starts],
+        "hi": [*starts[1:], now + timedelta(days=365)],
+        "canary": canary,
+        "stable": stable,
+        "model": model_name,
+        "since": starts[0],
+    }
+    rows = conn.execute(_VOTES, params).fetchall()
+    users = {who: i for i, who in enumerate(sorted({row[0] for row in rows}))}
+    votes = np.zeros((len(users), 2, len(strata)))
+    ups = np.zeros_like(votes)
+    for who, arm, stratum, n, n_up in rows:
+        votes[users[who], arm, stratum] = n
+        ups[users[who], arm, stratum] = n_up
+    served = np.zeros((2, len(strata)))
+    for arm, stratum, n in conn.execute(_SERVED, params).fetchall():
+        served[arm, stratum] = n
+    requests = [0, 0]
+    p95 = [0.0, 0.0]
+    for arm, n, latency in conn.execute(_LATENCY, params).fetchall():
+        requests[arm], p95[arm] = int(n), float(latency or 0.0)
+    health = Health(
+        requests=(requests[0], requests[CANARY]),
+        latency_p95_ms=(p95[0], p95[CANARY]) if all(requests) else None,
+    )
+    weights = np.array([row[2] for row in strata], dtype=np.float64)
+    return Observations(votes, ups, served, weights, health)
