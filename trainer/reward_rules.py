@@ -108,11 +108,12 @@ class ComposedReward:
     def components(
         self, conversations: Sequence[Messages], answers: Sequence[str]
     ) -> dict[str, torch.Tensor]:
-        """Each term separately (``model``, one per rule name) and their ``total``, so PPO
-        can log what drove the reward."""
+        """Each term separately (``model``, one per rule name; a repeated name gets ``#i``)
+        and their ``total``, so PPO can log what drove the reward."""
         parts = {"model": self.model.score(conversations, answers)}
-        for bound in self.rules:
+        for i, bound in enumerate(self.rules):
             values = [bound(m, a) for m, a in zip(conversations, answers, strict=True)]
-            parts[bound.name] = torch.tensor(values, dtype=torch.float32)
+            key = bound.name if bound.name not in parts else f"{bound.name}#{i}"
+            parts[key] = torch.tensor(values, dtype=torch.float32)
         parts["total"] = torch.stack(list(parts.values())).sum(dim=0)
         return parts

@@ -456,13 +456,18 @@ class _Models:
 def _evaluate_parent(
     models: _Models, parent: registry.RewardVersion | None, data: RewardData
 ) -> dict[str, Any] | None:
-    """The current version's metrics on this round's held-out data (the gate's reference)."""
+    """The current version's metrics on this round's held-out data (the gate's reference).
+
+    Called after the candidate exists, so on a shared base the parent's temporary
+    ``previous`` adapter is never the only one (PEFT cannot drop its last adapter)."""
     if parent is None:
         return None
     model = models.parent(parent, "previous")
     metrics = evaluate(model, data.heldout_pairs, data.heldout_labels)
-    if hasattr(model, "peft_model") and model.peft_model is models.base:
+    if getattr(model, "peft_model", None) is models.base:
+        # Only the candidate's adapter stays on the shared base (and active).
         models.base.delete_adapter("previous")
+        models.base.set_adapter("reward")
     return metrics
 
 
@@ -520,6 +525,7 @@ def _round(conn: psycopg.Connection, config: RewardConfig) -> RoundResult:
         raise
 
     models = _Models(config)
+    model = models.candidate(parent if warm else None)
     if record is None:
         parent_metrics = _evaluate_parent(models, parent, data)
         record = {
@@ -532,7 +538,6 @@ def _round(conn: psycopg.Connection, config: RewardConfig) -> RoundResult:
         _write_run_record(run_dir, record)
     parent_metrics = record["parent_metrics"]
 
-    model = models.candidate(parent if warm else None)
     params = model.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     start_step = 0
