@@ -16,6 +16,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("feedback.cli:main", "Consume interactions and feedback into Postgres."),
     "data": ("feedback.cli:data_main", "Export training datasets: data export KIND --out F."),
     "bootstrap-model": ("trainer.bootstrap_cli:main", "Build the small demo base model."),
+    "policy": ("deploy.policy_cli:main", "Policy registry: list, show, promote, rollback, hold."),
+    "canary": ("deploy.canary_controller:main", "Run the canary controller (sequential A/B test)."),
     "train": ("trainer.reward_cli:train_main", "Train models: train reward [--help]."),
     "reward": ("trainer.reward_cli:reward_main", "Reward model versions: reward list | show V."),
 }
