@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from feedback.db import connect, migrate
 from feedback.ingestor import prepare_session, store_events
 from tests.fixtures.postgres import create_database, drop_database
-from tests.fixtures.reward_feedback import feedback_events, sampled_answers
+from tests.fixtures.reward_feedback import corpus_answers, feedback_events, sampled_answers
 from trainer import reward_registry as registry
 from trainer.reward_cli import reward_main, train_main
 from trainer.reward_config import RewardConfig
@@ -231,5 +231,53 @@ def test_corrupted_checkpoint_is_refused(
         assert "is corrupted" in capsys.readouterr().err
         with psycopg.connect(url) as conn:
             assert registry.list_versions(conn) == []
+    finally:
+        drop_database(url)
+
+
+def test_warm_start_continues_the_current_version(
+    trained: tuple[RewardConfig, RoundResult],
+) -> None:
+    config, first = trained
+    with connect(config.database_url, autocommit=True) as conn:
+        prepare_session(conn)
+        store_events(conn, feedback_events(*corpus_answers(80, seed=3), seed=3))
+    result = train_reward_model(replace(config, steps=10, fresh=True))
+    assert result.outcome == "registered", result.reason
+    assert result.stats["warm_start"] is True
+    assert (
+        0 < result.stats["new_examples"] < first.stats["train_pairs"] + first.stats["train_labels"]
+    )
+    assert result.stats["replayed_examples"] > 0
+    assert result.metrics["pairwise_accuracy"] >= 0.85  # type: ignore[index]
+    with connect(config.database_url, autocommit=True) as conn:
+        current = registry.current_version(conn)
+        statuses = {v.version: v.status for v in registry.list_versions(conn)}
+    assert current is not None and current.parent_version == "rm-0001"
+    assert statuses["rm-0001"] == "previous"
+
+
+def test_sequence_classification_model_instead_of_an_adapter(
+    demo_model_dir: Path, tmp_path: Path
+) -> None:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    seq_cls = tmp_path / "seq-cls"
+    AutoModelForSequenceClassification.from_pretrained(
+        str(demo_model_dir), num_labels=1
+    ).save_pretrained(str(seq_cls))
+    AutoTokenizer.from_pretrained(str(demo_model_dir)).save_pretrained(str(seq_cls))
+    url = _database_with(feedback_events(*corpus_answers(100, seed=4), seed=4))
+    try:
+        config = _config(url, tmp_path / "state", demo_model_dir, seq_cls_model=seq_cls)
+        result = train_reward_model(
+            replace(config, base_model=None, steps=5, min_auc=0.0, min_pairwise_accuracy=0.0)
+        )
+        assert result.outcome == "registered", result.reason
+        assert result.version is not None and result.version.kind == "seq_cls"
+        conversations = [[{"role": "user", "content": "What is 2 plus 2?"}]]
+        loaded = load_reward_model(registry.verified_path(result.version))
+        assert loaded.kind == "seq_cls"
+        assert loaded.score(conversations, ["4."]).shape == (1,)
     finally:
         drop_database(url)
