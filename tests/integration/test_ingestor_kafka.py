@@ -221,9 +221,14 @@ def test_two_ingestors_one_killed_every_event_once(broker, migrated_url: str, sp
     produce(broker.bootstrap, topics, events[: len(events) // 2])
     a = spawn(broker.bootstrap, migrated_url, topics, "--max-batch", "50", "--client-id", "a")
     b = spawn(broker.bootstrap, migrated_url, topics, "--max-batch", "50", "--client-id", "b")
-    wait_until(lambda: sum(stored(migrated_url)) >= 1000, 60, "both ingestors consuming")
-    for member in (a, b):  # the group really split the 3 + 3 partitions between them
-        assert "assigned partitions: ing-" in member.log()
+    wait_until(lambda: sum(stored(migrated_url)) >= 1000, 60, "the first rows")
+    # The group really split the 3 + 3 partitions between them (b may join after a has
+    # already read the first half: wait for the rebalance rather than assume it is done).
+    wait_until(
+        lambda: all("assigned partitions: ing-" in m.log() for m in (a, b)),
+        60,
+        "both ingestors to be assigned partitions",
+    )
     produce(broker.bootstrap, topics, events[len(events) // 2 :])
     a.kill()
     wait_until(lambda: sum(stored(migrated_url)) >= len(events), 120, "b taking over")
