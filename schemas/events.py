@@ -131,8 +131,25 @@ class PreferenceSubmitted(Event):
         return (self.chosen_response_id or str(self.preference_id)).encode()
 
 
+class AdapterLoadFailed(Event):
+    """A serving replica could not load a policy version's adapter into its engine.
+
+    The replica keeps serving that version's traffic from the stable policy; the canary
+    controller treats any such failure as a guardrail breach and rolls the version back.
+    Produced to `schemas.topics.POLICY`, keyed by the version.
+    """
+
+    event_type: Literal["policy.adapter_load_failed"] = "policy.adapter_load_failed"
+    version: str
+    adapter_uri: str | None
+    error: str
+
+    def key(self) -> bytes:
+        return self.version.encode()
+
+
 AnyEvent = Annotated[
-    InteractionLogged | FeedbackSubmitted | PreferenceSubmitted,
+    InteractionLogged | FeedbackSubmitted | PreferenceSubmitted | AdapterLoadFailed,
     Field(discriminator="event_type"),
 ]
 _ADAPTER: TypeAdapter[AnyEvent] = TypeAdapter(AnyEvent)
