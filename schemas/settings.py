@@ -58,6 +58,17 @@ class Settings(BaseSettings):
     engine_kv_cache_gib: int = Field(1, description="KV cache size on CPU (GiB).")
     max_loras: int = Field(4, description="Adapters resident in the engine at once.")
     max_lora_rank: int = Field(8, description="Largest LoRA rank the engine accepts.")
+    max_cpu_loras: int = Field(
+        16, description="Adapters kept loaded in host memory (LRU beyond this bound)."
+    )
+    routing_salt: str = Field(
+        "alignloop",
+        description="Salt of the sticky user → arm hash. Changing it reshuffles "
+        "which users see a canary.",
+    )
+    routing_refresh_s: float = Field(
+        5.0, description="Re-read the routing table this often even without a notification."
+    )
 
     # --- event producing ----------------------------------------------------------
     spool_dir: Path | None = Field(
@@ -75,6 +86,21 @@ class Settings(BaseSettings):
     ingest_metrics_port: int = Field(9102, description="Ingestor /metrics port; 0 = off.")
     ingest_max_batch: int = Field(
         2000, description="Most events written to Postgres in one transaction."
+    )
+
+    # --- admin API (served by the canary controller, or alone: `alignloop admin`) ------
+    admin_token: SecretStr | None = Field(
+        None,
+        description="Bearer token of the /admin API. Unset or empty: the admin API is "
+        "disabled (every /admin route answers 503 admin_disabled); /metrics still works.",
+    )
+    admin_host: str = Field(
+        "0.0.0.0",
+        description="Interface of the controller's HTTP port (/metrics and /admin); all "
+        "interfaces by default so Prometheus can scrape it, /admin needs the token.",
+    )
+    admin_port: int = Field(
+        9103, description="The canary controller's HTTP port (/metrics and /admin); 0 = off."
     )
 
     def resolved_spool_dir(self) -> Path:

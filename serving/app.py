@@ -7,6 +7,7 @@ last).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -25,6 +26,7 @@ from serving.errors import install_error_handlers, parse_body, read_json
 from serving.feedback_routes import feedback_router
 from serving.policies import PolicyRouter
 from serving.response_ids import ResponseIdSigner, load_or_create_secret
+from serving.routing import RoutingWatcher
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +69,23 @@ class RequestCounter:
             ).inc()
 
 
+def routing_key(request: Request) -> str:
+    """Who a request is, for sticky routing, when it names no user: its API key (hashed,
+    never kept), else the client address."""
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer ") and len(auth) > 7:
+        return "key:" + hashlib.sha256(auth[7:].encode()).hexdigest()[:32]
+    client = request.client
+    return f"addr:{client.host if client else 'unknown'}"
+
+
 def create_app(settings: Settings, model_dir: Path, publisher) -> FastAPI:
     """Build the app. ``publisher`` is an `EventPublisher` (started/closed by the app)."""
     engine = Engine(settings, model_dir)
-    router = PolicyRouter(settings.served_model_name)
+    router = PolicyRouter(settings.served_model_name, settings.routing_salt, engine, publisher)
+    watcher = None
+    if settings.database_url:
+        watcher = RoutingWatcher(settings.database_url, router.apply, settings.routing_refresh_s)
     if settings.response_id_secret is not None:
         secret = settings.response_id_secret.get_secret_value().encode()
     else:
@@ -83,10 +98,14 @@ def create_app(settings: Settings, model_dir: Path, publisher) -> FastAPI:
     async def lifespan(_: FastAPI):
         publisher.start()
         engine.start()
+        if watcher is not None:
+            watcher.start()
         log.info("serving %s on the chat API", model_dir)
         try:
             yield
         finally:
+            if watcher is not None:
+                watcher.stop()
             engine.shutdown()
             publisher.close(timeout=10)
 
@@ -102,7 +121,7 @@ def create_app(settings: Settings, model_dir: Path, publisher) -> FastAPI:
             ChatCompletionRequest, await read_json(request, settings.max_request_bytes)
         )
         user = req.user or request.headers.get(USER_HEADER)
-        prepared = chat.prepare(req, user)
+        prepared = await chat.prepare(req, user, user or routing_key(request))
         headers = {POLICY_HEADER: prepared.policy.version}
         if req.stream:
             return StreamingResponse(
@@ -124,7 +143,18 @@ def create_app(settings: Settings, model_dir: Path, publisher) -> FastAPI:
 
     @app.get("/healthz")
     async def healthz() -> dict:
-        return {"status": "ok", "model_dir": str(model_dir), "events": publisher.snapshot()}
+        table = router.table
+        return {
+            "status": "ok",
+            "model_dir": str(model_dir),
+            "routing": {
+                "generation": table.generation,
+                "stable": table.stable,
+                "canary": table.canary,
+                "canary_weight": table.canary_weight,
+            },
+            "events": publisher.snapshot(),
+        }
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -35,7 +35,7 @@ from schemas.settings import Settings
 from serving import metrics
 from serving.engine import Engine
 from serving.errors import APIError
-from serving.policies import PolicyRouter, PolicyTarget, UnknownModel
+from serving.policies import PolicyRouter, PolicyTarget, PolicyUnavailable, UnknownModel
 from serving.response_ids import ResponseIdSigner
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,11 @@ class ChatService:
         self.publisher = publisher
 
     # -- 1. validate ---------------------------------------------------------------------
-    def prepare(self, req: ChatCompletionRequest, user: str | None) -> Prepared:
+    async def prepare(
+        self, req: ChatCompletionRequest, user: str | None, user_key: str
+    ) -> Prepared:
+        """``user`` is what the event records; ``user_key`` is what routing hashes (the
+        user, else a user header, API key or client address)."""
         s = self.settings
         if req.n > s.max_n:
             raise APIError(
@@ -94,7 +98,7 @@ class ChatService:
                 code="invalid_value",
             )
         try:
-            policy = self.router.resolve(req.model, user)
+            policy = await self.router.resolve(req.model, user_key)
         except UnknownModel:
             raise APIError(
                 404,
@@ -102,6 +106,14 @@ class ChatService:
                 f"{', '.join(self.router.model_names())}.",
                 param="model",
                 code="model_not_found",
+            ) from None
+        except PolicyUnavailable as e:
+            raise APIError(
+                503,
+                f"{e}. Try again later, or use model '{self.settings.served_model_name}'.",
+                type="server_error",
+                param="model",
+                code="policy_unavailable",
             ) from None
 
         prompt_ids = self.engine.prompt_token_ids(req.messages)

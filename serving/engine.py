@@ -33,7 +33,7 @@ class Adapter:
 
     name: str
     int_id: int
-    path: Path
+    path: Path | str
 
 
 class Engine:
@@ -66,6 +66,7 @@ class Engine:
             enable_lora=True,
             max_lora_rank=self.settings.max_lora_rank,
             max_loras=self.settings.max_loras,
+            max_cpu_loras=max(self.settings.max_cpu_loras, self.settings.max_loras),
             disable_log_stats=True,
         )
         log.info("starting vLLM engine on %s (%s)", self.model_dir, "cuda" if gpu else "cpu")
@@ -75,6 +76,14 @@ class Engine:
         if self._llm is not None:
             self._llm.shutdown()
             self._llm = None
+
+    async def add_adapter(self, adapter: Adapter) -> None:
+        """Load an adapter before any request names it (a failure here leaves the engine
+        running; a generation naming an unloadable adapter would not)."""
+        from vllm.lora.request import LoRARequest
+
+        assert self._llm is not None, "engine not started"
+        await self._llm.add_lora(LoRARequest(adapter.name, adapter.int_id, str(adapter.path)))
 
     def prompt_token_ids(self, messages: list[ChatMessage]) -> list[int]:
         """Render the model's chat template and tokenize, as the engine will see it."""

@@ -1,17 +1,51 @@
-"""Which policy answers a request.
+"""Resolve a request to a policy version and a loaded adapter.
 
-Issue scope today: one engine, one policy, the base model (version ``base``). The
-routing table (stable/canary arms, adapters per version) plugs in here, so the chat
-handler only ever asks "which version, and which adapter, serves this request?".
+`PolicyRouter` answers one question for the chat handler: which version serves this
+request, and with which adapter? It combines the current `RoutingTable` (swapped in by the
+routing watcher), sticky arm assignment, and the adapters already loaded into the engine.
+
+Adapters are loaded on first use with ``engine.add_adapter`` *before* any request uses
+them: vLLM survives a failed ``add_lora`` but dies if a generation names an adapter it
+cannot load. A version whose adapter fails to load is marked failed in this replica, an
+`AdapterLoadFailed` event tells the canary controller (which rolls it back), and its
+routed traffic is served by the stable version meanwhile. Each version keeps one adapter
+name and id for the life of the process: versions are immutable, so a name never has to be
+reloaded with new content (vLLM could reuse a stale prefix cache for it).
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import logging
+import os
+import socket
 from dataclasses import dataclass
 
-from serving.engine import Adapter
+from prometheus_client import Counter
 
-BASE_VERSION = "base"
+from schemas import topics
+from schemas.events import AdapterLoadFailed
+from serving.engine import Adapter, Engine
+from serving.routing import (
+    BASE_VERSION,
+    ROUTING_GENERATION,
+    RoutingTable,
+    choose_version,
+)
+
+log = logging.getLogger(__name__)
+
+ADAPTER_LOADS = Counter(
+    "alignloop_adapter_loads_total",
+    "Adapter loads into the engine, by version and outcome.",
+    ["version", "outcome"],
+)
+ROUTED = Counter(
+    "alignloop_routed_requests_total",
+    "Requests by how they were routed (stable, canary, pinned, fallback).",
+    ["arm"],
+)
 
 
 @dataclass(frozen=True)
@@ -24,16 +58,127 @@ class UnknownModel(LookupError):
     pass
 
 
+class PolicyUnavailable(RuntimeError):
+    """A version was named explicitly, or is the stable one, and cannot be loaded."""
+
+
 class PolicyRouter:
-    def __init__(self, served_model_name: str) -> None:
+    def __init__(
+        self,
+        served_model_name: str,
+        salt: str,
+        engine: Engine | None = None,
+        publisher=None,
+        load_timeout_s: float = 60.0,
+    ) -> None:
         self.served_model_name = served_model_name
+        self.salt = salt
+        self.engine = engine
+        self.publisher = publisher
+        self.load_timeout_s = load_timeout_s
+        self.table = RoutingTable.base_only()
+        self._ids: dict[str, int] = {}
+        self._next_id = itertools.count(1)
+        self._loaded: dict[str, Adapter] = {}
+        self._failed: dict[str, str] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # -- the routing table ------------------------------------------------------------
+    def apply(self, table: RoutingTable) -> None:
+        """Install a new snapshot (called from the watcher thread; one reference swap)."""
+        old = self.table
+        if table.generation < old.generation:
+            return  # a late read of an older state
+        self.table = table
+        ROUTING_GENERATION.set(table.generation)
+        if (old.stable, old.canary, old.canary_weight) != (
+            table.stable,
+            table.canary,
+            table.canary_weight,
+        ):
+            log.info(
+                "routing generation %d: stable %s, canary %s at %.0f%%",
+                table.generation,
+                table.stable,
+                table.canary,
+                100 * table.canary_weight,
+            )
 
     def model_names(self) -> list[str]:
         """What GET /v1/models lists: the routed name, then every servable version."""
-        return [self.served_model_name, BASE_VERSION]
+        versions = sorted(v for v in self.table.adapters if v not in self._failed)
+        return [self.served_model_name, *versions]
 
-    def resolve(self, model: str, user_key: str | None) -> PolicyTarget:
-        """The served name routes (today: always to base); a version name pins it."""
-        if model in (self.served_model_name, BASE_VERSION):
-            return PolicyTarget(BASE_VERSION, None)
-        raise UnknownModel(model)
+    # -- one request ------------------------------------------------------------------
+    async def resolve(self, model: str, user_key: str) -> PolicyTarget:
+        table = self.table  # this request's snapshot, whatever changes meanwhile
+        if model == self.served_model_name:
+            version = choose_version(table, self.salt, user_key)
+            arm = "canary" if version == table.canary else "stable"
+        elif model in table.adapters:
+            version, arm = model, "pinned"
+        else:
+            raise UnknownModel(model)
+        try:
+            target = await self._target(table, version)
+        except PolicyUnavailable:
+            if arm != "canary":
+                raise
+            arm = "fallback"  # the canary cannot load here: its users get stable
+            target = await self._target(table, table.stable)
+        ROUTED.labels(arm).inc()
+        return target
+
+    async def _target(self, table: RoutingTable, version: str) -> PolicyTarget:
+        if version in self._failed:
+            raise PolicyUnavailable(
+                f"policy version {version} failed to load: {self._failed[version]}"
+            )
+        path = table.adapters.get(version)
+        if path is None:
+            return PolicyTarget(version, None)
+        return PolicyTarget(version, await self._load(version, path))
+
+    async def _load(self, version: str, path: str) -> Adapter:
+        if version in self._loaded:
+            return self._loaded[version]
+        lock = self._locks.setdefault(version, asyncio.Lock())
+        async with lock:  # concurrent first requests load once
+            if version in self._loaded:
+                return self._loaded[version]
+            if version in self._failed:
+                raise PolicyUnavailable(self._failed[version])
+            adapter = Adapter(version, self._ids.setdefault(version, next(self._next_id)), path)
+            try:
+                if not os.path.isdir(path):
+                    raise FileNotFoundError(f"no adapter directory at {path}")
+                assert self.engine is not None
+                await asyncio.wait_for(self.engine.add_adapter(adapter), self.load_timeout_s)
+            except Exception as exc:
+                self._mark_failed(version, path, exc)
+                raise PolicyUnavailable(f"policy version {version} failed to load") from exc
+            ADAPTER_LOADS.labels(version, "ok").inc()
+            self._loaded[version] = adapter
+            log.info("loaded adapter of %s from %s", version, path)
+            return adapter
+
+    def _mark_failed(self, version: str, path: str, exc: BaseException) -> None:
+        error = f"{type(exc).__name__}: {exc}"[:2000]
+        self._failed[version] = error
+        ADAPTER_LOADS.labels(version, "failed").inc()
+        log.error(
+            "adapter of %s failed to load (%s); its routed traffic goes to stable", version, error
+        )
+        if self.publisher is not None:
+            self.publisher.publish(
+                topics.POLICY,
+                AdapterLoadFailed(
+                    producer=f"serving@{socket.gethostname()}:{os.getpid()}",
+                    version=version,
+                    adapter_uri=path,
+                    error=error,
+                ),
+            )
+
+
+__all__ = ["BASE_VERSION", "PolicyRouter", "PolicyTarget", "PolicyUnavailable", "UnknownModel"]
