@@ -19,6 +19,12 @@ Which interactions count:
 
 A rating's cluster is the served user (``interactions.user_id``), else the rating user,
 else the response itself (an anonymous answer is its own cluster).
+
+Adapter health: ``adapter_load_failures`` (migration 0004, filled by the ingestor from
+serving's ``AdapterLoadFailed`` events) counted for the canary version since its canary
+start, by the replica's ``occurred_at``. Failures from an earlier canary run of the same
+version do not count; the replica and Postgres clocks are assumed to agree to well within
+the time a replica takes to notice a routing change and load the adapter.
 """
 
 from __future__ import annotations
@@ -70,6 +76,12 @@ GROUP BY 1
 """
 
 
+_ADAPTER_FAILURES = """
+SELECT count(*) FROM adapter_load_failures
+WHERE version = %(canary)s AND occurred_at >= %(since)s
+"""
+
+
 def load_observations(
     conn: psycopg.Connection,
     canary: str,
@@ -83,8 +95,9 @@ def load_observations(
     """Votes per (user, arm, stratum), served counts and latency of one canary.
 
     ``strata``: the canary's (stratum, stage, weight, started_at) rows in order, as
-    :func:`deploy.registry.canary_strata` returns them. 5xx counts and adapter load
-    failures are not in these tables (serving reports them); they stay unknown here."""
+    :func:`deploy.registry.canary_strata` returns them. Adapter load failures are counted
+    since the first stratum's start (the canary start); 5xx counts are not in these tables
+    (serving reports them), so they stay unknown here."""
     if not strata:
         empty = np.zeros((0, 2, 0))
         return Observations(empty, empty, np.zeros((2, 0)), np.zeros(0))
@@ -113,9 +126,12 @@ def load_observations(
     p95 = [0.0, 0.0]
     for arm, n, latency in conn.execute(_LATENCY, params).fetchall():
         requests[arm], p95[arm] = int(n), float(latency or 0.0)
+    failures = conn.execute(_ADAPTER_FAILURES, params).fetchone()
+    assert failures is not None
     health = Health(
         requests=(requests[0], requests[CANARY]),
         latency_p95_ms=(p95[0], p95[CANARY]) if all(requests) else None,
+        adapter_load_failures=int(failures[0]),
     )
     weights = np.array([row[2] for row in strata], dtype=np.float64)
     return Observations(votes, ups, served, weights, health)

@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group-id", default=settings.ingest_group_id)
     ap.add_argument("--interactions-topic", default=topics.INTERACTIONS)
     ap.add_argument("--feedback-topic", default=topics.FEEDBACK)
+    ap.add_argument(
+        "--policy-topic", default=topics.POLICY, help="adapter health events; '' = not consumed"
+    )
     ap.add_argument("--dead-letter-topic", default=topics.DEAD_LETTER)
     ap.add_argument(
         "--metrics-port",
@@ -61,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             group_id=args.group_id,
             interactions_topic=args.interactions_topic,
             feedback_topic=args.feedback_topic,
+            policy_topic=args.policy_topic or None,
             dead_letter_topic=args.dead_letter_topic,
             metrics_port=args.metrics_port or None,
             max_batch=args.max_batch,

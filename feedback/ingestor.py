@@ -1,4 +1,9 @@
-"""The feedback ingestor: Kafka (interactions, feedback) → Postgres, exactly-once in effect.
+"""The feedback ingestor: Kafka (interactions, feedback, policy health) → Postgres,
+exactly-once in effect.
+
+Topics: interactions and feedback (serving's events) and ``alignloop.policy``, of which it
+stores the ``AdapterLoadFailed`` events (table ``adapter_load_failures``, migration 0004)
+that the canary controller's guardrail reads.
 
 Kafka delivers at least once; Postgres makes it exactly once in effect. Per batch:
 
@@ -43,6 +48,7 @@ from feedback import ab_counters
 from feedback.db import connect, migrate
 from schemas import topics
 from schemas.events import (
+    AdapterLoadFailed,
     AnyEvent,
     FeedbackSubmitted,
     InteractionLogged,
@@ -89,6 +95,8 @@ class IngestConfig:
     group_id: str = "alignloop-ingestor"
     interactions_topic: str = topics.INTERACTIONS
     feedback_topic: str = topics.FEEDBACK
+    policy_topic: str | None = topics.POLICY
+    """Where serving reports adapter load failures; None: not consumed."""
     dead_letter_topic: str = topics.DEAD_LETTER
     metrics_port: int | None = 9102
     """Prometheus /metrics port; None disables the endpoint."""
@@ -221,6 +229,14 @@ ORDER BY occurred_at, event_id
 ON CONFLICT (event_id) DO NOTHING
 """
 
+_INSERT_ADAPTER_FAILURES = """
+INSERT INTO adapter_load_failures (event_id, version, adapter_uri, error, producer, occurred_at)
+SELECT * FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[], %s::text[],
+                     %s::timestamptz[])
+ORDER BY 6, 1
+ON CONFLICT (event_id) DO NOTHING
+"""
+
 
 @dataclass(frozen=True)
 class BatchResult:
@@ -229,6 +245,7 @@ class BatchResult:
     interactions: int
     feedback: int
     preferences: int
+    adapter_load_failures: int = 0
 
 
 def prompt_hash(messages: Sequence[LoggedMessage]) -> str:
@@ -264,6 +281,7 @@ def write_batch(conn: psycopg.Connection, events: Sequence[AnyEvent]) -> BatchRe
     interactions = [e for e in unique if isinstance(e, InteractionLogged)]
     feedback = [e for e in unique if isinstance(e, FeedbackSubmitted)]
     preferences = [e for e in unique if isinstance(e, PreferenceSubmitted)]
+    failures = [e for e in unique if isinstance(e, AdapterLoadFailed)]
     with conn.cursor() as cur:
         if interactions:
             with cur.copy(
@@ -338,12 +356,24 @@ def write_batch(conn: psycopg.Connection, events: Sequence[AnyEvent]) -> BatchRe
             new_preferences = cur.rowcount
         else:
             new_preferences = 0
+        new_failures = 0
+        if failures:
+            columns = (
+                [e.event_id for e in failures],
+                [e.version for e in failures],
+                [e.adapter_uri for e in failures],
+                [e.error for e in failures],
+                [e.producer for e in failures],
+                [e.occurred_at for e in failures],
+            )
+            cur.execute(_INSERT_ADAPTER_FAILURES, columns)
+            new_failures = max(cur.rowcount, 0)
         ab_counters.apply_batch_changes(conn)
         counts = cur.execute(
             "SELECT (SELECT count(*) FROM new_interactions), (SELECT count(*) FROM new_feedback)"
         ).fetchone()
     assert counts is not None
-    return BatchResult(int(counts[0]), int(counts[1]), max(new_preferences, 0))
+    return BatchResult(int(counts[0]), int(counts[1]), max(new_preferences, 0), new_failures)
 
 
 def store_events(conn: psycopg.Connection, events: Sequence[AnyEvent]) -> BatchResult:
@@ -430,9 +460,10 @@ class Ingestor:
             max_poll_records=cfg.max_batch,
             **cfg.consumer_overrides,
         )
-        consumer.subscribe(
-            [cfg.interactions_topic, cfg.feedback_topic], listener=_LogAssignment(self)
-        )
+        subscribed = [cfg.interactions_topic, cfg.feedback_topic]
+        if cfg.policy_topic:
+            subscribed.append(cfg.policy_topic)
+        consumer.subscribe(subscribed, listener=_LogAssignment(self))
         producer = KafkaProducer(
             bootstrap_servers=cfg.bootstrap,
             client_id=f"{cfg.client_id}-dlq",
@@ -440,12 +471,7 @@ class Ingestor:
             retries=5,
             linger_ms=5,
         )
-        log.info(
-            "ingesting %s and %s as group %s",
-            cfg.interactions_topic,
-            cfg.feedback_topic,
-            cfg.group_id,
-        )
+        log.info("ingesting %s as group %s", ", ".join(subscribed), cfg.group_id)
         try:
             while not self._stop.is_set():
                 polled = consumer.poll(timeout_ms=cfg.poll_timeout_ms)
@@ -486,6 +512,7 @@ class Ingestor:
         STORED.labels("interactions").inc(result.interactions)
         STORED.labels("feedback_events").inc(result.feedback)
         STORED.labels("preferences").inc(result.preferences)
+        STORED.labels("adapter_load_failures").inc(result.adapter_load_failures)
         if dead:
             self._send_dead_letters(producer, dead)
         try:
@@ -537,6 +564,7 @@ class Ingestor:
             sum(r.interactions for r in written),
             sum(r.feedback for r in written),
             sum(r.preferences for r in written),
+            sum(r.adapter_load_failures for r in written),
         )
         return total, rejected
 

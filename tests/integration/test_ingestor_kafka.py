@@ -33,11 +33,12 @@ T0 = datetime(2025, 1, 1, tzinfo=UTC)
 
 
 class Topics:
-    """Fresh interaction / feedback / dead-letter topic names and consumer group."""
+    """Fresh interaction / feedback / policy / dead-letter topic names and consumer group."""
 
     def __init__(self) -> None:
         self.interactions = unique_topic("ing-interactions")
         self.feedback = unique_topic("ing-feedback")
+        self.policy = unique_topic("ing-policy")
         self.dead_letter = unique_topic("ing-dlq")
         self.group = unique_topic("ing-group")
 
@@ -47,6 +48,8 @@ class Topics:
             self.interactions,
             "--feedback-topic",
             self.feedback,
+            "--policy-topic",
+            self.policy,
             "--dead-letter-topic",
             self.dead_letter,
             "--group-id",
@@ -317,6 +320,7 @@ def test_malformed_events_go_to_dead_letter_and_consumption_continues(
             group_id=topics.group,
             interactions_topic=topics.interactions,
             feedback_topic=topics.feedback,
+            policy_topic=topics.policy,
             dead_letter_topic=topics.dead_letter,
             metrics_port=port,
         )
