@@ -6,8 +6,8 @@
 Keys: ``false_promotion_rate`` (canary worse by exactly m: promoted anyway),
 ``power_at_margin`` (canary better by m: promoted), ``median_votes_to_decision`` and the
 promote / rollback rates per effect size, and the false SRM rate. ``switch_seconds_max``
-and ``failed_requests`` measure the routing switch in serving, which is not wired to the
-registry yet: null until it is.
+and ``failed_requests`` measure the routing switch on two real serving replicas under load
+(`benchmarks/routing_switch.py`; `--no-serving` skips it).
 """
 
 from __future__ import annotations
@@ -28,6 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--experiments", type=int)
     ap.add_argument("--seed", type=int, default=2025)
+    ap.add_argument("--flips", type=int, default=10, help="routing flips across 2 replicas")
+    ap.add_argument(
+        "--no-serving",
+        action="store_true",
+        help="skip the routing switch measurement (it starts 2 vLLM engines)",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         config = CanaryConfig.demo()
@@ -73,10 +79,13 @@ def main(argv: list[str] | None = None) -> int:
         "per_effect": per_effect,
         "switch_seconds_max": None,
         "failed_requests": None,
-        "note": "switch_seconds_max and failed_requests need serving to follow the routing "
-        "table (LISTEN alignloop_routing); not wired yet",
-        "seconds": round(time.monotonic() - started, 1),
     }
+    if not args.no_serving:
+        from benchmarks.routing_switch import run as measure_switch
+
+        switch = measure_switch(args.flips)
+        result.update(switch)
+    result["seconds"] = round(time.monotonic() - started, 1)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -162,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
             env,
         )
         ingest = Child("ingestor", [*py, "ingest"], state / "logs" / "ingestor.log", env)
-        children += [serve, ingest]
+        # The demo controller decides on small samples so a canary can finish on one laptop.
+        canary = Child("canary", [*py, "canary", "--demo"], state / "logs" / "canary.log", env)
+        children += [serve, ingest, canary]
         for child in children:
             child.start()
         with console.status("starting the chat API (vLLM engine, ~30 s on CPU)…"):

@@ -9,14 +9,11 @@ second, flips under load without failed requests, and a broken adapter contained
 from __future__ import annotations
 
 import concurrent.futures
-import subprocess
 import threading
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import httpx
-import psycopg
 import pytest
 
 from deploy import registry
@@ -24,78 +21,22 @@ from schemas import topics
 from schemas.events import AdapterLoadFailed
 from tests.fixtures.adapters import corrupt_copy, make_adapter
 from tests.fixtures.broker import consume_events
-from tests.fixtures.server import free_port, start_serving, wait_healthy
+from tests.fixtures.replicas import routed_replicas
 
 pytestmark = pytest.mark.slow
-
-ASK = [{"role": "user", "content": "What is 2 plus 2?"}]
-
-
-class Replicas:
-    def __init__(self, urls: list[str], db_url: str, broker, adapters: dict[str, Path]):
-        self.urls, self.db_url, self.broker, self.adapters = urls, db_url, broker, adapters
-
-    def db(self) -> psycopg.Connection:
-        return psycopg.connect(self.db_url, autocommit=True)
-
-    def generations(self) -> list[int]:
-        return [
-            httpx.get(f"{u}/healthz", timeout=5).json()["routing"]["generation"] for u in self.urls
-        ]
-
-    def wait_generation(self, generation: int, timeout: float = 10) -> float:
-        start = time.monotonic()
-        while time.monotonic() - start < timeout:
-            if all(g >= generation for g in self.generations()):
-                return time.monotonic() - start
-            time.sleep(0.02)
-        raise AssertionError(f"replicas at {self.generations()}, wanted {generation}")
-
-    def ask(self, url: str, user: str, model: str = "alignloop") -> httpx.Response:
-        return httpx.post(
-            f"{url}/v1/chat/completions",
-            timeout=60,
-            json={"model": model, "messages": ASK, "max_tokens": 4, "user": user},
-        )
 
 
 @pytest.fixture(scope="module")
 def replicas(demo_model_dir, tmp_path_factory, broker):
-    from tests.fixtures.postgres import create_database, drop_database
-
     work = tmp_path_factory.mktemp("routing")
     adapters = {
         "v1": make_adapter(demo_model_dir, work / "v1", seed=1),
         "v2": make_adapter(demo_model_dir, work / "v2", seed=2),
     }
     adapters["broken"] = corrupt_copy(adapters["v2"], work / "broken")
-    db_url = create_database()
-    from feedback.db import connect_and_migrate
-
-    with connect_and_migrate(db_url):
-        pass
-    env = {"ALIGNLOOP_DATABASE_URL": db_url, "ALIGNLOOP_ROUTING_REFRESH_S": "30"}
-    procs, urls = [], []
-    for i in range(2):
-        port = free_port()
-        proc, _ = start_serving(
-            demo_model_dir, broker.bootstrap, work / f"replica{i}", port, extra_env=env
-        )
-        procs.append(proc)
-        urls.append(f"http://127.0.0.1:{port}")
-    try:
-        for url, proc in zip(urls, procs, strict=True):
-            assert wait_healthy(url, proc, 400), f"replica {url} did not start"
-        yield Replicas(urls, db_url, broker, adapters)
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        drop_database(db_url)
+    with routed_replicas(demo_model_dir, broker.bootstrap, work) as replicas:
+        replicas.adapters = adapters
+        yield replicas
 
 
 def test_canary_arm_is_sticky_per_user_across_replicas(replicas):
@@ -189,6 +130,6 @@ def test_broken_adapter_is_contained(replicas):
     assert pinned.status_code == 503
     assert pinned.json()["error"]["code"] == "policy_unavailable"
     assert replicas.ask(replicas.urls[0], "y").status_code == 200
-    events = consume_events(replicas.broker.bootstrap, topics.POLICY, expected=1, timeout=30)
+    events = consume_events(replicas.bootstrap, topics.POLICY, expected=1, timeout=30)
     failures = [e for e in events if isinstance(e, AdapterLoadFailed)]
     assert any(e.version == "broken" for e in failures), events
