@@ -12,7 +12,11 @@ Every registry command carries the routing generation the decision was made on, 
 operator changed anything in between, the command fails with ``ConcurrentChange`` and the
 next tick decides again on fresh data. While the registry is held the controller starts,
 advances and promotes nothing; guardrail rollbacks still happen unless
-``CanaryConfig.guardrails_override_hold`` is off. Metrics on ``--metrics-port``.
+``CanaryConfig.guardrails_override_hold`` is off.
+
+One HTTP port (``--port``, ``ALIGNLOOP_ADMIN_PORT``, default 9103) serves ``/metrics`` and
+the admin API ``/admin/...`` (:mod:`deploy.admin_api`; disabled without
+``ALIGNLOOP_ADMIN_TOKEN``), from a uvicorn thread beside the control loop.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from typing import Any
 
 import numpy as np
 import psycopg
-from prometheus_client import Counter, Gauge, start_http_server
+from prometheus_client import Counter, Gauge
 
 from deploy import canary_data, registry
 from deploy.canary_stats import (
@@ -285,9 +289,18 @@ def main(argv: list[str] | None = None) -> int:
     from schemas.settings import Settings
 
     ap = argparse.ArgumentParser(prog="alignloop canary", description=main.__doc__)
-    ap.add_argument("--database-url", default=Settings().database_url)
+    settings = Settings()
+    ap.add_argument("--database-url", default=settings.database_url)
     ap.add_argument("--poll-seconds", type=float, default=30.0)
-    ap.add_argument("--metrics-port", type=int, default=9103, help="0 disables /metrics")
+    ap.add_argument(
+        "--port",
+        "--metrics-port",
+        dest="port",
+        type=int,
+        default=settings.admin_port,
+        help="HTTP port of /metrics and /admin; 0 disables both",
+    )
+    ap.add_argument("--host", default=settings.admin_host, help="interface of that port")
     ap.add_argument("--demo", action="store_true", help="small demo thresholds")
     ap.add_argument("--margin", type=float, help="non-inferiority margin (default 0.02)")
     ap.add_argument("--alpha", type=float, help="error probability (default 0.05)")
@@ -313,12 +326,23 @@ def main(argv: list[str] | None = None) -> int:
             decision = controller.tick(conn)
         print(decision if decision else "no active canary")
         return 0
-    if args.metrics_port:
-        start_http_server(args.metrics_port)
+    http = None
+    if args.port:
+        from deploy.admin_api import create_app, serve_in_thread
+
+        app = create_app(args.database_url, settings.admin_token)
+        http = serve_in_thread(app, args.host, args.port)
+        log.info("/metrics and /admin on http://%s:%d", args.host, args.port)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     started = time.monotonic()
-    controller.run(args.database_url, stop, args.poll_seconds)
+    try:
+        controller.run(args.database_url, stop, args.poll_seconds)
+    finally:
+        if http is not None:
+            server, thread = http
+            server.should_exit = True
+            thread.join(10)
     log.info("canary controller stopped after %.0fs", time.monotonic() - started)
     return 0

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bootstrap-model": ("trainer.bootstrap_cli:main", "Build the small demo base model."),
     "policy": ("deploy.policy_cli:main", "Policy registry: list, show, promote, rollback, hold."),
     "canary": ("deploy.canary_controller:main", "Run the canary controller (sequential A/B test)."),
+    "admin": ("deploy.admin_api:main", "Run the admin HTTP API alone (the canary serves it too)."),
     "train": ("trainer.reward_cli:train_main", "Train models: train reward [--help]."),
     "reward": ("trainer.reward_cli:reward_main", "Reward model versions: reward list | show V."),
 }
