@@ -31,6 +31,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from trainer import corpus
+from trainer.progress import progress_bar
 
 RECIPE_VERSION = "1"
 """Bumped whenever this module's training recipe changes the weights (part of the hash)."""
@@ -225,27 +226,6 @@ def _deterministic_torch(threads: int) -> Iterator[None]:
         torch.use_deterministic_algorithms(old_deterministic)
 
 
-def _progress(enabled: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not enabled,
-    )
-
-
 def _lr_lambda(config: BootstrapConfig):
     def factor(step: int) -> float:
         if step < config.warmup_steps:
@@ -306,7 +286,7 @@ def pretrain(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
     model.train()
     losses: list[float] = []
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task("pretraining demo model", total=config.steps, status="")
         for _step in range(config.steps):
             index = torch.randint(len(encoded), (config.batch_size,), generator=generator)

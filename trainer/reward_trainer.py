@@ -47,6 +47,7 @@ from feedback.db import connect, migrate
 from feedback.ingestor import prompt_hash
 from schemas.events import LoggedMessage
 from trainer import reward_registry as registry
+from trainer.progress import progress_bar
 from trainer.reward_config import RewardConfig
 from trainer.reward_losses import auc, pairwise_accuracy, reward_loss
 from trainer.reward_model import (
@@ -359,29 +360,6 @@ def _torch_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def _progress(enabled: bool):
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not enabled,
-    )
-
-
 def _run_record(run_dir: Path) -> dict[str, Any] | None:
     try:
         return json.loads((run_dir / "run.json").read_text())
@@ -609,7 +587,7 @@ def _train_steps(
     losses: list[float] = []
     pairs_seen = 0
     train_seconds = 0.0
-    with _progress(config.progress) as bar:
+    with progress_bar(config.progress) as bar:
         task = bar.add_task(
             "training reward model", total=config.steps, completed=start_step, status=""
         )

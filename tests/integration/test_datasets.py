@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -13,19 +12,11 @@ import pytest
 
 from feedback import datasets
 from feedback.cli import export_main
-from feedback.db import connect
-from feedback.ingestor import prepare_session, store_events
+from feedback.ingestor import store_events
 from schemas.events import LoggedMessage, PreferenceSubmitted
 from tests.fixtures.postgres import make_feedback, make_interaction
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
-
-
-@pytest.fixture
-def conn(migrated_url: str) -> Iterator[psycopg.Connection]:
-    with connect(migrated_url, autocommit=True) as c:
-        prepare_session(c)
-        yield c
 
 
 def preference(**fields: object) -> PreferenceSubmitted:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -13,17 +12,10 @@ import pytest
 
 from feedback.ab_counters import PolicyCounts, policy_counts, recount_policy_counts
 from feedback.db import connect, load_migrations, migrate
-from feedback.ingestor import prepare_session, store_events
+from feedback.ingestor import store_events
 from tests.fixtures.postgres import make_feedback, make_interaction
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
-
-
-@pytest.fixture
-def conn(migrated_url: str) -> Iterator[psycopg.Connection]:
-    with connect(migrated_url, autocommit=True) as c:
-        prepare_session(c)
-        yield c
 
 
 def _current(conn: psycopg.Connection, response_id: str) -> list[tuple]:
