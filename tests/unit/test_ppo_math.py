@@ -100,9 +100,10 @@ def test_logprobs_from_logits_by_hand() -> None:
     assert logprobs_from_logits(logits, tokens).tolist()[0] == pytest.approx(
         [math.log(0.5), math.log(0.25)]
     )
-    # temperature 2: p ~ p^(1/2) = [0.707107, 0.5, 0.5] / 1.707107 -> p(0) = 0.414214
+    # temperature 2: p ~ p^(1/2) = [0.707107, 0.5, 0.5] / 1.707107
+    # -> p(0) = sqrt(2) - 1 = 0.414214, log p(0) = -0.881374
     hot = logprobs_from_logits(logits, tokens, temperature=2.0)
-    assert hot[0, 0].item() == pytest.approx(math.log(0.414214), abs=1e-6)
+    assert hot[0, 0].item() == pytest.approx(math.log(math.sqrt(2) - 1))
 
 
 def test_logprobs_match_log_softmax_gather() -> None:
