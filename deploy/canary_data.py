@@ -76,6 +76,13 @@ GROUP BY 1
 """
 
 
+_REQUEST_FAILURES = """
+SELECT CASE WHEN version = %(canary)s THEN 1 ELSE 0 END AS arm, count(*)
+FROM request_failures
+WHERE version IN (%(canary)s, %(stable)s) AND occurred_at >= %(since)s
+GROUP BY 1
+"""
+
 _ADAPTER_FAILURES = """
 SELECT count(*) FROM adapter_load_failures
 WHERE version = %(canary)s AND occurred_at >= %(since)s
@@ -95,9 +102,9 @@ def load_observations(
     """Votes per (user, arm, stratum), served counts and latency of one canary.
 
     ``strata``: the canary's (stratum, stage, weight, started_at) rows in order, as
-    :func:`deploy.registry.canary_strata` returns them. Adapter load failures are counted
-    since the first stratum's start (the canary start); 5xx counts are not in these tables
-    (serving reports them), so they stay unknown here."""
+    :func:`deploy.registry.canary_strata` returns them. Adapter load failures and
+    server-side request failures (serving's ``RequestFailed`` events) are counted since the
+    first stratum's start (the canary start); a failed request counts as a request too."""
     if not strata:
         empty = np.zeros((0, 2, 0))
         return Observations(empty, empty, np.zeros((2, 0)), np.zeros(0))
@@ -128,8 +135,13 @@ def load_observations(
         requests[arm], p95[arm] = int(n), float(latency or 0.0)
     failures = conn.execute(_ADAPTER_FAILURES, params).fetchone()
     assert failures is not None
+    errors = [0, 0]
+    for arm, n in conn.execute(_REQUEST_FAILURES, params).fetchall():
+        errors[arm] = int(n)
+    requests = [ok + failed for ok, failed in zip(requests, errors, strict=True)]
     health = Health(
         requests=(requests[0], requests[CANARY]),
+        errors_5xx=(errors[0], errors[CANARY]),
         latency_p95_ms=(p95[0], p95[CANARY]) if all(requests) else None,
         adapter_load_failures=int(failures[0]),
     )

@@ -3,6 +3,7 @@ exactly-once in effect.
 
 Topics: interactions and feedback (serving's events) and ``alignloop.policy``, of which it
 stores the ``AdapterLoadFailed`` events (table ``adapter_load_failures``, migration 0004)
+and the ``RequestFailed`` events (table ``request_failures``, migration 0005)
 that the canary controller's guardrail reads.
 
 Kafka delivers at least once; Postgres makes it exactly once in effect. Per batch:
@@ -54,6 +55,7 @@ from schemas.events import (
     InteractionLogged,
     LoggedMessage,
     PreferenceSubmitted,
+    RequestFailed,
     parse_event,
 )
 
@@ -229,6 +231,14 @@ ORDER BY occurred_at, event_id
 ON CONFLICT (event_id) DO NOTHING
 """
 
+_INSERT_REQUEST_FAILURES = """
+INSERT INTO request_failures (event_id, version, status, error, producer, occurred_at)
+SELECT * FROM unnest(%s::uuid[], %s::text[], %s::int[], %s::text[], %s::text[],
+                     %s::timestamptz[])
+ORDER BY 6, 1
+ON CONFLICT (event_id) DO NOTHING
+"""
+
 _INSERT_ADAPTER_FAILURES = """
 INSERT INTO adapter_load_failures (event_id, version, adapter_uri, error, producer, occurred_at)
 SELECT * FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[], %s::text[],
@@ -246,6 +256,7 @@ class BatchResult:
     feedback: int
     preferences: int
     adapter_load_failures: int = 0
+    request_failures: int = 0
 
 
 def prompt_hash(messages: Sequence[LoggedMessage]) -> str:
@@ -282,6 +293,7 @@ def write_batch(conn: psycopg.Connection, events: Sequence[AnyEvent]) -> BatchRe
     feedback = [e for e in unique if isinstance(e, FeedbackSubmitted)]
     preferences = [e for e in unique if isinstance(e, PreferenceSubmitted)]
     failures = [e for e in unique if isinstance(e, AdapterLoadFailed)]
+    request_failures = [e for e in unique if isinstance(e, RequestFailed)]
     with conn.cursor() as cur:
         if interactions:
             with cur.copy(
@@ -368,12 +380,30 @@ def write_batch(conn: psycopg.Connection, events: Sequence[AnyEvent]) -> BatchRe
             )
             cur.execute(_INSERT_ADAPTER_FAILURES, columns)
             new_failures = max(cur.rowcount, 0)
+        new_request_failures = 0
+        if request_failures:
+            columns = (
+                [e.event_id for e in request_failures],
+                [e.version for e in request_failures],
+                [e.status for e in request_failures],
+                [e.error for e in request_failures],
+                [e.producer for e in request_failures],
+                [e.occurred_at for e in request_failures],
+            )
+            cur.execute(_INSERT_REQUEST_FAILURES, columns)
+            new_request_failures = max(cur.rowcount, 0)
         ab_counters.apply_batch_changes(conn)
         counts = cur.execute(
             "SELECT (SELECT count(*) FROM new_interactions), (SELECT count(*) FROM new_feedback)"
         ).fetchone()
     assert counts is not None
-    return BatchResult(int(counts[0]), int(counts[1]), max(new_preferences, 0), new_failures)
+    return BatchResult(
+        int(counts[0]),
+        int(counts[1]),
+        max(new_preferences, 0),
+        new_failures,
+        new_request_failures,
+    )
 
 
 def store_events(conn: psycopg.Connection, events: Sequence[AnyEvent]) -> BatchResult:
@@ -513,6 +543,7 @@ class Ingestor:
         STORED.labels("feedback_events").inc(result.feedback)
         STORED.labels("preferences").inc(result.preferences)
         STORED.labels("adapter_load_failures").inc(result.adapter_load_failures)
+        STORED.labels("request_failures").inc(result.request_failures)
         if dead:
             self._send_dead_letters(producer, dead)
         try:
@@ -565,6 +596,7 @@ class Ingestor:
             sum(r.feedback for r in written),
             sum(r.preferences for r in written),
             sum(r.adapter_load_failures for r in written),
+            sum(r.request_failures for r in written),
         )
         return total, rejected
 

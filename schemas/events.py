@@ -148,8 +148,22 @@ class AdapterLoadFailed(Event):
         return self.version.encode()
 
 
+class RequestFailed(Event):
+    """A chat completion failed on the server side (a 5xx, or a stream cut by an engine
+    error) while served by ``version``. The canary controller compares the canary's failure
+    rate with the stable version's (a guardrail). Produced to `schemas.topics.POLICY`."""
+
+    event_type: Literal["serving.request_failed"] = "serving.request_failed"
+    version: str
+    status: int = Field(ge=500, le=599)
+    error: str
+
+    def key(self) -> bytes:
+        return self.version.encode()
+
+
 AnyEvent = Annotated[
-    InteractionLogged | FeedbackSubmitted | PreferenceSubmitted | AdapterLoadFailed,
+    InteractionLogged | FeedbackSubmitted | PreferenceSubmitted | AdapterLoadFailed | RequestFailed,
     Field(discriminator="event_type"),
 ]
 _ADAPTER: TypeAdapter[AnyEvent] = TypeAdapter(AnyEvent)

@@ -30,7 +30,13 @@ from schemas.chat import (
     Delta,
     Usage,
 )
-from schemas.events import InteractionLogged, LoggedChoice, LoggedMessage, SamplingRecord
+from schemas.events import (
+    InteractionLogged,
+    LoggedChoice,
+    LoggedMessage,
+    RequestFailed,
+    SamplingRecord,
+)
 from schemas.settings import Settings
 from serving import metrics
 from serving.engine import Engine
@@ -185,6 +191,9 @@ class ChatService:
                 p.policy.adapter,
             ):
                 final = out
+        except Exception as exc:
+            self._report_failure(p, exc)
+            raise
         finally:
             metrics.IN_FLIGHT.dec()
         assert final is not None
@@ -270,9 +279,10 @@ class ChatService:
             if req.stream_options and req.stream_options.include_usage:
                 yield chunk([], usage)
             yield "data: [DONE]\n\n"
-        except Exception:
+        except Exception as exc:
             # Headers (200) are already sent: report in-band, as OpenAI's server does.
             log.exception("stream %s failed", p.response_id)
+            self._report_failure(p, exc)
             yield sse_error("The engine failed while generating this response.")
             yield "data: [DONE]\n\n"
         finally:
@@ -285,6 +295,19 @@ class ChatService:
             self._log(p, states, latency, ttft, stream=True)
 
     # -- 3. measure and log --------------------------------------------------------------
+    def _report_failure(self, p: Prepared, exc: BaseException) -> None:
+        """A server-side failure, counted against the version (the canary guardrail)."""
+        event = RequestFailed(
+            producer=PRODUCER,
+            version=p.policy.version,
+            status=500,
+            error=f"{type(exc).__name__}: {exc}"[:1000],
+        )
+        try:
+            self.publisher.publish(topics.POLICY, event)
+        except Exception:
+            log.exception("could not report the failure of %s", p.response_id)
+
     def _usage(self, p: Prepared, states: dict[int, _ChoiceState]) -> Usage:
         completion = sum(st.tokens for st in states.values())
         return Usage(

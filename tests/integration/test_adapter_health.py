@@ -120,3 +120,29 @@ def test_no_failures_means_a_measured_zero(migrated_url: str) -> None:
             conn, "v1", "base", strata, routing.canary_started_at, settle_seconds=0
         )
     assert obs.health.adapter_load_failures == 0
+
+
+def test_request_failures_feed_the_5xx_guardrail(conn) -> None:
+    from feedback.ingestor import write_batch
+    from schemas.events import RequestFailed
+    from tests.fixtures.postgres import make_interaction
+
+    registry.register_candidate(conn, "v1", "/adapters/v1", actor="trainer")
+    routing = registry.start_canary(conn, "v1", 0.5, actor="test")
+    served = [make_interaction(policy=p) for p in ("v1", "base") for _ in range(60)]
+    failed = [
+        RequestFailed(producer="serving@test", version="v1", status=500, error="EngineDeadError")
+        for _ in range(10)
+    ]
+    with conn.transaction():
+        result = write_batch(conn, [*served, *failed, failed[0]])  # one redelivered
+    assert result.request_failures == 10
+
+    now = conn.execute("SELECT now()").fetchone()[0]
+    strata = registry.canary_strata(conn, "v1", routing.canary_started_at)
+    obs = canary_data.load_observations(conn, "v1", "base", strata, now, settle_seconds=0)
+    assert obs.health.errors_5xx == (0, 10)
+    assert obs.health.requests == (60, 70)
+    decision = decide(CanaryConfig.demo(), obs, 0, routing.canary_started_at, now)
+    assert decision.action == "rollback"
+    assert any("5xx rate" in b for b in decision.statistics["guardrail_breaches"])
