@@ -62,7 +62,7 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torc
 
     ``var`` is the population variance, so the result has mean 0 and std 1 (ddof=0) over
     masked entries. With ``shift_mean=False`` the mean is added back (only rescaled).
-    Padding comes out 0. Used on advantages (PPO-max, Zheng et al. 2023, section 5.3.1).
+    Padding comes out 0. Used on advantages (PPO-max, Zheng et al. 2023, section 5.3).
     """
     mean, var = masked_mean(x, mask), masked_var(x, mask)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
@@ -198,7 +198,7 @@ def normalize_and_clip_rewards(
     shift_mean: bool = True,
     update: bool = True,
 ) -> torch.Tensor:
-    """PPO-max reward normalisation and clipping (Zheng et al. 2023, section 5.3.1).
+    """PPO-max reward normalisation and clipping (Zheng et al. 2023, section 5.3).
 
     ``clip((s - mu) / sigma, -c, c)`` with the running ``mu``, ``sigma`` of all scores seen,
     this batch included (``moments`` is updated first unless ``update=False``). Without
