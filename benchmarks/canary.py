@@ -15,12 +15,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-from deploy.canary_sim import Scenario, simulate
-from deploy.canary_stats import PROMOTE, ROLLBACK, CanaryConfig
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script (./dev bench canary), not only with -m
+    sys.path.insert(0, str(ROOT))
+
+from deploy.canary_sim import Scenario, simulate  # noqa: E402
+from deploy.canary_stats import PROMOTE, ROLLBACK, CanaryConfig  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
