@@ -278,6 +278,17 @@ def _messages_json(messages: Sequence[LoggedMessage] | None) -> str | None:
     return json.dumps([m.model_dump(mode="json") for m in messages], ensure_ascii=False)
 
 
+def _insert_columns(
+    cur: psycopg.Cursor, sql: str, events: Sequence[AnyEvent], fields: Sequence[str]
+) -> int:
+    """Insert ``events`` with one ``unnest`` statement taking one array per field; returns
+    how many rows were new (``ON CONFLICT DO NOTHING`` skips redeliveries)."""
+    if not events:
+        return 0
+    cur.execute(sql, [[getattr(e, f) for e in events] for f in fields])
+    return max(cur.rowcount, 0)
+
+
 def prepare_session(conn: psycopg.Connection) -> None:
     """Create this connection's scratch tables (once per connection)."""
     conn.execute(_SCRATCH.encode())
@@ -368,30 +379,18 @@ def write_batch(conn: psycopg.Connection, events: Sequence[AnyEvent]) -> BatchRe
             new_preferences = cur.rowcount
         else:
             new_preferences = 0
-        new_failures = 0
-        if failures:
-            columns = (
-                [e.event_id for e in failures],
-                [e.version for e in failures],
-                [e.adapter_uri for e in failures],
-                [e.error for e in failures],
-                [e.producer for e in failures],
-                [e.occurred_at for e in failures],
-            )
-            cur.execute(_INSERT_ADAPTER_FAILURES, columns)
-            new_failures = max(cur.rowcount, 0)
-        new_request_failures = 0
-        if request_failures:
-            columns = (
-                [e.event_id for e in request_failures],
-                [e.version for e in request_failures],
-                [e.status for e in request_failures],
-                [e.error for e in request_failures],
-                [e.producer for e in request_failures],
-                [e.occurred_at for e in request_failures],
-            )
-            cur.execute(_INSERT_REQUEST_FAILURES, columns)
-            new_request_failures = max(cur.rowcount, 0)
+        new_failures = _insert_columns(
+            cur,
+            _INSERT_ADAPTER_FAILURES,
+            failures,
+            ("event_id", "version", "adapter_uri", "error", "producer", "occurred_at"),
+        )
+        new_request_failures = _insert_columns(
+            cur,
+            _INSERT_REQUEST_FAILURES,
+            request_failures,
+            ("event_id", "version", "status", "error", "producer", "occurred_at"),
+        )
         ab_counters.apply_batch_changes(conn)
         counts = cur.execute(
             "SELECT (SELECT count(*) FROM new_interactions), (SELECT count(*) FROM new_feedback)"
