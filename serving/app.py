@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 POLICY_HEADER = "X-Alignloop-Policy"
 USER_HEADER = "X-Alignloop-User"
+_POLICY_HEADER_RAW = POLICY_HEADER.lower().encode()  # as ASGI carries header names
 
 
 class RequestCounter:
@@ -54,7 +55,7 @@ class RequestCounter:
             if message["type"] == "http.response.start":
                 seen["status"] = str(message["status"])
                 for name, value in message.get("headers", ()):
-                    if name.lower() == POLICY_HEADER.lower().encode():
+                    if name.lower() == _POLICY_HEADER_RAW:
                         seen["policy"] = value.decode()
             await send(message)
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -42,11 +40,10 @@ from serving import metrics
 from serving.engine import Engine
 from serving.errors import APIError
 from serving.policies import PolicyRouter, PolicyTarget, PolicyUnavailable, UnknownModel
+from serving.publisher import PRODUCER
 from serving.response_ids import ResponseIdSigner
 
 log = logging.getLogger(__name__)
-
-PRODUCER = f"serving@{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass

@@ -16,8 +16,8 @@ from schemas import topics
 from schemas.events import FeedbackSubmitted, LoggedMessage, PreferenceSubmitted
 from schemas.feedback_api import Accepted, FeedbackRequest, PreferenceRequest, idempotent_id
 from schemas.settings import Settings
-from serving.chat import PRODUCER
 from serving.errors import APIError, parse_body, read_json
+from serving.publisher import PRODUCER
 from serving.response_ids import ResponseIdSigner
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -36,9 +36,10 @@ def feedback_router(settings: Settings, signer: ResponseIdSigner, publisher) -> 
                 code="response_not_found",
             )
 
-    async def deliver(event) -> str:
+    async def accept(event, kind: str, event_id) -> JSONResponse:
+        """Hand the event over (Kafka ack or fsync'd spool), then answer 202."""
         try:
-            return await publisher.publish_and_wait(topics.FEEDBACK, event)
+            where = await publisher.publish_and_wait(topics.FEEDBACK, event)
         except Exception as e:  # spool full, or the publisher is shutting down
             raise APIError(
                 503,
@@ -47,6 +48,8 @@ def feedback_router(settings: Settings, signer: ResponseIdSigner, publisher) -> 
                 type="server_error",
                 code="service_unavailable",
             ) from None
+        body = Accepted(id=event_id, object=kind, delivered_to=where)
+        return JSONResponse(body.model_dump(mode="json"), status_code=202)
 
     def idempotency_key(request: Request, body_key: str | None) -> str | None:
         return body_key or request.headers.get(IDEMPOTENCY_HEADER) or None
@@ -68,9 +71,7 @@ def feedback_router(settings: Settings, signer: ResponseIdSigner, publisher) -> 
             comment=req.comment,
             idempotency_key=key,
         )
-        where = await deliver(event)
-        body = Accepted(id=feedback_id, object="feedback", delivered_to=where)
-        return JSONResponse(body.model_dump(mode="json"), status_code=202)
+        return await accept(event, "feedback", feedback_id)
 
     @router.post("/v1/preferences", status_code=202)
     async def submit_preference(request: Request) -> JSONResponse:
@@ -94,8 +95,6 @@ def feedback_router(settings: Settings, signer: ResponseIdSigner, publisher) -> 
             chosen=req.chosen,
             rejected=req.rejected,
         )
-        where = await deliver(event)
-        body = Accepted(id=preference_id, object="preference", delivered_to=where)
-        return JSONResponse(body.model_dump(mode="json"), status_code=202)
+        return await accept(event, "preference", preference_id)
 
     return router

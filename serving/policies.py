@@ -19,7 +19,6 @@ import asyncio
 import itertools
 import logging
 import os
-import socket
 from dataclasses import dataclass
 
 from prometheus_client import Counter
@@ -27,6 +26,7 @@ from prometheus_client import Counter
 from schemas import topics
 from schemas.events import AdapterLoadFailed
 from serving.engine import Adapter, Engine
+from serving.publisher import PRODUCER
 from serving.routing import (
     BASE_VERSION,
     ROUTING_GENERATION,
@@ -173,7 +173,7 @@ class PolicyRouter:
             self.publisher.publish(
                 topics.POLICY,
                 AdapterLoadFailed(
-                    producer=f"serving@{socket.gethostname()}:{os.getpid()}",
+                    producer=PRODUCER,
                     version=version,
                     adapter_uri=path,
                     error=error,

@@ -60,6 +60,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import os
 import queue
 import socket
 import threading
@@ -79,6 +80,9 @@ from schemas.events import Event
 from serving.spool import DiskSpool, SpoolFull, SpoolRecord, encoded_size
 
 log = logging.getLogger(__name__)
+
+PRODUCER = f"serving@{socket.gethostname()}:{os.getpid()}"
+"""The ``producer`` stamped on every event this serving process makes."""
 
 __all__ = [
     "EventPublisher",
