@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from datetime import timedelta
 
 from kafka import KafkaProducer
@@ -18,15 +17,7 @@ from feedback.db import connect
 from feedback.ingestor import IngestConfig, Ingestor
 from schemas.events import AdapterLoadFailed
 from tests.fixtures.broker import unique_topic
-
-
-def _wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+from tests.polling import wait_until
 
 
 def _stored(url: str) -> list[tuple]:
@@ -81,7 +72,7 @@ def test_adapter_load_failure_is_stored_once_and_rolls_the_canary_back(
     thread = threading.Thread(target=ingestor.run)
     thread.start()
     try:
-        _wait_until(lambda: len(_stored(migrated_url)) >= 3, 60, "the failure events")
+        wait_until(lambda: len(_stored(migrated_url)) >= 3, 60, "the failure events")
         time.sleep(1.0)  # a duplicate would show up now
     finally:
         ingestor.stop()

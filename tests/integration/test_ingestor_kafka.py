@@ -27,6 +27,7 @@ from feedback.ingestor import IngestConfig, Ingestor
 from schemas.events import AnyEvent
 from tests.fixtures.broker import unique_topic
 from tests.fixtures.postgres import make_feedback, make_interaction
+from tests.polling import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
@@ -102,15 +103,6 @@ def stored(url: str) -> tuple[int, int]:
         return (-1, -1)
     assert row is not None
     return (int(row[0]), int(row[1]))
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 class IngestorProcess:

@@ -22,6 +22,7 @@ from schemas.events import InteractionLogged, SamplingRecord
 from serving.publisher import EventPublisher, PublisherState
 from serving.spool import DiskSpool, SpoolFull
 from tests.fixtures.broker import ConsumedRecord, consume_events, consume_records, unique_topic
+from tests.polling import wait_until
 
 # Fast failure detection keeps the outage tests short.
 FAST = {
@@ -59,15 +60,6 @@ def events_for(keys: list[str], per_key: int, start: int = 0) -> list[Interactio
 
 def metric(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
-
-
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def assert_exactly_once_in_order(
@@ -170,7 +162,7 @@ def test_broker_outage_spools_then_replays_exactly_once_in_order(
     after = events_for(keys, per_key=5, start=200)
     after_futures = [pub.publish(topic, e) for e in after]  # races the replay on purpose
     assert {f.result(timeout=30) for f in after_futures} <= {"kafka", "spool"}
-    wait_for(
+    wait_until(
         lambda: pub.state is PublisherState.DIRECT and pub.snapshot()["spool_records"] == 0,
         timeout=30,
         what="replay to finish",
@@ -201,7 +193,7 @@ def test_new_process_replays_a_leftover_spool(
     second.start()
     later = make_event("resp-x", 999)  # must not overtake the replayed ones
     assert second.publish(topic, later).result(timeout=30) in {"kafka", "spool"}
-    wait_for(lambda: second.snapshot()["spool_records"] == 0, 30, "leftover replay")
+    wait_until(lambda: second.snapshot()["spool_records"] == 0, 30, "leftover replay")
     consumed = consume_records(broker.bootstrap, topic, expected=len(events) + 1, timeout=30)
     assert_exactly_once_in_order(consumed, [*events, later])
 
@@ -241,7 +233,7 @@ def test_queue_overflow_keeps_publish_order(
     second = EventPublisher(broker.bootstrap, spool_dir, 5_000_000, **FAST)
     publishers.append(second)
     second.start()
-    wait_for(lambda: second.snapshot()["spool_records"] == 0, 30, "replay")
+    wait_until(lambda: second.snapshot()["spool_records"] == 0, 30, "replay")
     consumed = consume_records(broker.bootstrap, topic, expected=len(events), timeout=30)
     assert_exactly_once_in_order(consumed, events)
 

@@ -35,7 +35,7 @@ def replicas(demo_model_dir, tmp_path_factory, broker):
     }
     adapters["broken"] = corrupt_copy(adapters["v2"], work / "broken")
     with routed_replicas(demo_model_dir, broker.bootstrap, work) as replicas:
-        replicas.adapters = adapters
+        replicas.adapters.update(adapters)
         yield replicas
 
 
