@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     state.mkdir(parents=True, exist_ok=True)
     settings = settings.model_copy(update={"state_dir": state})
 
+    # Both explicitly: a shell that starts `up` in the background leaves SIGINT ignored,
+    # and Ctrl-C (or kill -INT) must still stop the loop.
+    signal.signal(signal.SIGINT, _raise_stop)
     signal.signal(signal.SIGTERM, _raise_stop)
     postgres = broker = None
     children: list[Child] = []
@@ -189,7 +192,7 @@ Ctrl-C stops everything.""",
         )
         _supervise(children)
         return 0
-    except (KeyboardInterrupt, _Stop):
+    except _Stop:
         return 0
     finally:
         # A second Ctrl-C must not abandon the children half-way: finish the shutdown.
