@@ -4,7 +4,9 @@ exactly-once in effect.
 Topics: interactions and feedback (serving's events) and ``alignloop.policy``, of which it
 stores the ``AdapterLoadFailed`` events (table ``adapter_load_failures``, migration 0004)
 and the ``RequestFailed`` events (table ``request_failures``, migration 0005)
-that the canary controller's guardrail reads.
+that the canary controller's guardrail reads. ``PolicyCandidate`` events (the trainer
+registered a version) are valid and counted in the events metric but not stored: the
+registry row is their record.
 
 Kafka delivers at least once; Postgres makes it exactly once in effect. Per batch:
 
@@ -305,6 +307,7 @@ def write_batch(conn: psycopg.Connection, events: Sequence[AnyEvent]) -> BatchRe
     preferences = [e for e in unique if isinstance(e, PreferenceSubmitted)]
     failures = [e for e in unique if isinstance(e, AdapterLoadFailed)]
     request_failures = [e for e in unique if isinstance(e, RequestFailed)]
+    # PolicyCandidate: nothing to store (the registry row is the record).
     with conn.cursor() as cur:
         if interactions:
             with cur.copy(

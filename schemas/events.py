@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -162,8 +162,33 @@ class RequestFailed(Event):
         return self.version.encode()
 
 
+class PolicyCandidate(Event):
+    """A training round registered a new candidate policy version (an adapter over the base
+    model). Informational: the registry row (``policy_versions``) is the record, and the
+    canary controller acts on the registry, not on this event. Produced by the trainer to
+    `schemas.topics.POLICY`, keyed by the version. Non-finite metric values are encoded as
+    JSON null."""
+
+    event_type: Literal["policy.candidate"] = "policy.candidate"
+    version: str
+    adapter_uri: str
+    checksum: str
+    parent_version: str | None
+    reward_model_version: str | None
+    training_round: int
+    metrics: dict[str, Any]
+
+    def key(self) -> bytes:
+        return self.version.encode()
+
+
 AnyEvent = Annotated[
-    InteractionLogged | FeedbackSubmitted | PreferenceSubmitted | AdapterLoadFailed | RequestFailed,
+    InteractionLogged
+    | FeedbackSubmitted
+    | PreferenceSubmitted
+    | AdapterLoadFailed
+    | RequestFailed
+    | PolicyCandidate,
     Field(discriminator="event_type"),
 ]
 _ADAPTER: TypeAdapter[AnyEvent] = TypeAdapter(AnyEvent)

@@ -1,0 +1,66 @@
+"""The ``PolicyCandidate`` event: its wire form, its key, and what validation refuses."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from pydantic import ValidationError
+
+from schemas.events import PolicyCandidate, parse_event
+
+
+def candidate(**overrides: object) -> PolicyCandidate:
+    fields: dict[str, object] = {
+        "producer": "trainer@test",
+        "version": "ppo-0003",
+        "adapter_uri": "/state/policies/ppo-0003",
+        "checksum": "ab" * 32,
+        "parent_version": "ppo-0002",
+        "reward_model_version": "rm-0004",
+        "training_round": 7,
+        "metrics": {"win_rate": 0.61, "kl": 3.2, "per_prompt": [0.5, 0.7]},
+    }
+    fields.update(overrides)
+    return PolicyCandidate(**fields)  # type: ignore[arg-type]
+
+
+def test_round_trips_through_parse_event() -> None:
+    event = candidate()
+    parsed = parse_event(event.to_bytes())
+    assert isinstance(parsed, PolicyCandidate)
+    assert parsed == event
+    assert parsed.event_type == "policy.candidate"
+    assert json.loads(event.to_bytes())["event_type"] == "policy.candidate"
+
+
+def test_key_is_the_version() -> None:
+    assert candidate().key() == b"ppo-0003"
+
+
+def test_first_candidate_has_no_parent_or_reward_model() -> None:
+    event = candidate(parent_version=None, reward_model_version=None)
+    assert parse_event(event.to_bytes()) == event
+
+
+def test_non_finite_metrics_are_sent_as_null() -> None:
+    event = candidate(metrics={"kl": math.nan, "loss": [1.0, math.inf]})
+    wire = json.loads(event.to_bytes())  # strict JSON: no NaN token
+    assert wire["metrics"] == {"kl": None, "loss": [1.0, None]}
+    assert parse_event(event.to_bytes()).metrics == {"kl": None, "loss": [1.0, None]}  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("missing", ["version", "adapter_uri", "checksum", "training_round"])
+def test_required_fields(missing: str) -> None:
+    wire = json.loads(candidate().to_bytes())
+    del wire[missing]
+    with pytest.raises(ValidationError, match=missing):
+        parse_event(json.dumps(wire))
+
+
+def test_unknown_fields_are_refused() -> None:
+    wire = json.loads(candidate().to_bytes())
+    wire["state"] = "stable"
+    with pytest.raises(ValidationError, match="state"):
+        parse_event(json.dumps(wire))
