@@ -1,0 +1,82 @@
+"""The torch.distributed plumbing of a PPO round: one process, or several under torchrun.
+
+``torchrun --nproc-per-node N alignloop-train ...`` sets ``RANK`` / ``WORLD_SIZE`` /
+``MASTER_ADDR``; :meth:`Dist.from_env` then joins the process group (gloo on CPU, NCCL on
+GPU). Each rank samples and scores its own shard of the rollout batch; the actor-critic is
+wrapped in ``DistributedDataParallel`` so gradients are averaged across ranks; the few
+statistics that must agree everywhere (reward normalisation moments, the early-stop KL,
+the KL controller's input, logged metrics) go through the helpers below. Rank 0 alone
+writes checkpoints, database rows and the candidate adapter. Without ``WORLD_SIZE`` (or
+with 1) every helper is the identity and nothing is initialised.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def from_env(cls) -> Dist:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size <= 1:
+            return cls()
+        if not torch_dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            torch_dist.init_process_group(backend=backend)
+        return cls(torch_dist.get_rank(), torch_dist.get_world_size())
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def shard(self, n: int) -> slice:
+        """This rank's slice of ``n`` items (``n`` must divide evenly)."""
+        if n % self.world_size:
+            raise ValueError(f"{n} items do not split evenly over {self.world_size} ranks")
+        per_rank = n // self.world_size
+        return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``tensor`` (same shape everywhere), concatenated in rank order."""
+        if not self.enabled:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        torch_dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    def mean(self, value: float) -> float:
+        """The mean of a float over ranks."""
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        torch_dist.all_reduce(t)
+        return float(t.item()) / self.world_size
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if it is true on one (an early stop all ranks must take)."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([1 if flag else 0], dtype=torch.int64)
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch_dist.barrier()
+
+    def close(self) -> None:
+        if self.enabled and torch_dist.is_initialized():
+            torch_dist.destroy_process_group()

@@ -1,0 +1,352 @@
+"""Rollouts: sample one response per prompt from the current policy.
+
+Two samplers, one interface (:class:`Sampler`):
+
+* :class:`VllmSampler` (the default): an in-process vLLM engine on the same base model
+  with ``enable_lora``. **Weight sync** = write the actor's LoRA adapter (a few MB) to a
+  fresh directory and load it into the engine under a new adapter id; the engine never
+  restarts and the base is not copied. The sync has a timeout and raises
+  :class:`AdapterSyncError` with what went wrong.
+* :class:`HFSampler`: ``transformers.generate`` on the training model itself (policy
+  adapter active). Slower; no second process; bit-reproducible for a seed. The fallback,
+  the path of exact-reproducibility tests, and what each rank uses under ``torchrun``.
+
+Either way the sampler's own log-probs come back beside the tokens, but PPO never trains on
+them: the trainer recomputes log-probs with its own model and logs the mean absolute gap
+(bf16 kernels, other attention code and batch shapes make them differ; a growing gap is a
+silent source of off-policy error).
+
+Which policy to sample: ``"current"`` (the actor as of the last sync), ``"base"`` (no
+adapter: the reference), or a path to a PEFT adapter directory (another version, e.g. the
+stable policy in the offline evaluation).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from trainer.ppo_models import POLICY, PolicyModels
+
+log = logging.getLogger(__name__)
+
+Which = str | Path
+"""``"current"``, ``"base"``, or an adapter directory."""
+
+
+class AdapterSyncError(RuntimeError):
+    """The actor's adapter could not be written or loaded into the sampler in time."""
+
+
+@dataclass
+class Samples:
+    """One response per prompt: token ids (ending with EOS when the model stopped) and the
+    sampler's log-prob of each token."""
+
+    response_ids: list[list[int]]
+    sampler_logprobs: list[list[float]]
+    seconds: float
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(r) for r in self.response_ids)
+
+
+class Sampler(Protocol):
+    def sync(self, models: PolicyModels, tag: str) -> float:
+        """Make ``"current"`` the actor as it is now; returns the seconds it took."""
+
+    def sample(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        seed: int,
+        which: Which = "current",
+    ) -> Samples: ...
+
+    def close(self) -> None: ...
+
+
+def render_prompts(
+    tokenizer: PreTrainedTokenizerBase, conversations: Sequence[Sequence[dict[str, Any]]]
+) -> list[list[int]]:
+    """Chat-template token ids of each conversation, ending with the assistant's turn open."""
+    out = []
+    for messages in conversations:
+        turns = [{"role": m["role"], "content": m["content"]} for m in messages]
+        ids = tokenizer.apply_chat_template(
+            turns, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        out.append(list(ids))
+    return out
+
+
+def eos_token_ids(tokenizer: PreTrainedTokenizerBase, generation_config: Any) -> set[int]:
+    """Every token id that ends a response (the tokenizer's EOS and the generation config's)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    configured = getattr(generation_config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(configured)
+    return ids
+
+
+def cut_at_eos(tokens: Sequence[int], eos: set[int]) -> list[int]:
+    """The tokens up to and including the first EOS (all of them if none)."""
+    out = []
+    for t in tokens:
+        out.append(int(t))
+        if t in eos:
+            break
+    return out
+
+
+# --- transformers.generate ------------------------------------------------------------------
+
+
+class HFSampler:
+    """``generate`` on the training model (see module docstring)."""
+
+    def __init__(self, models: PolicyModels) -> None:
+        self.models = models
+        hf_model = models.peft_model.get_base_model()
+        self.eos = eos_token_ids(models.tokenizer, hf_model.generation_config)
+        pad = models.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else min(self.eos)
+        self._adapters: dict[str, str] = {}
+
+    def sync(self, models: PolicyModels, tag: str) -> float:
+        del models, tag  # it samples from the training model itself: always in sync
+        return 0.0
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        seed: int,
+        which: Which = "current",
+    ) -> Samples:
+        started = time.perf_counter()
+        width = max(len(p) for p in prompt_ids)
+        input_ids = torch.full((len(prompt_ids), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for i, p in enumerate(prompt_ids):  # left padding: every row ends where generation starts
+            input_ids[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+            attention_mask[i, width - len(p) :] = 1
+        with torch.random.fork_rng(devices=[]), self._policy(which):
+            torch.manual_seed(seed)
+            out = self.models.peft_model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                do_sample=True,
+                temperature=temperature,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=self.pad_id,
+                eos_token_id=sorted(self.eos),
+                return_dict_in_generate=True,
+                output_logits=True,
+            )
+        generated = out.sequences[:, width:]
+        logits = torch.stack(out.logits, dim=1).float() / temperature  # [B, steps, V]
+        picked = torch.log_softmax(logits, dim=-1).gather(-1, generated.unsqueeze(-1))[..., 0]
+        responses, logprobs = [], []
+        for row, lp in zip(generated.tolist(), picked.tolist(), strict=True):
+            tokens = cut_at_eos(row, self.eos)
+            responses.append(tokens)
+            logprobs.append(lp[: len(tokens)])
+        return Samples(responses, logprobs, time.perf_counter() - started)
+
+    def _policy(self, which: Which):
+        if which == "current":
+            self.models.use(POLICY)
+            return contextlib.nullcontext()
+        if which == "base":
+            return self.models.reference()
+        return self._other_adapter(Path(which))
+
+    def _other_adapter(self, path: Path):
+        name = self._adapters.get(str(path))
+        if name is None:
+            name = f"eval{len(self._adapters)}"
+            self.models.peft_model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+            self._adapters[str(path)] = name
+
+        @contextlib.contextmanager
+        def active():
+            self.models.use(name)
+            try:
+                yield
+            finally:
+                self.models.use(POLICY)
+
+        return active()
+
+    def close(self) -> None:
+        for name in self._adapters.values():
+            self.models.peft_model.delete_adapter(name)
+        self._adapters.clear()
+        self.models.use(POLICY)
+
+
+# --- vLLM -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VllmOptions:
+    """How the rollout engine is started (see :class:`trainer.round_config.RoundConfig`)."""
+
+    dtype: str = "auto"
+    max_model_len: int = 512
+    max_lora_rank: int = 8
+    kv_cache_gib: int = 1
+    gpu_memory_utilization: float = 0.3
+    sync_timeout_s: float = 60.0
+
+
+class VllmSampler:
+    """An in-process vLLM ``LLM`` with LoRA; the actor is synced as a new adapter."""
+
+    def __init__(self, base_model: Path, sync_dir: Path, options: VllmOptions) -> None:
+        from vllm import LLM
+
+        self.options = options
+        self.sync_dir = Path(sync_dir)
+        shutil.rmtree(self.sync_dir, ignore_errors=True)
+        self.sync_dir.mkdir(parents=True)
+        gpu = torch.cuda.is_available()
+        if not gpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(options.kv_cache_gib))
+        dtype = options.dtype
+        if dtype == "auto" and not gpu:
+            dtype = "bfloat16"
+        extra: dict[str, Any] = {}
+        if gpu:
+            extra["gpu_memory_utilization"] = options.gpu_memory_utilization
+        self.llm = LLM(
+            model=str(base_model),
+            dtype=dtype,
+            max_model_len=options.max_model_len,
+            enforce_eager=not gpu,
+            enable_lora=True,
+            max_lora_rank=options.max_lora_rank,
+            max_loras=2,
+            max_cpu_loras=4,
+            logprobs_mode="processed_logprobs",  # after temperature: what was sampled from
+            disable_log_stats=True,
+            seed=0,
+            **extra,
+        )
+        self._next_id = 1
+        self._current: Any = None
+        self._others: dict[str, Any] = {}
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lora-sync")
+
+    def _new_request(self, name: str, path: Path):
+        from vllm.lora.request import LoRARequest
+
+        request = LoRARequest(name, self._next_id, str(path))
+        self._next_id += 1
+        return request
+
+    def sync(self, models: PolicyModels, tag: str) -> float:
+        """Write the actor's adapter and load it into the engine, within the timeout."""
+        started = time.perf_counter()
+        target = self.sync_dir / f"policy-{tag}"
+        request = self._new_request(f"policy-{tag}", target)
+
+        def write_and_load() -> None:
+            shutil.rmtree(target, ignore_errors=True)
+            models.save_policy(target)
+            if not self.llm.llm_engine.add_lora(request):
+                raise AdapterSyncError(f"vLLM refused adapter {target}")
+
+        future = self._pool.submit(write_and_load)
+        try:
+            future.result(timeout=self.options.sync_timeout_s)
+        except concurrent.futures.TimeoutError:
+            raise AdapterSyncError(
+                f"syncing the policy adapter into vLLM took over {self.options.sync_timeout_s} s "
+                f"({target}); the rollout engine is stuck or overloaded"
+            ) from None
+        except AdapterSyncError:
+            raise
+        except Exception as exc:
+            raise AdapterSyncError(f"syncing the policy adapter {target} failed: {exc}") from exc
+        previous, self._current = self._current, request
+        if previous is not None:
+            self.llm.llm_engine.remove_lora(previous.lora_int_id)
+            shutil.rmtree(previous.lora_path, ignore_errors=True)
+        return time.perf_counter() - started
+
+    def sample(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        seed: int,
+        which: Which = "current",
+    ) -> Samples:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        started = time.perf_counter()
+        if which == "current":
+            if self._current is None:
+                raise AdapterSyncError("no policy adapter synced into vLLM yet")
+            lora = self._current
+        elif which == "base":
+            lora = None
+        else:
+            key = str(Path(which).resolve())
+            if key not in self._others:
+                self._others[key] = self._new_request(f"eval-{len(self._others)}", Path(key))
+            lora = self._others[key]
+        prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids]
+        params = [
+            SamplingParams(
+                temperature=temperature,
+                top_p=1.0,
+                top_k=0,
+                max_tokens=max_new_tokens,
+                seed=seed * 1_000_003 + i,
+                logprobs=0,
+            )
+            for i in range(len(prompts))
+        ]
+        outputs = self.llm.generate(prompts, params, lora_request=lora, use_tqdm=False)
+        responses, logprobs = [], []
+        for out in outputs:
+            completion = out.outputs[0]
+            tokens = [int(t) for t in completion.token_ids]
+            responses.append(tokens)
+            lps = completion.logprobs or []
+            logprobs.append([float(step[t].logprob) for step, t in zip(lps, tokens, strict=False)])
+        return Samples(responses, logprobs, time.perf_counter() - started)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        engine = getattr(self.llm, "llm_engine", None)
+        shutdown = getattr(engine, "shutdown", None)
+        if callable(shutdown):
+            shutdown()
+        shutil.rmtree(self.sync_dir, ignore_errors=True)

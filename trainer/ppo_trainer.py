@@ -1,0 +1,304 @@
+"""One PPO iteration, in the order it happens (the math is in :mod:`trainer.ppo_math`).
+
+:meth:`PPOTrainer.iteration` takes a batch of prompts (conversations) and:
+
+1. **rollout** - syncs the actor into the sampler (vLLM: write the adapter, load it) and
+   samples one response per prompt at ``temperature``;
+2. **evaluate the rollout** (no gradient) - recomputes the actor's log-probs with the
+   training model (never the sampler's: their mean absolute gap is logged), the frozen
+   reference's log-probs (adapters disabled), the critic's values, and the reward: reward
+   model score plus rule terms, one number per response;
+3. **reward shaping** - scores normalised by running statistics and clipped (PPO-max),
+   per-token KL penalty ``-beta * kl`` with the score added on the last token;
+4. **advantages** - GAE over response tokens, then whitened;
+5. **update** - ``ppo_epochs`` passes of shuffled mini-batches: clipped surrogate +
+   ``vf_coef`` * clipped value loss - ``entropy_coef`` * entropy (+ PPO-ptx), global
+   gradient-norm clip, AdamW step; the epoch loop stops early once the approximate KL to
+   the rollout policy passes ``approx_kl_stop``. During critic warm-up only the critic learns;
+6. **KL controller** - ``beta`` moves toward the target (adaptive) or stays (fixed).
+
+It returns the iteration's metrics. Non-finite scores, losses or gradients raise
+:class:`TrainingDiverged` before any optimizer step applies them. :meth:`state_dict` /
+:meth:`load_state_dict` hold everything a resumed round needs (adapters, head, optimizer,
+KL coefficient, reward statistics). Under torchrun each rank runs this on its shard of the
+prompts (see :mod:`trainer.distributed`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from trainer import ppo_math as pm
+from trainer.distributed import Dist
+from trainer.ppo_config import PPOConfig
+from trainer.ppo_models import PolicyModels, TokenBatch
+from trainer.ppo_rollout import Sampler, render_prompts
+
+RewardFn = Callable[[Sequence[Any], Sequence[str]], dict[str, torch.Tensor]]
+"""``(conversations, answers) -> {"total": [B], <component>: [B], ...}`` (ComposedReward)."""
+
+
+class TrainingDiverged(RuntimeError):
+    """NaN/inf in scores, losses or gradients: the round must abort, not register."""
+
+
+def _finite(name: str, value: torch.Tensor, iteration: int) -> None:
+    if not bool(torch.isfinite(value).all()):
+        raise TrainingDiverged(f"non-finite {name} at iteration {iteration}")
+
+
+def _padded(rows: Sequence[Sequence[float]], width: int) -> torch.Tensor:
+    out = torch.zeros((len(rows), width), dtype=torch.float32)
+    for i, row in enumerate(rows):
+        values = list(row)[:width]
+        if values:
+            out[i, : len(values)] = torch.tensor(values, dtype=torch.float32)
+    return out
+
+
+class PPOTrainer:
+    """Runs PPO iterations on :class:`PolicyModels` (see module docstring)."""
+
+    def __init__(
+        self,
+        config: PPOConfig,
+        models: PolicyModels,
+        sampler: Sampler,
+        reward_fn: RewardFn,
+        dist: Dist | None = None,
+        ptx_examples: Sequence[tuple[Sequence[int], Sequence[int]]] = (),
+    ) -> None:
+        """``ptx_examples``: (prompt ids, answer ids) of SFT text for PPO-ptx (used only when
+        ``config.ptx_coef > 0``; one mini-batch of them per gradient step)."""
+        self.config = config
+        self.models = models
+        self.sampler = sampler
+        self.reward_fn = reward_fn
+        self.dist = dist or Dist()
+        if config.rollout_batch_size % self.dist.world_size or (
+            config.mini_batch_size % self.dist.world_size
+        ):
+            raise ValueError("rollout_batch_size and mini_batch_size must divide by world size")
+        self.kl_controller = config.kl_controller()
+        self.moments = pm.RunningMoments()
+        self.optimizer = torch.optim.AdamW(
+            models.param_groups(config.actor_lr, config.critic_lr), weight_decay=0.0
+        )
+        self.module: torch.nn.Module = models.actor_critic
+        if self.dist.enabled:
+            self.module = torch.nn.parallel.DistributedDataParallel(
+                models.actor_critic, find_unused_parameters=True
+            )
+        tokenizer = models.tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.ptx_examples = list(ptx_examples) if config.ptx_coef > 0 else []
+        if config.ptx_coef > 0 and not self.ptx_examples:
+            raise ValueError("ptx_coef > 0 needs ptx_examples (SFT prompt/answer token ids)")
+
+    # --- checkpoint state --------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "trainable": self.models.trainable_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "kl_coef": self.kl_controller.value,
+            "moments": [self.moments.count, self.moments.mean, self.moments._m2],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.models.load_trainable_state(state["trainable"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.kl_controller.value = float(state["kl_coef"])
+        count, mean, m2 = state["moments"]
+        self.moments.count, self.moments.mean, self.moments._m2 = int(count), mean, m2
+
+    # --- one iteration -------------------------------------------------------------------------
+
+    def _lr_factor(self, iteration: int) -> float:
+        warmup = self.config.lr_warmup_iterations
+        return 1.0 if warmup == 0 else 0.1 + 0.9 * min(1.0, iteration / warmup)
+
+    def iteration(self, conversations: Sequence[Any], iteration: int) -> dict[str, Any]:
+        """One PPO iteration on this rank's ``conversations``; returns its metrics."""
+        cfg, dist, models = self.config, self.dist, self.models
+        started = time.perf_counter()
+
+        # 1. rollout: sync the actor into the sampler, sample one response per prompt.
+        sync_s = self.sampler.sync(models, str(iteration))
+        prompt_ids = render_prompts(models.tokenizer, conversations)
+        samples = self.sampler.sample(
+            prompt_ids,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            seed=(cfg.seed * 1_000_003 + iteration) * dist.world_size + dist.rank,
+        )
+        answers = models.tokenizer.batch_decode(samples.response_ids, skip_special_tokens=True)
+        batch = TokenBatch.build(prompt_ids, samples.response_ids, self.pad_id)
+        mask = batch.mask.float()
+
+        # 2. evaluate the rollout: actor and critic (this very model), reference, reward.
+        t_score = time.perf_counter()
+        with torch.no_grad():
+            old_logprobs, values, _, _ = models.actor_critic(batch)
+            ref_logprobs = models.reference_logprobs(batch)
+            parts = self.reward_fn(conversations, answers)
+        scores = parts["total"].float()
+        _finite("reward scores", scores, iteration)
+        sampler_logprobs = _padded(samples.sampler_logprobs, batch.mask.shape[1])
+        logprob_gap = pm.masked_mean((old_logprobs - sampler_logprobs).abs(), mask).item()
+
+        # 3. reward: normalise + clip the scores (stats over every rank), per-token KL penalty.
+        self.moments.update(dist.gather(scores))
+        if cfg.normalize_reward:
+            norm_scores = pm.normalize_and_clip_rewards(
+                scores, self.moments, cfg.reward_clip, update=False
+            )
+        else:
+            norm_scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+        kl = pm.kl_penalty(old_logprobs, ref_logprobs, cfg.kl_estimator)  # type: ignore[arg-type]
+        beta = self.kl_controller.value
+        rewards = pm.shaped_rewards(norm_scores, kl, beta, mask)
+
+        # 4. advantages: GAE over response tokens, whitened.
+        advantages, returns = pm.gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = pm.whiten(advantages, mask)
+        score_s = time.perf_counter() - t_score
+
+        # 5. update: epochs of shuffled mini-batches, early stop on approximate KL.
+        t_update = time.perf_counter()
+        update = self._update(batch, old_logprobs, values, advantages, returns, iteration)
+        update_s = time.perf_counter() - t_update
+
+        # 6. KL controller, on the mean per-sequence KL to the reference.
+        seq_kl = dist.mean(pm.masked_mean(kl.sum(-1), torch.ones_like(scores)).item())
+        self.kl_controller.update(seq_kl, cfg.rollout_batch_size)
+
+        lengths = batch.mask.sum(-1).float()
+        metrics: dict[str, Any] = {
+            "iteration": iteration,
+            "reward_raw": dist.mean(scores.mean().item()),
+            "reward_normalized": dist.mean(norm_scores.mean().item()),
+            "kl_ref": seq_kl,
+            "kl_coef": beta,
+            "next_kl_coef": self.kl_controller.value,
+            "explained_variance": dist.mean(pm.explained_variance(values, returns, mask)),
+            "response_length": dist.mean(lengths.mean().item()),
+            "sampler_logprob_gap": dist.mean(logprob_gap),
+            "episodes": cfg.rollout_batch_size,
+            "rollout_tokens": int(dist.mean(float(samples.tokens)) * dist.world_size),
+            "rollout_tokens_per_s": dist.mean(samples.tokens / max(samples.seconds, 1e-9))
+            * dist.world_size,
+            "sync_s": sync_s,
+            "rollout_s": samples.seconds,
+            "score_s": score_s,
+            "update_s": update_s,
+            **update,
+        }
+        for name, values_ in parts.items():
+            if name != "total":
+                metrics[f"reward_{name}"] = dist.mean(values_.float().mean().item())
+        metrics["seconds"] = time.perf_counter() - started
+        metrics["episodes_per_s"] = cfg.rollout_batch_size / metrics["seconds"]
+        return metrics
+
+    def _ptx_batch(self, generator: torch.Generator) -> TokenBatch | None:
+        if not self.ptx_examples:
+            return None
+        n = min(len(self.ptx_examples), self.config.mini_batch_size // self.dist.world_size)
+        rows = torch.randperm(len(self.ptx_examples), generator=generator)[:n].tolist()
+        prompts = [self.ptx_examples[i][0] for i in rows]
+        answers = [self.ptx_examples[i][1] for i in rows]
+        return TokenBatch.build(prompts, answers, self.pad_id)
+
+    def _update(
+        self,
+        batch: TokenBatch,
+        old_logprobs: torch.Tensor,
+        old_values: torch.Tensor,
+        advantages: torch.Tensor,
+        returns: torch.Tensor,
+        iteration: int,
+    ) -> dict[str, Any]:
+        cfg, dist = self.config, self.dist
+        warming_up = iteration < cfg.critic_warmup_iterations
+        factor = self._lr_factor(iteration)
+        for group in self.optimizer.param_groups:
+            peak = cfg.actor_lr if group["name"] == "actor" else cfg.critic_lr
+            group["lr"] = 0.0 if (warming_up and group["name"] == "actor") else peak * factor
+        local_batch = len(batch)
+        local_mini = cfg.mini_batch_size // dist.world_size
+        params = self.models.trainable_parameters()
+        logs: dict[str, list[float]] = {
+            k: []
+            for k in (
+                "policy_loss",
+                "value_loss",
+                "entropy",
+                "clip_fraction",
+                "value_clip_fraction",
+                "approx_kl",
+                "grad_norm",
+                "ptx_loss",
+            )
+        }
+        epochs_done, early_stopped = 0, False
+        generator = torch.Generator().manual_seed(cfg.seed * 7_919 + iteration)
+        for _epoch in range(cfg.ppo_epochs):
+            order = torch.randperm(local_batch, generator=generator)
+            for start in range(0, local_batch, local_mini):
+                rows = order[start : start + local_mini]
+                mb = batch.select(rows)
+                mb_mask = mb.mask.float()
+                logprobs, values, entropy, ptx_nll = self.module(mb, self._ptx_batch(generator))
+                p_loss, clip_frac, approx_kl = pm.policy_loss(
+                    logprobs, old_logprobs[rows], advantages[rows], mb_mask, cfg.clip_range
+                )
+                v_loss, v_clip = pm.value_loss(
+                    values, old_values[rows], returns[rows], mb_mask, cfg.value_clip_range
+                )
+                if warming_up:  # critic only; the actor's graph stays in (DDP) at zero weight
+                    loss = cfg.vf_coef * v_loss + 0.0 * (p_loss + entropy)
+                else:
+                    loss = p_loss + cfg.vf_coef * v_loss - cfg.entropy_coef * entropy
+                if ptx_nll is not None:  # PPO-ptx: keep the SFT likelihood up
+                    loss = loss + cfg.ptx_coef * ptx_nll
+                    logs["ptx_loss"].append(float(ptx_nll.detach()))
+                _finite("loss", loss, iteration)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                _finite("gradient norm", grad_norm, iteration)
+                self.optimizer.step()
+                for key, value in (
+                    ("policy_loss", p_loss),
+                    ("value_loss", v_loss),
+                    ("entropy", entropy),
+                    ("clip_fraction", clip_frac),
+                    ("value_clip_fraction", v_clip),
+                    ("approx_kl", approx_kl),
+                    ("grad_norm", grad_norm),
+                ):
+                    logs[key].append(float(value.detach()))
+                # Early stop when the policy moved too far from the one that sampled.
+                too_far = cfg.approx_kl_stop > 0 and approx_kl.item() > cfg.approx_kl_stop
+                if dist.any(too_far and not warming_up):
+                    early_stopped = True
+                    break
+            epochs_done += 1
+            if early_stopped:
+                break
+        out: dict[str, Any] = {
+            k: dist.mean(sum(v) / len(v)) if v else None for k, v in logs.items()
+        }
+        out.update(
+            epochs=epochs_done,
+            early_stopped=early_stopped,
+            critic_warmup=warming_up,
+            gradient_steps=len(logs["policy_loss"]),
+        )
+        return out
