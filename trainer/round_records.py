@@ -123,7 +123,7 @@ _COLUMNS = (
 # --- JSON that jsonb accepts ----------------------------------------------------------------
 
 
-def _storable(value: Any) -> Any:
+def storable(value: Any) -> Any:
     """``value`` as plain JSON types, non-finite floats as strings (see the module doc)."""
     if value is None or isinstance(value, (bool, str)):
         return value
@@ -134,13 +134,13 @@ def _storable(value: Any) -> Any:
     if isinstance(value, int):
         return int(value)
     if isinstance(value, Mapping):
-        return {str(k): _storable(v) for k, v in value.items()}
+        return {str(k): storable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
-        return [_storable(v) for v in value]
+        return [storable(v) for v in value]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _storable(dataclasses.asdict(value))
+        return storable(dataclasses.asdict(value))
     if isinstance(value, enum.Enum):
-        return _storable(value.value)
+        return storable(value.value)
     if isinstance(value, (datetime, date)):
         return value.isoformat()
     if isinstance(value, PurePath):
@@ -148,19 +148,19 @@ def _storable(value: Any) -> Any:
     item = getattr(value, "item", None)  # numpy scalars, one-element torch tensors
     if callable(item):
         try:
-            return _storable(item())
+            return storable(item())
         except (TypeError, ValueError, RuntimeError):
             pass
     tolist = getattr(value, "tolist", None)  # numpy arrays, tensors
     if callable(tolist):
-        return _storable(tolist())
+        return storable(tolist())
     return str(value)
 
 
 def _jsonb(value: Any) -> Jsonb:
     # allow_nan=False: a non-finite float that slipped through is a bug here, not a row
     # Postgres refuses later with a less helpful message.
-    return Jsonb(_storable(value), dumps=lambda v: json.dumps(v, allow_nan=False))
+    return Jsonb(storable(value), dumps=lambda v: json.dumps(v, allow_nan=False))
 
 
 def _watermark_dict(watermark: Watermark | Mapping[str, int]) -> dict[str, int]:
