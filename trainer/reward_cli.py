@@ -14,15 +14,13 @@ the gate (recorded, the current one stays), 3 not enough data (nothing made), 5 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
-import types
-import typing
 from pathlib import Path
 from typing import Any
 
+from trainer.config_flags import add_config_flags
 from trainer.reward_config import RewardConfig
 
 EXIT_REGISTERED, EXIT_FAILED, EXIT_USAGE, EXIT_NO_DATA, EXIT_REJECTED, EXIT_STOPPED = (
@@ -33,7 +31,7 @@ EXIT_REGISTERED, EXIT_FAILED, EXIT_USAGE, EXIT_NO_DATA, EXIT_REJECTED, EXIT_STOP
     4,
     5,
 )
-TRAIN_TARGETS = ("reward",)
+TRAIN_TARGETS = ("reward", "ppo", "loop")
 
 
 def _settings():
@@ -42,32 +40,12 @@ def _settings():
     return Settings()
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per :class:`RewardConfig` field, typed from its annotation."""
-    hints = typing.get_type_hints(RewardConfig)
-    for f in dataclasses.fields(RewardConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
-        if isinstance(kind, types.UnionType):  # X | None
-            kind = next(a for a in typing.get_args(kind) if a is not type(None))
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_text = f.metadata.get("help", "")
-        if kind is bool:
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
-            )
-        elif typing.get_origin(kind) is list:
-            parser.add_argument(flag, type=json.loads, default=default, help=help_text + " (JSON)")
-        else:
-            parser.add_argument(flag, type=kind, default=default, help=help_text)
-
-
 def config_from_args(argv: list[str]) -> RewardConfig:
     parser = argparse.ArgumentParser(
         prog="alignloop train reward",
         description="Train, evaluate and version the reward model from the live feedback.",
     )
-    _add_config_flags(parser)
+    add_config_flags(parser, RewardConfig)
     args = vars(parser.parse_args(argv))
     settings = _settings()
     args["database_url"] = args["database_url"] or settings.database_url
@@ -119,13 +97,18 @@ def _train_reward(argv: list[str]) -> int:
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    """``alignloop train TARGET ...``: today ``reward``."""
+    """``alignloop train TARGET ...``: ``reward`` (one reward model round), ``ppo`` (one full
+    training round), ``loop`` (rounds whenever enough new feedback arrived)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] not in TRAIN_TARGETS:
         print(f"usage: alignloop train {{{','.join(TRAIN_TARGETS)}}} [--help]", file=sys.stderr)
         return EXIT_USAGE
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    return _train_reward(args[1:])
+    if args[0] == "reward":
+        return _train_reward(args[1:])
+    from trainer import ppo_cli
+
+    return ppo_cli.ppo_main(args[1:]) if args[0] == "ppo" else ppo_cli.loop_main(args[1:])
 
 
 # --- alignloop reward list | show ----------------------------------------------------------
