@@ -1,0 +1,345 @@
+"""PPO rounds on the demo model against real Postgres (and the real broker for the event).
+
+The reward here is a rule (``length_penalty``: -0.1 per word) on top of a reward model
+version whose score is 0, so what PPO should learn is known: shorter answers. Rounds use
+the ``hf`` sampler (bit-reproducible) unless a test is about vLLM rollouts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from deploy import registry as policy_registry
+from schemas.events import PolicyCandidate
+from schemas.topics import POLICY
+from tests.fixtures.broker import consume_events
+from tests.fixtures.ppo import CONCISE, log_traffic, register_flat_reward_model
+from trainer import reward_registry, round_records
+from trainer.ppo_config import PPOConfig
+from trainer.ppo_math import logprobs_from_logits
+from trainer.ppo_models import PolicyModels, TokenBatch
+from trainer.ppo_rollout import render_prompts
+from trainer.ppo_round import run_round
+from trainer.reward_registry import MANIFEST_NAME
+from trainer.reward_rules import rule
+from trainer.round_config import RoundConfig
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@rule("test_nan")
+def _nan_rule(messages, answer: str) -> float:
+    """A broken reward term: NaN for every answer."""
+    return math.nan
+
+
+SMALL_PPO = PPOConfig(
+    rollout_batch_size=16,
+    mini_batch_size=8,
+    max_new_tokens=24,
+    actor_lr=3e-4,
+    critic_lr=3e-4,
+    lr_warmup_iterations=0,
+    init_kl_coef=0.05,
+)
+
+
+@pytest.fixture
+def ppo_config(conn: psycopg.Connection, migrated_url: str, tmp_path: Path, demo_model_dir: Path):
+    """A database with logged traffic and a flat reward model; a small round's config."""
+    state = tmp_path / "state"
+    log_traffic(conn, 300)
+    register_flat_reward_model(conn, state, demo_model_dir)
+
+    def make(**overrides) -> RoundConfig:
+        ppo = dataclasses.replace(SMALL_PPO, **overrides.pop("ppo", {}))
+        fields = {
+            "database_url": migrated_url,
+            "state_dir": state,
+            "base_model": demo_model_dir,
+            "kafka_bootstrap": None,
+            "update_reward_model": False,
+            "rules": CONCISE,
+            "rollout_backend": "hf",
+            "iterations": 3,
+            "prompt_pool": 300,
+            "eval_prompts": 32,
+            "gate_min_win_rate": 0.0,
+            "gate_max_kl": 100.0,
+            "gate_min_distinct_ratio": 0.0,
+            "progress": False,
+            "num_threads": 2,
+            "ppo": ppo,
+        }
+        return RoundConfig(**{**fields, **overrides})
+
+    return make
+
+
+def _versions(conn: psycopg.Connection) -> list[str]:
+    return [v.version for v in policy_registry.list_versions(conn)]
+
+
+def test_reference_logprobs_are_the_base_models_exactly(
+    conn: psycopg.Connection, tmp_path: Path, demo_model_dir: Path
+):
+    """The reference is the base with adapters disabled: bit-identical log-probs, while the
+    actor (a non-zero policy adapter) really differs."""
+    rm = reward_registry.get_version(
+        conn, register_flat_reward_model(conn, tmp_path / "state", demo_model_dir)
+    )
+    models = PolicyModels.load(demo_model_dir, Path(rm.path), seed=3)
+    with torch.no_grad():  # make the policy adapter non-trivial, as after training
+        for name, p in models.peft_model.named_parameters():
+            if ".policy." in name and "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.05)
+    prompts = render_prompts(
+        models.tokenizer,
+        [[{"role": "user", "content": q}] for q in ("What is 3 plus 4?", "Who are you?")],
+    )
+    answers = [models.tokenizer("Seven.", add_special_tokens=False)["input_ids"], [5, 6, 7, 8]]
+    batch = TokenBatch.build(prompts, answers, pad_id=models.tokenizer.pad_token_id)
+
+    reference = models.reference_logprobs(batch)
+    plain = AutoModelForCausalLM.from_pretrained(str(demo_model_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        hidden = plain.model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask
+        ).last_hidden_state
+        index = batch.positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+        base_logits = plain.lm_head(hidden.gather(1, index))
+        base = logprobs_from_logits(base_logits, batch.response_ids)
+        full = plain(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    mask = batch.mask.bool()
+    assert torch.equal(reference[mask], base[mask])
+    # ... and the same numbers as the ordinary full forward pass, up to float rounding.
+    full_lp = logprobs_from_logits(full[:, :-1], batch.input_ids[:, 1:])
+    rows = [full_lp[i, batch.positions[i, : int(batch.mask[i].sum())]] for i in range(2)]
+    torch.testing.assert_close(torch.cat(rows), reference[mask], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        actor, _ = models.actor_critic.actor(batch)
+    assert (actor[mask] - reference[mask]).abs().max() > 1e-3
+
+
+def test_a_round_registers_a_candidate_with_its_records(
+    conn: psycopg.Connection, ppo_config, broker
+):
+    config = ppo_config(iterations=3, kafka_bootstrap=broker.bootstrap)
+    result = run_round(config, trigger="test")
+
+    assert result.outcome == "registered", result.reason
+    version = result.candidate_version
+    assert version == f"ppo-{result.round_id:04d}"
+    record = policy_registry.get(conn, version)
+    assert record.state == "candidate"
+    assert record.parent_version == "base"
+    assert record.reward_model_version == "rm-0001"
+    assert record.training_round == result.round_id
+    assert set(record.metrics["evaluation"]) >= {"win_rate", "kl_to_reference", "candidate"}
+    # The adapter on disk is complete and checksummed, and it is the trained one.
+    path = Path(record.adapter_uri)
+    assert reward_registry.verify_dir(path)
+    assert record.checksum == hashlib.sha256((path / MANIFEST_NAME).read_bytes()).hexdigest()
+    weights = load_file(str(path / "adapter_model.safetensors"))
+    assert any("lora_B" in k and v.abs().max() > 0 for k, v in weights.items())
+    # The round and every iteration are recorded.
+    training_round = round_records.get_round(conn, result.round_id)
+    assert training_round.status == "registered"
+    assert training_round.candidate_version == version
+    assert training_round.reward_model_version == "rm-0001"
+    steps = round_records.steps(conn, result.round_id)
+    assert [i for i, _ in steps] == [0, 1, 2]
+    for _, metrics in steps:
+        assert {
+            "reward_raw",
+            "kl_ref",
+            "kl_coef",
+            "clip_fraction",
+            "approx_kl",
+            "entropy",
+            "policy_loss",
+            "value_loss",
+            "explained_variance",
+            "response_length",
+            "rollout_tokens_per_s",
+            "sampler_logprob_gap",
+        } <= set(metrics)
+    # Nothing of the run is left behind; the candidate event went out.
+    assert not (config.state_dir / "ppo_runs" / f"round-{result.round_id}").exists()
+    events = [
+        e
+        for e in consume_events(broker.bootstrap, POLICY, expected=1, timeout=30)
+        if isinstance(e, PolicyCandidate) and e.version == version
+    ]
+    assert len(events) == 1
+    assert events[0].training_round == result.round_id
+    assert events[0].checksum == record.checksum
+
+
+def test_a_candidate_that_fails_the_gate_is_not_registered(conn, ppo_config):
+    result = run_round(ppo_config(iterations=1, gate_min_win_rate=1.0, gate_max_kl=1e-9))
+    assert result.outcome == "rejected"
+    assert "KL to reference" in result.reason
+    assert _versions(conn) == ["base"]
+    training_round = round_records.get_round(conn, result.round_id)
+    assert training_round.status == "rejected" and training_round.reason == result.reason
+    assert training_round.metrics["evaluation"]["prompts"] > 0
+    assert not list((ppo_config().state_dir / "policies").glob("*"))
+
+
+def test_a_runaway_kl_aborts_the_round(conn, ppo_config):
+    # Iteration 0 samples from the untouched actor (KL exactly 0); after one update it is not.
+    result = run_round(ppo_config(iterations=3, abort_kl=1e-6))
+    assert result.outcome == "aborted"
+    assert "KL to the reference" in result.reason and "abort_kl" in result.reason
+    training_round = round_records.get_round(conn, result.round_id)
+    assert training_round.status == "aborted" and "abort_kl" in training_round.reason
+    assert _versions(conn) == ["base"]
+
+
+def test_nan_rewards_abort_the_round_before_any_update(conn, ppo_config):
+    result = run_round(ppo_config(rules=[{"name": "test_nan"}]))
+    assert result.outcome == "aborted"
+    assert "non-finite reward scores at iteration 0" in result.reason
+    assert round_records.get_round(conn, result.round_id).status == "aborted"
+    assert round_records.steps(conn, result.round_id) == []
+    assert _versions(conn) == ["base"]
+
+
+def test_a_corrupted_checkpoint_is_refused(conn, ppo_config):
+    config = ppo_config(iterations=3, stop_after_iterations=1)
+    first = run_round(config)
+    assert first.outcome == "stopped"
+    state = config.state_dir / "ppo_runs" / f"round-{first.round_id}" / "checkpoint" / "state.pt"
+    with open(state, "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00garbage\x00")
+    second = run_round(dataclasses.replace(config, stop_after_iterations=None))
+    assert second.round_id == first.round_id
+    assert second.outcome == "failed"
+    assert "does not match its sha256" in second.reason
+    assert round_records.get_round(conn, first.round_id).status == "failed"
+    assert _versions(conn) == ["base"]
+
+
+# --- the CLI: kill and resume, torchrun ---------------------------------------------------------
+
+
+def _cli(config: RoundConfig, *extra: str) -> list[str]:
+    ppo = config.ppo
+    return [
+        sys.executable, "-m", "deploy.cli", "train", "ppo",
+        "--database-url", config.database_url,
+        "--state-dir", str(config.state_dir),
+        "--base-model", str(config.base_model),
+        "--no-update-reward-model",
+        "--rules", '[{"name": "length_penalty", "max_words": 0, "per_word": 0.1}]',
+        "--rollout-backend", "hf",
+        "--iterations", str(config.iterations),
+        "--eval-prompts", "16",
+        "--gate-min-win-rate", "0", "--gate-max-kl", "100", "--gate-min-distinct-ratio", "0",
+        "--rollout-batch-size", str(ppo.rollout_batch_size),
+        "--mini-batch-size", str(ppo.mini_batch_size),
+        "--max-new-tokens", str(ppo.max_new_tokens),
+        "--actor-lr", str(ppo.actor_lr), "--critic-lr", str(ppo.critic_lr),
+        "--lr-warmup-iterations", "0", "--init-kl-coef", str(ppo.init_kl_coef),
+        "--no-progress", "--num-threads", "1",
+        *extra,
+    ]  # fmt: skip
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "ALIGNLOOP_KAFKA_BOOTSTRAP": ""}
+
+
+def _adapter(conn: psycopg.Connection, version: str) -> dict[str, torch.Tensor]:
+    return load_file(
+        str(Path(policy_registry.get(conn, version).adapter_uri) / "adapter_model.safetensors")
+    )
+
+
+def test_killed_trainer_resumes_to_the_same_adapter(
+    conn: psycopg.Connection, ppo_config, tmp_path: Path
+):
+    """SIGKILL after iteration 2 of 4, run again: the round resumes from its checkpoint and
+    registers exactly the adapter an uninterrupted run of the same round produces."""
+    config = ppo_config(iterations=4)
+    proc = subprocess.Popen(_cli(config), env=_env(), cwd=ROOT, stdout=subprocess.PIPE)
+    deadline = time.monotonic() + 600
+    round_id = None
+    while time.monotonic() < deadline:
+        running = round_records.running_round(conn)
+        if running is not None and len(round_records.steps(conn, running.id)) >= 2:
+            round_id = running.id
+            break
+        assert proc.poll() is None, "trainer ended before it could be killed"
+        time.sleep(0.2)
+    assert round_id is not None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert round_records.get_round(conn, round_id).status == "running"
+    assert _versions(conn) == ["base"]  # nothing registered by the killed run
+
+    resumed = subprocess.run(_cli(config), env=_env(), cwd=ROOT, capture_output=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]
+    assert b"resuming" in resumed.stderr
+    finished = round_records.get_round(conn, round_id)
+    assert finished.status == "registered"
+    assert [i for i, _ in round_records.steps(conn, round_id)] == [0, 1, 2, 3]
+
+    # The same round, uninterrupted: same data, reward model and parent, new state directory.
+    reference_config = dataclasses.replace(config, state_dir=tmp_path / "state-b")
+    straight = subprocess.run(
+        _cli(reference_config), env=_env(), cwd=ROOT, capture_output=True, timeout=900
+    )
+    assert straight.returncode == 0, straight.stderr.decode()[-3000:]
+    a = _adapter(conn, finished.candidate_version)
+    b = _adapter(conn, round_records.last_round(conn).candidate_version)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_round_runs_under_torchrun_with_two_processes(conn: psycopg.Connection, ppo_config):
+    """DDP on gloo: two ranks, each with half of every rollout batch; gradients averaged,
+    so both ranks end with the same weights; rank 0 alone registers."""
+    config = ppo_config(iterations=2)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc-per-node", "2"]  # fmt: skip
+    argv = _cli(config)
+    run = subprocess.run(
+        [*torchrun, "-m", *argv[2:]], env=_env(), cwd=ROOT, capture_output=True, timeout=900
+    )
+    stderr = run.stderr.decode()
+    assert run.returncode == 0, stderr[-4000:]
+    finished = round_records.last_round(conn)
+    assert finished.status == "registered"
+    assert sorted(_versions(conn)) == ["base", finished.candidate_version]
+    digests = {
+        line.split("policy sha256 ")[1].strip()
+        for line in stderr.splitlines()
+        if "policy sha256 " in line
+    }
+    ranks = {
+        line.split("rank ")[1].split()[0]
+        for line in stderr.splitlines()
+        if "policy sha256 " in line
+    }
+    assert ranks == {"0", "1"}
+    assert len(digests) == 1, "the ranks' policy adapters differ: gradients were not synced"
+    steps = round_records.steps(conn, finished.id)
+    assert [m["episodes"] for _, m in steps] == [16, 16]

@@ -1,0 +1,125 @@
+"""The small pure pieces around the PPO loop, each against a hand-worked case."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from trainer.config_flags import add_config_flags, config_from_namespace
+from trainer.ppo_eval import distinct_n, gate, win_rate
+from trainer.ppo_models import TokenBatch
+from trainer.ppo_rollout import cut_at_eos
+from trainer.ppo_round import iteration_prompts
+from trainer.round_config import RoundConfig
+
+
+def test_token_batch_layout_by_hand():
+    # Row 0: prompt [5, 6, 7], response [8, 9]; row 1: prompt [5], response [4, 3, 2].
+    batch = TokenBatch.build([[5, 6, 7], [5]], [[8, 9], [4, 3, 2]], pad_id=0)
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9], [5, 4, 3, 2, 0]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    # The hidden state at index prompt_len - 1 + j predicts response token j.
+    assert batch.positions.tolist() == [[2, 3, 4], [0, 1, 2]]
+    assert batch.response_ids.tolist() == [[8, 9, 0], [4, 3, 2]]
+    assert batch.mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+    # The positions really point at the token before each response token.
+    for row in range(2):
+        for j in range(int(batch.mask[row].sum())):
+            before = batch.input_ids[row, batch.positions[row, j] + 1]
+            assert before == batch.response_ids[row, j]
+
+
+def test_token_batch_select_and_errors():
+    batch = TokenBatch.build([[1, 2], [3], [4]], [[5], [6, 7], []], pad_id=0)
+    sub = batch.select(torch.tensor([2, 0]))
+    assert sub.input_ids.tolist() == [[4, 0, 0], [1, 2, 5]]
+    assert sub.mask.tolist() == [[0, 0], [1, 0]]
+    with pytest.raises(ValueError, match="at least one token"):
+        TokenBatch.build([[]], [[1]], pad_id=0)
+    with pytest.raises(ValueError, match="2 prompts but 1 responses"):
+        TokenBatch.build([[1], [2]], [[1]], pad_id=0)
+
+
+def test_cut_at_eos():
+    assert cut_at_eos([4, 5, 9, 6, 9], {9}) == [4, 5, 9]
+    assert cut_at_eos([4, 5], {9}) == [4, 5]
+    assert cut_at_eos([], {9}) == []
+
+
+def test_distinct_n_by_hand():
+    texts = ["a b a b", "a b c"]
+    # unigrams: a b a b a b c -> 3 unique of 7; bigrams: ab ba ab | ab bc -> 3 unique of 5
+    assert distinct_n(texts, 1) == pytest.approx(3 / 7)
+    assert distinct_n(texts, 2) == pytest.approx(3 / 5)
+    assert distinct_n(["one"], 2) == 0.0
+
+
+def test_win_rate_counts_ties_half():
+    candidate = torch.tensor([1.0, 2.0, 3.0, 0.0])
+    stable = torch.tensor([0.0, 2.0, 4.0, -1.0])
+    assert win_rate(candidate, stable) == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+    assert win_rate(torch.zeros(0), torch.zeros(0)) == 0.0
+
+
+def _evaluation(**overrides):
+    base = {"win_rate": 0.7, "kl_to_reference": 2.0, "distinct_2_ratio": 0.95, "reward_gain": 0.4}
+    return {**base, **overrides}
+
+
+def test_gate_passes_and_names_every_failure():
+    config = RoundConfig(gate_min_win_rate=0.5, gate_max_kl=5.0, gate_min_distinct_ratio=0.8)
+    ok, reason = gate(_evaluation(), config)
+    assert ok and reason.startswith("passed")
+    ok, reason = gate(_evaluation(win_rate=0.4, kl_to_reference=7.5, distinct_2_ratio=0.5), config)
+    assert not ok
+    assert "win rate 0.400" in reason and "KL to reference 7.500" in reason
+    assert "distinct-2 ratio 0.500" in reason
+
+
+def test_iteration_prompts_are_a_pure_function_of_the_iteration():
+    pool = list(range(100))
+    first = iteration_prompts(pool, 3, 10, seed=1)
+    assert first == iteration_prompts(pool, 3, 10, seed=1)
+    assert first != iteration_prompts(pool, 4, 10, seed=1)
+    assert len(set(first)) == 10  # without replacement while the pool is large enough
+    assert len(iteration_prompts(pool[:4], 0, 10, seed=1)) == 10  # with, when it is not
+
+
+def test_round_config_validation_and_fingerprint():
+    with pytest.raises(ValueError, match="rollout_backend"):
+        RoundConfig(rollout_backend="tgi")
+    with pytest.raises(ValueError, match="critic_init"):
+        RoundConfig(critic_init="random")
+    a, b = RoundConfig(), RoundConfig(progress=False, metrics_port=9)
+    assert a.fingerprint() == b.fingerprint()  # how it runs, not what it computes
+    assert a.fingerprint() != RoundConfig(iterations=3).fingerprint()
+    assert RoundConfig(database_url="postgresql://u:secret@h/db").to_json()["database_url"] is None
+
+
+def test_flags_cover_nested_ppo_config():
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, RoundConfig)
+    values = vars(
+        parser.parse_args(
+            [
+                "--iterations",
+                "3",
+                "--rollout-batch-size",
+                "32",
+                "--mini-batch-size",
+                "8",
+                "--no-whiten-advantages",
+                "--rules",
+                '[{"name": "empty_answer"}]',
+            ]
+        )
+    )
+    config = config_from_namespace(RoundConfig, values)
+    assert config.iterations == 3
+    assert config.ppo.rollout_batch_size == 32 and config.ppo.mini_batch_size == 8
+    assert config.ppo.whiten_advantages is False
+    assert config.rules == [{"name": "empty_answer"}]
+    with pytest.raises(ValueError, match="mini_batch_size"):
+        config_from_namespace(RoundConfig, {**values, "mini_batch_size": 7})
