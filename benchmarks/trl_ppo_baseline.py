@@ -39,6 +39,15 @@ maps to ``per_device_train_batch_size=B, gradient_accumulation_steps=1,
 num_mini_batches=B/M``: one optimizer step per mini-batch of M rollouts, as in alignloop.
 (With gradient accumulation > 1 and several mini-batches TRL would step only once per
 ``gradient_accumulation_steps`` micro-batches, i.e. across mini-batch boundaries.)
+
+What TRL does differently from alignloop (read the numbers with this in mind): full
+fine-tuning, no LoRA; four separate model copies (policy, ref, value, reward); the critic is
+a whole second backbone with the seq-cls ``score`` linear applied per token, trained with the
+policy in one AdamW at one learning rate; no gradient clipping in its loop; rollouts with
+``transformers`` ``generate`` (KV cache, the whole batch at once, logits kept for every
+step); an episode is one (prompt, response) and TRL adds ``batch_size`` per iteration.
+``rollout_tokens_per_s`` counts sampled tokens up to and including the stop token, over the
+time spent inside TRL's ``batch_generation`` only (not the ref / value / reward forwards).
 """
 
 from __future__ import annotations
