@@ -345,8 +345,5 @@ class VllmSampler:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-        engine = getattr(self.llm, "llm_engine", None)
-        shutdown = getattr(engine, "shutdown", None)
-        if callable(shutdown):
-            shutdown()
+        self.llm.llm_engine.engine_core.shutdown()  # stops the EngineCore process now
         shutil.rmtree(self.sync_dir, ignore_errors=True)
