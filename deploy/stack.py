@@ -26,6 +26,7 @@ from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
 console = Console()
+TRAINER_METRICS_PORT = 9104
 
 
 @dataclass
@@ -167,7 +168,14 @@ def main(argv: list[str] | None = None) -> int:
         ingest = Child("ingestor", [*py, "ingest"], state / "logs" / "ingestor.log", env)
         # The demo controller decides on small samples so a canary can finish on one laptop.
         canary = Child("canary", [*py, "canary", "--demo"], state / "logs" / "canary.log", env)
-        children += [serve, ingest, canary]
+        # Demo-sized PPO rounds, started by new feedback (or a timer) on the demo model.
+        trainer = Child(
+            "trainer",
+            [*py, "train", "loop", "--demo", "--metrics-port", str(TRAINER_METRICS_PORT)],
+            state / "logs" / "trainer.log",
+            env,
+        )
+        children += [serve, ingest, canary, trainer]
         for child in children:
             child.start()
         with console.status("starting the chat API (vLLM engine, ~30 s on CPU)…"):
@@ -184,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                 {api}/v1/preferences
   metrics       {api}/metrics (serving)
                 http://127.0.0.1:{settings.ingest_metrics_port}/metrics (ingestor)
+                http://127.0.0.1:{settings.admin_port}/metrics (canary controller, /admin)
+                http://127.0.0.1:{TRAINER_METRICS_PORT}/metrics (trainer: PPO rounds)
   Postgres      {db_url}
   Kafka         {bootstrap}
   logs          {state / "logs"}
