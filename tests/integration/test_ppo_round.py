@@ -27,7 +27,9 @@ from transformers import AutoModelForCausalLM
 from deploy import registry as policy_registry
 from schemas.events import PolicyCandidate
 from schemas.topics import POLICY
+from feedback.ingestor import store_events
 from tests.fixtures.broker import consume_events
+from tests.fixtures.postgres import make_feedback
 from tests.fixtures.ppo import CONCISE, log_traffic, register_flat_reward_model
 from trainer import reward_registry, round_records
 from trainer.ppo_config import PPOConfig
@@ -386,3 +388,36 @@ def test_ppo_with_vllm_rollouts_learns_the_reward_within_the_kl_budget(conn, ppo
     assert evaluation["kl_to_reference"] < config.ppo.target_kl
     assert evaluation["distinct_2_ratio"] >= 0.8
     assert result.outcome == "registered", result.reason
+
+
+def test_the_training_loop_starts_a_round_when_enough_ratings_arrived(
+    conn: psycopg.Connection, ppo_config
+):
+    """``alignloop train loop`` waits while too few new ratings exist, runs a round once
+    they do, and stops cleanly on SIGTERM."""
+    config = ppo_config(iterations=1)
+    argv = [*_cli(config), "--min-new-ratings", "5", "--max-interval-s", "3600", "--poll-s", "0.5"]
+    argv[argv.index("ppo")] = "loop"
+    proc = subprocess.Popen(argv, env=_env(), cwd=ROOT, stderr=subprocess.PIPE)
+    try:
+        time.sleep(8)  # started, polled a few times: 0 new ratings is no reason to train
+        assert proc.poll() is None
+        assert round_records.last_round(conn) is None
+        responses = [r for (r,) in conn.execute("SELECT response_id FROM interactions LIMIT 6")]
+        store_events(conn, [make_feedback(r, "up") for r in responses])
+        deadline = time.monotonic() + 600
+        finished = None
+        while time.monotonic() < deadline and finished is None:
+            last = round_records.last_round(conn)
+            finished = last if last is not None and last.status != "running" else None
+            time.sleep(0.5)
+        assert finished is not None, "no round finished"
+        assert finished.status == "registered", finished.reason
+        assert finished.trigger.startswith("first round: 6 new ratings")
+        time.sleep(3)  # no new ratings since: no second round
+        assert round_records.last_round(conn).id == finished.id
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr.decode()[-3000:]
+    assert b"training loop stopped" in stderr
