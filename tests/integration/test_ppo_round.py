@@ -25,9 +25,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from deploy import registry as policy_registry
+from feedback.ingestor import store_events
 from schemas.events import PolicyCandidate
 from schemas.topics import POLICY
-from feedback.ingestor import store_events
 from tests.fixtures.broker import consume_events
 from tests.fixtures.postgres import make_feedback
 from tests.fixtures.ppo import CONCISE, log_traffic, register_flat_reward_model
