@@ -95,14 +95,23 @@ class TokenBatch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    @property
+    def response_width(self) -> int:
+        return self.mask.shape[1]
+
     def select(self, rows: torch.Tensor) -> TokenBatch:
-        """The sub-batch of ``rows`` (a mini-batch)."""
+        """The sub-batch of ``rows`` (a mini-batch), cut to its own longest row: padding
+        that only longer rows elsewhere in the batch needed is not computed on."""
+        attention = self.attention_mask[rows]
+        width = max(1, int(attention.sum(1).max()))
+        mask = self.mask[rows]
+        response_width = max(1, int(mask.sum(1).max()))
         return TokenBatch(
-            self.input_ids[rows],
-            self.attention_mask[rows],
-            self.positions[rows],
-            self.response_ids[rows],
-            self.mask[rows],
+            self.input_ids[rows, :width],
+            attention[:, :width],
+            self.positions[rows, :response_width].clamp(max=width - 1),
+            self.response_ids[rows, :response_width],
+            mask[:, :response_width],
         )
 
 

@@ -142,7 +142,7 @@ class PPOTrainer:
 
         # 2. evaluate the rollout: actor and critic (this very model), reference, reward.
         t_score = time.perf_counter()
-        with torch.no_grad():
+        with torch.inference_mode():
             old_logprobs, values, _, _ = models.actor_critic(batch)
             ref_logprobs = models.reference_logprobs(batch)
             parts = self.reward_fn(conversations, answers)
@@ -254,12 +254,21 @@ class PPOTrainer:
                 rows = order[start : start + local_mini]
                 mb = batch.select(rows)
                 mb_mask = mb.mask.float()
+                width = mb.response_width
                 logprobs, values, entropy, ptx_nll = self.module(mb, self._ptx_batch(generator))
                 p_loss, clip_frac, approx_kl = pm.policy_loss(
-                    logprobs, old_logprobs[rows], advantages[rows], mb_mask, cfg.clip_range
+                    logprobs,
+                    old_logprobs[rows, :width],
+                    advantages[rows, :width],
+                    mb_mask,
+                    cfg.clip_range,
                 )
                 v_loss, v_clip = pm.value_loss(
-                    values, old_values[rows], returns[rows], mb_mask, cfg.value_clip_range
+                    values,
+                    old_values[rows, :width],
+                    returns[rows, :width],
+                    mb_mask,
+                    cfg.value_clip_range,
                 )
                 if warming_up:  # critic only; the actor's graph stays in (DDP) at zero weight
                     loss = cfg.vf_coef * v_loss + 0.0 * (p_loss + entropy)

@@ -35,7 +35,10 @@ def test_token_batch_select_and_errors():
     batch = TokenBatch.build([[1, 2], [3], [4]], [[5], [6, 7], []], pad_id=0)
     sub = batch.select(torch.tensor([2, 0]))
     assert sub.input_ids.tolist() == [[4, 0, 0], [1, 2, 5]]
-    assert sub.mask.tolist() == [[0, 0], [1, 0]]
+    assert sub.mask.tolist() == [[0], [1]]  # cut to the mini-batch's longest response
+    assert sub.positions.tolist() == [[0], [1]]
+    short = batch.select(torch.tensor([2]))  # and to its longest row
+    assert short.input_ids.tolist() == [[4]] and short.positions.tolist() == [[0]]
     with pytest.raises(ValueError, match="at least one token"):
         TokenBatch.build([[]], [[1]], pad_id=0)
     with pytest.raises(ValueError, match="2 prompts but 1 responses"):
