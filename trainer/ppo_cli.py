@@ -175,6 +175,9 @@ def loop_main(argv: list[str]) -> int:
                     sampler = shared_sampler(config)
                 result = run_round(config, trigger=reason, sampler=sampler)
                 log.info("round %d %s: %s", result.round_id, result.outcome, result.reason)
+                if sampler is not None and sampler.broken:  # a new engine for the next round
+                    sampler.close()
+                    sampler = None
                 continue
             time.sleep(values["poll_s"])
     except (_Stop, KeyboardInterrupt):

@@ -23,11 +23,11 @@ stable policy in the offline evaluation).
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -258,7 +258,12 @@ class VllmSampler:
         self._next_id = 1
         self._current: Any = None
         self._others: dict[str, Any] = {}
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lora-sync")
+        self._broken: str | None = None
+
+    @property
+    def broken(self) -> str | None:
+        """Why the engine cannot be used any more (a failed sync), or None."""
+        return self._broken
 
     def _new_request(self, name: str, path: Path):
         from vllm.lora.request import LoRARequest
@@ -268,29 +273,39 @@ class VllmSampler:
         return request
 
     def sync(self, models: PolicyModels, tag: str) -> float:
-        """Write the actor's adapter and load it into the engine, within the timeout."""
+        """Write the actor's adapter and load it into the engine, within the timeout.
+
+        The work runs in a daemon thread: a sync that never returns (a dead or wedged
+        engine) leaves the caller with :class:`AdapterSyncError`, not a hang, and cannot
+        keep the process from exiting. After a failed sync the sampler refuses to go on."""
+        if self._broken:
+            raise AdapterSyncError(f"the rollout engine is unusable after: {self._broken}")
         started = time.perf_counter()
         target = self.sync_dir / f"policy-{tag}"
         request = self._new_request(f"policy-{tag}", target)
+        failure: list[BaseException] = []
 
         def write_and_load() -> None:
-            shutil.rmtree(target, ignore_errors=True)
-            models.save_policy(target)
-            if not self.llm.llm_engine.add_lora(request):
-                raise AdapterSyncError(f"vLLM refused adapter {target}")
+            try:
+                shutil.rmtree(target, ignore_errors=True)
+                models.save_policy(target)
+                if not self.llm.llm_engine.add_lora(request):
+                    raise RuntimeError("vLLM refused it")
+            except BaseException as exc:  # handed to the waiting caller
+                failure.append(exc)
 
-        future = self._pool.submit(write_and_load)
-        try:
-            future.result(timeout=self.options.sync_timeout_s)
-        except concurrent.futures.TimeoutError:
-            raise AdapterSyncError(
+        worker = threading.Thread(target=write_and_load, name="lora-sync", daemon=True)
+        worker.start()
+        worker.join(self.options.sync_timeout_s)
+        if worker.is_alive():
+            self._broken = (
                 f"syncing the policy adapter into vLLM took over {self.options.sync_timeout_s} s "
                 f"({target}); the rollout engine is stuck or overloaded"
-            ) from None
-        except AdapterSyncError:
-            raise
-        except Exception as exc:
-            raise AdapterSyncError(f"syncing the policy adapter {target} failed: {exc}") from exc
+            )
+            raise AdapterSyncError(self._broken)
+        if failure:
+            self._broken = f"syncing the policy adapter {target} failed: {failure[0]}"
+            raise AdapterSyncError(self._broken) from failure[0]
         previous, self._current = self._current, request
         if previous is not None:
             self.llm.llm_engine.remove_lora(previous.lora_int_id)
@@ -344,6 +359,5 @@ class VllmSampler:
         return Samples(responses, logprobs, time.perf_counter() - started)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
         self.llm.llm_engine.engine_core.shutdown()  # stops the EngineCore process now
         shutil.rmtree(self.sync_dir, ignore_errors=True)

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import psycopg
@@ -25,6 +26,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from deploy import registry as policy_registry
+from deploy.broker import free_port
 from feedback.ingestor import store_events
 from schemas.events import PolicyCandidate
 from schemas.topics import POLICY
@@ -35,8 +37,8 @@ from trainer import reward_registry, round_records
 from trainer.ppo_config import PPOConfig
 from trainer.ppo_math import logprobs_from_logits
 from trainer.ppo_models import PolicyModels, TokenBatch
-from trainer.ppo_rollout import render_prompts
-from trainer.ppo_round import run_round
+from trainer.ppo_rollout import AdapterSyncError, render_prompts
+from trainer.ppo_round import run_round, shared_sampler
 from trainer.reward_registry import MANIFEST_NAME
 from trainer.reward_rules import rule
 from trainer.round_config import RoundConfig
@@ -372,7 +374,17 @@ def test_ppo_with_vllm_rollouts_learns_the_reward_within_the_kl_budget(conn, ppo
             "target_kl": 6.0,
         },
     )
-    result = run_round(config)
+    sampler = shared_sampler(config)
+    try:
+        result = run_round(config, sampler=sampler)
+        # An engine that cannot take the adapter in time is a clear error, not a hang.
+        sampler.options = dataclasses.replace(sampler.options, sync_timeout_s=1e-4)
+        rm = reward_registry.current_version(conn)
+        models = PolicyModels.load(config.base_model, Path(rm.path))
+        with pytest.raises(AdapterSyncError, match=r"took over 0.0001 s"):
+            sampler.sync(models, "late")
+    finally:
+        sampler.close()
     steps = result.steps
     assert len(steps) == 8
     start = sum(s["reward_raw"] for s in steps[:2]) / 2
@@ -396,7 +408,9 @@ def test_the_training_loop_starts_a_round_when_enough_ratings_arrived(
     """``alignloop train loop`` waits while too few new ratings exist, runs a round once
     they do, and stops cleanly on SIGTERM."""
     config = ppo_config(iterations=1)
+    port = free_port()
     argv = [*_cli(config), "--min-new-ratings", "5", "--max-interval-s", "3600", "--poll-s", "0.5"]
+    argv += ["--metrics-port", str(port)]
     argv[argv.index("ppo")] = "loop"
     proc = subprocess.Popen(argv, env=_env(), cwd=ROOT, stderr=subprocess.PIPE)
     try:
@@ -416,6 +430,10 @@ def test_the_training_loop_starts_a_round_when_enough_ratings_arrived(
         assert finished.trigger.startswith("first round: 6 new ratings")
         time.sleep(3)  # no new ratings since: no second round
         assert round_records.last_round(conn).id == finished.id
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+        assert 'alignloop_training_rounds_total{outcome="registered"} 1.0' in metrics
+        assert 'alignloop_ppo_iteration_metric{metric="kl_ref"}' in metrics
+        assert "alignloop_ppo_episodes_total 16.0" in metrics
     finally:
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=60)

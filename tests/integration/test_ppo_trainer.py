@@ -1,0 +1,106 @@
+"""PPOTrainer's switches on the real demo model: critic warm-up, the approximate-KL early
+stop, PPO-ptx, and the log-prob recomputation (transformers sampler, no database)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.fixtures.ppo import CONCISE
+from trainer.corpus import sample_prompts
+from trainer.ppo_config import PPOConfig
+from trainer.ppo_models import PolicyModels
+from trainer.ppo_rollout import HFSampler, render_prompts
+from trainer.ppo_trainer import PPOTrainer
+from trainer.reward_model import load_base_model, new_lora_reward_model
+from trainer.reward_rules import ComposedReward, build_rules
+
+pytestmark = pytest.mark.slow
+
+CONFIG = PPOConfig(
+    rollout_batch_size=16,
+    mini_batch_size=8,
+    max_new_tokens=24,
+    actor_lr=3e-4,
+    critic_lr=3e-4,
+    lr_warmup_iterations=0,
+)
+PROMPTS = [[{"role": "user", "content": p.text}] for p in sample_prompts(5, 16)]
+
+
+@pytest.fixture(scope="module")
+def reward_dir(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base, tokenizer = load_base_model(demo_model_dir)
+    rm = new_lora_reward_model(base, tokenizer, base_model_path=str(demo_model_dir))
+    out = tmp_path_factory.mktemp("reward")
+    rm.save(out)
+    return out
+
+
+def _trainer(demo_model_dir: Path, reward_dir: Path, **changes) -> PPOTrainer:
+    models = PolicyModels.load(demo_model_dir, reward_dir)
+    reward_fn = ComposedReward(models.reward, build_rules(CONCISE)).components
+    ptx = changes.pop("ptx_examples", ())
+    config = dataclasses.replace(CONFIG, **changes)
+    return PPOTrainer(config, models, HFSampler(models), reward_fn, ptx_examples=ptx)
+
+
+def _snapshot(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in params]
+
+
+def _changed(before: list[torch.Tensor], params: list[torch.nn.Parameter]) -> bool:
+    return any(not torch.equal(b, p.detach()) for b, p in zip(before, params, strict=True))
+
+
+def test_critic_warmup_updates_only_the_critic(demo_model_dir: Path, reward_dir: Path):
+    trainer = _trainer(demo_model_dir, reward_dir, critic_warmup_iterations=1)
+    policy = trainer.models.param_groups(1, 1)[0]["params"]
+    critic = trainer.models.param_groups(1, 1)[1]["params"]
+    policy_before, critic_before = _snapshot(policy), _snapshot(critic)
+
+    warm = trainer.iteration(PROMPTS, 0)
+    assert warm["critic_warmup"] is True
+    assert not _changed(policy_before, policy)
+    assert _changed(critic_before, critic)
+
+    after = trainer.iteration(PROMPTS, 1)  # the first policy update
+    assert after["critic_warmup"] is False
+    assert _changed(policy_before, policy)
+
+
+def test_early_stop_on_approximate_kl(demo_model_dir: Path, reward_dir: Path):
+    trainer = _trainer(demo_model_dir, reward_dir, ppo_epochs=4, approx_kl_stop=1e-9)
+    trainer.iteration(PROMPTS, 0)
+    metrics = trainer.iteration(PROMPTS, 1)
+    # 4 epochs x 2 mini-batches = 8 steps without the stop; the first step that moves the
+    # policy at all (approx KL > 1e-9) ends the iteration.
+    assert metrics["early_stopped"] is True
+    assert metrics["gradient_steps"] < CONFIG.rollout_batch_size // CONFIG.mini_batch_size * 4
+    unstopped = _trainer(demo_model_dir, reward_dir, ppo_epochs=4, approx_kl_stop=0.0)
+    assert unstopped.iteration(PROMPTS, 0)["gradient_steps"] == 8
+
+
+def test_ppo_ptx_mixes_the_sft_likelihood_in(demo_model_dir: Path, reward_dir: Path):
+    models = PolicyModels.load(demo_model_dir, reward_dir)
+    prompts = render_prompts(models.tokenizer, PROMPTS[:4])
+    answers = [models.tokenizer("Paris.<|end|>", add_special_tokens=False)["input_ids"]] * 4
+    examples = list(zip(prompts, answers, strict=True))
+    with pytest.raises(ValueError, match="ptx_examples"):
+        _trainer(demo_model_dir, reward_dir, ptx_coef=1.0)
+    trainer = _trainer(demo_model_dir, reward_dir, ptx_coef=1.0, ptx_examples=examples)
+    metrics = trainer.iteration(PROMPTS, 0)
+    assert metrics["ptx_loss"] is not None and metrics["ptx_loss"] > 0
+    plain = _trainer(demo_model_dir, reward_dir).iteration(PROMPTS, 0)
+    assert plain["ptx_loss"] is None
+
+
+def test_trainer_logprobs_match_the_transformers_sampler(demo_model_dir: Path, reward_dir: Path):
+    """The same float32 model sampled and re-scored: the logged gap is rounding only."""
+    metrics = _trainer(demo_model_dir, reward_dir).iteration(PROMPTS, 0)
+    assert metrics["sampler_logprob_gap"] < 1e-4
+    assert metrics["kl_ref"] == 0.0  # a fresh adapter (B = 0) is exactly the reference
+    assert metrics["rollout_tokens"] > 0 and metrics["episodes"] == 16
