@@ -83,14 +83,19 @@ async def read_json(request: Request, max_bytes: int) -> object:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit():
         if int(declared) > max_bytes:
-            raise _too_large(max_bytes)
+            raise too_large(max_bytes)
         body = await request.body()  # bounded by the declared length
     else:  # chunked: count as it arrives
         body = bytearray()
         async for chunk in request.stream():
             body.extend(chunk)
             if len(body) > max_bytes:
-                raise _too_large(max_bytes)
+                raise too_large(max_bytes)
+    return parse_json(body)
+
+
+def parse_json(body: bytes | bytearray) -> object:
+    """A request body as JSON (400 if it is empty or not JSON)."""
     if not body:
         raise APIError(
             400, "The request body is empty; expected a JSON object.", code="invalid_json"
@@ -112,7 +117,7 @@ def parse_body(model: type[ModelT], payload: object) -> ModelT:
         raise validation_error(e) from None
 
 
-def _too_large(max_bytes: int) -> APIError:
+def too_large(max_bytes: int) -> APIError:
     return APIError(
         413, f"The request body exceeds the limit of {max_bytes} bytes.", code="request_too_large"
     )

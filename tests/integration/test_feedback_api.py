@@ -168,3 +168,31 @@ def test_malformed_json_feedback(serving, raw):
     r = post(serving, "/v1/feedback", raw)
     assert r.status_code == 400
     assert r.json()["error"]["code"] == "invalid_json"
+
+
+def test_feedback_routes_keep_the_http_contract(serving):
+    """The feedback routes answer ahead of FastAPI: the same error shapes, body limit and
+    request counting as every other route."""
+    r = httpx.get(f"{serving.base_url}/v1/feedback", timeout=10)
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+    oversized = json.dumps({"response_id": "x", "rating": "up", "comment": "x" * 2_000_000})
+    r = post(serving, "/v1/feedback", oversized.encode())
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+    def chunked():  # no Content-Length: counted as it arrives
+        for _ in range(40):
+            yield b"x" * 65_536
+
+    r = httpx.post(f"{serving.base_url}/v1/preferences", content=chunked(), timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+    rid = chat(serving)
+    assert post(serving, "/v1/feedback", {"response_id": rid, "rating": "up"}).status_code == 202
+    text = httpx.get(f"{serving.base_url}/metrics", timeout=10).text
+    for status in ("202", "405", "413"):
+        assert (
+            f'alignloop_http_requests_total{{policy_version="-",route="/v1/feedback"'
+            f',status="{status}"}}' in text
+        ), status
