@@ -99,6 +99,12 @@ class TokenBatch:
     def response_width(self) -> int:
         return self.mask.shape[1]
 
+    def length_chunks(self, size: int) -> list[torch.Tensor]:
+        """Row indices in chunks of ``size``, shortest rows first: scoring a rollout chunk by
+        chunk (each cut to its own longest row by :meth:`select`) skips most padding."""
+        order = torch.argsort(self.attention_mask.sum(1), stable=True)
+        return list(order.split(size))
+
     def select(self, rows: torch.Tensor) -> TokenBatch:
         """The sub-batch of ``rows`` (a mini-batch), cut to its own longest row: padding
         that only longer rows elsewhere in the batch needed is not computed on."""
@@ -159,11 +165,16 @@ class ActorCritic(torch.nn.Module):
             ptx_nll = ptx_loss(self.models.response_logits(ptx), ptx.response_ids, ptx.mask)
         return logprobs, values, entropy, ptx_nll
 
-    def actor(self, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Policy log-probs ``[B, R]`` of the response tokens and the mean entropy."""
+    def actor(
+        self, batch: TokenBatch, with_entropy: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Policy log-probs ``[B, R]`` of the response tokens and the mean entropy (None
+        when not asked for: scoring a rollout needs only the log-probs)."""
         self.models.use(POLICY)
         logits = self.models.response_logits(batch)
         logprobs = logprobs_from_logits(logits, batch.response_ids, self.temperature)
+        if not with_entropy:
+            return logprobs, None
         scaled = logits / self.temperature if self.temperature != 1.0 else logits
         return logprobs, entropy_from_logits(scaled, batch.mask)
 

@@ -259,6 +259,15 @@ class VllmSampler:
         self._current: Any = None
         self._others: dict[str, Any] = {}
         self._broken: str | None = None
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One tiny generation, so the engine's first-call costs are paid at start-up."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=2, detokenize=False)
+        self.llm.generate([TokensPrompt(prompt_token_ids=[0, 1])], params, use_tqdm=False)
 
     @property
     def broken(self) -> str | None:
@@ -345,6 +354,7 @@ class VllmSampler:
                 max_tokens=max_new_tokens,
                 seed=seed * 1_000_003 + i,
                 logprobs=0,
+                detokenize=False,  # the trainer decodes what it needs itself
             )
             for i in range(len(prompts))
         ]

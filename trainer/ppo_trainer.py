@@ -142,9 +142,8 @@ class PPOTrainer:
 
         # 2. evaluate the rollout: actor and critic (this very model), reference, reward.
         t_score = time.perf_counter()
+        old_logprobs, values, ref_logprobs = self._score_tokens(batch)
         with torch.inference_mode():
-            old_logprobs, values, _, _ = models.actor_critic(batch)
-            ref_logprobs = models.reference_logprobs(batch)
             parts = self.reward_fn(conversations, answers)
         scores = parts["total"].float()
         _finite("reward scores", scores, iteration)
@@ -205,6 +204,24 @@ class PPOTrainer:
         metrics["seconds"] = time.perf_counter() - started
         metrics["episodes_per_s"] = cfg.rollout_batch_size / metrics["seconds"]
         return metrics
+
+    @torch.inference_mode()
+    def _score_tokens(self, batch: TokenBatch) -> tuple[torch.Tensor, ...]:
+        """Actor log-probs, critic values and reference log-probs ``[B, R]`` of a rollout,
+        computed in length-sorted chunks (less padding; every row's numbers are its own)."""
+        out = [torch.zeros(batch.mask.shape) for _ in range(3)]
+        ac = self.models.actor_critic
+        for rows in batch.length_chunks(self.config.mini_batch_size):
+            chunk = batch.select(rows)
+            width = chunk.response_width
+            parts = (
+                ac.actor(chunk, with_entropy=False)[0],
+                ac.critic(chunk),
+                self.models.reference_logprobs(chunk),
+            )
+            for target, part in zip(out, parts, strict=True):
+                target[rows, :width] = part
+        return tuple(out)
 
     def _ptx_batch(self, generator: torch.Generator) -> TokenBatch | None:
         if not self.ptx_examples:

@@ -45,6 +45,12 @@ def test_token_batch_select_and_errors():
         TokenBatch.build([[1], [2]], [[1]], pad_id=0)
 
 
+def test_length_chunks_put_short_rows_together():
+    batch = TokenBatch.build([[1, 2, 3], [1], [1, 2]], [[4, 4], [4], [4, 4, 4]], pad_id=0)
+    # row lengths 5, 2, 5: the short row first, ties in row order
+    assert [c.tolist() for c in batch.length_chunks(2)] == [[1, 0], [2]]
+
+
 def test_cut_at_eos():
     assert cut_at_eos([4, 5, 9, 6, 9], {9}) == [4, 5, 9]
     assert cut_at_eos([4, 5], {9}) == [4, 5]
