@@ -196,19 +196,12 @@ def _trl(args: argparse.Namespace, prompts_file: Path) -> dict:
 
 def _setup(model: Path, work: Path) -> tuple[Path, Path]:
     """The flat reward model version and the prompts file (TRL's format)."""
-    import torch
-
+    from tests.fixtures.ppo import flat_reward_model
     from trainer.corpus import sample_prompts
-    from trainer.reward_model import load_base_model, new_lora_reward_model
 
-    base, tokenizer = load_base_model(model)
-    rm = new_lora_reward_model(base, tokenizer, base_model_path=str(model))
-    with torch.no_grad():
-        rm.head.weight.zero_()
-        rm.head.bias.zero_()
     reward_dir = work / "reward"
     reward_dir.mkdir()
-    rm.save(reward_dir)
+    flat_reward_model(model).save(reward_dir)
     prompts_file = work / "prompts.jsonl"
     with open(prompts_file, "w") as f:
         for p in sample_prompts(0, FIXED["prompts"]):

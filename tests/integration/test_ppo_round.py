@@ -32,9 +32,8 @@ from schemas.events import PolicyCandidate
 from schemas.topics import POLICY
 from tests.fixtures.broker import consume_events
 from tests.fixtures.postgres import make_feedback
-from tests.fixtures.ppo import CONCISE, log_traffic, register_flat_reward_model
+from tests.fixtures.ppo import CONCISE, SMALL_PPO, log_traffic, register_flat_reward_model
 from trainer import reward_registry, round_records
-from trainer.ppo_config import PPOConfig
 from trainer.ppo_math import logprobs_from_logits
 from trainer.ppo_models import PolicyModels, TokenBatch
 from trainer.ppo_rollout import AdapterSyncError, render_prompts
@@ -51,17 +50,6 @@ ROOT = Path(__file__).resolve().parents[2]
 def _nan_rule(messages, answer: str) -> float:
     """A broken reward term: NaN for every answer."""
     return math.nan
-
-
-SMALL_PPO = PPOConfig(
-    rollout_batch_size=16,
-    mini_batch_size=8,
-    max_new_tokens=24,
-    actor_lr=3e-4,
-    critic_lr=3e-4,
-    lr_warmup_iterations=0,
-    init_kl_coef=0.05,
-)
 
 
 @pytest.fixture

@@ -9,34 +9,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.fixtures.ppo import CONCISE
+from tests.fixtures.ppo import CONCISE, SMALL_PPO, flat_reward_model
 from trainer.corpus import sample_prompts
-from trainer.ppo_config import PPOConfig
 from trainer.ppo_models import PolicyModels
 from trainer.ppo_rollout import HFSampler, render_prompts
 from trainer.ppo_trainer import PPOTrainer
-from trainer.reward_model import load_base_model, new_lora_reward_model
 from trainer.reward_rules import ComposedReward, build_rules
 
 pytestmark = pytest.mark.slow
 
-CONFIG = PPOConfig(
-    rollout_batch_size=16,
-    mini_batch_size=8,
-    max_new_tokens=24,
-    actor_lr=3e-4,
-    critic_lr=3e-4,
-    lr_warmup_iterations=0,
-)
+CONFIG = SMALL_PPO
 PROMPTS = [[{"role": "user", "content": p.text}] for p in sample_prompts(5, 16)]
 
 
 @pytest.fixture(scope="module")
 def reward_dir(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    base, tokenizer = load_base_model(demo_model_dir)
-    rm = new_lora_reward_model(base, tokenizer, base_model_path=str(demo_model_dir))
     out = tmp_path_factory.mktemp("reward")
-    rm.save(out)
+    flat_reward_model(demo_model_dir).save(out)
     return out
 
 
