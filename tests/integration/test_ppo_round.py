@@ -269,9 +269,9 @@ def _adapter(conn: psycopg.Connection, version: str) -> dict[str, torch.Tensor]:
 def test_killed_trainer_resumes_to_the_same_adapter(
     conn: psycopg.Connection, ppo_config, tmp_path: Path
 ):
-    """SIGKILL after iteration 2 of 4, run again: the round resumes from its checkpoint and
+    """SIGKILL after iteration 2 of 6, run again: the round resumes from its checkpoint and
     registers exactly the adapter an uninterrupted run of the same round produces."""
-    config = ppo_config(iterations=4)
+    config = ppo_config(iterations=6)
     proc = subprocess.Popen(_cli(config), env=_env(), cwd=ROOT, stdout=subprocess.PIPE)
     deadline = time.monotonic() + 600
     round_id = None
@@ -293,7 +293,7 @@ def test_killed_trainer_resumes_to_the_same_adapter(
     assert b"resuming" in resumed.stderr
     finished = round_records.get_round(conn, round_id)
     assert finished.status == "registered"
-    assert [i for i, _ in round_records.steps(conn, round_id)] == [0, 1, 2, 3]
+    assert [i for i, _ in round_records.steps(conn, round_id)] == list(range(6))
 
     # The same round, uninterrupted: same data, reward model and parent, new state directory.
     reference_config = dataclasses.replace(config, state_dir=tmp_path / "state-b")
