@@ -170,10 +170,6 @@ def _open_round(
                 config={**config.to_json(), "fingerprint": config.fingerprint()},
                 parent_version=stable,
             )
-            # What the next round's trigger counts from; replaced by the training snapshot.
-            round_records.update_round(
-                conn, running.id, watermark=datasets.capture_watermark(conn).__dict__
-            )
             log.info("training round %d started (%s)", running.id, trigger)
         else:
             log.info("resuming training round %d", running.id)

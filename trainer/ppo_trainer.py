@@ -174,7 +174,8 @@ class PPOTrainer:
         update_s = time.perf_counter() - t_update
 
         # 6. KL controller, on the mean per-sequence KL to the reference.
-        seq_kl = dist.mean(pm.masked_mean(kl.sum(-1), torch.ones_like(scores)).item())
+        token_kl = torch.where(batch.mask.bool(), kl, torch.zeros_like(kl))  # not on padding
+        seq_kl = dist.mean(token_kl.sum(-1).mean().item())
         self.kl_controller.update(seq_kl, cfg.rollout_batch_size)
 
         lengths = batch.mask.sum(-1).float()
