@@ -209,7 +209,8 @@ class PPOTrainer:
     @torch.inference_mode()
     def _score_tokens(self, batch: TokenBatch) -> tuple[torch.Tensor, ...]:
         """Actor log-probs, critic values and reference log-probs ``[B, R]`` of a rollout,
-        computed in length-sorted chunks (less padding; every row's numbers are its own)."""
+        computed in length-sorted chunks (less padding; every row's numbers are its own),
+        0 on padding."""
         out = [torch.zeros(batch.mask.shape) for _ in range(3)]
         ac = self.models.actor_critic
         for rows in batch.length_chunks(self.config.mini_batch_size):
@@ -220,8 +221,9 @@ class PPOTrainer:
                 ac.critic(chunk),
                 self.models.reference_logprobs(chunk),
             )
+            keep = chunk.mask.bool()
             for target, part in zip(out, parts, strict=True):
-                target[rows, :width] = part
+                target[rows, :width] = torch.where(keep, part, torch.zeros_like(part))
         return tuple(out)
 
     def _ptx_batch(self, generator: torch.Generator) -> TokenBatch | None:

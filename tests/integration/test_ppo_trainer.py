@@ -11,7 +11,7 @@ import torch
 
 from tests.fixtures.ppo import CONCISE, SMALL_PPO, flat_reward_model
 from trainer.corpus import sample_prompts
-from trainer.ppo_models import PolicyModels
+from trainer.ppo_models import PolicyModels, TokenBatch
 from trainer.ppo_rollout import HFSampler, render_prompts
 from trainer.ppo_trainer import PPOTrainer
 from trainer.reward_rules import ComposedReward, build_rules
@@ -93,3 +93,25 @@ def test_trainer_logprobs_match_the_transformers_sampler(demo_model_dir: Path, r
     assert metrics["sampler_logprob_gap"] < 1e-4
     assert metrics["kl_ref"] == 0.0  # a fresh adapter (B = 0) is exactly the reference
     assert metrics["rollout_tokens"] > 0 and metrics["episodes"] == 16
+
+
+def test_rollout_scores_are_per_row_and_zero_on_padding(demo_model_dir: Path, reward_dir: Path):
+    """Chunked scoring gives each row the numbers it gets alone, and nothing on padding
+    (so sums over a row, like the sequence KL, see response tokens only)."""
+    trainer = _trainer(demo_model_dir, reward_dir)
+    models = trainer.models
+    prompts = render_prompts(models.tokenizer, PROMPTS[:5])
+    responses = [[40, 41, 42][: 1 + i % 3] for i in range(5)]
+    batch = TokenBatch.build(prompts, responses, trainer.pad_id)
+    logprobs, values, reference = trainer._score_tokens(batch)
+    padding = ~batch.mask.bool()
+    assert padding.any()
+    for scores in (logprobs, values, reference):
+        assert torch.all(scores[padding] == 0)
+    for i in range(5):  # row i scored alone
+        alone = TokenBatch.build(prompts[i : i + 1], responses[i : i + 1], trainer.pad_id)
+        lp, v, ref = trainer._score_tokens(alone)
+        n = len(responses[i])
+        torch.testing.assert_close(logprobs[i, :n], lp[0, :n], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(values[i, :n], v[0, :n], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(reference[i, :n], ref[0, :n], atol=1e-5, rtol=1e-5)
