@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from trainer.ppo_math import kl_penalty, masked_mean
-from trainer.ppo_models import POLICY, PolicyModels, TokenBatch
+from trainer.ppo_models import PolicyModels, TokenBatch
 from trainer.ppo_rollout import Sampler, Which, render_prompts
 from trainer.round_config import RoundConfig
 
@@ -83,7 +83,6 @@ def evaluate(
         if name == "candidate":
             pad = models.tokenizer.pad_token_id or 0
             batch = TokenBatch.build(prompt_ids, samples.response_ids, pad)
-            models.use(POLICY)
             out["kl_to_reference"] = sequence_kl(models, batch, ppo.kl_estimator)
             out["examples"] = [
                 {"prompt": c[-1]["content"], "answer": t}

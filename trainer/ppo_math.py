@@ -182,6 +182,14 @@ class RunningMoments:
         self._m2 += m2_b + delta**2 * self.count * n_b / n
         self.count = n
 
+    def state(self) -> list[float]:
+        """``[count, mean, M2]``: what a checkpoint keeps."""
+        return [self.count, self.mean, self._m2]
+
+    def load_state(self, state: list[float]) -> None:
+        count, self.mean, self._m2 = state
+        self.count = int(count)
+
     @property
     def var(self) -> float:
         return self._m2 / self.count if self.count else 0.0

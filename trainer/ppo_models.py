@@ -40,7 +40,12 @@ from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from trainer.ppo_math import entropy_from_logits, logprobs_from_logits, ptx_loss
-from trainer.reward_model import LoraRewardModel, attach_reward_model, load_base_model
+from trainer.reward_model import (
+    LoraRewardModel,
+    attach_reward_model,
+    load_base_model,
+    lora_config,
+)
 
 POLICY, CRITIC, REWARD = "policy", "critic", "reward"
 
@@ -186,14 +191,6 @@ class ActorCritic(torch.nn.Module):
 
 
 # --- the models on one base -----------------------------------------------------------------
-
-
-def lora_config(r: int, alpha: int, target_modules: str) -> LoraConfig:
-    """A LoRA config vLLM can serve: no dropout, no bias, targets as given."""
-    targets: str | list[str] = target_modules
-    if target_modules != "all-linear":
-        targets = [t.strip() for t in target_modules.split(",") if t.strip()]
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets)
 
 
 class PolicyModels:

@@ -106,15 +106,14 @@ class PPOTrainer:
             "trainable": self.models.trainable_state(),
             "optimizer": self.optimizer.state_dict(),
             "kl_coef": self.kl_controller.value,
-            "moments": [self.moments.count, self.moments.mean, self.moments._m2],
+            "moments": self.moments.state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.models.load_trainable_state(state["trainable"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.kl_controller.value = float(state["kl_coef"])
-        count, mean, m2 = state["moments"]
-        self.moments.count, self.moments.mean, self.moments._m2 = int(count), mean, m2
+        self.moments.load_state(state["moments"])
 
     # --- one iteration -------------------------------------------------------------------------
 

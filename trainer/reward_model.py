@@ -287,7 +287,8 @@ def load_base_model(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
     return model, tokenizer
 
 
-def _lora_config(r: int, alpha: int, target_modules: str) -> LoraConfig:
+def lora_config(r: int, alpha: int, target_modules: str) -> LoraConfig:
+    """A LoRA config vLLM can serve: no dropout, targets a comma list or 'all-linear'."""
     targets: str | list[str] = target_modules
     if target_modules != "all-linear":
         targets = [t.strip() for t in target_modules.split(",") if t.strip()]
@@ -311,7 +312,7 @@ def new_lora_reward_model(
     Initialisation draws from a private RNG seeded with ``seed``: the caller's torch random
     stream is left alone, and the same seed gives the same starting point.
     """
-    lora = _lora_config(r, alpha, target_modules)
+    lora = lora_config(r, alpha, target_modules)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if isinstance(base, PeftModel):
