@@ -63,6 +63,17 @@ class PPOConfig:
             "(InstructGPT C.4: each batch split into 8 minibatches of 64)."
         },
     )
+    micro_batch_size: int = field(
+        default=8,
+        metadata={
+            "help": "Rows per forward/backward pass (an implementation detail, not a "
+            "hyperparameter: the gradient is the mini-batch's). A mini-batch's rows are "
+            "sorted by length and cut into micro-batches, so short rows are not padded to the "
+            "longest; each micro-batch's loss is weighted by its share of the mini-batch's "
+            "tokens (gradient accumulation). Rollouts are scored in chunks of this size as "
+            "they finish. Default 8."
+        },
+    )
     ppo_epochs: int = field(
         default=1,
         metadata={
@@ -235,7 +246,13 @@ class PPOConfig:
     )
 
     def __post_init__(self) -> None:
-        for name in ("rollout_batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens"):
+        for name in (
+            "rollout_batch_size",
+            "mini_batch_size",
+            "micro_batch_size",
+            "ppo_epochs",
+            "max_new_tokens",
+        ):
             self._require(getattr(self, name) >= 1, name, "must be at least 1")
         self._require(self.kl_horizon >= 1, "kl_horizon", "must be at least 1")
         for name in ("lr_warmup_iterations", "critic_warmup_iterations"):

@@ -221,6 +221,8 @@ class PolicyModels:
         self._policy_params = [p for n, p in peft_model.named_parameters() if marker[POLICY] in n]
         self._critic_params = [p for n, p in peft_model.named_parameters() if marker[CRITIC] in n]
         self._trainable = {id(p) for p in self.trainable_parameters()}
+        self._adapter_key: tuple[str, ...] = ()
+        self._adapter_list: list[torch.nn.Parameter] = []
         self.use(POLICY)
 
     # --- construction ----------------------------------------------------------------------
@@ -292,10 +294,25 @@ class PolicyModels:
         ]
 
     def use(self, adapter: str) -> None:
-        """Make ``adapter`` the active one; trainable flags stay as they must be."""
-        self.peft_model.set_adapter(adapter)
-        for p in self.peft_model.parameters():
+        """Make ``adapter`` the active one; trainable flags stay as they must be.
+
+        Cheap when ``adapter`` is already active (PEFT's switch walks every module); the
+        flags are put back on the adapters' tensors every time, because any other
+        ``set_adapter`` call (the reward model restores its caller's adapter) re-marks them.
+        """
+        if self.peft_model.active_adapter != adapter:
+            self.peft_model.set_adapter(adapter)
+        for p in self._adapter_tensors():
             p.requires_grad_(id(p) in self._trainable)
+
+    def _adapter_tensors(self) -> list[torch.nn.Parameter]:
+        """Every adapter's tensors (the base's stay frozen): recomputed when adapters are
+        added or deleted (the evaluation loads other policy versions)."""
+        key = tuple(sorted(self.peft_model.peft_config))
+        if self._adapter_key != key:
+            self._adapter_key = key
+            self._adapter_list = [p for n, p in self.peft_model.named_parameters() if ".lora_" in n]
+        return self._adapter_list
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:

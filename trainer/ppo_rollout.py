@@ -11,6 +11,11 @@ Two samplers, one interface (:class:`Sampler`):
   adapter active). Slower; no second process; bit-reproducible for a seed. The fallback,
   the path of exact-reproducibility tests, and what each rank uses under ``torchrun``.
 
+Both **stream**: :meth:`Sampler.stream` yields each response as soon as it is finished, so
+the trainer scores the early (short) responses on its own core while the engine is still
+generating the long ones (vLLM's engine runs in its own process); :meth:`Sampler.sample`
+collects the stream into prompt order.
+
 Either way the sampler's own log-probs come back beside the tokens, but PPO never trains on
 them: the trainer recomputes log-probs with its own model and logs the mean absolute gap
 (bf16 kernels, other attention code and batch shapes make them differ; a growing gap is a
@@ -29,7 +34,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -63,9 +68,32 @@ class Samples:
         return sum(len(r) for r in self.response_ids)
 
 
+@dataclass
+class Finished:
+    """One finished response: the row of the prompt it answers, its tokens and the
+    sampler's log-prob of each token."""
+
+    index: int
+    response_ids: list[int]
+    sampler_logprobs: list[float]
+
+
 class Sampler(Protocol):
     def sync(self, models: PolicyModels, tag: str) -> float:
         """Make ``"current"`` the actor as it is now; returns the seconds it took."""
+
+    def stream(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        seed: int,
+        which: Which = "current",
+    ) -> Iterator[Finished]:
+        """One response per prompt, each yielded as soon as it is finished (any order),
+        sampled reproducibly for ``seed`` as far as the sampler can be."""
+        ...
 
     def sample(
         self,
@@ -75,9 +103,26 @@ class Sampler(Protocol):
         temperature: float,
         seed: int,
         which: Which = "current",
-    ) -> Samples: ...
+    ) -> Samples:
+        """The whole stream, in prompt order."""
+        ...
 
     def close(self) -> None: ...
+
+
+def collect(stream: Iterator[Finished], n: int) -> Samples:
+    """Drain a :meth:`Sampler.stream` of ``n`` prompts into a :class:`Samples` in prompt
+    order."""
+    started = time.perf_counter()
+    responses: list[list[int] | None] = [None] * n
+    logprobs: list[list[float]] = [[] for _ in range(n)]
+    for done in stream:
+        responses[done.index] = done.response_ids
+        logprobs[done.index] = done.sampler_logprobs
+    missing = [i for i, r in enumerate(responses) if r is None]
+    if missing:
+        raise RuntimeError(f"the sampler returned no response for rows {missing[:10]}")
+    return Samples(responses, logprobs, time.perf_counter() - started)  # type: ignore[arg-type]
 
 
 def render_prompts(
@@ -133,7 +178,6 @@ class HFSampler:
         del models, tag  # it samples from the training model itself: always in sync
         return 0.0
 
-    @torch.no_grad()
     def sample(
         self,
         prompt_ids: Sequence[Sequence[int]],
@@ -143,7 +187,39 @@ class HFSampler:
         seed: int,
         which: Which = "current",
     ) -> Samples:
-        started = time.perf_counter()
+        stream = self.stream(
+            prompt_ids,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            seed=seed,
+            which=which,
+        )
+        return collect(stream, len(prompt_ids))
+
+    def stream(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        seed: int,
+        which: Which = "current",
+    ) -> Iterator[Finished]:
+        """``generate`` finishes the whole batch at once: every row comes at the end,
+        shortest first (so consecutive rows pad little when scored together). One seed for
+        the batch, not one per row: ``generate`` draws from one generator."""
+        rows = self._generate(prompt_ids, max_new_tokens, temperature, seed, which)
+        yield from sorted(rows, key=lambda row: len(row.response_ids))
+
+    @torch.no_grad()
+    def _generate(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        temperature: float,
+        seed: int,
+        which: Which,
+    ) -> list[Finished]:
         width = max(len(p) for p in prompt_ids)
         input_ids = torch.full((len(prompt_ids), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
@@ -168,12 +244,11 @@ class HFSampler:
         generated = out.sequences[:, width:]
         logits = torch.stack(out.logits, dim=1).float() / temperature  # [B, steps, V]
         picked = torch.log_softmax(logits, dim=-1).gather(-1, generated.unsqueeze(-1))[..., 0]
-        responses, logprobs = [], []
-        for row, lp in zip(generated.tolist(), picked.tolist(), strict=True):
+        out = []
+        for i, (row, lp) in enumerate(zip(generated.tolist(), picked.tolist(), strict=True)):
             tokens = cut_at_eos(row, self.eos)
-            responses.append(tokens)
-            logprobs.append(lp[: len(tokens)])
-        return Samples(responses, logprobs, time.perf_counter() - started)
+            out.append(Finished(i, tokens, lp[: len(tokens)]))
+        return out
 
     def _policy(self, which: Which):
         if which == "current":
@@ -217,9 +292,27 @@ class VllmOptions:
     dtype: str = "auto"
     max_model_len: int = 512
     max_lora_rank: int = 8
-    kv_cache_gib: int = 1
+    kv_cache_mib: int = 256
+    """CPU only: the engine's KV cache. A rollout needs ``rows x (prompt + answer)``
+    tokens of it (the demo model: 1 KiB per token, so 256 rows of 512 tokens = 128 MiB);
+    vLLM's CPU default is GiBs, allocated up front."""
+    engine_cpus: int = 0
+    """CPU only: cores given to the engine process; the trainer keeps the rest, so the
+    engine generates while the trainer scores finished answers, each on its own cores
+    instead of both fighting over all of them. 0 = half the cores (at least one) when
+    there are two or more, else no pinning."""
     gpu_memory_utilization: float = 0.3
     sync_timeout_s: float = 60.0
+
+
+def split_cpus(engine_cpus: int) -> tuple[set[int], set[int]] | None:
+    """``(engine cores, trainer cores)`` out of this process's cores, or None to share
+    them all (one core, or ``engine_cpus`` asks for every core)."""
+    cores = sorted(os.sched_getaffinity(0))
+    wanted = engine_cpus or len(cores) // 2
+    if len(cores) < 2 or not 1 <= wanted < len(cores):
+        return None
+    return set(cores[:wanted]), set(cores[wanted:])
 
 
 class VllmSampler:
@@ -233,32 +326,49 @@ class VllmSampler:
         shutil.rmtree(self.sync_dir, ignore_errors=True)
         self.sync_dir.mkdir(parents=True)
         gpu = torch.cuda.is_available()
-        if not gpu:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(options.kv_cache_gib))
         dtype = options.dtype
         if dtype == "auto" and not gpu:
             dtype = "bfloat16"
         extra: dict[str, Any] = {}
         if gpu:
             extra["gpu_memory_utilization"] = options.gpu_memory_utilization
-        self.llm = LLM(
-            model=str(base_model),
-            dtype=dtype,
-            max_model_len=options.max_model_len,
-            enforce_eager=not gpu,
-            enable_lora=True,
-            max_lora_rank=options.max_lora_rank,
-            max_loras=2,
-            max_cpu_loras=4,
-            logprobs_mode="processed_logprobs",  # after temperature: what was sampled from
-            disable_log_stats=True,
-            seed=0,
-            **extra,
-        )
+        else:
+            extra["kv_cache_memory_bytes"] = options.kv_cache_mib * 2**20
+        placement = None if gpu else split_cpus(options.engine_cpus)
+        if placement is not None:
+            # The engine process inherits the cores this process has while it starts.
+            os.sched_setaffinity(0, placement[0])
+        try:
+            self.llm = LLM(
+                model=str(base_model),
+                dtype=dtype,
+                max_model_len=options.max_model_len,
+                enforce_eager=not gpu,
+                enable_lora=True,
+                max_lora_rank=options.max_lora_rank,
+                max_loras=2,
+                max_cpu_loras=4,
+                logprobs_mode="processed_logprobs",  # after temperature: what was sampled from
+                disable_log_stats=True,
+                seed=0,
+                **extra,
+            )
+        finally:
+            if placement is not None:
+                os.sched_setaffinity(0, placement[1])
+                if torch.get_num_threads() > len(placement[1]):
+                    torch.set_num_threads(len(placement[1]))
+                log.info(
+                    "rollout engine on cores %s, trainer on cores %s (%d torch threads)",
+                    sorted(placement[0]),
+                    sorted(placement[1]),
+                    torch.get_num_threads(),
+                )
         self._next_id = 1
         self._current: Any = None
         self._others: dict[str, Any] = {}
         self._broken: str | None = None
+        self._batches = 0
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -330,24 +440,38 @@ class VllmSampler:
         seed: int,
         which: Which = "current",
     ) -> Samples:
+        stream = self.stream(
+            prompt_ids,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            seed=seed,
+            which=which,
+        )
+        return collect(stream, len(prompt_ids))
+
+    def stream(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        seed: int,
+        which: Which = "current",
+    ) -> Iterator[Finished]:
+        """Queue every prompt in the engine, then yield responses as the engine finishes
+        them. The engine keeps generating in its own process while the caller works on
+        what it was given. Row ``i`` is sampled with seed ``seed * 1_000_003 + i``. A
+        caller that stops early aborts the rest of the requests."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
 
-        started = time.perf_counter()
-        if which == "current":
-            if self._current is None:
-                raise AdapterSyncError("no policy adapter synced into vLLM yet")
-            lora = self._current
-        elif which == "base":
-            lora = None
-        else:
-            key = str(Path(which).resolve())
-            if key not in self._others:
-                self._others[key] = self._new_request(f"eval-{len(self._others)}", Path(key))
-            lora = self._others[key]
-        prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids]
-        params = [
-            SamplingParams(
+        lora = self._lora_for(which)
+        engine = self.llm.llm_engine
+        self._batches += 1
+        ids = {f"rollout-{self._batches}-{i}": i for i in range(len(prompt_ids))}
+        for request_id, i in ids.items():
+            params = SamplingParams(
                 temperature=temperature,
                 top_p=1.0,
                 top_k=0,
@@ -355,18 +479,40 @@ class VllmSampler:
                 seed=seed * 1_000_003 + i,
                 logprobs=0,
                 detokenize=False,  # the trainer decodes what it needs itself
+                output_kind=RequestOutputKind.FINAL_ONLY,
             )
-            for i in range(len(prompts))
-        ]
-        outputs = self.llm.generate(prompts, params, lora_request=lora, use_tqdm=False)
-        responses, logprobs = [], []
-        for out in outputs:
-            completion = out.outputs[0]
-            tokens = [int(t) for t in completion.token_ids]
-            responses.append(tokens)
-            lps = completion.logprobs or []
-            logprobs.append([float(step[t].logprob) for step, t in zip(lps, tokens, strict=False)])
-        return Samples(responses, logprobs, time.perf_counter() - started)
+            prompt = TokensPrompt(prompt_token_ids=list(prompt_ids[i]))
+            engine.add_request(request_id, prompt, params, lora_request=lora)
+        pending = set(ids)
+        try:
+            while pending:
+                for out in engine.step():
+                    if not out.finished or out.request_id not in pending:
+                        continue
+                    pending.discard(out.request_id)
+                    completion = out.outputs[0]
+                    tokens = [int(t) for t in completion.token_ids]
+                    lps = completion.logprobs or []
+                    yield Finished(
+                        ids[out.request_id],
+                        tokens,
+                        [float(step[t].logprob) for step, t in zip(lps, tokens, strict=False)],
+                    )
+        finally:
+            if pending:
+                engine.abort_request(sorted(pending))
+
+    def _lora_for(self, which: Which) -> Any:
+        if which == "current":
+            if self._current is None:
+                raise AdapterSyncError("no policy adapter synced into vLLM yet")
+            return self._current
+        if which == "base":
+            return None
+        key = str(Path(which).resolve())
+        if key not in self._others:
+            self._others[key] = self._new_request(f"eval-{len(self._others)}", Path(key))
+        return self._others[key]
 
     def close(self) -> None:
         self.llm.llm_engine.engine_core.shutdown()  # stops the EngineCore process now

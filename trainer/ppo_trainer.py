@@ -7,7 +7,10 @@
 2. **evaluate the rollout** (no gradient) - recomputes the actor's log-probs with the
    training model (never the sampler's: their mean absolute gap is logged), the frozen
    reference's log-probs (adapters disabled), the critic's values, and the reward: reward
-   model score plus rule terms, one number per response;
+   model score plus rule terms, one number per response. This overlaps step 1: the
+   sampler streams finished responses, and each micro-batch-sized chunk of them is scored
+   while the engine (its own process, its own core) still generates the longer ones.
+   Every row's numbers are its own, whichever chunk it landed in;
 3. **reward shaping** - scores normalised by running statistics and clipped (PPO-max),
    per-token KL penalty ``-beta * kl`` with the score added on the last token;
 4. **advantages** - GAE over response tokens, then whitened;
@@ -26,8 +29,10 @@ prompts (see :mod:`trainer.distributed`).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,10 +41,27 @@ from trainer import ppo_math as pm
 from trainer.distributed import Dist
 from trainer.ppo_config import PPOConfig
 from trainer.ppo_models import PolicyModels, TokenBatch
-from trainer.ppo_rollout import Sampler, render_prompts
+from trainer.ppo_rollout import Finished, Sampler, render_prompts
 
 RewardFn = Callable[[Sequence[Any], Sequence[str]], dict[str, torch.Tensor]]
 """``(conversations, answers) -> {"total": [B], <component>: [B], ...}`` (ComposedReward)."""
+
+
+@dataclass
+class ScoredRollout:
+    """Step 1 and 2's result, rows in prompt order; ``[B, R]`` tensors are 0 on padding."""
+
+    batch: TokenBatch
+    old_logprobs: torch.Tensor
+    values: torch.Tensor
+    ref_logprobs: torch.Tensor
+    sampler_logprobs: torch.Tensor
+    reward_parts: dict[str, torch.Tensor]
+    tokens: int
+    rollout_s: float
+    """From the first request to the last response."""
+    score_s: float
+    """Time spent scoring, most of it while the engine was still generating."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -126,28 +148,17 @@ class PPOTrainer:
         cfg, dist, models = self.config, self.dist, self.models
         started = time.perf_counter()
 
-        # 1. rollout: sync the actor into the sampler, sample one response per prompt.
+        # 1+2. rollout, and evaluate it as it streams in: actor and critic (this very model),
+        #      reference, reward.
         sync_s = self.sampler.sync(models, str(iteration))
-        prompt_ids = render_prompts(models.tokenizer, conversations)
-        samples = self.sampler.sample(
-            prompt_ids,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            seed=(cfg.seed * 1_000_003 + iteration) * dist.world_size + dist.rank,
-        )
-        answers = models.tokenizer.batch_decode(samples.response_ids, skip_special_tokens=True)
-        batch = TokenBatch.build(prompt_ids, samples.response_ids, self.pad_id)
+        seed = (cfg.seed * 1_000_003 + iteration) * dist.world_size + dist.rank
+        rollout = self._rollout_and_score(conversations, seed)
+        batch, old_logprobs, values = rollout.batch, rollout.old_logprobs, rollout.values
         mask = batch.mask.float()
-
-        # 2. evaluate the rollout: actor and critic (this very model), reference, reward.
-        t_score = time.perf_counter()
-        old_logprobs, values, ref_logprobs = self._score_tokens(batch)
-        with torch.inference_mode():
-            parts = self.reward_fn(conversations, answers)
-        scores = parts["total"].float()
+        scores = rollout.reward_parts["total"].float()
         _finite("reward scores", scores, iteration)
-        sampler_logprobs = _padded(samples.sampler_logprobs, batch.mask.shape[1])
-        logprob_gap = pm.masked_mean((old_logprobs - sampler_logprobs).abs(), mask).item()
+        logprob_gap = pm.masked_mean((old_logprobs - rollout.sampler_logprobs).abs(), mask).item()
+        t_score = time.perf_counter()
 
         # 3. reward: normalise + clip the scores (stats over every rank), per-token KL penalty.
         self.moments.update(dist.gather(scores))
@@ -157,7 +168,7 @@ class PPOTrainer:
             )
         else:
             norm_scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
-        kl = pm.kl_penalty(old_logprobs, ref_logprobs, cfg.kl_estimator)  # type: ignore[arg-type]
+        kl = pm.kl_penalty(old_logprobs, rollout.ref_logprobs, cfg.kl_estimator)  # type: ignore[arg-type]
         beta = self.kl_controller.value
         rewards = pm.shaped_rewards(norm_scores, kl, beta, mask)
 
@@ -165,7 +176,7 @@ class PPOTrainer:
         advantages, returns = pm.gae(rewards, values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             advantages = pm.whiten(advantages, mask)
-        score_s = time.perf_counter() - t_score
+        score_s = rollout.score_s + time.perf_counter() - t_score
 
         # 5. update: epochs of shuffled mini-batches, early stop on approximate KL.
         t_update = time.perf_counter()
@@ -189,21 +200,90 @@ class PPOTrainer:
             "response_length": dist.mean(lengths.mean().item()),
             "sampler_logprob_gap": dist.mean(logprob_gap),
             "episodes": cfg.rollout_batch_size,
-            "rollout_tokens": int(dist.mean(float(samples.tokens)) * dist.world_size),
-            "rollout_tokens_per_s": dist.mean(samples.tokens / max(samples.seconds, 1e-9))
+            "rollout_tokens": int(dist.mean(float(rollout.tokens)) * dist.world_size),
+            "rollout_tokens_per_s": dist.mean(rollout.tokens / max(rollout.rollout_s, 1e-9))
             * dist.world_size,
             "sync_s": sync_s,
-            "rollout_s": samples.seconds,
+            "rollout_s": rollout.rollout_s,
             "score_s": score_s,
             "update_s": update_s,
             **update,
         }
-        for name, values_ in parts.items():
+        for name, values_ in rollout.reward_parts.items():
             if name != "total":
                 metrics[f"reward_{name}"] = dist.mean(values_.float().mean().item())
         metrics["seconds"] = time.perf_counter() - started
         metrics["episodes_per_s"] = cfg.rollout_batch_size / metrics["seconds"]
         return metrics
+
+    def _rollout_and_score(self, conversations: Sequence[Any], seed: int) -> ScoredRollout:
+        """Sample one response per conversation and score each chunk of
+        ``micro_batch_size`` responses as soon as the sampler has finished it."""
+        models, cfg = self.models, self.config
+        prompt_ids = render_prompts(models.tokenizer, conversations)
+        n = len(prompt_ids)
+        responses: list[list[int]] = [[] for _ in range(n)]
+        sampler_logprobs: list[list[float]] = [[] for _ in range(n)]
+        scored: dict[int, tuple[torch.Tensor, ...]] = {}  # row -> (logprobs, values, ref)
+        parts: dict[str, torch.Tensor] = {}
+        score_s = 0.0
+
+        def score(chunk: list[Finished]) -> None:
+            nonlocal score_s
+            t = time.perf_counter()
+            rows = [d.index for d in chunk]
+            sub = TokenBatch.build(
+                [prompt_ids[i] for i in rows], [d.response_ids for d in chunk], self.pad_id
+            )
+            per_token = self._score_tokens(sub)
+            for j, d in enumerate(chunk):
+                length = len(d.response_ids)
+                scored[d.index] = tuple(part[j, :length] for part in per_token)
+            answers = models.tokenizer.batch_decode(
+                [d.response_ids for d in chunk], skip_special_tokens=True
+            )
+            with torch.inference_mode():
+                chunk_parts = self.reward_fn([conversations[i] for i in rows], answers)
+            for name, value in chunk_parts.items():
+                parts.setdefault(name, torch.zeros(n, dtype=value.dtype))[rows] = value
+            score_s += time.perf_counter() - t
+
+        started = last = time.perf_counter()
+        chunk: list[Finished] = []
+        stream = self.sampler.stream(
+            prompt_ids,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            seed=seed,
+        )
+        for done in stream:
+            last = time.perf_counter()
+            responses[done.index] = done.response_ids
+            sampler_logprobs[done.index] = done.sampler_logprobs
+            chunk.append(done)
+            if len(chunk) == cfg.micro_batch_size:
+                score(chunk)
+                chunk = []
+        rollout_s = last - started
+        if chunk:
+            score(chunk)
+        if len(scored) != n:
+            raise RuntimeError(f"the sampler answered {len(scored)} of {n} prompts")
+
+        batch = TokenBatch.build(prompt_ids, responses, self.pad_id)
+        per_token = [torch.zeros(batch.mask.shape) for _ in range(3)]
+        for i, row in scored.items():
+            for target, values in zip(per_token, row, strict=True):
+                target[i, : values.shape[0]] = values
+        return ScoredRollout(
+            batch,
+            *per_token,
+            sampler_logprobs=_padded(sampler_logprobs, batch.response_width),
+            reward_parts=parts,
+            tokens=sum(len(r) for r in responses),
+            rollout_s=rollout_s,
+            score_s=score_s,
+        )
 
     @torch.inference_mode()
     def _score_tokens(self, batch: TokenBatch) -> tuple[torch.Tensor, ...]:
@@ -224,6 +304,77 @@ class PPOTrainer:
             for target, part in zip(out, parts, strict=True):
                 target[rows, :width] = torch.where(keep, part, torch.zeros_like(part))
         return tuple(out)
+
+    def _accumulate(
+        self,
+        batch: TokenBatch,
+        rows: torch.Tensor,
+        old_logprobs: torch.Tensor,
+        old_values: torch.Tensor,
+        advantages: torch.Tensor,
+        returns: torch.Tensor,
+        ptx: TokenBatch | None,
+        iteration: int,
+    ) -> dict[str, torch.Tensor]:
+        """Backward the mini-batch ``rows``'s loss, micro-batch by micro-batch, and return
+        its (detached) loss terms and statistics.
+
+        The rows are sorted by length and cut into ``micro_batch_size`` pieces, each padded
+        only to its own longest row. Every loss term is a masked mean over response tokens;
+        a micro-batch's mean is weighted by its share of the mini-batch's tokens, so the
+        summed gradient is the mini-batch's own. (PPO-ptx rides on the first micro-batch.)
+        """
+        cfg = self.config
+        warming_up = iteration < cfg.critic_warmup_iterations
+        lengths = batch.attention_mask[rows].sum(1)
+        rows = rows[torch.argsort(lengths, stable=True)]
+        pieces = list(rows.split(cfg.micro_batch_size))
+        total_tokens = float(batch.mask[rows].sum().clamp(min=1))
+        sums: dict[str, torch.Tensor] = {}
+        for k, piece in enumerate(pieces):
+            mb = batch.select(piece)
+            mb_mask = mb.mask.float()
+            width = mb.response_width
+            share = float(mb_mask.sum()) / total_tokens
+            last = k == len(pieces) - 1
+            # DDP all-reduces the gradients once, after the last micro-batch's backward.
+            no_sync = self.module.no_sync() if self.dist.enabled and not last else None
+            with no_sync or contextlib.nullcontext():
+                logprobs, values, entropy, ptx_nll = self.module(mb, ptx if k == 0 else None)
+                p_loss, clip_frac, approx_kl = pm.policy_loss(
+                    logprobs,
+                    old_logprobs[piece, :width],
+                    advantages[piece, :width],
+                    mb_mask,
+                    cfg.clip_range,
+                )
+                v_loss, v_clip = pm.value_loss(
+                    values,
+                    old_values[piece, :width],
+                    returns[piece, :width],
+                    mb_mask,
+                    cfg.value_clip_range,
+                )
+                if warming_up:  # critic only; the actor's graph stays in (DDP) at zero weight
+                    loss = cfg.vf_coef * v_loss + 0.0 * (p_loss + entropy)
+                else:
+                    loss = p_loss + cfg.vf_coef * v_loss - cfg.entropy_coef * entropy
+                loss = share * loss
+                if ptx_nll is not None:  # PPO-ptx: keep the SFT likelihood up
+                    loss = loss + cfg.ptx_coef * ptx_nll
+                    sums["ptx_loss"] = ptx_nll.detach()
+                _finite("loss", loss, iteration)
+                loss.backward()
+            for key, value in (
+                ("policy_loss", p_loss),
+                ("value_loss", v_loss),
+                ("entropy", entropy),
+                ("clip_fraction", clip_frac),
+                ("value_clip_fraction", v_clip),
+                ("approx_kl", approx_kl),
+            ):
+                sums[key] = sums.get(key, 0.0) + share * value.detach()
+        return sums
 
     def _ptx_batch(self, generator: torch.Generator) -> TokenBatch | None:
         if not self.ptx_examples:
@@ -271,49 +422,20 @@ class PPOTrainer:
             order = torch.randperm(local_batch, generator=generator)
             for start in range(0, local_batch, local_mini):
                 rows = order[start : start + local_mini]
-                mb = batch.select(rows)
-                mb_mask = mb.mask.float()
-                width = mb.response_width
-                logprobs, values, entropy, ptx_nll = self.module(mb, self._ptx_batch(generator))
-                p_loss, clip_frac, approx_kl = pm.policy_loss(
-                    logprobs,
-                    old_logprobs[rows, :width],
-                    advantages[rows, :width],
-                    mb_mask,
-                    cfg.clip_range,
-                )
-                v_loss, v_clip = pm.value_loss(
-                    values,
-                    old_values[rows, :width],
-                    returns[rows, :width],
-                    mb_mask,
-                    cfg.value_clip_range,
-                )
-                if warming_up:  # critic only; the actor's graph stays in (DDP) at zero weight
-                    loss = cfg.vf_coef * v_loss + 0.0 * (p_loss + entropy)
-                else:
-                    loss = p_loss + cfg.vf_coef * v_loss - cfg.entropy_coef * entropy
-                if ptx_nll is not None:  # PPO-ptx: keep the SFT likelihood up
-                    loss = loss + cfg.ptx_coef * ptx_nll
-                    logs["ptx_loss"].append(float(ptx_nll.detach()))
-                _finite("loss", loss, iteration)
+                ptx = self._ptx_batch(generator)
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                step = self._accumulate(
+                    batch, rows, old_logprobs, old_values, advantages, returns, ptx, iteration
+                )
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 _finite("gradient norm", grad_norm, iteration)
                 self.optimizer.step()
-                for key, value in (
-                    ("policy_loss", p_loss),
-                    ("value_loss", v_loss),
-                    ("entropy", entropy),
-                    ("clip_fraction", clip_frac),
-                    ("value_clip_fraction", v_clip),
-                    ("approx_kl", approx_kl),
-                    ("grad_norm", grad_norm),
-                ):
-                    logs[key].append(float(value.detach()))
+                step["grad_norm"] = grad_norm
+                for key, value in step.items():
+                    logs[key].append(float(value))
                 # Early stop when the policy moved too far from the one that sampled.
-                too_far = cfg.approx_kl_stop > 0 and approx_kl.item() > cfg.approx_kl_stop
+                approx_kl = float(step["approx_kl"])
+                too_far = cfg.approx_kl_stop > 0 and approx_kl > cfg.approx_kl_stop
                 if dist.any(too_far and not warming_up):
                     early_stopped = True
                     break
