@@ -1,8 +1,9 @@
 """PPO speed and memory on the demo model, against Hugging Face TRL's PPOTrainer.
 
 One fixed configuration (the demo model, the same 256 prompts from the demo world, rollout
-batch 64, mini-batch 16, one PPO epoch, 48 new tokens, temperature 1, lr 1e-5, KL
-coefficient 0.05, seed 0, one torch thread) is trained by
+batch 256, mini-batch 64 (InstructGPT's, and PPOConfig's default), one PPO epoch, 48 new
+tokens, temperature 1, lr 1e-5, KL coefficient 0.05, seed 0, one torch thread per process)
+is trained by
 
 * **alignloop**: :class:`trainer.ppo_trainer.PPOTrainer` on one base with policy, critic and
   reward LoRA adapters; rollouts from vLLM with the actor hot-loaded every iteration
@@ -15,10 +16,16 @@ coefficient 0.05, seed 0, one torch thread) is trained by
 Each side runs in a fresh child process (its peak RSS is its own), alternating
 alignloop / TRL for ``--rounds`` rounds (these 2 shared cores swing by 2x between runs);
 figures are medians. Prints one JSON object: ``rollout_tokens_per_s``, ``episodes_per_s``,
-``seconds_per_round`` (the round's PPO iterations: 256 episodes), ``peak_rss_mb``,
-``reward_start``, ``reward_end``, ``final_kl``, the memory breakdown, TRL's figures and the
-ratios (``speedup_episodes_per_s``, ``peak_rss_ratio``). ``--quick``: one round of two
-iterations.
+``seconds_per_round`` (the round's PPO iterations), ``peak_rss_mb`` (the trainer process),
+``total_peak_rss_mb`` (trainer + rollout engine processes), ``reward_start``,
+``reward_end``, ``final_kl``, the memory breakdown, TRL's figures and the ratios
+(``speedup_episodes_per_s``, ``peak_rss_ratio``, ``total_peak_rss_ratio``).
+
+``--rollout-batch-size`` / ``--mini-batch-size`` / ``--threads`` change the configuration
+for both sides; ``--scaled-model HIDDEN,LAYERS`` trains a randomly initialised Llama of
+that width and depth (the demo tokenizer and chat template) instead of the demo model, to
+see where model memory, not the Python/torch floor, dominates. ``--quick``: one round of
+two iterations.
 
     python benchmarks/ppo.py [--quick] [--rounds 3] [--rollout vllm|hf] [--no-trl]
 """
@@ -40,8 +47,8 @@ sys.path.insert(0, str(ROOT))
 
 FIXED = {
     "prompts": 256,
-    "rollout_batch_size": 64,
-    "mini_batch_size": 16,
+    "rollout_batch_size": 256,
+    "mini_batch_size": 64,
     "ppo_epochs": 1,
     "max_new_tokens": 48,
     "temperature": 1.0,
@@ -84,7 +91,7 @@ def _descendants(pid: int) -> list[int]:
 def run_alignloop(args: argparse.Namespace) -> dict:
     import torch
 
-    torch.set_num_threads(FIXED["threads"])
+    torch.set_num_threads(args.threads)
     from tests.fixtures.ppo import CONCISE
     from trainer.corpus import sample_prompts
     from trainer.ppo_config import PPOConfig
@@ -102,8 +109,8 @@ def run_alignloop(args: argparse.Namespace) -> dict:
         sampler = HFSampler(models)
     rss["after_sampler_start"] = _rss_mb()
     config = PPOConfig(
-        rollout_batch_size=FIXED["rollout_batch_size"],
-        mini_batch_size=FIXED["mini_batch_size"],
+        rollout_batch_size=args.rollout_batch_size,
+        mini_batch_size=args.mini_batch_size,
         ppo_epochs=FIXED["ppo_epochs"],
         max_new_tokens=FIXED["max_new_tokens"],
         temperature=FIXED["temperature"],
@@ -126,7 +133,9 @@ def run_alignloop(args: argparse.Namespace) -> dict:
             f"{steps[-1]['reward_raw']:+.3f}, KL {steps[-1]['kl_ref']:.3f}"
         )
     seconds = time.perf_counter() - started
-    engine_rss = max((_rss_mb("VmHWM", p) for p in _descendants(os.getpid())), default=0.0)
+    # The engine's processes (vLLM on CPU: engine core + model worker): each one's peak,
+    # summed (an upper bound: their peaks need not coincide).
+    engine_rss = round(sum(_rss_mb("VmHWM", p) for p in _descendants(os.getpid())), 1)
     peak = _rss_mb("VmHWM")
     sampler.close()
     params = models.parameter_bytes()
@@ -141,6 +150,7 @@ def run_alignloop(args: argparse.Namespace) -> dict:
         "rollout_tokens_per_s": tokens / rollout_seconds,
         "peak_rss_mb": peak,
         "rollout_engine_peak_rss_mb": engine_rss,
+        "total_peak_rss_mb": round(peak + engine_rss, 1),
         "rss_mb": rss,
         "memory_breakdown_mb": {
             "process_and_libraries": rss["after_imports"],
@@ -151,6 +161,7 @@ def run_alignloop(args: argparse.Namespace) -> dict:
                 peak - rss["after_sampler_start"] - _mb(2 * trainable), 1
             ),
             "sampler_in_process": round(rss["after_sampler_start"] - rss["after_models_load"], 1),
+            "rollout_engine_processes": engine_rss,
         },
         "reward_start": steps[0]["reward_raw"],
         "reward_end": steps[-1]["reward_raw"],
@@ -171,8 +182,10 @@ def _child(args: argparse.Namespace, work: Path, reward_dir: Path) -> dict:
         sys.executable, str(Path(__file__).resolve()), "--child",
         "--model", str(args.model), "--reward-dir", str(reward_dir), "--work", str(work),
         "--rollout", args.rollout, "--iterations", str(args.iterations),
+        "--rollout-batch-size", str(args.rollout_batch_size),
+        "--mini-batch-size", str(args.mini_batch_size), "--threads", str(args.threads),
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": str(FIXED["threads"]), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
     out = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, check=True)
     return json.loads(out.stdout.splitlines()[-1])  # vLLM logs to stdout too
 
@@ -181,14 +194,14 @@ def _trl(args: argparse.Namespace, prompts_file: Path) -> dict:
     cmd = [
         sys.executable, str(ROOT / "benchmarks" / "trl_ppo_baseline.py"),
         "--model", str(args.model), "--prompts", str(prompts_file),
-        "--episodes", str(args.iterations * FIXED["rollout_batch_size"]),
-        "--batch-size", str(FIXED["rollout_batch_size"]),
-        "--mini-batch-size", str(FIXED["mini_batch_size"]),
+        "--episodes", str(args.iterations * args.rollout_batch_size),
+        "--batch-size", str(args.rollout_batch_size),
+        "--mini-batch-size", str(args.mini_batch_size),
         "--ppo-epochs", str(FIXED["ppo_epochs"]),
         "--max-new-tokens", str(FIXED["max_new_tokens"]),
         "--temperature", str(FIXED["temperature"]), "--lr", str(FIXED["actor_lr"]),
         "--kl-coef", str(FIXED["init_kl_coef"]), "--seed", str(FIXED["seed"]),
-        "--threads", str(FIXED["threads"]),
+        "--threads", str(args.threads),
     ]  # fmt: skip
     out = subprocess.run(cmd, stdout=subprocess.PIPE, check=True)
     return json.loads(out.stdout.splitlines()[-1])  # vLLM logs to stdout too
@@ -209,6 +222,30 @@ def _setup(model: Path, work: Path) -> tuple[Path, Path]:
     return reward_dir, prompts_file
 
 
+def scaled_model(demo: Path, spec: str, out: Path) -> Path:
+    """A randomly initialised Llama ``HIDDEN,LAYERS`` wide and deep (MLP 2.75x, head dim 64,
+    4 KV heads) with the demo model's tokenizer, chat template and generation config."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    hidden, layers = (int(x) for x in spec.split(","))
+    config = AutoConfig.from_pretrained(demo)
+    config.hidden_size, config.num_hidden_layers = hidden, layers
+    config.intermediate_size = int(hidden * 2.75) // 64 * 64
+    config.num_attention_heads, config.num_key_value_heads = hidden // 64, 4
+    config.head_dim = 64
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (demo / name).exists():
+            shutil.copy(demo / name, out / name)
+    log(f"scaled model {spec}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -218,6 +255,12 @@ def main() -> int:
     ap.add_argument("--iterations", type=int, default=4, help="PPO iterations (x64 episodes)")
     ap.add_argument("--rollout", choices=("vllm", "hf"), default="vllm")
     ap.add_argument("--no-trl", action="store_true", help="skip the TRL baseline")
+    ap.add_argument("--rollout-batch-size", type=int, default=FIXED["rollout_batch_size"])
+    ap.add_argument("--mini-batch-size", type=int, default=FIXED["mini_batch_size"])
+    ap.add_argument("--threads", type=int, default=FIXED["threads"], help="per process")
+    ap.add_argument(
+        "--scaled-model", metavar="HIDDEN,LAYERS", help="a random-init Llama of this size"
+    )
     ap.add_argument("--model", type=Path, help="default: the cached demo model")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--reward-dir", type=Path, help=argparse.SUPPRESS)
@@ -235,6 +278,8 @@ def main() -> int:
         args.model = bootstrap_demo_model(demo_model_cache_dir())
 
     work = Path(tempfile.mkdtemp(prefix="alignloop-bench-ppo-"))
+    if args.scaled_model:
+        args.model = scaled_model(Path(args.model), args.scaled_model, work / "model")
     reward_dir, prompts_file = _setup(args.model, work)
     ours, theirs = [], []
     for r in range(args.rounds):
@@ -248,13 +293,22 @@ def main() -> int:
         return round(statistics.median(row[key] for row in rows), 3)
 
     result = {
-        "config": {**FIXED, "iterations": args.iterations, "rollout": args.rollout},
+        "config": {
+            **FIXED,
+            "rollout_batch_size": args.rollout_batch_size,
+            "mini_batch_size": args.mini_batch_size,
+            "threads": args.threads,
+            "iterations": args.iterations,
+            "rollout": args.rollout,
+            "model": args.scaled_model or "demo",
+        },
         "rounds": args.rounds,
         "rollout_tokens_per_s": median(ours, "rollout_tokens_per_s"),
         "episodes_per_s": median(ours, "episodes_per_s"),
         "seconds_per_round": median(ours, "seconds"),
         "peak_rss_mb": median(ours, "peak_rss_mb"),
         "rollout_engine_peak_rss_mb": median(ours, "rollout_engine_peak_rss_mb"),
+        "total_peak_rss_mb": median(ours, "total_peak_rss_mb"),
         "reward_start": round(ours[-1]["reward_start"], 4),
         "reward_end": round(ours[-1]["reward_end"], 4),
         "final_kl": round(ours[-1]["final_kl"], 4),
@@ -284,6 +338,12 @@ def main() -> int:
         result["peak_rss_ratio"] = round(
             statistics.median(
                 o["peak_rss_mb"] / t["peak_rss_mb"] for o, t in zip(ours, theirs, strict=True)
+            ),
+            3,
+        )
+        result["total_peak_rss_ratio"] = round(
+            statistics.median(
+                o["total_peak_rss_mb"] / t["peak_rss_mb"] for o, t in zip(ours, theirs, strict=True)
             ),
             3,
         )

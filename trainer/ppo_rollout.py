@@ -301,6 +301,8 @@ class VllmOptions:
     engine generates while the trainer scores finished answers, each on its own cores
     instead of both fighting over all of them. 0 = half the cores (at least one) when
     there are two or more, else no pinning."""
+    warmup_rows: int = 256
+    """Rows of the start-up warm-up batch (see :meth:`VllmSampler._warm_up`)."""
     gpu_memory_utilization: float = 0.3
     sync_timeout_s: float = 60.0
 
@@ -335,6 +337,7 @@ class VllmSampler:
         else:
             extra["kv_cache_memory_bytes"] = options.kv_cache_mib * 2**20
         placement = None if gpu else split_cpus(options.engine_cpus)
+        self._restore = (os.sched_getaffinity(0), torch.get_num_threads())
         if placement is not None:
             # The engine process inherits the cores this process has while it starts.
             os.sched_setaffinity(0, placement[0])
@@ -372,12 +375,18 @@ class VllmSampler:
         self._warm_up()
 
     def _warm_up(self) -> None:
-        """One tiny generation, so the engine's first-call costs are paid at start-up."""
+        """A few steps of a full-size batch (``warmup_rows`` short prompts), so the engine's
+        first-call costs (allocation, kernels for large prefill and decode batches: seconds
+        on CPU) are paid at start-up, not by the first rollout."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(max_tokens=2, detokenize=False)
-        self.llm.generate([TokensPrompt(prompt_token_ids=[0, 1])], params, use_tqdm=False)
+        params = SamplingParams(max_tokens=4, detokenize=False, ignore_eos=True)
+        prompts = [
+            TokensPrompt(prompt_token_ids=[i % 7 for i in range(16)])
+            for _ in range(max(1, self.options.warmup_rows))
+        ]
+        self.llm.generate(prompts, params, use_tqdm=False)
 
     @property
     def broken(self) -> str | None:
@@ -515,5 +524,9 @@ class VllmSampler:
         return self._others[key]
 
     def close(self) -> None:
+        """Stop the engine process and give this process its cores and threads back."""
         self.llm.llm_engine.engine_core.shutdown()  # stops the EngineCore process now
         shutil.rmtree(self.sync_dir, ignore_errors=True)
+        cores, threads = self._restore
+        os.sched_setaffinity(0, cores)
+        torch.set_num_threads(threads)

@@ -23,7 +23,7 @@ import psycopg
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from deploy import registry as policy_registry
 from deploy.broker import free_port
@@ -338,6 +338,34 @@ def test_the_round_runs_under_torchrun_with_two_processes(conn: psycopg.Connecti
     assert [m["episodes"] for _, m in steps] == [16, 16]
 
 
+def _check_the_vllm_stream(sampler, config: RoundConfig, engine_pids: list[int]) -> None:
+    """The engine runs on its own cores; its stream answers every prompt once, and a
+    consumer that stops early leaves no request running in the engine."""
+    assert engine_pids
+    if (os.cpu_count() or 1) >= 2:
+        engine_cores = set().union(*(os.sched_getaffinity(p) for p in engine_pids))
+        assert engine_cores and not engine_cores & os.sched_getaffinity(0)
+    tokenizer = AutoTokenizer.from_pretrained(config.base_model)
+    questions = [[{"role": "user", "content": f"q {i}"}] for i in range(12)]
+    prompts = render_prompts(tokenizer, questions)
+    rows = [d.index for d in sampler.stream(prompts, max_new_tokens=8, temperature=1.0, seed=1)]
+    assert sorted(rows) == list(range(12))
+    stream = sampler.stream(prompts, max_new_tokens=40, temperature=1.0, seed=2)
+    next(stream)
+    stream.close()  # the consumer gives up: the other requests are aborted
+    assert not sampler.llm.llm_engine.has_unfinished_requests()
+    again = sampler.sample(prompts, max_new_tokens=8, temperature=1.0, seed=1)
+    assert len(again.response_ids) == 12
+
+
+def _child_pids(pid: int) -> list[str]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            out += [child, *_child_pids(int(child))]
+    return out
+
+
 def test_ppo_with_vllm_rollouts_learns_the_reward_within_the_kl_budget(conn, ppo_config):
     """The main path: rollouts from vLLM with the actor hot-loaded every iteration.
 
@@ -362,9 +390,12 @@ def test_ppo_with_vllm_rollouts_learns_the_reward_within_the_kl_budget(conn, ppo
             "target_kl": 6.0,
         },
     )
+    before = set(_child_pids(os.getpid()))
     sampler = shared_sampler(config)
     try:
         result = run_round(config, sampler=sampler)
+        engine = [int(p) for p in set(_child_pids(os.getpid())) - before]
+        _check_the_vllm_stream(sampler, config, engine)
         # An engine that cannot take the adapter in time is a clear error, not a hang.
         sampler.options = dataclasses.replace(sampler.options, sync_timeout_s=1e-4)
         rm = reward_registry.current_version(conn)
@@ -372,7 +403,9 @@ def test_ppo_with_vllm_rollouts_learns_the_reward_within_the_kl_budget(conn, ppo
         with pytest.raises(AdapterSyncError, match=r"took over 0.0001 s"):
             sampler.sync(models, "late")
     finally:
+        cores = os.sched_getaffinity(0)
         sampler.close()
+    assert os.sched_getaffinity(0) >= cores  # closing gives the trainer its cores back
     steps = result.steps
     assert len(steps) == 8
     start = sum(s["reward_raw"] for s in steps[:2]) / 2

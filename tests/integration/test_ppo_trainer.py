@@ -115,3 +115,53 @@ def test_rollout_scores_are_per_row_and_zero_on_padding(demo_model_dir: Path, re
         torch.testing.assert_close(logprobs[i, :n], lp[0, :n], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(values[i, :n], v[0, :n], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(reference[i, :n], ref[0, :n], atol=1e-5, rtol=1e-5)
+
+
+def test_streamed_scoring_equals_scoring_the_whole_rollout(demo_model_dir: Path, reward_dir: Path):
+    """Rows are scored in chunks as the sampler finishes them; each row's log-probs, values,
+    reference log-probs and reward are the ones the whole batch gets in one go."""
+    trainer = _trainer(demo_model_dir, reward_dir, micro_batch_size=3)
+    rollout = trainer._rollout_and_score(PROMPTS, seed=11)
+    batch = rollout.batch
+    assert len(batch) == len(PROMPTS) and rollout.tokens == int(batch.mask.sum())
+    whole = trainer._score_tokens(batch)
+    streamed = (rollout.old_logprobs, rollout.values, rollout.ref_logprobs)
+    for got, want in zip(streamed, whole, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    answers = trainer.models.tokenizer.batch_decode(
+        [row[: int(n)] for row, n in zip(batch.response_ids, batch.mask.sum(1), strict=True)],
+        skip_special_tokens=True,
+    )
+    with torch.inference_mode():
+        parts = trainer.reward_fn(PROMPTS, answers)
+    assert set(parts) == set(rollout.reward_parts)
+    for name, value in parts.items():
+        torch.testing.assert_close(rollout.reward_parts[name], value, atol=1e-5, rtol=1e-5)
+
+
+def test_micro_batches_give_the_mini_batch_gradient(demo_model_dir: Path, reward_dir: Path):
+    """Cutting a mini-batch into length-sorted micro-batches changes the padding, not the
+    gradient: each micro-batch's loss is weighted by its share of the tokens."""
+    whole = _trainer(demo_model_dir, reward_dir, micro_batch_size=8)
+    pieces = _trainer(demo_model_dir, reward_dir, micro_batch_size=3)
+    rollout = whole._rollout_and_score(PROMPTS, seed=3)
+    batch, mask = rollout.batch, rollout.batch.mask.float()
+    generator = torch.Generator().manual_seed(0)
+    advantages = torch.randn(mask.shape, generator=generator) * mask
+    returns = torch.randn(mask.shape, generator=generator) * mask
+    rows = torch.tensor([5, 0, 9, 14, 2, 7, 11, 3])
+    stats = {}
+    for name, trainer in (("whole", whole), ("pieces", pieces)):
+        trainer.optimizer.zero_grad(set_to_none=True)
+        stats[name] = trainer._accumulate(
+            batch, rows, rollout.old_logprobs, rollout.values, advantages, returns, None, 5
+        )
+    grads = [[p.grad for p in t.models.trainable_parameters()] for t in (whole, pieces)]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads[0])
+    for a, b in zip(*grads, strict=True):
+        if a is None:
+            assert b is None
+        else:
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    for key in ("policy_loss", "value_loss", "entropy", "approx_kl"):
+        torch.testing.assert_close(stats["whole"][key], stats["pieces"][key], atol=1e-6, rtol=1e-4)

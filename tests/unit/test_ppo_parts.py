@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 from trainer.config_flags import add_config_flags, config_from_namespace
 from trainer.ppo_eval import distinct_n, gate, win_rate
 from trainer.ppo_models import TokenBatch
-from trainer.ppo_rollout import cut_at_eos
+from trainer.ppo_rollout import cut_at_eos, split_cpus
 from trainer.ppo_round import iteration_prompts
 from trainer.round_config import RoundConfig
 
@@ -132,3 +133,16 @@ def test_flags_cover_nested_ppo_config():
     assert config.rules == [{"name": "empty_answer"}]
     with pytest.raises(ValueError, match="mini_batch_size"):
         config_from_namespace(RoundConfig, {**values, "mini_batch_size": 7})
+
+
+def test_cpus_split_between_the_rollout_engine_and_the_trainer():
+    cores = sorted(os.sched_getaffinity(0))
+    split = split_cpus(0)
+    if len(cores) < 2:
+        assert split is None
+        return
+    engine, trainer = split
+    assert engine and trainer and not engine & trainer
+    assert sorted(engine | trainer) == cores and len(engine) == len(cores) // 2
+    assert split_cpus(1) == ({cores[0]}, set(cores[1:]))
+    assert split_cpus(len(cores)) is None  # every core for the engine: no pinning
