@@ -94,12 +94,14 @@ def run_alignloop(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     from tests.fixtures.ppo import CONCISE
     from trainer.corpus import sample_prompts
+    from trainer.malloc_tuning import keep_freed_memory
     from trainer.ppo_config import PPOConfig
     from trainer.ppo_models import PolicyModels
     from trainer.ppo_rollout import HFSampler, VllmOptions, VllmSampler
     from trainer.ppo_trainer import PPOTrainer
     from trainer.reward_rules import ComposedReward, build_rules
 
+    keep_freed_memory()  # as alignloop train ppo / train loop do
     rss = {"after_imports": _rss_mb()}
     models = PolicyModels.load(args.model, args.reward_dir, seed=FIXED["seed"])
     rss["after_models_load"] = _rss_mb()
@@ -128,9 +130,11 @@ def run_alignloop(args: argparse.Namespace) -> dict:
     for it in range(args.iterations):
         rows = prompts[(it * batch) % len(prompts) :][:batch]
         steps.append(trainer.iteration(rows, it))
+        step = steps[-1]
         log(
-            f"alignloop iteration {it}: {steps[-1]['seconds']:.2f} s, reward "
-            f"{steps[-1]['reward_raw']:+.3f}, KL {steps[-1]['kl_ref']:.3f}"
+            f"alignloop iteration {it}: {step['seconds']:.2f} s (rollout {step['rollout_s']:.2f}"
+            f", scoring {step['score_s']:.2f} of it overlapped, update {step['update_s']:.2f}),"
+            f" reward {step['reward_raw']:+.3f}, KL {step['kl_ref']:.3f}"
         )
     seconds = time.perf_counter() - started
     # The engine's processes (vLLM on CPU: engine core + model worker): each one's peak,

@@ -27,6 +27,7 @@ from typing import Any
 
 from trainer import round_records
 from trainer.config_flags import add_config_flags, config_from_namespace
+from trainer.malloc_tuning import keep_freed_memory
 from trainer.round_config import RoundConfig
 from trainer.round_trigger import TriggerConfig, should_start
 
@@ -120,6 +121,7 @@ def ppo_main(argv: list[str]) -> int:
     if config is None:
         return EXIT_USAGE
     torch.set_num_threads(config.num_threads)
+    keep_freed_memory()
     dist = Dist.from_env()
     try:
         if config.metrics_port and dist.is_main:
@@ -156,6 +158,7 @@ def loop_main(argv: list[str]) -> int:
         return EXIT_USAGE
     trigger = config_from_namespace(TriggerConfig, values)
     torch.set_num_threads(config.num_threads)
+    keep_freed_memory()
     if config.metrics_port:
         start_http_server(config.metrics_port)
     signal.signal(signal.SIGTERM, _raise_stop)

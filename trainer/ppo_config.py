@@ -70,8 +70,8 @@ class PPOConfig:
             "hyperparameter: the gradient is the mini-batch's). A mini-batch's rows are "
             "sorted by length and cut into micro-batches, so short rows are not padded to the "
             "longest; each micro-batch's loss is weighted by its share of the mini-batch's "
-            "tokens (gradient accumulation). Rollouts are scored in chunks of this size as "
-            "they finish. Default 8."
+            "tokens (gradient accumulation). Rollouts are scored (no gradient) in chunks of "
+            "twice this size as they finish. Default 8."
         },
     )
     ppo_epochs: int = field(

@@ -336,6 +336,8 @@ def shared_sampler(config: RoundConfig, sync_dir: Path | None = None) -> VllmSam
         VllmOptions(
             dtype=config.vllm_dtype,
             max_lora_rank=max(8, config.lora_r),
+            kv_cache_mib=config.vllm_kv_cache_mib,
+            engine_cpus=config.vllm_engine_cpus,
             sync_timeout_s=config.sync_timeout_s,
         ),
     )

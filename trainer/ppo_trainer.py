@@ -8,7 +8,7 @@
    training model (never the sampler's: their mean absolute gap is logged), the frozen
    reference's log-probs (adapters disabled), the critic's values, and the reward: reward
    model score plus rule terms, one number per response. This overlaps step 1: the
-   sampler streams finished responses, and each micro-batch-sized chunk of them is scored
+   sampler streams finished responses, and each chunk of them (two micro-batches) is scored
    while the engine (its own process, its own core) still generates the longer ones.
    Every row's numbers are its own, whichever chunk it landed in;
 3. **reward shaping** - scores normalised by running statistics and clipped (PPO-max),
@@ -218,7 +218,8 @@ class PPOTrainer:
 
     def _rollout_and_score(self, conversations: Sequence[Any], seed: int) -> ScoredRollout:
         """Sample one response per conversation and score each chunk of
-        ``micro_batch_size`` responses as soon as the sampler has finished it."""
+        ``2 * micro_batch_size`` responses (no gradient: no activations kept, so twice the
+        rows of a training micro-batch) as soon as the sampler has finished it."""
         models, cfg = self.models, self.config
         prompt_ids = render_prompts(models.tokenizer, conversations)
         n = len(prompt_ids)
@@ -261,7 +262,7 @@ class PPOTrainer:
             responses[done.index] = done.response_ids
             sampler_logprobs[done.index] = done.sampler_logprobs
             chunk.append(done)
-            if len(chunk) == cfg.micro_batch_size:
+            if len(chunk) == 2 * cfg.micro_batch_size:
                 score(chunk)
                 chunk = []
         rollout_s = last - started

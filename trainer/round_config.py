@@ -123,6 +123,20 @@ class RoundConfig:
         default=60.0,
         metadata={"help": "Writing + loading the actor's adapter into vLLM must take less."},
     )
+    vllm_kv_cache_mib: int = field(
+        default=256,
+        metadata={
+            "help": "CPU: the rollout engine's KV cache in MiB; it must hold a rollout batch "
+            "(rows x (prompt + answer) tokens)."
+        },
+    )
+    vllm_engine_cpus: int = field(
+        default=0,
+        metadata={
+            "help": "CPU: cores for the rollout engine; the trainer keeps the others, so "
+            "generation and scoring run side by side. 0 = half of them (none pinned on one)."
+        },
+    )
 
     # --- safety ------------------------------------------------------------------------------
     abort_kl: float = field(
@@ -175,6 +189,8 @@ class RoundConfig:
             (0 <= self.gate_min_win_rate <= 1, "gate_min_win_rate", "must be in [0, 1]"),
             (self.abort_kl > 0 and self.gate_max_kl > 0, "abort_kl", "KL bounds must be > 0"),
             (self.sync_timeout_s > 0, "sync_timeout_s", "must be > 0"),
+            (self.vllm_kv_cache_mib >= 16, "vllm_kv_cache_mib", "must be at least 16"),
+            (self.vllm_engine_cpus >= 0, "vllm_engine_cpus", "must be >= 0 (0 = half)"),
             (self.num_threads >= 1, "num_threads", "must be at least 1"),
         ]
         for ok, name, message in checks:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from trainer.config_flags import add_config_flags, config_from_namespace
+from trainer.malloc_tuning import keep_freed_memory
 from trainer.ppo_eval import distinct_n, gate, win_rate
 from trainer.ppo_models import TokenBatch
 from trainer.ppo_rollout import cut_at_eos, split_cpus
@@ -146,3 +148,25 @@ def test_cpus_split_between_the_rollout_engine_and_the_trainer():
     assert sorted(engine | trainer) == cores and len(engine) == len(cores) // 2
     assert split_cpus(1) == ({cores[0]}, set(cores[1:]))
     assert split_cpus(len(cores)) is None  # every core for the engine: no pinning
+
+
+def test_glibc_keeps_freed_memory_after_tuning():
+    """On glibc both thresholds are taken; a large block freed and allocated again then
+    comes back from the heap (the RSS does not drop on free)."""
+    import ctypes
+
+    assert keep_freed_memory(1 << 28) is True
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    size = 64 << 20
+    block = libc.malloc(size)
+    ctypes.memset(block, 1, size)  # touch every page
+    before = _rss_kib()
+    libc.free(block)
+    assert _rss_kib() > before - (size >> 10) // 2  # not handed back to the OS
+
+
+def _rss_kib() -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1])
