@@ -29,6 +29,7 @@ stable policy in the offline evaluation).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -307,6 +308,42 @@ class VllmOptions:
     sync_timeout_s: float = 60.0
 
 
+def write_zero_adapter(base_model: Path, directory: Path, rank: int) -> None:
+    """A PEFT LoRA adapter of ``rank`` on every ``*_proj`` weight of ``base_model``'s
+    decoder layers, all zeros (the base's own outputs): warm-up traffic for the LoRA path."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    targets: set[str] = set()
+    for file in sorted(Path(base_model).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                if ".layers." not in name or not name.endswith("_proj.weight"):
+                    continue
+                out_features, in_features = f.get_slice(name).get_shape()
+                module = name.removesuffix(".weight")
+                targets.add(module.rsplit(".", 1)[1])
+                prefix = f"base_model.model.{module}"
+                tensors[f"{prefix}.lora_A.weight"] = torch.zeros(rank, in_features)
+                tensors[f"{prefix}.lora_B.weight"] = torch.zeros(out_features, rank)
+    if not tensors:
+        raise ValueError(f"no decoder projections in {base_model}'s safetensors")
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": rank,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "target_modules": sorted(targets),
+        "base_model_name_or_path": str(base_model),
+    }
+    (directory / "adapter_config.json").write_text(json.dumps(config, indent=1))
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+
+
 def split_cpus(engine_cpus: int) -> tuple[set[int], set[int]] | None:
     """``(engine cores, trainer cores)`` out of this process's cores, or None to share
     them all (one core, or ``engine_cpus`` asks for every core)."""
@@ -324,6 +361,7 @@ class VllmSampler:
         from vllm import LLM
 
         self.options = options
+        self.base_model = Path(base_model)
         self.sync_dir = Path(sync_dir)
         shutil.rmtree(self.sync_dir, ignore_errors=True)
         self.sync_dir.mkdir(parents=True)
@@ -381,12 +419,26 @@ class VllmSampler:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(max_tokens=4, detokenize=False, ignore_eos=True)
+        rows = max(1, self.options.warmup_rows)
+        # Distinct prompts (identical ones would be prefix-cached: no real prefill), seeded
+        # and with log-probs, like rollouts.
+        params = [
+            SamplingParams(max_tokens=4, detokenize=False, ignore_eos=True, seed=r, logprobs=0)
+            for r in range(rows)
+        ]
         prompts = [
-            TokensPrompt(prompt_token_ids=[i % 7 for i in range(16)])
-            for _ in range(max(1, self.options.warmup_rows))
+            TokensPrompt(prompt_token_ids=[(r * 16 + i) % 1000 + 10 for i in range(16)])
+            for r in range(rows)
         ]
         self.llm.generate(prompts, params, use_tqdm=False)
+        # The LoRA path has first-use costs of its own: run the batch again through a zero
+        # adapter on every projection (the actor's adapter later takes the same path).
+        zero = self.sync_dir / "warmup-zero-adapter"
+        write_zero_adapter(self.base_model, zero, self.options.max_lora_rank)
+        request = self._new_request("warmup", zero)
+        self.llm.generate(prompts, params, lora_request=request, use_tqdm=False)
+        self.llm.llm_engine.remove_lora(request.lora_int_id)
+        shutil.rmtree(zero, ignore_errors=True)
 
     @property
     def broken(self) -> str | None:

@@ -165,3 +165,24 @@ def test_micro_batches_give_the_mini_batch_gradient(demo_model_dir: Path, reward
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
     for key in ("policy_loss", "value_loss", "entropy", "approx_kl"):
         torch.testing.assert_close(stats["whole"][key], stats["pieces"][key], atol=1e-6, rtol=1e-4)
+
+
+def test_the_zero_warmup_adapter_loads_in_peft_and_changes_nothing(
+    demo_model_dir: Path, tmp_path: Path
+):
+    """The adapter the vLLM engine warms its LoRA path up with covers every decoder
+    projection and leaves the base's outputs as they are."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from trainer.ppo_rollout import write_zero_adapter
+
+    write_zero_adapter(demo_model_dir, tmp_path / "zero", rank=8)
+    base = AutoModelForCausalLM.from_pretrained(demo_model_dir)
+    ids = torch.tensor([[1, 5, 9, 40, 41]])
+    with torch.no_grad():
+        expected = base(ids).logits
+        model = PeftModel.from_pretrained(base, str(tmp_path / "zero"))
+        lora_layers = [n for n, _ in model.named_modules() if n.endswith("lora_A")]
+        assert len(lora_layers) == 7 * base.config.num_hidden_layers  # q k v o gate up down
+        torch.testing.assert_close(model(ids).logits, expected)
