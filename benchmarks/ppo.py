@@ -243,9 +243,9 @@ def scaled_model(demo: Path, spec: str, out: Path) -> Path:
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     model.save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        if (demo / name).exists():
-            shutil.copy(demo / name, out / name)
+    for path in demo.iterdir():  # tokenizer, chat template, generation config
+        if path.is_file() and not (out / path.name).exists() and path.suffix != ".safetensors":
+            shutil.copy(path, out / path.name)
     log(f"scaled model {spec}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters")
     return out
 
