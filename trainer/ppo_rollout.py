@@ -28,6 +28,7 @@ stable policy in the offline evaluation).
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
 import logging
@@ -38,7 +39,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -79,10 +80,15 @@ class Finished:
     sampler_logprobs: list[float]
 
 
-class Sampler(Protocol):
+class Sampler(abc.ABC):
+    """What PPO samples rollouts from. A sampler implements :meth:`stream`;
+    :meth:`sample` is the stream collected into prompt order."""
+
+    @abc.abstractmethod
     def sync(self, models: PolicyModels, tag: str) -> float:
         """Make ``"current"`` the actor as it is now; returns the seconds it took."""
 
+    @abc.abstractmethod
     def stream(
         self,
         prompt_ids: Sequence[Sequence[int]],
@@ -94,7 +100,9 @@ class Sampler(Protocol):
     ) -> Iterator[Finished]:
         """One response per prompt, each yielded as soon as it is finished (any order),
         sampled reproducibly for ``seed`` as far as the sampler can be."""
-        ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
 
     def sample(
         self,
@@ -106,24 +114,24 @@ class Sampler(Protocol):
         which: Which = "current",
     ) -> Samples:
         """The whole stream, in prompt order."""
-        ...
-
-    def close(self) -> None: ...
-
-
-def collect(stream: Iterator[Finished], n: int) -> Samples:
-    """Drain a :meth:`Sampler.stream` of ``n`` prompts into a :class:`Samples` in prompt
-    order."""
-    started = time.perf_counter()
-    responses: list[list[int] | None] = [None] * n
-    logprobs: list[list[float]] = [[] for _ in range(n)]
-    for done in stream:
-        responses[done.index] = done.response_ids
-        logprobs[done.index] = done.sampler_logprobs
-    missing = [i for i, r in enumerate(responses) if r is None]
-    if missing:
-        raise RuntimeError(f"the sampler returned no response for rows {missing[:10]}")
-    return Samples(responses, logprobs, time.perf_counter() - started)  # type: ignore[arg-type]
+        started = time.perf_counter()
+        n = len(prompt_ids)
+        responses: list[list[int] | None] = [None] * n
+        logprobs: list[list[float]] = [[] for _ in range(n)]
+        stream = self.stream(
+            prompt_ids,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            seed=seed,
+            which=which,
+        )
+        for done in stream:
+            responses[done.index] = done.response_ids
+            logprobs[done.index] = done.sampler_logprobs
+        missing = [i for i, r in enumerate(responses) if r is None]
+        if missing:
+            raise RuntimeError(f"the sampler returned no response for rows {missing[:10]}")
+        return Samples(responses, logprobs, time.perf_counter() - started)  # type: ignore[arg-type]
 
 
 def render_prompts(
@@ -164,7 +172,7 @@ def cut_at_eos(tokens: Sequence[int], eos: set[int]) -> list[int]:
 # --- transformers.generate ------------------------------------------------------------------
 
 
-class HFSampler:
+class HFSampler(Sampler):
     """``generate`` on the training model (see module docstring)."""
 
     def __init__(self, models: PolicyModels) -> None:
@@ -178,24 +186,6 @@ class HFSampler:
     def sync(self, models: PolicyModels, tag: str) -> float:
         del models, tag  # it samples from the training model itself: always in sync
         return 0.0
-
-    def sample(
-        self,
-        prompt_ids: Sequence[Sequence[int]],
-        *,
-        max_new_tokens: int,
-        temperature: float,
-        seed: int,
-        which: Which = "current",
-    ) -> Samples:
-        stream = self.stream(
-            prompt_ids,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            seed=seed,
-            which=which,
-        )
-        return collect(stream, len(prompt_ids))
 
     def stream(
         self,
@@ -354,7 +344,7 @@ def split_cpus(engine_cpus: int) -> tuple[set[int], set[int]] | None:
     return set(cores[:wanted]), set(cores[wanted:])
 
 
-class VllmSampler:
+class VllmSampler(Sampler):
     """An in-process vLLM ``LLM`` with LoRA; the actor is synced as a new adapter."""
 
     def __init__(self, base_model: Path, sync_dir: Path, options: VllmOptions) -> None:
@@ -491,24 +481,6 @@ class VllmSampler:
             self.llm.llm_engine.remove_lora(previous.lora_int_id)
             shutil.rmtree(previous.lora_path, ignore_errors=True)
         return time.perf_counter() - started
-
-    def sample(
-        self,
-        prompt_ids: Sequence[Sequence[int]],
-        *,
-        max_new_tokens: int,
-        temperature: float,
-        seed: int,
-        which: Which = "current",
-    ) -> Samples:
-        stream = self.stream(
-            prompt_ids,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            seed=seed,
-            which=which,
-        )
-        return collect(stream, len(prompt_ids))
 
     def stream(
         self,
