@@ -7,14 +7,16 @@ Two samplers, one interface (:class:`Sampler`):
   fresh directory and load it into the engine under a new adapter id; the engine never
   restarts and the base is not copied. The sync has a timeout and raises
   :class:`AdapterSyncError` with what went wrong.
-* :class:`HFSampler`: ``transformers.generate`` on the training model itself (policy
-  adapter active). Slower; no second process; bit-reproducible for a seed. The fallback,
-  the path of exact-reproducibility tests, and what each rank uses under ``torchrun``.
+* :class:`HFSampler`: a decode loop on the training model itself (``transformers``'
+  forward and KV cache, policy adapter active). No second process; bit-reproducible for a
+  seed. The fallback, the path of exact-reproducibility tests, and what each rank uses
+  under ``torchrun``.
 
 Both **stream**: :meth:`Sampler.stream` yields each response as soon as it is finished, so
 the trainer scores the early (short) responses on its own core while the engine is still
-generating the long ones (vLLM's engine runs in its own process); :meth:`Sampler.sample`
-collects the stream into prompt order.
+generating the long ones (vLLM's engine runs in its own process, on its own cores: see
+:class:`CorePlacement`; once it is idle the trainer takes every core);
+:meth:`Sampler.sample` collects the stream into prompt order.
 
 Either way the sampler's own log-probs come back beside the tokens, but PPO never trains on
 them: the trainer recomputes log-probs with its own model and logs the mean absolute gap
@@ -33,6 +35,7 @@ import contextlib
 import json
 import logging
 import os
+import queue
 import shutil
 import threading
 import time
@@ -159,21 +162,26 @@ def eos_token_ids(tokenizer: PreTrainedTokenizerBase, generation_config: Any) ->
     return ids
 
 
-def cut_at_eos(tokens: Sequence[int], eos: set[int]) -> list[int]:
-    """The tokens up to and including the first EOS (all of them if none)."""
-    out = []
-    for t in tokens:
-        out.append(int(t))
-        if t in eos:
-            break
-    return out
+def inverse_cdf_sample(logprobs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """One token per row of ``logprobs`` ``[B, V]``, given one uniform draw per row
+    ``[B]`` in [0, 1): the first token whose cumulative probability passes
+    ``uniform * total``. The same distribution as ``torch.multinomial``, which draws one
+    exponential per vocabulary entry (10 ms a step for 256 rows of 2,048 on a CPU core)."""
+    cdf = logprobs.exp().cumsum(-1)
+    target = uniform.to(cdf.dtype).unsqueeze(-1) * cdf[:, -1:]
+    picked = torch.searchsorted(cdf, target, right=True)[:, 0]
+    return picked.clamp(max=cdf.shape[-1] - 1)  # a draw rounded up onto the total
 
 
-# --- transformers.generate ------------------------------------------------------------------
+# --- transformers ---------------------------------------------------------------------------
 
 
 class HFSampler(Sampler):
-    """``generate`` on the training model (see module docstring)."""
+    """Sampling on the training model itself, with ``transformers``' KV cache (see module
+    docstring): a short decode loop rather than ``generate``, because ``generate`` keeps
+    computing every row until the longest one ends (rollouts stop after 15 tokens on
+    average, the longest at 48) and samples by drawing one random number per vocabulary
+    entry. Here finished rows leave the batch, cache included."""
 
     def __init__(self, models: PolicyModels) -> None:
         self.models = models
@@ -196,10 +204,11 @@ class HFSampler(Sampler):
         seed: int,
         which: Which = "current",
     ) -> Iterator[Finished]:
-        """``generate`` finishes the whole batch at once: every row comes at the end,
-        shortest first (so consecutive rows pad little when scored together). One seed for
-        the batch, not one per row: ``generate`` draws from one generator."""
-        rows = self._generate(prompt_ids, max_new_tokens, temperature, seed, which)
+        """The whole batch is generated before the first row is handed over (the caller
+        switches adapters to score it, and the training model is the sampler), shortest
+        first. One seed for the batch, not one per row: one generator draws for all rows."""
+        with self._policy(which):
+            rows = self._generate(prompt_ids, max_new_tokens, temperature, seed)
         yield from sorted(rows, key=lambda row: len(row.response_ids))
 
     @torch.no_grad()
@@ -209,37 +218,62 @@ class HFSampler(Sampler):
         max_new_tokens: int,
         temperature: float,
         seed: int,
-        which: Which,
     ) -> list[Finished]:
-        width = max(len(p) for p in prompt_ids)
-        input_ids = torch.full((len(prompt_ids), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
+        from transformers import DynamicCache
+
+        n, width = len(prompt_ids), max(len(p) for p in prompt_ids)
+        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros_like(input_ids)
         for i, p in enumerate(prompt_ids):  # left padding: every row ends where generation starts
             input_ids[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
-            attention_mask[i, width - len(p) :] = 1
-        with torch.random.fork_rng(devices=[]), self._policy(which):
-            torch.manual_seed(seed)
-            out = self.models.peft_model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                do_sample=True,
-                temperature=temperature,
-                top_k=0,
-                top_p=1.0,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=self.pad_id,
-                eos_token_id=sorted(self.eos),
-                return_dict_in_generate=True,
-                output_logits=True,
-            )
-        generated = out.sequences[:, width:]
-        logits = torch.stack(out.logits, dim=1).float() / temperature  # [B, steps, V]
-        picked = torch.log_softmax(logits, dim=-1).gather(-1, generated.unsqueeze(-1))[..., 0]
-        out = []
-        for i, (row, lp) in enumerate(zip(generated.tolist(), picked.tolist(), strict=True)):
-            tokens = cut_at_eos(row, self.eos)
-            out.append(Finished(i, tokens, lp[: len(tokens)]))
-        return out
+            attention[i, width - len(p) :] = 1
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        eos = torch.tensor(sorted(self.eos))
+        generator = torch.Generator().manual_seed(seed)
+        cache = DynamicCache()
+        model = self.models.peft_model
+        live = torch.arange(n)  # the original row of each row still generating
+        tokens: list[list[int]] = [[] for _ in range(n)]
+        logprobs: list[list[float]] = [[] for _ in range(n)]
+        logits = model(
+            input_ids=input_ids,
+            attention_mask=attention,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1]
+        for step in range(max_new_tokens):
+            step_logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
+            uniform = torch.rand(len(live), generator=generator)
+            picked = inverse_cdf_sample(step_logprobs, uniform)
+            picked_logprobs = step_logprobs.gather(-1, picked.unsqueeze(-1))[:, 0]
+            drawn = zip(live.tolist(), picked.tolist(), picked_logprobs.tolist(), strict=True)
+            for row, token, lp in drawn:
+                tokens[row].append(token)  # an EOS is part of the response
+                logprobs[row].append(lp)
+            going = ~torch.isin(picked, eos)
+            if step == max_new_tokens - 1 or not going.any():
+                break
+            if not going.all():  # finished rows leave the batch and the cache
+                keep = going.nonzero()[:, 0]
+                cache.batch_select_indices(keep)
+                live, attention, positions, picked = (
+                    live[keep],
+                    attention[keep],
+                    positions[keep],
+                    picked[keep],
+                )
+            attention = torch.cat([attention, attention.new_ones((len(live), 1))], dim=1)
+            positions = positions[:, -1:] + 1
+            logits = model(
+                input_ids=picked.unsqueeze(-1),
+                attention_mask=attention,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+            ).logits[:, -1]
+        return [Finished(i, tokens[i], logprobs[i]) for i in range(n)]
 
     def _policy(self, which: Which):
         if which == "current":
@@ -288,10 +322,10 @@ class VllmOptions:
     tokens of it (the demo model: 1 KiB per token, so 256 rows of 512 tokens = 128 MiB);
     vLLM's CPU default is GiBs, allocated up front."""
     engine_cpus: int = 0
-    """CPU only: cores given to the engine process; the trainer keeps the rest, so the
-    engine generates while the trainer scores finished answers, each on its own cores
-    instead of both fighting over all of them. 0 = half the cores (at least one) when
-    there are two or more, else no pinning."""
+    """CPU only: cores given to the engine's processes; the trainer keeps the rest while
+    the engine generates (it scores finished answers meanwhile, each on its own cores
+    instead of both fighting over all of them) and takes every core while the engine is
+    idle. 0 = half the cores (at least one) when there are two or more, else no pinning."""
     warmup_rows: int = 256
     """Rows of the start-up warm-up batch (see :meth:`VllmSampler._warm_up`)."""
     gpu_memory_utilization: float = 0.3
@@ -344,6 +378,47 @@ def split_cpus(engine_cpus: int) -> tuple[set[int], set[int]] | None:
     return set(cores[:wanted]), set(cores[wanted:])
 
 
+def _pin_process(cores: set[int]) -> None:
+    """Every thread of this process (the torch/OpenMP workers too: ``sched_setaffinity(0)``
+    moves only the calling thread) onto ``cores``."""
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+            os.sched_setaffinity(int(task.name), cores)
+
+
+class CorePlacement:
+    """The CPU split between the rollout engine and the trainer (this process).
+
+    The engine's processes keep ``engine`` cores for good (they inherit them at start-up).
+    The trainer keeps to the other cores while the engine generates (:meth:`narrow`; it
+    scores finished answers meanwhile) and takes every core, with as many torch threads as
+    it had, while the engine is idle (:meth:`widen`): scoring the last answers and the
+    update then use the whole machine instead of leaving the engine's cores idle."""
+
+    def __init__(self, engine: set[int], trainer: set[int]) -> None:
+        self.engine, self.trainer = engine, trainer
+        self.every = os.sched_getaffinity(0)
+        self.threads = torch.get_num_threads()
+
+    def narrow(self) -> None:
+        _pin_process(self.trainer)
+        torch.set_num_threads(max(1, min(self.threads, len(self.trainer))))
+
+    def widen(self) -> None:
+        _pin_process(self.every)  # first: new worker threads inherit the caller's cores
+        torch.set_num_threads(self.threads)
+
+
+def _finished(index: int, out: Any) -> Finished:
+    """A finished vLLM ``RequestOutput`` as row ``index``'s answer."""
+    completion = out.outputs[0]
+    tokens = [int(t) for t in completion.token_ids]
+    steps = completion.logprobs or []
+    return Finished(
+        index, tokens, [float(step[t].logprob) for step, t in zip(steps, tokens, strict=False)]
+    )
+
+
 class VllmSampler(Sampler):
     """An in-process vLLM ``LLM`` with LoRA; the actor is synced as a new adapter."""
 
@@ -364,11 +439,11 @@ class VllmSampler(Sampler):
             extra["gpu_memory_utilization"] = options.gpu_memory_utilization
         else:
             extra["kv_cache_memory_bytes"] = options.kv_cache_mib * 2**20
-        placement = None if gpu else split_cpus(options.engine_cpus)
-        self._restore = (os.sched_getaffinity(0), torch.get_num_threads())
-        if placement is not None:
-            # The engine process inherits the cores this process has while it starts.
-            os.sched_setaffinity(0, placement[0])
+        split = None if gpu else split_cpus(options.engine_cpus)
+        self.placement = None if split is None else CorePlacement(*split)
+        if self.placement is not None:
+            # The engine's processes inherit the cores this process has while they start.
+            _pin_process(self.placement.engine)
         try:
             self.llm = LLM(
                 model=str(base_model),
@@ -385,15 +460,14 @@ class VllmSampler(Sampler):
                 **extra,
             )
         finally:
-            if placement is not None:
-                os.sched_setaffinity(0, placement[1])
-                if torch.get_num_threads() > len(placement[1]):
-                    torch.set_num_threads(len(placement[1]))
+            if self.placement is not None:
+                self.placement.widen()
                 log.info(
-                    "rollout engine on cores %s, trainer on cores %s (%d torch threads)",
-                    sorted(placement[0]),
-                    sorted(placement[1]),
-                    torch.get_num_threads(),
+                    "rollout engine on cores %s; trainer on cores %s while it generates,"
+                    " on every core (%d torch threads) while it is idle",
+                    sorted(self.placement.engine),
+                    sorted(self.placement.trainer),
+                    self.placement.threads,
                 )
         self._next_id = 1
         self._current: Any = None
@@ -493,8 +567,10 @@ class VllmSampler(Sampler):
     ) -> Iterator[Finished]:
         """Queue every prompt in the engine, then yield responses as the engine finishes
         them. The engine keeps generating in its own process while the caller works on
-        what it was given. Row ``i`` is sampled with seed ``seed * 1_000_003 + i``. A
-        caller that stops early aborts the rest of the requests."""
+        what it was given; a thread here takes its outputs as fast as it makes them, so the
+        moment it is idle is known (the trainer then takes every core) even while the caller
+        is busy. Row ``i`` is sampled with seed ``seed * 1_000_003 + i``. A caller that stops
+        early aborts the rest of the requests."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
@@ -516,24 +592,46 @@ class VllmSampler(Sampler):
             )
             prompt = TokensPrompt(prompt_token_ids=list(prompt_ids[i]))
             engine.add_request(request_id, prompt, params, lora_request=lora)
-        pending = set(ids)
+
+        answers: queue.SimpleQueue[Finished | BaseException | None] = queue.SimpleQueue()
+        idle, stop = threading.Event(), threading.Event()
+
+        def drive() -> None:
+            """Step the engine until every request has finished (or the caller left, then
+            abort the rest); each finished answer goes to the caller at once."""
+            pending = set(ids)
+            try:
+                while pending and not stop.is_set():
+                    for out in engine.step():
+                        if out.finished and out.request_id in pending:
+                            pending.discard(out.request_id)
+                            answers.put(_finished(ids[out.request_id], out))
+                if pending:
+                    engine.abort_request(sorted(pending))
+            except BaseException as exc:  # handed to the caller
+                answers.put(exc)
+            finally:
+                idle.set()
+                answers.put(None)
+
+        if self.placement is not None:
+            self.placement.narrow()
+        driver = threading.Thread(target=drive, name="rollout-engine", daemon=True)
+        driver.start()
+        wide = False
         try:
-            while pending:
-                for out in engine.step():
-                    if not out.finished or out.request_id not in pending:
-                        continue
-                    pending.discard(out.request_id)
-                    completion = out.outputs[0]
-                    tokens = [int(t) for t in completion.token_ids]
-                    lps = completion.logprobs or []
-                    yield Finished(
-                        ids[out.request_id],
-                        tokens,
-                        [float(step[t].logprob) for step, t in zip(lps, tokens, strict=False)],
-                    )
+            while (answer := answers.get()) is not None:
+                if isinstance(answer, BaseException):
+                    raise answer
+                if idle.is_set() and not wide and self.placement is not None:
+                    self.placement.widen()  # the engine is done: the trainer takes every core
+                    wide = True
+                yield answer
         finally:
-            if pending:
-                engine.abort_request(sorted(pending))
+            stop.set()
+            driver.join(self.options.sync_timeout_s)
+            if self.placement is not None:
+                self.placement.widen()
 
     def _lora_for(self, which: Which) -> Any:
         if which == "current":
@@ -548,9 +646,8 @@ class VllmSampler(Sampler):
         return self._others[key]
 
     def close(self) -> None:
-        """Stop the engine process and give this process its cores and threads back."""
+        """Stop the engine process and give this process every core back."""
         self.llm.llm_engine.engine_core.shutdown()  # stops the EngineCore process now
         shutil.rmtree(self.sync_dir, ignore_errors=True)
-        cores, threads = self._restore
-        os.sched_setaffinity(0, cores)
-        torch.set_num_threads(threads)
+        if self.placement is not None:
+            self.placement.widen()

@@ -196,8 +196,9 @@ def test_a_candidate_that_fails_the_gate_is_not_registered(conn, ppo_config):
 
 
 def test_a_runaway_kl_aborts_the_round(conn, ppo_config):
-    # Iteration 0 samples from the untouched actor (KL exactly 0); after one update it is not.
-    result = run_round(ppo_config(iterations=3, abort_kl=1e-6))
+    # Iteration 0 samples from the untouched actor (KL exactly 0); after one update it is
+    # not, and k3 (unlike k1, whose sample mean can be negative) is positive then.
+    result = run_round(ppo_config(iterations=3, abort_kl=1e-6, ppo={"kl_estimator": "k3"}))
     assert result.outcome == "aborted"
     assert "KL to the reference" in result.reason and "abort_kl" in result.reason
     training_round = round_records.get_round(conn, result.round_id)
@@ -339,21 +340,30 @@ def test_the_round_runs_under_torchrun_with_two_processes(conn: psycopg.Connecti
 
 
 def _check_the_vllm_stream(sampler, config: RoundConfig, engine_pids: list[int]) -> None:
-    """The engine runs on its own cores; its stream answers every prompt once, and a
-    consumer that stops early leaves no request running in the engine."""
+    """The engine runs on its own cores; while it generates, the trainer keeps off them
+    and afterwards it has every core. Its stream answers every prompt once, and a consumer
+    that stops early leaves no request running in the engine."""
     assert engine_pids
-    if (os.cpu_count() or 1) >= 2:
-        engine_cores = set().union(*(os.sched_getaffinity(p) for p in engine_pids))
-        assert engine_cores and not engine_cores & os.sched_getaffinity(0)
+    split = (os.cpu_count() or 1) >= 2
+    engine_cores = set().union(*(os.sched_getaffinity(p) for p in engine_pids))
+    every_core = os.sched_getaffinity(0)
     tokenizer = AutoTokenizer.from_pretrained(config.base_model)
     questions = [[{"role": "user", "content": f"q {i}"}] for i in range(12)]
     prompts = render_prompts(tokenizer, questions)
     rows = [d.index for d in sampler.stream(prompts, max_new_tokens=8, temperature=1.0, seed=1)]
     assert sorted(rows) == list(range(12))
+    assert os.sched_getaffinity(0) == every_core  # the engine is idle: every core again
     stream = sampler.stream(prompts, max_new_tokens=40, temperature=1.0, seed=2)
     next(stream)
+    assert sampler.llm.llm_engine.has_unfinished_requests()  # the longer answers
+    if split:
+        assert engine_cores and engine_cores < every_core
+        for task in Path("/proc/self/task").iterdir():
+            # Every thread of the trainer (torch's workers too) is off the engine's cores.
+            assert not engine_cores & os.sched_getaffinity(int(task.name)), task.name
     stream.close()  # the consumer gives up: the other requests are aborted
     assert not sampler.llm.llm_engine.has_unfinished_requests()
+    assert os.sched_getaffinity(0) == every_core
     again = sampler.sample(prompts, max_new_tokens=8, temperature=1.0, seed=1)
     assert len(again.response_ids) == 12
 

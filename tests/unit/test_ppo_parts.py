@@ -13,7 +13,7 @@ from trainer.config_flags import add_config_flags, config_from_namespace
 from trainer.malloc_tuning import keep_freed_memory
 from trainer.ppo_eval import distinct_n, gate, win_rate
 from trainer.ppo_models import TokenBatch
-from trainer.ppo_rollout import cut_at_eos, split_cpus
+from trainer.ppo_rollout import inverse_cdf_sample, split_cpus
 from trainer.ppo_round import iteration_prompts
 from trainer.round_config import RoundConfig
 
@@ -54,10 +54,23 @@ def test_length_chunks_put_short_rows_together():
     assert [c.tolist() for c in batch.length_chunks(2)] == [[1, 0], [2]]
 
 
-def test_cut_at_eos():
-    assert cut_at_eos([4, 5, 9, 6, 9], {9}) == [4, 5, 9]
-    assert cut_at_eos([4, 5], {9}) == [4, 5]
-    assert cut_at_eos([], {9}) == []
+def test_inverse_cdf_sample_picks_the_token_whose_probability_mass_holds_the_draw():
+    # probabilities 0.2 | 0.5 | 0.0 | 0.3: cumulative 0.2, 0.7, 0.7, 1.0
+    logprobs = torch.tensor([[0.2, 0.5, 0.0, 0.3]]).log().expand(6, -1)
+    uniform = torch.tensor([0.0, 0.19, 0.2, 0.69, 0.7, 0.999])
+    assert inverse_cdf_sample(logprobs, uniform).tolist() == [0, 0, 1, 1, 3, 3]
+    # Unnormalised (a truncated distribution): the draw is scaled to the total mass.
+    half = torch.tensor([[0.1, 0.1]]).log()
+    assert inverse_cdf_sample(half, torch.tensor([0.49])).tolist() == [0]
+    assert inverse_cdf_sample(half, torch.tensor([0.51])).tolist() == [1]
+
+
+def test_inverse_cdf_sample_follows_the_distribution():
+    logprobs = torch.log_softmax(torch.tensor([1.0, 0.0, 2.0, -1.0]), dim=-1)
+    draws = torch.rand(200_000, generator=torch.Generator().manual_seed(0))
+    picked = inverse_cdf_sample(logprobs.expand(len(draws), -1), draws)
+    frequencies = torch.bincount(picked, minlength=4).float() / len(draws)
+    torch.testing.assert_close(frequencies, logprobs.exp(), atol=4e-3, rtol=0)
 
 
 def test_distinct_n_by_hand():
