@@ -2,8 +2,8 @@
 
 One fixed configuration (the demo model, the same 256 prompts from the demo world, rollout
 batch 256, mini-batch 64 (InstructGPT's, and PPOConfig's default), one PPO epoch, 48 new
-tokens, temperature 1, lr 1e-5, KL coefficient 0.05, seed 0, one torch thread per process)
-is trained by
+tokens, temperature 1, lr 1e-5, KL coefficient 0.05, seed 0; each side gets every core,
+torch's default of one thread per core) is trained by
 
 * **alignloop**: :class:`trainer.ppo_trainer.PPOTrainer` on one base with policy, critic and
   reward LoRA adapters; rollouts from vLLM with the actor hot-loaded every iteration
@@ -55,7 +55,7 @@ FIXED = {
     "actor_lr": 1e-5,
     "init_kl_coef": 0.05,
     "seed": 0,
-    "threads": 1,
+    "threads": 0,  # torch's default: one per core
 }
 
 
@@ -91,7 +91,8 @@ def _descendants(pid: int) -> list[int]:
 def run_alignloop(args: argparse.Namespace) -> dict:
     import torch
 
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from tests.fixtures.ppo import CONCISE
     from trainer.corpus import sample_prompts
     from trainer.malloc_tuning import keep_freed_memory
@@ -189,7 +190,9 @@ def _child(args: argparse.Namespace, work: Path, reward_dir: Path) -> dict:
         "--rollout-batch-size", str(args.rollout_batch_size),
         "--mini-batch-size", str(args.mini_batch_size), "--threads", str(args.threads),
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     out = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, check=True)
     return json.loads(out.stdout.splitlines()[-1])  # vLLM logs to stdout too
 
@@ -261,7 +264,9 @@ def main() -> int:
     ap.add_argument("--no-trl", action="store_true", help="skip the TRL baseline")
     ap.add_argument("--rollout-batch-size", type=int, default=FIXED["rollout_batch_size"])
     ap.add_argument("--mini-batch-size", type=int, default=FIXED["mini_batch_size"])
-    ap.add_argument("--threads", type=int, default=FIXED["threads"], help="per process")
+    ap.add_argument(
+        "--threads", type=int, default=FIXED["threads"], help="per process (0: one per core)"
+    )
     ap.add_argument(
         "--scaled-model", metavar="HIDDEN,LAYERS", help="a random-init Llama of this size"
     )

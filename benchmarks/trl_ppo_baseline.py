@@ -28,7 +28,7 @@ Usage (prompts: one ``{"messages": [...]}`` per line)::
          for p in sample_prompts(0, 256)]" > /tmp/prompts.jsonl
     python benchmarks/trl_ppo_baseline.py --model DIR --prompts /tmp/prompts.jsonl \\
         --episodes 256 --batch-size 64 --mini-batch-size 16 --ppo-epochs 1 \\
-        --max-new-tokens 48 --temperature 1.0 --lr 1e-5 --kl-coef 0.05 --seed 0 --threads 1
+        --max-new-tokens 48 --temperature 1.0 --lr 1e-5 --kl-coef 0.05 --seed 0
 
 Batch sizes, as TRL 1.12 defines them (one process): the rollout batch is
 ``per_device_train_batch_size * gradient_accumulation_steps`` and is split into
@@ -167,12 +167,13 @@ def ensure_venv() -> Path:
 
 def run_in_venv(argv: list[str], threads: int) -> int:
     venv = ensure_venv()
+    # torch.set_num_threads(threads) in the child; the other pools get the same count.
+    # 0: torch's default, one thread per core.
+    counts = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}
     env = {
         **os.environ,
         _CHILD_ENV: "1",
-        # torch.set_num_threads(threads) in the child; the other pools get the same count
-        "OMP_NUM_THREADS": str(threads),
-        "MKL_NUM_THREADS": str(threads),
+        **counts,
         "TRL_EXPERIMENTAL_SILENCE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "WANDB_DISABLED": "true",
@@ -201,7 +202,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--kl-coef", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: one per core)")
     p.add_argument(
         "--rollout-forward-batch-size",
         type=int,
@@ -276,7 +277,8 @@ def benchmark(args: argparse.Namespace) -> dict:
     from trl.experimental.ppo import PPOConfig, PPOTrainer
     from trl.experimental.ppo import ppo_trainer as ppo_module
 
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     datasets.disable_progress_bars()
     rss_imports = rss_mb()
     log(
