@@ -7,7 +7,8 @@ torch's default of one thread per core) is trained by
 
 * **alignloop**: :class:`trainer.ppo_trainer.PPOTrainer` on one base with policy, critic and
   reward LoRA adapters; rollouts from vLLM with the actor hot-loaded every iteration
-  (``--rollout vllm``, the default) or from ``transformers.generate`` (``--rollout hf``);
+  (``--rollout vllm``) or from the training model's own decode loop (``--rollout hf``); the
+  default, ``auto``, is alignloop's: vLLM with a GPU, ``hf`` on CPU;
   reward = a reward model version (a LoRA adapter + head on the base, scoring 0) plus the
   rule terms of ``tests/fixtures/ppo.CONCISE`` (no filler), so the reward gain is real;
 * **TRL** 1.12's four-model PPOTrainer (``benchmarks/trl_ppo_baseline.py``: policy,
@@ -27,7 +28,7 @@ that width and depth (the demo tokenizer and chat template) instead of the demo 
 see where model memory, not the Python/torch floor, dominates. ``--quick``: one round of
 two iterations.
 
-    python benchmarks/ppo.py [--quick] [--rounds 3] [--rollout vllm|hf] [--no-trl]
+    python benchmarks/ppo.py [--quick] [--rounds 3] [--rollout auto|vllm|hf] [--no-trl]
 """
 
 from __future__ import annotations
@@ -260,7 +261,12 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="one round of two iterations")
     ap.add_argument("--rounds", type=int, default=3, help="alternating alignloop/TRL rounds")
     ap.add_argument("--iterations", type=int, default=4, help="PPO iterations (x64 episodes)")
-    ap.add_argument("--rollout", choices=("vllm", "hf"), default="vllm")
+    ap.add_argument(
+        "--rollout",
+        choices=("auto", "vllm", "hf"),
+        default="auto",
+        help="as RoundConfig.rollout_backend: auto = vllm with a GPU, hf on CPU",
+    )
     ap.add_argument("--no-trl", action="store_true", help="skip the TRL baseline")
     ap.add_argument("--rollout-batch-size", type=int, default=FIXED["rollout_batch_size"])
     ap.add_argument("--mini-batch-size", type=int, default=FIXED["mini_batch_size"])
@@ -280,6 +286,9 @@ def main() -> int:
         return 0
     if args.quick:
         args.rounds, args.iterations = 1, 2
+    from trainer.round_config import RoundConfig
+
+    args.rollout = RoundConfig(rollout_backend=args.rollout).rollouts
     if args.model is None:
         from tests.fixtures.model import demo_model_cache_dir
         from trainer.demo_model import bootstrap_demo_model

@@ -175,7 +175,7 @@ def loop_main(argv: list[str]) -> int:
                 migrate(conn)
                 reason = _due(conn, trigger)
             if reason is not None:
-                if sampler is None and config.rollout_backend == "vllm":
+                if sampler is None and config.rollouts == "vllm":
                     sampler = shared_sampler(config)
                 result = run_round(config, trigger=reason, sampler=sampler)
                 log.info("round %d %s: %s", result.round_id, result.outcome, result.reason)

@@ -70,9 +70,9 @@ class PPOConfig:
             "hyperparameter: the gradient is the mini-batch's). A mini-batch's rows are "
             "sorted by length and cut into micro-batches, so short rows are not padded to the "
             "longest; each micro-batch's loss is weighted by its share of the mini-batch's "
-            "tokens (gradient accumulation). Rollouts are scored (no gradient) in chunks of "
-            "twice this size as they finish. Default 16 (the demo model on 2 CPU cores: 8 and "
-            "32 are both about 20% slower)."
+            "tokens (gradient accumulation). Rollouts are scored (no gradient) as they finish, "
+            "once twice this many are ready, up to mini_batch_size rows a pass. Default 16 "
+            "(the demo model on 2 CPU cores: 8 and 32 are both about 20% slower)."
         },
     )
     ppo_epochs: int = field(

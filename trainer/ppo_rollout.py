@@ -100,9 +100,11 @@ class Sampler(abc.ABC):
         temperature: float,
         seed: int,
         which: Which = "current",
-    ) -> Iterator[Finished]:
-        """One response per prompt, each yielded as soon as it is finished (any order),
-        sampled reproducibly for ``seed`` as far as the sampler can be."""
+    ) -> Iterator[list[Finished]]:
+        """One response per prompt, handed over as soon as they are finished (any order):
+        each list holds every response finished since the previous one (so a caller that
+        fell behind gets its backlog at once). Sampled reproducibly for ``seed`` as far as
+        the sampler can be."""
 
     @abc.abstractmethod
     def close(self) -> None: ...
@@ -128,7 +130,7 @@ class Sampler(abc.ABC):
             seed=seed,
             which=which,
         )
-        for done in stream:
+        for done in (d for finished in stream for d in finished):
             responses[done.index] = done.response_ids
             logprobs[done.index] = done.sampler_logprobs
         missing = [i for i, r in enumerate(responses) if r is None]
@@ -203,13 +205,14 @@ class HFSampler(Sampler):
         temperature: float,
         seed: int,
         which: Which = "current",
-    ) -> Iterator[Finished]:
-        """The whole batch is generated before the first row is handed over (the caller
-        switches adapters to score it, and the training model is the sampler), shortest
-        first. One seed for the batch, not one per row: one generator draws for all rows."""
+    ) -> Iterator[list[Finished]]:
+        """The whole batch, in one list, shortest first: it is generated before any row is
+        handed over (the caller switches adapters to score them, and the training model is
+        the sampler). One seed for the batch, not one per row: one generator draws for all
+        rows."""
         with self._policy(which):
             rows = self._generate(prompt_ids, max_new_tokens, temperature, seed)
-        yield from sorted(rows, key=lambda row: len(row.response_ids))
+        yield sorted(rows, key=lambda row: len(row.response_ids))
 
     @torch.no_grad()
     def _generate(
@@ -564,7 +567,7 @@ class VllmSampler(Sampler):
         temperature: float,
         seed: int,
         which: Which = "current",
-    ) -> Iterator[Finished]:
+    ) -> Iterator[list[Finished]]:
         """Queue every prompt in the engine, then yield responses as the engine finishes
         them. The engine keeps generating in its own process while the caller works on
         what it was given; a thread here takes its outputs as fast as it makes them, so the
@@ -620,13 +623,21 @@ class VllmSampler(Sampler):
         driver.start()
         wide = False
         try:
-            while (answer := answers.get()) is not None:
-                if isinstance(answer, BaseException):
-                    raise answer
+            ended = False
+            while not ended:
+                ready = [answers.get()]  # wait for one, then take whatever else is there
+                while not answers.empty():
+                    ready.append(answers.get())
+                for answer in ready:
+                    if isinstance(answer, BaseException):
+                        raise answer
+                ended = ready[-1] is None
                 if idle.is_set() and not wide and self.placement is not None:
                     self.placement.widen()  # the engine is done: the trainer takes every core
                     wide = True
-                yield answer
+                finished = [a for a in ready if isinstance(a, Finished)]
+                if finished:
+                    yield finished
         finally:
             stop.set()
             driver.join(self.options.sync_timeout_s)

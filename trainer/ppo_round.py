@@ -321,7 +321,7 @@ def _ptx_examples(
 
 
 def make_sampler(config: RoundConfig, models: PolicyModels, sync_dir: Path) -> Sampler:
-    if config.rollout_backend == "hf":
+    if config.rollouts == "hf":
         return HFSampler(models)
     return shared_sampler(config, sync_dir)
 

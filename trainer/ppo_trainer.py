@@ -217,9 +217,10 @@ class PPOTrainer:
         return metrics
 
     def _rollout_and_score(self, conversations: Sequence[Any], seed: int) -> ScoredRollout:
-        """Sample one response per conversation and score each chunk of
-        ``2 * micro_batch_size`` responses (no gradient: no activations kept, so twice the
-        rows of a training micro-batch) as soon as the sampler has finished it."""
+        """Sample one response per conversation and score the responses as soon as the
+        sampler has finished them: once ``2 * micro_batch_size`` are ready (no gradient:
+        no activations kept, so twice the rows of a training micro-batch), all that are
+        ready, up to ``mini_batch_size`` per pass."""
         models, cfg = self.models, self.config
         prompt_ids = render_prompts(models.tokenizer, conversations)
         n = len(prompt_ids)
@@ -250,24 +251,28 @@ class PPOTrainer:
             score_s += time.perf_counter() - t
 
         started = last = time.perf_counter()
-        chunk: list[Finished] = []
+        ready: list[Finished] = []
         stream = self.sampler.stream(
             prompt_ids,
             max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature,
             seed=seed,
         )
-        for done in stream:
+        for finished in stream:
             last = time.perf_counter()
-            responses[done.index] = done.response_ids
-            sampler_logprobs[done.index] = done.sampler_logprobs
-            chunk.append(done)
-            if len(chunk) == 2 * cfg.micro_batch_size:
-                score(chunk)
-                chunk = []
+            for done in finished:
+                responses[done.index] = done.response_ids
+                sampler_logprobs[done.index] = done.sampler_logprobs
+            ready += finished
+            # Score what has finished, at most a mini-batch at a time (bigger no-gradient
+            # passes run faster), once there are two micro-batches' worth.
+            while len(ready) >= 2 * cfg.micro_batch_size:
+                score(ready[: cfg.mini_batch_size])
+                ready = ready[cfg.mini_batch_size :]
         rollout_s = last - started
-        if chunk:
-            score(chunk)
+        while ready:
+            score(ready[: cfg.mini_batch_size])
+            ready = ready[cfg.mini_batch_size :]
         if len(scored) != n:
             raise RuntimeError(f"the sampler answered {len(scored)} of {n} prompts")
 

@@ -350,7 +350,8 @@ def _check_the_vllm_stream(sampler, config: RoundConfig, engine_pids: list[int])
     tokenizer = AutoTokenizer.from_pretrained(config.base_model)
     questions = [[{"role": "user", "content": f"q {i}"}] for i in range(12)]
     prompts = render_prompts(tokenizer, questions)
-    rows = [d.index for d in sampler.stream(prompts, max_new_tokens=8, temperature=1.0, seed=1)]
+    stream = sampler.stream(prompts, max_new_tokens=8, temperature=1.0, seed=1)
+    rows = [d.index for finished in stream for d in finished]
     assert sorted(rows) == list(range(12))
     assert os.sched_getaffinity(0) == every_core  # the engine is idle: every core again
     stream = sampler.stream(prompts, max_new_tokens=40, temperature=1.0, seed=2)

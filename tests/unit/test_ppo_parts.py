@@ -112,6 +112,13 @@ def test_iteration_prompts_are_a_pure_function_of_the_iteration():
     assert len(iteration_prompts(pool[:4], 0, 10, seed=1)) == 10  # with, when it is not
 
 
+def test_auto_rollouts_use_vllm_with_a_gpu_and_transformers_on_cpu():
+    assert RoundConfig().rollout_backend == "auto"
+    assert RoundConfig().rollouts == ("vllm" if torch.cuda.is_available() else "hf")
+    assert RoundConfig(rollout_backend="vllm").rollouts == "vllm"
+    assert RoundConfig(rollout_backend="hf").rollouts == "hf"
+
+
 def test_round_config_validation_and_fingerprint():
     with pytest.raises(ValueError, match="rollout_backend"):
         RoundConfig(rollout_backend="tgi")
