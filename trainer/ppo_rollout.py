@@ -238,15 +238,16 @@ class HFSampler(Sampler):
         live = torch.arange(n)  # the original row of each row still generating
         tokens: list[list[int]] = [[] for _ in range(n)]
         logprobs: list[list[float]] = [[] for _ in range(n)]
-        logits = model(
-            input_ids=input_ids,
-            attention_mask=attention,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits[:, -1]
         for step in range(max_new_tokens):
+            # The prompts on the first step, then each live row's last token.
+            logits = model(
+                input_ids=input_ids,
+                attention_mask=attention,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            ).logits[:, -1]
             step_logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
             uniform = torch.rand(len(live), generator=generator)
             picked = inverse_cdf_sample(step_logprobs, uniform)
@@ -267,15 +268,9 @@ class HFSampler(Sampler):
                     positions[keep],
                     picked[keep],
                 )
+            input_ids = picked.unsqueeze(-1)
             attention = torch.cat([attention, attention.new_ones((len(live), 1))], dim=1)
             positions = positions[:, -1:] + 1
-            logits = model(
-                input_ids=picked.unsqueeze(-1),
-                attention_mask=attention,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-            ).logits[:, -1]
         return [Finished(i, tokens[i], logprobs[i]) for i in range(n)]
 
     def _policy(self, which: Which):

@@ -250,8 +250,17 @@ class PPOTrainer:
                 parts.setdefault(name, torch.zeros(n, dtype=value.dtype))[rows] = value
             score_s += time.perf_counter() - t
 
-        started = last = time.perf_counter()
         ready: list[Finished] = []
+
+        def score_ready(at_least: int) -> None:
+            """Score the finished rows, at most a mini-batch per pass (bigger no-gradient
+            passes run faster), while at least ``at_least`` of them wait."""
+            nonlocal ready
+            while ready and len(ready) >= at_least:
+                score(ready[: cfg.mini_batch_size])
+                ready = ready[cfg.mini_batch_size :]
+
+        started = last = time.perf_counter()
         stream = self.sampler.stream(
             prompt_ids,
             max_new_tokens=cfg.max_new_tokens,
@@ -264,15 +273,9 @@ class PPOTrainer:
                 responses[done.index] = done.response_ids
                 sampler_logprobs[done.index] = done.sampler_logprobs
             ready += finished
-            # Score what has finished, at most a mini-batch at a time (bigger no-gradient
-            # passes run faster), once there are two micro-batches' worth.
-            while len(ready) >= 2 * cfg.micro_batch_size:
-                score(ready[: cfg.mini_batch_size])
-                ready = ready[cfg.mini_batch_size :]
+            score_ready(at_least=2 * cfg.micro_batch_size)
         rollout_s = last - started
-        while ready:
-            score(ready[: cfg.mini_batch_size])
-            ready = ready[cfg.mini_batch_size :]
+        score_ready(at_least=1)
         if len(scored) != n:
             raise RuntimeError(f"the sampler answered {len(scored)} of {n} prompts")
 
