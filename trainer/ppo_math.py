@@ -102,14 +102,16 @@ def logprobs_from_logits(
     return picked - torch.logsumexp(z, dim=-1)
 
 
-def entropy_from_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Masked mean per-token entropy ``H = logsumexp(z) - sum_v softmax(z)_v * z_v``.
+def entropy_from_logits(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean per-token entropy ``H = logsumexp(z) - sum_v softmax(z)_v * z_v``.
 
-    ``logits`` ``[B, L, V]`` and ``mask`` ``[B, L]``; keeps the gradient (for a bonus).
+    ``logits`` ``[..., V]``; the mean is over ``mask`` (shaped like ``logits[..., 0]``) or,
+    without one, over every position (logits of response tokens only, padding already
+    dropped). Keeps the gradient (for a bonus).
     """
     probs = torch.softmax(logits, dim=-1)
     entropy = torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
-    return masked_mean(entropy, mask)
+    return entropy.mean() if mask is None else masked_mean(entropy, mask)
 
 
 # --- reward: KL penalty, normalisation, shaping ------------------------------------------
@@ -312,13 +314,17 @@ def value_loss(
     return loss, clip_fraction
 
 
-def ptx_loss(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """PPO-ptx pretraining term (InstructGPT, eq. 2): ``-masked_mean(log p(token))``.
+def ptx_loss(
+    logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """PPO-ptx pretraining term (InstructGPT, eq. 2): ``-mean(log p(token))``.
 
     Plain next-token NLL on pretraining/SFT text; the same shift convention as
     :func:`logprobs_from_logits` (``logits[:, :-1]`` with ``tokens = input_ids[:, 1:]``).
+    The mean is over ``mask`` or, without one, over every token given.
     """
-    return -masked_mean(logprobs_from_logits(logits, tokens), mask)
+    logprobs = logprobs_from_logits(logits, tokens)
+    return -(logprobs.mean() if mask is None else masked_mean(logprobs, mask))
 
 
 # --- KL coefficient controllers ----------------------------------------------------------

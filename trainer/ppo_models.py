@@ -39,6 +39,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from trainer.lora_folding import folded
 from trainer.ppo_math import entropy_from_logits, logprobs_from_logits, ptx_loss
 from trainer.reward_model import (
     LoraRewardModel,
@@ -110,6 +111,16 @@ class TokenBatch:
         order = torch.argsort(self.attention_mask.sum(1), stable=True)
         return list(order.split(size))
 
+    def response_tokens(self) -> torch.Tensor:
+        """The ``N`` response tokens ``[N]``, row by row, padding skipped."""
+        return self.response_ids[self.mask.bool()]
+
+    def unpack(self, values: torch.Tensor) -> torch.Tensor:
+        """``[N]`` values, one per response token (as :meth:`response_tokens` orders them),
+        back to ``[B, R]`` with 0 on padding; differentiable."""
+        keep = self.mask.bool()
+        return values.new_zeros(keep.shape).index_put((keep,), values)
+
     def select(self, rows: torch.Tensor) -> TokenBatch:
         """The sub-batch of ``rows`` (a mini-batch), cut to its own longest row: padding
         that only longer rows elsewhere in the batch needed is not computed on."""
@@ -140,8 +151,8 @@ class ActorCritic(torch.nn.Module):
 
     ``forward(batch)`` -> ``(logprobs, values, entropy, ptx_nll)``: per response token, the
     actor's log-prob of the sampled token at ``temperature``, the critic's value of the
-    state before it; the masked mean entropy of the actor's distribution (a scalar).
-    The LM head runs only on response positions, not on the prompt.
+    state before it; the mean entropy of the actor's distribution over response tokens (a
+    scalar). The LM head runs only on response tokens, not on the prompt or padding.
     """
 
     def __init__(
@@ -158,35 +169,40 @@ class ActorCritic(torch.nn.Module):
         return self._models[0]
 
     def forward(
-        self, batch: TokenBatch, ptx: TokenBatch | None = None
+        self, batch: TokenBatch, ptx: TokenBatch | None = None, entropy_grad: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(logprobs, values, entropy, ptx_nll)``; ``ptx_nll`` is the actor's next-token
-        NLL on the SFT rows ``ptx`` (PPO-ptx), at temperature 1, or None without them."""
-        logprobs, entropy = self.actor(batch)
+        NLL on the SFT rows ``ptx`` (PPO-ptx), at temperature 1, or None without them.
+        ``entropy_grad=False``: the entropy is only logged (no bonus), so no gradient."""
+        logprobs, entropy = self.actor(batch, entropy_grad=entropy_grad)
         values = self.critic(batch)
         ptx_nll = None
         if ptx is not None:
             self.models.use(POLICY)
-            ptx_nll = ptx_loss(self.models.response_logits(ptx), ptx.response_ids, ptx.mask)
+            ptx_nll = ptx_loss(self.models.response_logits(ptx), ptx.response_tokens())
+        assert entropy is not None
         return logprobs, values, entropy, ptx_nll
 
     def actor(
-        self, batch: TokenBatch, with_entropy: bool = True
+        self, batch: TokenBatch, with_entropy: bool = True, entropy_grad: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Policy log-probs ``[B, R]`` of the response tokens and the mean entropy (None
         when not asked for: scoring a rollout needs only the log-probs)."""
-        self.models.use(POLICY)
-        logits = self.models.response_logits(batch)
-        logprobs = logprobs_from_logits(logits, batch.response_ids, self.temperature)
+        with self.models.adapter(POLICY):
+            logits = self.models.response_logits(batch)
+        logprobs = logprobs_from_logits(logits, batch.response_tokens(), self.temperature)
+        logprobs = batch.unpack(logprobs)
         if not with_entropy:
             return logprobs, None
         scaled = logits / self.temperature if self.temperature != 1.0 else logits
-        return logprobs, entropy_from_logits(scaled, batch.mask)
+        if not entropy_grad:
+            scaled = scaled.detach()
+        return logprobs, entropy_from_logits(scaled)
 
     def critic(self, batch: TokenBatch) -> torch.Tensor:
         """Values ``[B, R]``: the value head on the critic's hidden state at each position."""
-        self.models.use(CRITIC)
-        hidden = self.models.hidden_states(batch)
+        with self.models.adapter(CRITIC):
+            hidden = self.models.hidden_states(batch)
         return self.value_head(_gather_positions(hidden, batch.positions)).squeeze(-1)
 
 
@@ -315,6 +331,18 @@ class PolicyModels:
         return self._adapter_list
 
     @contextlib.contextmanager
+    def adapter(self, name: str) -> Iterator[None]:
+        """The passes inside run with adapter ``name``: made active (:meth:`use`) when a
+        gradient may flow, folded into the base weights when none can (no-gradient passes:
+        scoring, sampling; see :mod:`trainer.lora_folding`)."""
+        if torch.is_grad_enabled():
+            self.use(name)
+            yield
+        else:
+            with folded(self.peft_model, name):
+                yield
+
+    @contextlib.contextmanager
     def reference(self) -> Iterator[None]:
         """The frozen reference: every adapter disabled for the duration."""
         with self.peft_model.disable_adapter():
@@ -329,16 +357,19 @@ class PolicyModels:
         ).last_hidden_state
 
     def response_logits(self, batch: TokenBatch) -> torch.Tensor:
-        """Logits ``[B, R, V]`` predicting each response token."""
+        """Logits ``[N, V]`` predicting the batch's ``N`` response tokens, row by row (as
+        :meth:`TokenBatch.response_tokens`): the LM head, the widest product of a small
+        model, runs on nothing else, neither prompt nor padding."""
         hidden = _gather_positions(self.hidden_states(batch), batch.positions)
-        return self._lm_head(hidden)
+        return self._lm_head(hidden[batch.mask.bool()])
 
     @torch.no_grad()
     def reference_logprobs(self, batch: TokenBatch) -> torch.Tensor:
         """Log-probs ``[B, R]`` of the response tokens under the reference (base) model."""
         with self.reference():
             logits = self.response_logits(batch)
-        return logprobs_from_logits(logits, batch.response_ids, self.actor_critic.temperature)
+        temperature = self.actor_critic.temperature
+        return batch.unpack(logprobs_from_logits(logits, batch.response_tokens(), temperature))
 
     # --- saving the actor ------------------------------------------------------------------
 

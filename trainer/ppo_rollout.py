@@ -210,7 +210,7 @@ class HFSampler(Sampler):
         handed over (the caller switches adapters to score them, and the training model is
         the sampler). One seed for the batch, not one per row: one generator draws for all
         rows."""
-        with self._policy(which):
+        with torch.no_grad(), self._policy(which):
             rows = self._generate(prompt_ids, max_new_tokens, temperature, seed)
         yield sorted(rows, key=lambda row: len(row.response_ids))
 
@@ -273,30 +273,19 @@ class HFSampler(Sampler):
             positions = positions[:, -1:] + 1
         return [Finished(i, tokens[i], logprobs[i]) for i in range(n)]
 
-    def _policy(self, which: Which):
+    def _policy(self, which: Which) -> contextlib.AbstractContextManager[None]:
+        """The sampling model (no gradient: the adapter is folded into the base weights)."""
         if which == "current":
-            self.models.use(POLICY)
-            return contextlib.nullcontext()
+            return self.models.adapter(POLICY)
         if which == "base":
             return self.models.reference()
-        return self._other_adapter(Path(which))
-
-    def _other_adapter(self, path: Path):
-        name = self._adapters.get(str(path))
+        path = str(Path(which))
+        name = self._adapters.get(path)
         if name is None:
             name = f"eval{len(self._adapters)}"
-            self.models.peft_model.load_adapter(str(path), adapter_name=name, is_trainable=False)
-            self._adapters[str(path)] = name
-
-        @contextlib.contextmanager
-        def active():
-            self.models.use(name)
-            try:
-                yield
-            finally:
-                self.models.use(POLICY)
-
-        return active()
+            self.models.peft_model.load_adapter(path, adapter_name=name, is_trainable=False)
+            self._adapters[path] = name
+        return self.models.adapter(name)
 
     def close(self) -> None:
         for name in self._adapters.values():

@@ -349,7 +349,9 @@ class PPOTrainer:
             # DDP all-reduces the gradients once, after the last micro-batch's backward.
             no_sync = self.module.no_sync() if self.dist.enabled and not last else None
             with no_sync or contextlib.nullcontext():
-                logprobs, values, entropy, ptx_nll = self.module(mb, ptx if k == 0 else None)
+                logprobs, values, entropy, ptx_nll = self.module(
+                    mb, ptx if k == 0 else None, entropy_grad=cfg.entropy_coef > 0
+                )
                 p_loss, clip_frac, approx_kl = pm.policy_loss(
                     logprobs,
                     old_logprobs[piece, :width],

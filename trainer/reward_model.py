@@ -25,9 +25,8 @@ max length, hidden size), which is what :func:`load_reward_model` dispatches on.
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from trainer.lora_folding import applied
 
 CARD_NAME = "reward_model.json"
 HEAD_NAME = "head.safetensors"
@@ -158,19 +159,9 @@ class LoraRewardModel(RewardModel):
         # The transformer without its LM head: the reward reads hidden states, not logits.
         self._backbone = getattr(hf_model, hf_model.base_model_prefix)
 
-    @contextlib.contextmanager
-    def _adapter_active(self) -> Iterator[None]:
-        previous = self.peft_model.active_adapter
-        if previous != self.adapter_name:
-            self.peft_model.set_adapter(self.adapter_name)
-        try:
-            yield
-        finally:
-            if previous != self.adapter_name:
-                self.peft_model.set_adapter(previous)
-
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        with self._adapter_active():
+        # Scoring (no gradient) runs the adapter folded into the base weights.
+        with applied(self.peft_model, self.adapter_name):
             hidden = self._backbone(
                 input_ids=input_ids, attention_mask=attention_mask
             ).last_hidden_state

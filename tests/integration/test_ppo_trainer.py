@@ -11,7 +11,8 @@ import torch
 
 from tests.fixtures.ppo import CONCISE, SMALL_PPO, flat_reward_model
 from trainer.corpus import sample_prompts
-from trainer.ppo_models import PolicyModels, TokenBatch
+from trainer.lora_folding import folded
+from trainer.ppo_models import POLICY, PolicyModels, TokenBatch
 from trainer.ppo_rollout import HFSampler, render_prompts
 from trainer.ppo_trainer import PPOTrainer
 from trainer.reward_rules import ComposedReward, build_rules
@@ -93,6 +94,55 @@ def test_trainer_logprobs_match_the_transformers_sampler(demo_model_dir: Path, r
     assert metrics["sampler_logprob_gap"] < 1e-4
     assert metrics["kl_ref"] == 0.0  # a fresh adapter (B = 0) is exactly the reference
     assert metrics["rollout_tokens"] > 0 and metrics["episodes"] == 16
+
+
+def test_folded_passes_match_the_adapter_and_leave_the_base_untouched(
+    demo_model_dir: Path, reward_dir: Path
+):
+    """No-gradient passes fold the adapter into copies of the base weights: the actor's
+    logits match the LoRA layers' up to rounding, and the base (the reference) is the same
+    tensors with the same bits afterwards."""
+    models = PolicyModels.load(demo_model_dir, reward_dir, seed=1)
+    with torch.no_grad():  # a non-trivial policy adapter, as after training
+        for name, p in models.peft_model.named_parameters():
+            if ".policy." in name and "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.05)
+    prompts = render_prompts(models.tokenizer, PROMPTS[:4])
+    batch = TokenBatch.build(prompts, [[40, 41, 42], [43], [44, 45], [46]], pad_id=0)
+    base = {n: p for n, p in models.peft_model.named_parameters() if ".lora_" not in n}
+    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in base.items()}
+    with torch.no_grad():
+        reference = models.reference_logprobs(batch)
+        models.use(POLICY)
+        lora = models.response_logits(batch)  # the LoRA layers themselves
+        with models.adapter(POLICY):  # no gradient: folded
+            fold = models.response_logits(batch)
+    torch.testing.assert_close(fold, lora, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        actor = models.actor_critic.actor(batch, with_entropy=False)[0]
+        assert (actor - reference).abs().max() > 1e-2  # the adapter really changes the model
+        assert torch.equal(models.reference_logprobs(batch), reference)
+    for name, p in base.items():
+        pointer, values = before[name]
+        assert p.data_ptr() == pointer and torch.equal(p.detach(), values), name
+    # Copies of the weights cannot train.
+    with pytest.raises(RuntimeError, match="no-gradient"), folded(models.peft_model, POLICY):
+        pass
+
+
+def test_the_reward_model_scores_folded_as_it_trains(demo_model_dir: Path, reward_dir: Path):
+    """``score`` (no gradient, folded) and ``rewards`` (the LoRA layers) agree."""
+    models = PolicyModels.load(demo_model_dir, reward_dir)
+    with torch.no_grad():
+        for name, p in models.peft_model.named_parameters():
+            if ".reward." in name and "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.05)
+        models.reward.head.weight.normal_()
+    answers = ["Seven.", "I do not know.", "It is blue, blue, blue."]
+    scored = models.reward.score(PROMPTS[:3], answers)
+    trained = models.reward.rewards(PROMPTS[:3], answers).detach()
+    torch.testing.assert_close(scored, trained, atol=1e-4, rtol=1e-4)
+    assert scored.std() > 0
 
 
 def test_rollout_scores_are_per_row_and_zero_on_padding(demo_model_dir: Path, reward_dir: Path):
