@@ -39,7 +39,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from trainer.lora_folding import folded
+from trainer.lora_folding import fold_in_training, folded
 from trainer.ppo_math import entropy_from_logits, logprobs_from_logits, ptx_loss
 from trainer.reward_model import (
     LoraRewardModel,
@@ -226,6 +226,7 @@ class PolicyModels:
         base_model_path: Path,
     ) -> None:
         self.peft_model = peft_model
+        fold_in_training(peft_model)  # the update's LoRA layers, folded (lora_folding)
         self.tokenizer = tokenizer
         self.reward = reward
         self.base_model_path = base_model_path

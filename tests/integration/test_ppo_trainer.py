@@ -11,7 +11,7 @@ import torch
 
 from tests.fixtures.ppo import CONCISE, SMALL_PPO, flat_reward_model
 from trainer.corpus import sample_prompts
-from trainer.lora_folding import folded
+from trainer.lora_folding import fold_in_training, folded
 from trainer.ppo_models import POLICY, PolicyModels, TokenBatch
 from trainer.ppo_rollout import HFSampler, render_prompts
 from trainer.ppo_trainer import PPOTrainer
@@ -128,6 +128,37 @@ def test_folded_passes_match_the_adapter_and_leave_the_base_untouched(
     # Copies of the weights cannot train.
     with pytest.raises(RuntimeError, match="no-gradient"), folded(models.peft_model, POLICY):
         pass
+
+
+def test_folded_training_layers_give_loras_own_gradients(demo_model_dir: Path, reward_dir: Path):
+    """The update's LoRA layers run folded (one product each); the loss and every gradient
+    of the actor and critic adapters are PEFT's own LoRA layers', up to rounding."""
+    models = PolicyModels.load(demo_model_dir, reward_dir, seed=2)
+    with torch.no_grad():  # non-trivial adapters: B = 0 would hide a wrong dA
+        for name, p in models.peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.05)
+    prompts = render_prompts(models.tokenizer, PROMPTS[:4])
+    batch = TokenBatch.build(prompts, [[40, 41, 42], [43], [44, 45], [46]], pad_id=0)
+    weights = torch.linspace(-1.0, 1.0, batch.mask.numel()).reshape(batch.mask.shape)
+
+    def loss_and_grads() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        params = dict(models.peft_model.named_parameters())
+        for p in params.values():
+            p.grad = None
+        logprobs, values, entropy, _ = models.actor_critic(batch)
+        loss = (logprobs * weights).sum() + (values * weights).sum() - entropy
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in params.items() if p.grad is not None}
+
+    folded_loss, folded_grads = loss_and_grads()
+    assert fold_in_training(models.peft_model, enabled=False) == 4 * 7  # layers x projections
+    peft_loss, peft_grads = loss_and_grads()
+    torch.testing.assert_close(folded_loss, peft_loss, atol=1e-4, rtol=1e-5)
+    assert set(folded_grads) == set(peft_grads)
+    assert any(".policy." in n for n in peft_grads) and any(".critic." in n for n in peft_grads)
+    for name, grad in peft_grads.items():
+        torch.testing.assert_close(folded_grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
 def test_the_reward_model_scores_folded_as_it_trains(demo_model_dir: Path, reward_dir: Path):
