@@ -15,7 +15,9 @@ three LoRA adapters side by side:
   (:func:`trainer.reward_model.attach_reward_model`), plus rule terms
   (:class:`trainer.reward_rules.ComposedReward`).
 
-Switching adapters is a flag flip in each LoRA layer, not a copy. PEFT's ``set_adapter``
+Switching adapters is a flag flip in each LoRA layer, not a copy. Passes without a
+gradient run the adapter folded into copies of the base weights, and the update's LoRA
+layers run folded too (:mod:`trainer.lora_folding`): one product per layer. PEFT's ``set_adapter``
 also marks only the active adapter trainable; :meth:`PolicyModels.use` puts the
 requires-grad flags back (actor and critic trainable, everything else frozen) after
 every switch, so the optimizer's parameters never silently stop getting gradients.
