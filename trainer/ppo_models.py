@@ -20,8 +20,9 @@ gradient run the adapter folded into copies of the base weights, and the update'
 layers run folded too (:mod:`trainer.lora_folding`): one product per layer.
 
 PEFT's ``set_adapter`` also marks only the active adapter trainable;
-:meth:`PolicyModels.use` puts the requires-grad flags back (actor and critic trainable, everything else frozen) after
-every switch, so the optimizer's parameters never silently stop getting gradients.
+:meth:`PolicyModels.use` puts the requires-grad flags back (actor and critic trainable,
+everything else frozen) after every switch, so the optimizer's parameters never silently
+stop getting gradients.
 
 :class:`ActorCritic` is the one ``nn.Module`` the optimizer (and DDP) sees: its forward
 runs the actor and the critic over a :class:`TokenBatch` and returns per-response-token
