@@ -134,10 +134,11 @@ def test_folded_training_layers_give_loras_own_gradients(demo_model_dir: Path, r
     """The update's LoRA layers run folded (one product each); the loss and every gradient
     of the actor and critic adapters are PEFT's own LoRA layers', up to rounding."""
     models = PolicyModels.load(demo_model_dir, reward_dir, seed=2)
-    with torch.no_grad():  # non-trivial adapters: B = 0 would hide a wrong dA
+    with torch.no_grad():  # non-trivial adapters (B = 0 would hide a wrong dA) and head
         for name, p in models.peft_model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn_like(p) * 0.05)
+        models.value_head.weight.normal_()  # the flat reward model's head is 0: no gradient
     prompts = render_prompts(models.tokenizer, PROMPTS[:4])
     batch = TokenBatch.build(prompts, [[40, 41, 42], [43], [44, 45], [46]], pad_id=0)
     weights = torch.linspace(-1.0, 1.0, batch.mask.numel()).reshape(batch.mask.shape)
@@ -157,8 +158,9 @@ def test_folded_training_layers_give_loras_own_gradients(demo_model_dir: Path, r
     torch.testing.assert_close(folded_loss, peft_loss, atol=1e-4, rtol=1e-5)
     assert set(folded_grads) == set(peft_grads)
     assert any(".policy." in n for n in peft_grads) and any(".critic." in n for n in peft_grads)
-    for name, grad in peft_grads.items():
-        torch.testing.assert_close(folded_grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+    for name, grad in peft_grads.items():  # rounding only: relative to the gradient's size
+        error = (folded_grads[name] - grad).norm() / grad.norm()
+        assert error < 1e-4, f"{name}: relative error {error:.2e}"
 
 
 def test_the_reward_model_scores_folded_as_it_trains(demo_model_dir: Path, reward_dir: Path):
