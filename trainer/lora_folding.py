@@ -65,6 +65,8 @@ def folded(peft_model: PeftModel, adapter: str) -> Iterator[None]:
     """
     if torch.is_grad_enabled():
         raise RuntimeError("folded() is for no-gradient passes: the folded weights are copies")
+    if adapter not in peft_model.peft_config:  # else: silently the base model
+        raise KeyError(f"no adapter {adapter!r} on this model")
     layers = _foldable_layers(peft_model, adapter)
     if layers is None:
         with active(peft_model, adapter):

@@ -125,8 +125,10 @@ def test_folded_passes_match_the_adapter_and_leave_the_base_untouched(
     for name, p in base.items():
         pointer, values = before[name]
         assert p.data_ptr() == pointer and torch.equal(p.detach(), values), name
-    # Copies of the weights cannot train.
+    # Copies of the weights cannot train; a missing adapter is not the base.
     with pytest.raises(RuntimeError, match="no-gradient"), folded(models.peft_model, POLICY):
+        pass
+    with torch.no_grad(), pytest.raises(KeyError, match="nope"), folded(models.peft_model, "nope"):
         pass
 
 
