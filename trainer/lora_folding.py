@@ -35,21 +35,27 @@ from peft import PeftModel
 from peft.tuners.lora.layer import Linear as LoraLinear
 
 
+def _vanilla(layer: torch.nn.Module, adapter: str) -> bool:
+    """Whether ``layer`` is a LoRA linear layer to which ``adapter`` adds exactly
+    ``s * B A`` to the weight (no variant such as DoRA, no LoRA bias, no transposed base)."""
+    return (
+        isinstance(layer, LoraLinear)
+        and adapter in layer.lora_A
+        and adapter not in layer.lora_variant
+        and not getattr(layer, "lora_bias", {}).get(adapter, False)
+        and not layer.fan_in_fan_out
+    )
+
+
 def _foldable_layers(peft_model: PeftModel, adapter: str) -> list[torch.nn.Module] | None:
-    """The LoRA layers that carry ``adapter``, or None when one of them cannot be folded
-    into a plain weight (DoRA's magnitude vector, a LoRA bias, a non-linear layer type)."""
+    """The LoRA layers that carry ``adapter``, or None when one of them is not
+    :func:`_vanilla` (it cannot be folded into a plain weight)."""
     layers = []
     for module in peft_model.modules():
         lora_a = getattr(module, "lora_A", None)
         if not isinstance(lora_a, torch.nn.ModuleDict) or adapter not in lora_a:
             continue
-        plain = (
-            hasattr(module, "get_delta_weight")
-            and isinstance(getattr(module, "base_layer", None), torch.nn.Linear)
-            and not getattr(module, "use_dora", {}).get(adapter, False)
-            and not getattr(module, "lora_bias", {}).get(adapter, False)
-        )
-        if not plain:
+        if not _vanilla(module, adapter):
             return None
         layers.append(module)
     return layers
@@ -75,7 +81,9 @@ def folded(peft_model: PeftModel, adapter: str) -> Iterator[None]:
     # Normal tensors even under inference_mode: they become Parameters' data for a while.
     with torch.inference_mode(False), torch.no_grad():
         weights = [layer.base_layer.weight for layer in layers]
-        copies = [layer.base_layer.weight + layer.get_delta_weight(adapter) for layer in layers]
+        copies = [
+            w + layer.get_delta_weight(adapter) for w, layer in zip(weights, layers, strict=True)
+        ]
     originals = [w.data for w in weights]
     try:
         for weight, copy in zip(weights, copies, strict=True):
@@ -150,11 +158,8 @@ def _folded_training_forward(layer: LoraLinear, x: torch.Tensor, *args: Any, **k
         and not torch.is_autocast_enabled(x.device.type)
         and not (layer.disable_adapters or layer.merged or args or kwargs)
         and len(adapters) == 1
-        and adapters[0] in layer.lora_A
-        and adapters[0] not in layer.lora_variant
+        and _vanilla(layer, adapters[0])
         and not (layer.training and getattr(layer.lora_dropout[adapters[0]], "p", 0.0) > 0)
-        and not getattr(layer, "lora_bias", {}).get(adapters[0], False)
-        and not layer.fan_in_fan_out
     )
     if not plain:
         return type(layer).forward(layer, x, *args, **kwargs)
