@@ -11,8 +11,8 @@ Every PPO detail, named once, in the order it happens in a round (CleanRL style)
 3. advantages: :func:`gae` (advantages and returns), then :func:`whiten` the advantages.
 4. update, per mini-batch and epoch: :func:`policy_loss` (clipped surrogate, clip fraction,
    approx KL for early stopping), :func:`value_loss` (clipped), :func:`entropy_from_logits`
-   (logged, optional bonus), :func:`ptx_loss` (PPO-ptx); gradients clipped by
-   ``torch.nn.utils.clip_grad_norm_``.
+   (logged, optional bonus), :func:`ptx_loss` (PPO-ptx); gradients clipped to a global
+   norm by :func:`clip_grad_norm`.
 5. after the round: the KL controller (:class:`AdaptiveKLController` or
    :class:`FixedKLController`) updates ``beta``; :func:`explained_variance` is logged.
 
@@ -23,6 +23,7 @@ anything, even ``nan``), and a row with no response token contributes nothing.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Literal
 
 import torch
@@ -325,6 +326,23 @@ def ptx_loss(
     """
     logprobs = logprobs_from_logits(logits, tokens)
     return -(logprobs.mean() if mask is None else masked_mean(logprobs, mask))
+
+
+# --- gradient clipping ------------------------------------------------------------------
+
+
+def clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip the gradients of ``params`` to a global L2 norm of ``max_norm``, in place.
+
+    ``n = sqrt(sum_p ||g_p||^2)`` over every parameter that has a gradient; if
+    ``n > max_norm`` each gradient is multiplied by ``max_norm / (n + 1e-6)`` (so the new
+    global norm is ``max_norm`` up to that epsilon), otherwise nothing changes. Returns
+    ``n``, the norm *before* clipping (what is logged as ``grad_norm``; ``nan``/``inf`` when
+    a gradient is not finite, which the caller must check before stepping). This is
+    ``torch.nn.utils.clip_grad_norm_`` (PPO2 baselines, CleanRL), named here so the
+    trainer's clipping is the function the tests check.
+    """
+    return torch.nn.utils.clip_grad_norm_(list(params), max_norm)
 
 
 # --- KL coefficient controllers ----------------------------------------------------------

@@ -438,7 +438,7 @@ class PPOTrainer:
                 step = self._accumulate(
                     batch, rows, old_logprobs, old_values, advantages, returns, ptx, iteration
                 )
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                grad_norm = pm.clip_grad_norm(params, cfg.max_grad_norm)
                 _finite("gradient norm", grad_norm, iteration)
                 self.optimizer.step()
                 step["grad_norm"] = grad_norm

@@ -12,6 +12,7 @@ from trainer.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
     RunningMoments,
+    clip_grad_norm,
     entropy_from_logits,
     explained_variance,
     gae,
@@ -322,6 +323,45 @@ def test_value_loss_by_hand() -> None:
     loss.backward()
     # the clipped token gets no gradient; token 1: 0.5 * 2 * (0.1 - 1) / 2 = -0.45
     assert values.grad.tolist()[0] == pytest.approx([0.0, -0.45, 0.0])
+
+
+# --- gradient clipping ----------------------------------------------------------------------
+
+
+def _params_with_grads(*grads: list[float]) -> list[torch.nn.Parameter]:
+    params = []
+    for g in grads:
+        p = torch.nn.Parameter(torch.zeros(len(g), dtype=torch.float64))
+        p.grad = torch.tensor(g, dtype=torch.float64)
+        params.append(p)
+    return params
+
+
+def test_clip_grad_norm_scales_a_large_gradient_to_the_bound_by_hand() -> None:
+    # global norm sqrt(3^2 + 4^2 + 12^2) = 13 > 6.5: every gradient halves (up to 1e-6).
+    params = _params_with_grads([3.0, 4.0], [12.0])
+    no_grad = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))  # no gradient: skipped
+    norm = clip_grad_norm([*params, no_grad], max_norm=6.5)
+    assert norm.item() == pytest.approx(13.0)  # the norm before clipping (what is logged)
+    scale = 6.5 / (13.0 + 1e-6)
+    assert params[0].grad.tolist() == pytest.approx([3.0 * scale, 4.0 * scale], rel=1e-12)
+    assert params[1].grad.tolist() == pytest.approx([12.0 * scale], rel=1e-12)
+    clipped = torch.cat([p.grad for p in params]).norm().item()
+    assert clipped == pytest.approx(6.5, rel=1e-6)
+    assert no_grad.grad is None
+
+
+def test_clip_grad_norm_leaves_a_gradient_within_the_bound_unchanged() -> None:
+    params = _params_with_grads([3.0, 4.0], [12.0])
+    norm = clip_grad_norm(params, max_norm=13.5)
+    assert norm.item() == pytest.approx(13.0)
+    assert params[0].grad.tolist() == [3.0, 4.0]
+    assert params[1].grad.tolist() == [12.0]
+
+
+def test_clip_grad_norm_reports_a_non_finite_gradient() -> None:
+    params = _params_with_grads([1.0, NAN])
+    assert not math.isfinite(clip_grad_norm(params, max_norm=1.0).item())
 
 
 # --- KL controllers -----------------------------------------------------------------------
