@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "admin": ("deploy.admin_api:main", "Run the admin HTTP API alone (the canary serves it too)."),
     "train": ("trainer.reward_cli:train_main", "Train models: train reward [--help]."),
     "reward": ("trainer.reward_cli:reward_main", "Reward model versions: reward list | show V."),
+    "simulate": ("deploy.simulator.cli:main", "Drive a running alignloop with simulated users."),
 }
 
 

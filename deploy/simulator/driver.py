@@ -1,0 +1,419 @@
+"""The simulation itself: simulated users talking to a running alignloop over HTTP.
+
+Contract. :func:`run` (async) / :func:`run_sync` take a :class:`SimConfig` and return the
+run's :class:`~deploy.simulator.report.Summary`. They use only alignloop's public HTTP
+API, as a product would:
+
+* ``POST /v1/chat/completions`` with ``model`` (default ``alignloop``: the routed policy)
+  and ``user=<simulated user id>``, so routing is sticky per simulated user; the serving
+  version is read from the ``policy_version`` field (the ``X-Alignloop-Policy`` header
+  when the field is missing);
+* ``POST /v1/feedback`` ``{response_id, rating, user}`` when the user rates: the thumb is
+  drawn from the hidden preference's score of the answer text (see
+  :mod:`~deploy.simulator.population`); a rating counts once the API answered 202;
+* ``POST /v1/preferences`` ``{chosen_response_id, rejected_response_id, user}`` when a
+  comparing user asked the same question twice (two requests: one response id each);
+* and, read-only, the admin API (:mod:`~deploy.simulator.registry_watch`) for the
+  registry's state and events, when a token is available.
+
+Turns start at ``rate`` per second (Poisson arrivals) with at most ``concurrency`` in
+flight; when the server is slower than that, turns wait for a free slot instead of piling
+up. Every turn draws from its own ``random.Random`` seeded by (seed, turn number), so the
+users, prompts and thumbs of a run do not depend on the order answers come back in. Errors
+(connection failures, timeouts, non-2xx answers) are counted by kind and never stop the
+run. The run ends after ``minutes``, or when ``until`` is reached (first candidate / canary
+/ promotion, or N promotions; this needs the admin API), or when :func:`run`'s ``stop``
+event is set; turns in flight then get ``drain_s`` to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+import httpx
+
+from deploy.simulator.population import Population, PopulationConfig, SimUser
+from deploy.simulator.preferences import HiddenPreference, load_preference, words
+from deploy.simulator.prompts import PromptSource, SimPrompt, make_source
+from deploy.simulator.registry_watch import RegistryWatch
+from deploy.simulator.report import (
+    HEADER,
+    Observation,
+    Recorder,
+    Summary,
+    build_summary,
+    print_window,
+    window_stats,
+)
+
+DEFAULT_ADMIN_URL = "http://127.0.0.1:9103"
+_UNTIL = re.compile(r"^(?:(candidate|canary|promotion)|(\d+)-promotions?)$")
+
+
+class SimulationError(RuntimeError):
+    """The simulation cannot start (bad configuration, ``until`` without admin access)."""
+
+
+@dataclass(frozen=True)
+class Until:
+    """Stop once the registry shows ``count`` events of ``event`` since the start."""
+
+    event: str
+    count: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> Until:
+        """``candidate``, ``canary``, ``promotion`` or ``N-promotions`` (N >= 1)."""
+        m = _UNTIL.match(text.strip())
+        if m is None or (m.group(2) is not None and int(m.group(2)) < 1):
+            raise ValueError(
+                f"--until {text!r}: expected candidate, canary, promotion or N-promotions"
+            )
+        if m.group(1):
+            return cls(m.group(1), 1)
+        return cls("promotion", int(m.group(2)))
+
+    def __str__(self) -> str:
+        if self.event == "promotion" and self.count > 1:
+            return f"{self.count}-promotions"
+        return self.event
+
+
+@dataclass
+class SimConfig:
+    base_url: str = "http://127.0.0.1:8000"
+    api_key: str | None = None
+    model: str = "alignloop"
+    minutes: float = 10.0
+    rate: float = 2.0
+    """Target turns per second (a comparing turn sends two chats)."""
+    concurrency: int = 8
+    population: PopulationConfig = field(default_factory=PopulationConfig)
+    preference: str = "plain"
+    prompts_file: str | None = None
+    answerable_share: float = 0.5
+    max_tokens: int = 64
+    temperature: float = 1.0
+    until: Until | None = None
+    admin_url: str | None = DEFAULT_ADMIN_URL
+    admin_token: str | None = None
+    """None: ALIGNLOOP_ADMIN_TOKEN, else the file ``state_dir/admin_token``."""
+    state_dir: str | None = None
+    """Where to look for ``admin_token``; None: ALIGNLOOP_STATE_DIR, else ``.alignloop``."""
+    base_version: str = "base"
+    report_interval_s: float = 60.0
+    """Length of a table row's window ("per minute")."""
+    poll_interval_s: float = 3.0
+    request_timeout_s: float = 120.0
+    drain_s: float = 30.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.minutes <= 0:
+            raise SimulationError(f"minutes must be > 0; got {self.minutes}")
+        if self.rate <= 0:
+            raise SimulationError(f"rate must be > 0; got {self.rate}")
+        if self.concurrency < 1:
+            raise SimulationError(f"concurrency must be >= 1; got {self.concurrency}")
+        if self.max_tokens < 1:
+            raise SimulationError(f"max_tokens must be >= 1; got {self.max_tokens}")
+        if self.report_interval_s <= 0 or self.poll_interval_s <= 0:
+            raise SimulationError("report and poll intervals must be > 0")
+
+    def describe(self) -> dict[str, Any]:
+        """The configuration as JSON values, without secrets."""
+        out = asdict(self)
+        out["until"] = None if self.until is None else str(self.until)
+        out["api_key"] = None if self.api_key is None else "(set)"
+        out["admin_token"] = None if self.admin_token is None else "(set)"
+        return out
+
+
+def resolve_admin_token(explicit: str | None, state_dir: str | None) -> str | None:
+    """The admin token: given, else ALIGNLOOP_ADMIN_TOKEN, else STATE_DIR/admin_token."""
+    if explicit:
+        return explicit
+    env = os.environ.get("ALIGNLOOP_ADMIN_TOKEN", "").strip()
+    if env:
+        return env
+    root = Path(state_dir or os.environ.get("ALIGNLOOP_STATE_DIR") or ".alignloop")
+    try:
+        token = (root / "admin_token").read_text().strip()
+    except OSError:
+        return None
+    return token or None
+
+
+@dataclass
+class _Answer:
+    response_id: str
+    version: str
+    text: str
+    obs: Observation
+
+
+class _Run:
+    """One simulation's state: the HTTP client, the users, the recorder."""
+
+    def __init__(
+        self,
+        config: SimConfig,
+        client: httpx.AsyncClient,
+        preference: HiddenPreference,
+        source: PromptSource,
+    ) -> None:
+        self.config = config
+        self.client = client
+        self.preference = preference
+        self.source = source
+        self.population = Population(config.population)
+        self.recorder = Recorder()
+        self.start = time.monotonic()
+
+    def now(self) -> float:
+        return time.monotonic() - self.start
+
+    async def chat(self, prompt: SimPrompt, user: SimUser) -> _Answer | None:
+        c = self.config
+        body = {
+            "model": c.model,
+            "messages": prompt.wire_messages(),
+            "max_tokens": c.max_tokens,
+            "temperature": c.temperature,
+            "user": user.id,
+        }
+        try:
+            r = await self.client.post("/v1/chat/completions", json=body)
+        except httpx.HTTPError as e:
+            self.recorder.error(f"chat:{type(e).__name__}")
+            return None
+        if r.status_code != 200:
+            self.recorder.error(f"chat:http_{r.status_code}")
+            return None
+        try:
+            data = r.json()
+            text = data["choices"][0]["message"]["content"] or ""
+            response_id = data["id"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            self.recorder.error("chat:bad_body")
+            return None
+        version = data.get("policy_version") or r.headers.get("x-alignloop-policy") or "unknown"
+        obs = self.recorder.served(self.now(), version, len(words(text)))
+        return _Answer(response_id, version, text, obs)
+
+    def score(self, prompt: SimPrompt, answer: _Answer) -> float | None:
+        try:
+            return self.preference(prompt.text, answer.text, answerable=prompt.answerable)
+        except Exception as e:  # a plug-in's bug must not end the run
+            self.recorder.error(f"preference:{type(e).__name__}")
+            return None
+
+    async def post(self, path: str, body: dict[str, Any], kind: str) -> bool:
+        try:
+            r = await self.client.post(path, json=body)
+        except httpx.HTTPError as e:
+            self.recorder.error(f"{kind}:{type(e).__name__}")
+            return False
+        if r.status_code != 202:
+            self.recorder.error(f"{kind}:http_{r.status_code}")
+            return False
+        return True
+
+    async def turn(self, i: int) -> None:
+        rng = random.Random(f"{self.config.seed}-turn-{i}")
+        user = self.population.pick(rng)
+        prompt = self.source.draw(rng)
+        self.recorder.turns += 1
+        if self.population.wants_to_compare(user, rng):
+            a, b = await asyncio.gather(self.chat(prompt, user), self.chat(prompt, user))
+            if a is None or b is None:
+                return
+            sa, sb = self.score(prompt, a), self.score(prompt, b)
+            if sa is None or sb is None:
+                return
+            a_wins = self.population.choose(user, sa, sb, rng) == "a"
+            chosen, rejected = (a, b) if a_wins else (b, a)
+            body = {
+                "chosen_response_id": chosen.response_id,
+                "rejected_response_id": rejected.response_id,
+                "user": user.id,
+            }
+            if await self.post("/v1/preferences", body, "preference"):
+                self.recorder.preferences += 1
+            return
+        answer = await self.chat(prompt, user)
+        if answer is None or not self.population.wants_to_rate(user, rng):
+            return
+        score = self.score(prompt, answer)
+        if score is None:
+            return
+        thumb = self.population.thumb(user, score, rng)
+        body = {"response_id": answer.response_id, "rating": thumb, "user": user.id}
+        if await self.post("/v1/feedback", body, "feedback"):
+            self.recorder.rated(answer.obs, thumb, self.now())
+
+    async def guarded_turn(self, i: int) -> None:
+        try:
+            await self.turn(i)
+        except Exception as e:  # never let one turn end the run
+            self.recorder.error(f"turn:{type(e).__name__}")
+
+
+async def _sleep_until(deadline: float, stop: asyncio.Event) -> bool:
+    """Sleep until ``deadline`` (monotonic) unless ``stop`` is set first; True if stopped."""
+    delay = deadline - time.monotonic()
+    if delay <= 0:
+        return stop.is_set()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), delay)
+    return stop.is_set()
+
+
+async def run(
+    config: SimConfig, *, out: TextIO | None = sys.stdout, stop: asyncio.Event | None = None
+) -> Summary:
+    """Run one simulation (see the module docstring); the per-minute table goes to ``out``
+    (None: silent). Raises :class:`SimulationError` before sending anything if the
+    configuration cannot work (bad preference or prompts file, ``until`` without admin)."""
+    try:
+        preference = load_preference(config.preference)
+        source = make_source(config.prompts_file, answerable_share=config.answerable_share)
+    except ValueError as e:
+        raise SimulationError(str(e)) from None
+    stop = stop or asyncio.Event()
+    token = resolve_admin_token(config.admin_token, config.state_dir)
+    watch = await RegistryWatch.open(config.admin_url, token)
+    if config.until is not None and not watch.tracked:
+        await watch.close()
+        raise SimulationError(f"--until {config.until} needs the admin API: {watch.note}")
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    limits = httpx.Limits(max_connections=2 * config.concurrency + 4)
+    client = httpx.AsyncClient(
+        base_url=config.base_url.rstrip("/"),
+        headers=headers,
+        timeout=config.request_timeout_s,
+        limits=limits,
+    )
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")
+    sim = _Run(config, client, preference, source)
+    stopped_by = "time"
+    try:
+        try:
+            await watch.baseline(sim.start, time.time())
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
+            if config.until is not None:
+                raise SimulationError(f"the admin API failed at the start: {e!r}") from None
+            await watch.untrack(f"the admin API failed at the start ({e!r}): not tracked")
+        if out is not None:
+            if not watch.tracked:
+                print(f"note: {watch.note}", file=out)
+            print(HEADER, file=out, flush=True)
+        end = sim.start + 60.0 * config.minutes
+        interval = config.report_interval_s
+        in_flight: set[asyncio.Task] = set()
+        slots = asyncio.Semaphore(config.concurrency)
+        printed = 0  # table windows printed so far
+
+        def print_minute(minute: int, t1: float) -> None:
+            stats = window_stats(sim.recorder.observations, (minute - 1) * interval, t1)
+            print_window(out, minute, stats, watch.row_states(), watch.line())
+
+        async def schedule() -> None:
+            rng = random.Random(f"{config.seed}-arrivals")
+            next_at = sim.start
+            i = 0
+            while True:
+                next_at += rng.expovariate(config.rate)
+                if next_at >= end or await _sleep_until(next_at, stop):
+                    return
+                await slots.acquire()
+                if stop.is_set() or time.monotonic() >= end:
+                    slots.release()
+                    return
+                next_at = max(next_at, time.monotonic())  # no catch-up burst after a stall
+                task = asyncio.create_task(sim.guarded_turn(i))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+                task.add_done_callback(lambda _: slots.release())
+                i += 1
+
+        async def watch_registry() -> None:
+            nonlocal stopped_by
+            while not await _sleep_until(time.monotonic() + config.poll_interval_s, stop):
+                try:
+                    await watch.poll()
+                except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
+                    sim.recorder.error(f"admin:{type(e).__name__}")
+                    continue
+                until = config.until
+                if until is not None and watch.count(until.event) >= until.count:
+                    stopped_by = f"until {until}"
+                    stop.set()
+
+        async def report() -> None:
+            nonlocal printed
+            grace = min(2.0, interval / 10)  # ratings of the window's last answers land
+            while True:
+                boundary = sim.start + (printed + 1) * interval
+                if boundary > end or await _sleep_until(boundary + grace, stop):
+                    return
+                printed += 1
+                print_minute(printed, printed * interval)
+
+        poller = asyncio.create_task(watch_registry())
+        reporter = asyncio.create_task(report())
+        try:
+            await schedule()
+            if stopped_by == "time" and stop.is_set():
+                stopped_by = "stopped"
+        except asyncio.CancelledError:
+            stopped_by = "interrupted"
+            raise
+        finally:
+            if in_flight:
+                _, pending = await asyncio.wait(set(in_flight), timeout=config.drain_s)
+                for task in pending:
+                    task.cancel()
+                    sim.recorder.error("turn:cancelled_at_end")
+                if pending:
+                    await asyncio.gather(*pending, return_exceptions=True)
+            stop.set()
+            for task in (poller, reporter):
+                task.cancel()
+            await asyncio.gather(poller, reporter, return_exceptions=True)
+        try:
+            await watch.poll()
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
+            sim.recorder.error(f"admin:{type(e).__name__}")
+        duration = sim.now()
+        last = max(1, math.ceil(duration / interval))
+        for minute in range(printed + 1, last + 1):  # the rest, the drained answers included
+            print_minute(minute, math.inf if minute == last else minute * interval)
+        return build_summary(
+            sim.recorder,
+            watch.facts(),
+            started_at=started_at,
+            duration_s=duration,
+            stopped_by=stopped_by,
+            base_version=config.base_version,
+            config=config.describe(),
+        )
+    finally:
+        await client.aclose()
+        await watch.close()
+
+
+def run_sync(config: SimConfig, *, out: TextIO | None = sys.stdout) -> Summary:
+    """:func:`run` in a fresh event loop."""
+    return asyncio.run(run(config, out=out))
