@@ -66,6 +66,12 @@ class Settings(BaseSettings):
         description="Salt of the sticky user → arm hash. Changing it reshuffles "
         "which users see a canary.",
     )
+    canary_like_for_like: bool = Field(
+        True,
+        description="While an adapter canary runs against an adapter-less stable (the base), "
+        "serve the stable arm through a zero copy of the canary's adapter: the same answers, "
+        "the same LoRA cost, so the canary's latency guardrail compares like with like.",
+    )
     routing_refresh_s: float = Field(
         5.0, description="Re-read the routing table this often even without a notification."
     )
@@ -101,6 +107,19 @@ class Settings(BaseSettings):
     )
     admin_port: int = Field(
         9103, description="The canary controller's HTTP port (/metrics and /admin); 0 = off."
+    )
+
+    # --- the embedded stack (`alignloop up`) -----------------------------------------
+    trainer_metrics_port: int = Field(
+        9104, description="The training loop's /metrics port under `alignloop up`; 0 = off."
+    )
+    trainer_cpu_share: float = Field(
+        0.5,
+        ge=0.0,
+        lt=1.0,
+        description="Under `alignloop up` on a CPU-only machine: the share of the cores "
+        "reserved for the trainer (at least one core when > 0); serving's engine gets the "
+        "rest, so the two never fight over a core. 0: no split, every process sees every core.",
     )
 
     def resolved_spool_dir(self) -> Path:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import gc
 import hashlib
 import logging
+import shutil
+import tempfile
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -84,7 +86,16 @@ def routing_key(request: Request) -> str:
 def create_app(settings: Settings, model_dir: Path, publisher) -> FastAPI:
     """Build the app. ``publisher`` is an `EventPublisher` (started/closed by the app)."""
     engine = Engine(settings, model_dir)
-    router = PolicyRouter(settings.served_model_name, settings.routing_salt, engine, publisher)
+    like_for_like_dir = None
+    if settings.canary_like_for_like:
+        like_for_like_dir = Path(tempfile.mkdtemp(prefix="alignloop-zero-adapters-"))
+    router = PolicyRouter(
+        settings.served_model_name,
+        settings.routing_salt,
+        engine,
+        publisher,
+        like_for_like_dir=like_for_like_dir,
+    )
     watcher = None
     if settings.database_url:
         watcher = RoutingWatcher(settings.database_url, router.apply, settings.routing_refresh_s)
@@ -116,6 +127,8 @@ def create_app(settings: Settings, model_dir: Path, publisher) -> FastAPI:
                 watcher.stop()
             engine.shutdown()
             publisher.close(timeout=10)
+            if like_for_like_dir is not None:
+                shutil.rmtree(like_for_like_dir, ignore_errors=True)
 
     app = FastAPI(title="alignloop", version="0.1.0", lifespan=lifespan)
     app.add_middleware(RequestCounter)

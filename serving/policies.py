@@ -11,6 +11,13 @@ cannot load. A version whose adapter fails to load is marked failed in this repl
 routed traffic is served by the stable version meanwhile. Each version keeps one adapter
 name and id for the life of the process: versions are immutable, so a name never has to be
 reloaded with new content (vLLM could reuse a stale prefix cache for it).
+
+Like for like during a canary: while an adapter canary runs against the adapter-less base,
+routed stable-arm requests are served through a zero copy of the canary's adapter
+(:mod:`serving.zero_adapter`; ``like_for_like_dir`` set). Their answers are the base's,
+their cost is the canary's, so latency and throughput differ between the arms only by what
+the candidate's weights do. Should the zero copy fail to load, the stable arm is served by
+the base as before (and the guardrail may then see LoRA's own overhead).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import itertools
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from prometheus_client import Counter
 
@@ -33,6 +41,7 @@ from serving.routing import (
     RoutingTable,
     choose_version,
 )
+from serving.zero_adapter import write_zero_adapter
 
 log = logging.getLogger(__name__)
 
@@ -70,18 +79,21 @@ class PolicyRouter:
         engine: Engine | None = None,
         publisher=None,
         load_timeout_s: float = 60.0,
+        like_for_like_dir: Path | None = None,
     ) -> None:
         self.served_model_name = served_model_name
         self.salt = salt
         self.engine = engine
         self.publisher = publisher
         self.load_timeout_s = load_timeout_s
+        self.like_for_like_dir = like_for_like_dir
         self.table = RoutingTable.base_only()
         self._ids: dict[str, int] = {}
         self._next_id = itertools.count(1)
         self._loaded: dict[str, Adapter] = {}
         self._failed: dict[str, str] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._zero_failed: set[str] = set()  # canaries whose zero copy did not load
 
     # -- the routing table ------------------------------------------------------------
     def apply(self, table: RoutingTable) -> None:
@@ -126,8 +138,39 @@ class PolicyRouter:
                 raise
             arm = "fallback"  # the canary cannot load here: its users get stable
             target = await self._target(table, table.stable)
+        if arm == "stable" and target.adapter is None and table.canary is not None:
+            zero = await self._zero_copy(table, table.canary)
+            if zero is not None:
+                target = PolicyTarget(target.version, zero)
         ROUTED.labels(arm).inc()
         return target
+
+    async def _zero_copy(self, table: RoutingTable, canary: str) -> Adapter | None:
+        """The loaded zero copy of the canary's adapter (see the module docstring), or None
+        when like for like is off, the canary has no adapter or the copy cannot load."""
+        path = table.adapters.get(canary)
+        if self.like_for_like_dir is None or path is None or canary in self._zero_failed:
+            return None
+        if canary in self._failed:
+            return None
+        name = f"{canary}@zero"
+        if name in self._loaded:
+            return self._loaded[name]
+        async with self._locks.setdefault(f"{name}:write", asyncio.Lock()):
+            if name in self._loaded or canary in self._zero_failed:
+                return self._loaded.get(name)
+            target = self.like_for_like_dir / f"{canary}-zero"
+            try:
+                zero_path = await asyncio.to_thread(write_zero_adapter, path, target)
+                return await self._load(name, str(zero_path), report=False)
+            except Exception as exc:  # any failure: serve the base, as without like for like
+                self._zero_failed.add(canary)
+                log.warning(
+                    "no zero copy of %s's adapter (%s): its stable arm is served by the base",
+                    canary,
+                    exc,
+                )
+                return None
 
     async def _target(self, table: RoutingTable, version: str) -> PolicyTarget:
         if version in self._failed:
@@ -139,7 +182,7 @@ class PolicyRouter:
             return PolicyTarget(version, None)
         return PolicyTarget(version, await self._load(version, path))
 
-    async def _load(self, version: str, path: str) -> Adapter:
+    async def _load(self, version: str, path: str, *, report: bool = True) -> Adapter:
         if version in self._loaded:
             return self._loaded[version]
         lock = self._locks.setdefault(version, asyncio.Lock())
@@ -155,21 +198,23 @@ class PolicyRouter:
                 assert self.engine is not None
                 await asyncio.wait_for(self.engine.add_adapter(adapter), self.load_timeout_s)
             except Exception as exc:
-                self._mark_failed(version, path, exc)
+                self._mark_failed(version, path, exc, report=report)
                 raise PolicyUnavailable(f"policy version {version} failed to load") from exc
             ADAPTER_LOADS.labels(version, "ok").inc()
             self._loaded[version] = adapter
             log.info("loaded adapter of %s from %s", version, path)
             return adapter
 
-    def _mark_failed(self, version: str, path: str, exc: BaseException) -> None:
+    def _mark_failed(
+        self, version: str, path: str, exc: BaseException, *, report: bool = True
+    ) -> None:
         error = f"{type(exc).__name__}: {exc}"[:2000]
         self._failed[version] = error
         ADAPTER_LOADS.labels(version, "failed").inc()
         log.error(
             "adapter of %s failed to load (%s); its routed traffic goes to stable", version, error
         )
-        if self.publisher is not None:
+        if report and self.publisher is not None:
             self.publisher.publish(
                 topics.POLICY,
                 AdapterLoadFailed(
