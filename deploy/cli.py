@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"alignloop: unknown command '{name}'\n\n{usage()}", file=sys.stderr)
         return 2
+    from deploy import cpu_plan
+
+    cpu_plan.apply()  # the cores `alignloop up` gave this process, before any thread starts
     module_name, function = COMMANDS[name][0].split(":")
     entry = getattr(importlib.import_module(module_name), function)
     return int(entry(rest) or 0)

@@ -5,6 +5,11 @@ set), a Kafka-protocol broker (embedded unless ALIGNLOOP_KAFKA_BOOTSTRAP is set)
 demo base model (built once, unless ALIGNLOOP_BASE_MODEL is set), then the loop's
 processes as children, each logging to state_dir/logs/NAME.log. A child that dies is
 restarted with backoff. Ctrl-C (or SIGTERM) stops everything, children first.
+
+On a CPU-only machine the cores are split (:mod:`deploy.cpu_plan`): the trainer gets its
+share, serving the rest, so training rounds finish in bounded time under chat load. The
+admin API (served by the canary controller) gets a token, made once and kept in
+``state_dir/admin_token`` unless ``ALIGNLOOP_ADMIN_TOKEN`` is set.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -26,7 +32,7 @@ from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
 console = Console()
-TRAINER_METRICS_PORT = 9104
+ADMIN_TOKEN_FILE = "admin_token"
 
 
 @dataclass
@@ -85,6 +91,48 @@ def _wait_http(url: str, child: Child, timeout: float) -> bool:
             pass
         time.sleep(0.5)
     return False
+
+
+def admin_token(settings: Settings, state: Path) -> str:
+    """The admin API's bearer token: the configured one, else one made once and kept
+    (mode 0600) in ``state/admin_token``."""
+    if settings.admin_token is not None and settings.admin_token.get_secret_value():
+        return settings.admin_token.get_secret_value()
+    path = state / ADMIN_TOKEN_FILE
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32))
+    return path.read_text().strip()
+
+
+def child_envs(settings: Settings, base: dict[str, str]) -> dict[str, dict[str, str]]:
+    """Each child's environment: ``base`` plus its cores and thread pools (see
+    :mod:`deploy.cpu_plan`); with a GPU, or nothing to split, every child sees every core."""
+    from deploy import cpu_plan
+
+    names = ("serving", "ingestor", "canary", "trainer")
+    split = None
+    if not _cuda_visible():
+        split = cpu_plan.plan(os.sched_getaffinity(0), settings.trainer_cpu_share)
+    if split is None:
+        return {name: dict(base) for name in names}
+    light = cpu_plan.child_env(split.light, threads=1)
+    light.pop("VLLM_CPU_OMP_THREADS_BIND")
+    return {
+        "serving": {**base, **cpu_plan.child_env(split.serving, len(split.serving))},
+        "ingestor": {**base, **light},
+        "canary": {**base, **light},
+        "trainer": {**base, **cpu_plan.child_env(split.trainer, len(split.trainer))},
+    }
+
+
+def _cuda_visible() -> bool:
+    """An NVIDIA GPU answers (as ./dev decides between the CPU and GPU builds)."""
+    try:
+        return subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
 
 class _Stop(Exception):
@@ -156,24 +204,27 @@ def main(argv: list[str] | None = None) -> int:
             "ALIGNLOOP_DATABASE_URL": db_url,
             "ALIGNLOOP_KAFKA_BOOTSTRAP": bootstrap,
             "ALIGNLOOP_BASE_MODEL": str(Path(model_dir).resolve()),
+            "ALIGNLOOP_ADMIN_TOKEN": admin_token(settings, state),
         }
+        envs = child_envs(settings, env)
         py = [sys.executable, "-m", "deploy.cli"]
         api = f"http://{settings.host}:{settings.port}"
+        logs = state / "logs"
         serve = Child(
             "serving",
             [*py, "serve", "--host", settings.host, "--port", str(settings.port)],
-            state / "logs" / "serving.log",
-            env,
+            logs / "serving.log",
+            envs["serving"],
         )
-        ingest = Child("ingestor", [*py, "ingest"], state / "logs" / "ingestor.log", env)
+        ingest = Child("ingestor", [*py, "ingest"], logs / "ingestor.log", envs["ingestor"])
         # The demo controller decides on small samples so a canary can finish on one laptop.
-        canary = Child("canary", [*py, "canary", "--demo"], state / "logs" / "canary.log", env)
+        canary = Child("canary", [*py, "canary", "--demo"], logs / "canary.log", envs["canary"])
         # Demo-sized PPO rounds, started by new feedback (or a timer) on the demo model.
         trainer = Child(
             "trainer",
-            [*py, "train", "loop", "--demo", "--metrics-port", str(TRAINER_METRICS_PORT)],
-            state / "logs" / "trainer.log",
-            env,
+            [*py, "train", "loop", "--demo", "--metrics-port", str(settings.trainer_metrics_port)],
+            logs / "trainer.log",
+            envs["trainer"],
         )
         children += [serve, ingest, canary, trainer]
         for child in children:
@@ -193,7 +244,10 @@ def main(argv: list[str] | None = None) -> int:
   metrics       {api}/metrics (serving)
                 http://127.0.0.1:{settings.ingest_metrics_port}/metrics (ingestor)
                 http://127.0.0.1:{settings.admin_port}/metrics (canary controller, /admin)
-                http://127.0.0.1:{TRAINER_METRICS_PORT}/metrics (trainer: PPO rounds)
+                http://127.0.0.1:{settings.trainer_metrics_port}/metrics (trainer: PPO rounds)
+  admin API     http://127.0.0.1:{settings.admin_port}/admin
+                (bearer token in {state / ADMIN_TOKEN_FILE})
+  cores         {_cores_line(envs)}
   Postgres      {db_url}
   Kafka         {bootstrap}
   logs          {state / "logs"}
@@ -215,6 +269,14 @@ Ctrl-C stops everything.""",
             broker.stop()
         if postgres is not None:
             postgres.stop()
+
+
+def _cores_line(envs: dict[str, dict[str, str]]) -> str:
+    from deploy.cpu_plan import ENV
+
+    if ENV not in envs["trainer"]:
+        return "shared by every process"
+    return f"serving {envs['serving'][ENV]}, trainer {envs['trainer'][ENV]}"
 
 
 def _supervise(children: list[Child]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,7 +169,13 @@ class RoundConfig:
     )
 
     # --- running ------------------------------------------------------------------------------
-    num_threads: int = field(default=2, metadata={"help": "torch threads of the training process."})
+    num_threads: int = field(
+        default=0,
+        metadata={
+            "help": "torch threads of the training process; 0 = one per core this process "
+            "may use (its CPU affinity: `alignloop up` gives the trainer its own cores)."
+        },
+    )
     stop_after_iterations: int | None = field(
         default=None,
         metadata={"help": "Stop (resumably) after this many iterations in this run."},
@@ -194,11 +201,15 @@ class RoundConfig:
             (self.sync_timeout_s > 0, "sync_timeout_s", "must be > 0"),
             (self.vllm_kv_cache_mib >= 16, "vllm_kv_cache_mib", "must be at least 16"),
             (self.vllm_engine_cpus >= 0, "vllm_engine_cpus", "must be >= 0 (0 = half)"),
-            (self.num_threads >= 1, "num_threads", "must be at least 1"),
+            (self.num_threads >= 0, "num_threads", "must be >= 0 (0 = one per core)"),
         ]
         for ok, name, message in checks:
             if not ok:
                 raise ValueError(f"RoundConfig.{name} {message}, got {getattr(self, name)!r}")
+
+    def torch_threads(self) -> int:
+        """``num_threads`` with 0 resolved to the cores this process may run on."""
+        return self.num_threads or len(os.sched_getaffinity(0))
 
     @property
     def rollouts(self) -> str:
