@@ -120,7 +120,7 @@ def ppo_main(argv: list[str]) -> int:
     config = _round_config(_parse(parser, argv))
     if config is None:
         return EXIT_USAGE
-    torch.set_num_threads(config.num_threads)
+    torch.set_num_threads(config.torch_threads())
     keep_freed_memory()
     dist = Dist.from_env()
     try:
@@ -157,7 +157,7 @@ def loop_main(argv: list[str]) -> int:
     if config is None:
         return EXIT_USAGE
     trigger = config_from_namespace(TriggerConfig, values)
-    torch.set_num_threads(config.num_threads)
+    torch.set_num_threads(config.torch_threads())
     keep_freed_memory()
     if config.metrics_port:
         start_http_server(config.metrics_port)
@@ -198,8 +198,20 @@ def _due(conn, trigger: TriggerConfig) -> str | None:
     running = round_records.running_round(conn)
     if running is not None:
         return f"resume round {running.id}"
+    if trigger.wait_for_decision and _awaiting_decision(conn):
+        return None
     last = round_records.last_round(conn)
     since = last.watermark if last is not None else None
     new = round_records.new_ratings_since(conn, since)
     elapsed = (time.time() - last.started_at.timestamp()) if last is not None else None
     return should_start(new, elapsed, trigger)
+
+
+def _awaiting_decision(conn) -> bool:
+    """A candidate waits for its canary, or a canary runs."""
+    from deploy import registry
+
+    return (
+        registry.routing_table(conn).canary_version is not None
+        or bool(registry.list_versions(conn, "candidate"))
+    )

@@ -49,6 +49,16 @@ class TriggerConfig:
         },
     )
 
+    wait_for_decision: bool = field(
+        default=True,
+        metadata={
+            "help": "No new round while a candidate or canary awaits the controller's "
+            "decision: the next round then starts from the policy live users chose (its "
+            "parent is the stable of that moment), instead of training a sibling of the "
+            "canary on the same parent."
+        },
+    )
+
     def __post_init__(self) -> None:
         self._require(
             isinstance(self.min_new_ratings, int) and self.min_new_ratings >= 1,
