@@ -19,6 +19,7 @@ import getpass
 import json
 import os
 import sys
+from typing import Any
 
 from deploy import registry
 
@@ -88,6 +89,60 @@ def _print_routing(r: registry.Routing) -> None:
     print(line)
 
 
+def _pct(x: Any) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _num(x: Any, fmt: str = "{:+.3f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def comparison_lines(v: registry.PolicyVersion, trail: list[registry.AuditEntry]) -> list[str]:
+    """The version's offline evaluation (held-out prompts scored by the reward model, at
+    registration) beside its live A/B result (the controller's latest look at users'
+    thumbs), as a table: what the trainer expected next to what users did."""
+    evaluation = (v.metrics or {}).get("evaluation") or {}
+    cand, stab = evaluation.get("candidate") or {}, evaluation.get("stable") or {}
+    live = next((a for a in reversed(trail) if a.statistics and "estimate" in a.statistics), None)
+    stats = live.statistics if live is not None else {}
+    votes, ups = stats.get("votes") or {}, stats.get("ups") or {}
+    prompts = evaluation.get("prompts", "-")
+
+    def rate(arm: str) -> float | None:
+        return ups[arm] / votes[arm] if votes.get(arm) else None
+
+    rows = [
+        ("", "offline: candidate", "stable", "live: canary", "stable"),
+        ("score", _num(cand.get("reward")), _num(stab.get("reward")),
+         f"up {_pct(rate('canary'))}", f"up {_pct(rate('stable'))}"),
+        ("answers / votes", str(prompts), str(prompts),
+         str(votes.get("canary", "-")), str(votes.get("stable", "-"))),
+        ("length (words)", _num(cand.get("length_words"), "{:.1f}"),
+         _num(stab.get("length_words"), "{:.1f}"), "", ""),
+        ("distinct-2", _num(cand.get("distinct_2"), "{:.3f}"),
+         _num(stab.get("distinct_2"), "{:.3f}"), "", ""),
+    ]  # fmt: skip
+    lines = [f"{a:16} {b:>20} {c:>10}   {d:>14} {e:>10}" for a, b, c, d, e in rows]
+    if evaluation:
+        lines.append(
+            f"offline: win rate {_num(evaluation.get('win_rate'), '{:.3f}')}, reward gain "
+            f"{_num(evaluation.get('reward_gain'))}, KL to the base "
+            f"{_num(evaluation.get('kl_to_reference'), '{:.3f}')} nats "
+            f"(reward model {v.reward_model_version or '-'}, round {v.training_round or '-'})"
+        )
+    else:
+        lines.append("offline: no evaluation recorded (registered by hand?)")
+    if live is not None:
+        lines.append(
+            f"live: canary − stable {_num(stats.get('estimate'))} "
+            f"[{_num(stats.get('lower'))}, {_num(stats.get('upper'))}] "
+            f"({live.at:%Y-%m-%d %H:%M:%S}, {live.action}: {live.reason})"
+        )
+    else:
+        lines.append("live: not canaried yet")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     """``alignloop policy COMMAND``."""
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
@@ -135,8 +190,11 @@ def _run(conn, args: argparse.Namespace, actor: str) -> int:
             print(json.dumps(info))
             return 0
         for key, val in v.__dict__.items():
-            print(f"{key:22} {val}")
-        print("audit:")
+            if key != "metrics":
+                print(f"{key:22} {val}")
+        print()
+        print("\n".join(comparison_lines(v, trail)))
+        print("\naudit:")
         for a in trail:
             move = f"{a.from_state or '-'} -> {a.to_state or '-'}"
             print(f"  {a.at:%Y-%m-%d %H:%M:%S} {a.actor:12} {a.action:18} {move:24} {a.reason}")
