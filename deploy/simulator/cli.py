@@ -62,7 +62,7 @@ def add_arguments(ap: argparse.ArgumentParser, *, with_target: bool = True) -> N
     g.add_argument(
         "--until",
         type=_until,
-        help="stop early at: candidate, canary, promotion or N-promotions (needs the admin API)",
+        help="stop early at: candidate, canary, promotion, rollback or N-promotions (admin API)",
     )
     g.add_argument("--model", default=d.model, help="model name to ask for (%(default)s)")
     g.add_argument("--max-tokens", type=int, default=d.max_tokens, help="(%(default)s)")

@@ -58,7 +58,7 @@ from deploy.simulator.report import (
 )
 
 DEFAULT_ADMIN_URL = "http://127.0.0.1:9103"
-_UNTIL = re.compile(r"^(?:(candidate|canary|promotion)|(\d+)-promotions?)$")
+_UNTIL = re.compile(r"^(?:(candidate|canary|promotion|rollback)|(\d+)-promotions?)$")
 
 
 class SimulationError(RuntimeError):
@@ -74,11 +74,11 @@ class Until:
 
     @classmethod
     def parse(cls, text: str) -> Until:
-        """``candidate``, ``canary``, ``promotion`` or ``N-promotions`` (N >= 1)."""
+        """``candidate``, ``canary``, ``promotion``, ``rollback`` or ``N-promotions``."""
         m = _UNTIL.match(text.strip())
         if m is None or (m.group(2) is not None and int(m.group(2)) < 1):
             raise ValueError(
-                f"--until {text!r}: expected candidate, canary, promotion or N-promotions"
+                f"--until {text!r}: expected candidate, canary, promotion, rollback or N-promotions"
             )
         if m.group(1):
             return cls(m.group(1), 1)

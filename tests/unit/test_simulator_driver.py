@@ -20,6 +20,7 @@ from deploy.simulator.driver import resolve_admin_token
         ("candidate", "candidate", 1),
         ("canary", "canary", 1),
         ("promotion", "promotion", 1),
+        ("rollback", "rollback", 1),
         ("3-promotions", "promotion", 3),
         ("1-promotion", "promotion", 1),
     ],
@@ -32,7 +33,7 @@ def test_until_parses(text: str, event: str, count: int) -> None:
 
 @pytest.mark.parametrize("text", ["", "promoted", "0-promotions", "-1-promotions", "2-canaries"])
 def test_until_refuses(text: str) -> None:
-    with pytest.raises(ValueError, match="expected candidate, canary, promotion or N-promotions"):
+    with pytest.raises(ValueError, match="expected candidate, canary, promotion, rollback or"):
         Until.parse(text)
 
 
