@@ -20,6 +20,14 @@ Which interactions count:
 A rating's cluster is the served user (``interactions.user_id``), else the rating user,
 else the response itself (an anonymous answer is its own cluster).
 
+The sample-ratio test counts distinct users, not requests (routing is sticky per user, so
+one heavy user would move thousands of requests into one arm): each user once, in the
+stratum of its *first* routed interaction since the canary started, with the arm it was
+served then (:mod:`deploy.canary_stats`, point 5, says why only the first). A user first
+seen in a settle window is not counted at all (the weight it was routed with is
+uncertain), nor is it counted later. Interactions without a user are left out: serving
+routes them by API key or client address, which the interaction does not record.
+
 Adapter health: ``adapter_load_failures`` (migration 0004, filled by the ingestor from
 serving's ``AdapterLoadFailed`` events) counted for the canary version since its canary
 start, by the replica's ``occurred_at``. Failures from an earlier canary run of the same
@@ -54,15 +62,21 @@ FROM routed r JOIN feedback_current fc USING (response_id)
 GROUP BY 1, 2, 3
 """
 
-_SERVED = """
+_NEW_USERS = """
 WITH strata AS (
     SELECT * FROM unnest(%(stratum)s::int[], %(lo)s::timestamptz[], %(hi)s::timestamptz[])
         AS s(stratum, lo, hi)
+), first_seen AS (
+    SELECT DISTINCT ON (i.user_id) i.user_id, i.occurred_at,
+           (i.policy_version = %(canary)s)::int AS arm
+    FROM interactions i
+    WHERE i.policy_version IN (%(canary)s, %(stable)s) AND i.model = %(model)s
+      AND i.user_id IS NOT NULL AND i.occurred_at >= %(since)s
+    ORDER BY i.user_id, i.occurred_at, i.response_id
 )
-SELECT (i.policy_version = %(canary)s)::int AS arm, s.stratum, count(*)
-FROM interactions i
-JOIN strata s ON i.occurred_at >= s.lo AND i.occurred_at < s.hi
-WHERE i.policy_version IN (%(canary)s, %(stable)s) AND i.model = %(model)s
+SELECT f.arm, s.stratum, count(*)
+FROM first_seen f
+JOIN strata s ON f.occurred_at >= s.lo AND f.occurred_at < s.hi
 GROUP BY 1, 2
 """
 
@@ -99,7 +113,8 @@ def load_observations(
     model_name: str = "alignloop",
     settle_seconds: float = 30.0,
 ) -> Observations:
-    """Votes per (user, arm, stratum), served counts and latency of one canary.
+    """Votes per (user, arm, stratum), distinct users by first appearance (for the SRM
+    test), and the guardrails' health of one canary.
 
     ``strata``: the canary's (stratum, stage, weight, started_at) rows in order, as
     :func:`deploy.registry.canary_strata` returns them. Adapter load failures and
@@ -126,9 +141,9 @@ def load_observations(
     for who, arm, stratum, n, n_up in rows:
         votes[users[who], arm, stratum] = n
         ups[users[who], arm, stratum] = n_up
-    served = np.zeros((2, len(strata)))
-    for arm, stratum, n in conn.execute(_SERVED, params).fetchall():
-        served[arm, stratum] = n
+    new_users = np.zeros((2, len(strata)))
+    for arm, stratum, n in conn.execute(_NEW_USERS, params).fetchall():
+        new_users[arm, stratum] = n
     requests = [0, 0]
     p95 = [0.0, 0.0]
     for arm, n, latency in conn.execute(_LATENCY, params).fetchall():
@@ -146,4 +161,4 @@ def load_observations(
         adapter_load_failures=int(failures[0]),
     )
     weights = np.array([row[2] for row in strata], dtype=np.float64)
-    return Observations(votes, ups, served, weights, health)
+    return Observations(votes, ups, new_users, weights, health)

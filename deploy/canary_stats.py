@@ -1,8 +1,9 @@
 """Statistics of the canary A/B test: pure functions over numpy arrays, no I/O.
 
-The question: is the canary's thumbs-up rate at most ``margin`` worse than the stable's
-(non-inferiority), judged on live votes that arrive continuously and are looked at again
-and again?
+The question: do live users prefer the canary — is its thumbs-up rate higher than the
+stable's (``test="superiority"``, the default), or at most ``margin`` lower
+(``test="non_inferiority"``)? Judged on live votes that arrive continuously and are looked
+at again and again.
 
 Data layout. ``votes`` and ``ups`` have shape ``(..., users, 2, strata)``: the number of
 current ratings and of "up" ratings per user, per arm (index 0 = stable, 1 = canary), per
@@ -32,17 +33,45 @@ Method.
    Waudby-Smith et al. 2023, "Time-uniform central limit theory"), so the controller may
    look after every vote. τ² (the mixing variance) sets where the boundary is tightest; we
    tune it to ``tuning_votes_per_arm`` (see :meth:`CanaryConfig.mixture_variance`).
-4. *Decisions* (:func:`rule_actions`): roll back when ``upper < −margin`` (clearly worse);
-   promote when ``lower > −margin`` (non-inferior), only at the last ramp stage and after
-   the warm-up gate. Either error (promoting a canary worse than the margin, rolling back
-   one at the margin or better) has probability ≤ α over the whole canary, peeking
-   included. There is no separate futility rule: ``max_votes_per_arm`` / ``max_duration_s``
-   end an undecided canary in favour of the stable (not shown non-inferior means not
-   promoted). Superiority (``lower > 0``) is reported but changes nothing: non-inferior
-   is enough to ship.
-5. *Sample-ratio mismatch* (:func:`srm_p_value`): chi-square goodness of fit of served
-   counts per arm against the configured weight, summed over strata. A mismatch means the
-   routing or the logging is broken, so every statistic above is suspect: hold for a human.
+4. *Decisions* (:func:`rule_actions`) against a threshold θ (:attr:`CanaryConfig.threshold`):
+   θ = 0 for superiority, θ = −margin for non-inferiority. Roll back when
+   ``upper < θ`` (users like it less: shown worse than the threshold); promote when
+   ``lower > θ`` (users prefer it; or, non-inferiority, it is shown no worse than the
+   margin), only at the last ramp stage and after the warm-up gate. Either error
+   (promoting a canary whose true difference is ≤ θ, rolling back one whose difference is
+   ≥ θ) has probability ≤ α over the whole canary, peeking included. There is no separate
+   futility rule: ``max_votes_per_arm`` / ``max_duration_s`` end an undecided canary in
+   favour of the stable, so under superiority a canary that is merely no better times out
+   to stable.
+5. *Sample-ratio mismatch* (:func:`srm_e_value`, :func:`srm_p_value`), on distinct users,
+   because routing is sticky per user (``serving.routing``: a user's bucket is fixed and
+   the user is in the canary while bucket < weight). Request counts are the wrong unit:
+   one heavy user moves thousands of requests into one arm. Each user is counted *once*,
+   in the stratum of its first routed interaction since the canary started, with the arm
+   it was served then. At that moment the user has not yet been exposed to the canary, so
+   whether and when it shows up cannot depend on its arm, and its arm is an independent
+   Bernoulli(w_s) draw (a fresh bucket, whatever the weight history). Counting a returning
+   user again in a later stratum would not be: a canary user stays canary when the weight
+   grows from 5 % to 50 %, a stable one moves with probability (w₁ − w₀)/(1 − w₀), and
+   whether it returns at all may depend on what it was served.
+   The test is the Beta-binomial mixture likelihood ratio (Lindon & Malek 2020,
+   "Anytime-valid inference for multinomial count data", their Dirichlet-multinomial test
+   with two categories), per stratum
+   ``E_s = B(a_s + x_1s, b_s + x_0s) / B(a_s, b_s) / (w_s^x_1s (1 − w_s)^x_0s)`` with the
+   prior centred on the null, ``a_s = k w_s``, ``b_s = k (1 − w_s)``, and ``E = Π_s E_s``.
+   Under correct routing E is a nonnegative martingale with mean 1 over the stream of
+   first appearances (strata follow one another in time), so by Ville's inequality
+   ``P(E ever ≥ 1/a) ≤ a``: ``p = min(1, 1/E)`` is a p-value valid under continuous
+   peeking. A stratum with fewer than ``srm_min_users`` users contributes 1 (it waits);
+   its data joins the product once it has that many. That is still a test martingale:
+   how many users show up does not depend on their arms, so waiting only means the
+   first ``srm_min_users`` arms of a stratum are revealed together, and a stratum that
+   ends below the minimum is left out on a count fixed independently of its arms. The
+   guarantee assumes the canary does not change who shows up before being served (with
+   one routing salt for every canary, a previous canary that drove its users away would
+   show here too, and rightly: the arms are no longer comparable). A mismatch means the
+   routing or the logging is broken, so every statistic above is suspect: hold for a
+   human.
 6. *Guardrails* (:func:`guardrail_breaches`): 5xx rate excess, adapter load failures,
    latency p95 ratio. Tripwires with a minimum sample, not tests: roll back at once.
 """
@@ -52,9 +81,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Literal
 
 import numpy as np
-from scipy import optimize, stats
+from scipy import optimize, special
 
 STABLE, CANARY = 0, 1
 
@@ -63,17 +93,32 @@ ACTIONS = ("continue", "advance_stage", "promote", "rollback", "hold")
 """Action names by code (the codes are what the vectorized functions return)."""
 
 
+TESTS = ("superiority", "non_inferiority")
+"""The decision rules :attr:`CanaryConfig.test` may name."""
+
+
 @dataclass(frozen=True)
 class CanaryConfig:
     """Every knob of the canary test. Defaults are for production traffic; :meth:`demo`
     gives values a laptop demo reaches in minutes."""
 
     # --- the test -------------------------------------------------------------------------
+    test: Literal["superiority", "non_inferiority"] = "superiority"
+    """Which question promotes. ``"superiority"``: promote only when users are shown to
+    prefer the canary (lower bound > 0), roll back when they are shown to like it less
+    (upper bound < 0); a canary that is merely no better reaches ``max_votes_per_arm`` or
+    ``max_duration_s`` and goes back to stable. ``"non_inferiority"``: promote when the
+    canary is shown at most ``margin`` worse (lower bound > −margin), roll back when it is
+    shown worse than that (upper bound < −margin); for updates that must not hurt rather
+    than help (a cheaper model, a refactor)."""
     alpha: float = 0.05
-    """Error probability of each decision over the whole canary, peeking included."""
+    """Error probability of each decision over the whole canary, peeking included: a
+    canary no better than the threshold is promoted, or one at least as good as the
+    threshold rolled back, with probability ≤ alpha."""
     margin: float = 0.02
-    """Non-inferiority margin m on the thumbs-up rate (absolute, 0.02 = 2 points): a canary
-    up to m worse than stable is acceptable; promote needs evidence it is no worse than that."""
+    """Non-inferiority margin m on the thumbs-up rate (absolute, 0.02 = 2 points); used
+    only when ``test == "non_inferiority"``: a canary up to m worse than stable is
+    acceptable. 0 is allowed (then the rules are superiority's)."""
     tuning_votes_per_arm: int = 10_000
     """Votes per arm at which the confidence sequence is tightest (sets τ²). Pick about the
     sample where you expect decisions; the boundary is valid for any choice."""
@@ -106,12 +151,20 @@ class CanaryConfig:
     max_duration_s: float = 7 * 86400
     """Seconds after which an undecided canary is rolled back."""
 
-    # --- sample-ratio mismatch ----------------------------------------------------------------
+    # --- sample-ratio mismatch (module docstring, 5) --------------------------------------------
     srm_p_value: float = 0.001
-    """Hold for a human when the chi-square SRM test's p-value falls below this."""
-    srm_min_served: int = 200
-    """Strata with fewer served requests are left out of the SRM test (chi-square needs
-    expected counts well above 5 in both arms)."""
+    """Hold for a human when the anytime-valid SRM p-value (1 / the Beta-binomial mixture
+    likelihood ratio over distinct users) falls below this. It is valid under continuous
+    peeking: over a whole canary with correct routing, the chance of a false hold is at
+    most this."""
+    srm_min_users: int = 100
+    """Distinct users a stratum needs (counted at their first appearance, both arms)
+    before it enters the SRM test; until then it waits (contributes no evidence either
+    way). A canary seen by a handful of client identities is never held for SRM."""
+    srm_tuning_users: int = 5_000
+    """Distinct users per stratum at which the SRM test detects the smallest imbalance:
+    sets the prior concentration k of the mixture (:meth:`srm_concentration`). Valid for
+    any choice; smaller values favour large imbalances on few users."""
 
     # --- guardrails -------------------------------------------------------------------------
     guardrail_min_requests: int = 200
@@ -126,22 +179,44 @@ class CanaryConfig:
     """A guardrail breach rolls back even while an operator holds the controller: hold stops
     the controller from advancing, not from protecting users."""
 
+    def __post_init__(self) -> None:
+        if self.test not in TESTS:
+            raise ValueError(f"CanaryConfig.test must be one of {TESTS}, got {self.test!r}")
+        if not 0.0 < self.alpha < 1.0 or not 0.0 < self.srm_p_value < 1.0:
+            raise ValueError("alpha and srm_p_value must lie strictly between 0 and 1")
+        if self.margin < 0:
+            raise ValueError(f"margin must be >= 0, got {self.margin}")
+        if not self.stages or not all(0.0 < w < 1.0 for w in self.stages):
+            raise ValueError(f"stages must be weights strictly between 0 and 1: {self.stages}")
+
+    @property
+    def threshold(self) -> float:
+        """θ of the rules: 0 for superiority, −margin for non-inferiority."""
+        return -self.margin if self.test == "non_inferiority" and self.margin else 0.0
+
     @classmethod
     def demo(cls) -> CanaryConfig:
-        """Small values for a local demo or a test: decisions after a few hundred votes."""
+        """Thresholds for ``alignloop up``: a laptop with a few hundred simulated users and
+        a few votes per second in all. Measured with :mod:`deploy.canary_sim`
+        (``python -m benchmarks.canary --quick``, :data:`deploy.canary_sim.DEMO_SCENARIO`,
+        5 votes/s from 300 users of log-normal activity): a canary users prefer by 20
+        points is promoted in about 5 minutes, one they like 20 points less is rolled back
+        in about 3, one that is no better times out to stable at 15 minutes."""
         return cls(
             margin=0.05,
-            tuning_votes_per_arm=1_000,
-            min_stage_votes=50,
-            min_stage_duration_s=30,
+            tuning_votes_per_arm=300,
+            stages=(0.1, 0.5),
+            min_stage_votes=40,
+            min_stage_duration_s=60,
             min_votes_per_arm=100,
             min_ups_per_arm=10,
             min_downs_per_arm=10,
             min_users_per_arm=20,
-            min_duration_s=60,
+            min_duration_s=180,
             max_votes_per_arm=5_000,
-            max_duration_s=3600,
-            srm_min_served=100,
+            max_duration_s=900,
+            srm_min_users=50,
+            srm_tuning_users=200,
             guardrail_min_requests=50,
         )
 
@@ -150,6 +225,14 @@ class CanaryConfig:
         ``tuning_votes_per_arm`` votes of maximal Bernoulli variance 1/4:
         ``τ² = x*(α) · V*`` with ``V* = 2 · 0.25 / n*`` and x* minimizing the radius."""
         return _optimal_ratio(self.alpha) * 0.5 / self.tuning_votes_per_arm
+
+    def srm_concentration(self) -> float:
+        """k of the SRM mixture's Beta(k w, k (1 − w)) prior. The prior variance of the
+        canary share is w(1 − w)/(k + 1) and the share's sampling variance on n users is
+        w(1 − w)/n, so their ratio is n/(k + 1); the rejection boundary at level a is
+        narrowest at the ratio x*(a) of :func:`_optimal_ratio` (the same normal-mixture
+        algebra as :meth:`mixture_variance`), hence ``k = n*/x*(a) − 1`` (at least 1)."""
+        return max(self.srm_tuning_users / _optimal_ratio(self.srm_p_value) - 1.0, 1.0)
 
 
 @lru_cache(maxsize=16)
@@ -182,8 +265,9 @@ class Observations:
     """(users, 2, strata) current ratings per user, arm, stratum."""
     ups: np.ndarray
     """(users, 2, strata) 'up' ratings, same layout."""
-    served: np.ndarray
-    """(2, strata) routed requests served per arm and stratum (for the SRM test)."""
+    new_users: np.ndarray
+    """(2, strata) distinct routed users counted once each, by the arm and the stratum of
+    their first routed interaction since the canary started (the SRM test's counts)."""
     weights: np.ndarray
     """(strata,) configured canary weight of each stratum."""
     health: Health = field(default_factory=Health)
@@ -306,53 +390,78 @@ def rule_actions(
 ) -> np.ndarray:
     """The statistical part of the decision, vectorized (codes of :data:`ACTIONS`).
 
-    In order of precedence: roll back if clearly worse than the margin (after the warm-up
-    counts); promote if non-inferior, in the last stage, with that stage's minimums and the
-    minimum duration met; roll back if the maximum size or duration is reached undecided;
-    advance the ramp when the current stage's minimums are met; otherwise continue. The
-    ramp is exposure-based (time and votes), not significance-based: the early small stage
-    limits the blast radius while the statistics accumulate over all stages."""
+    With θ = :attr:`CanaryConfig.threshold` (0 for superiority, −margin for
+    non-inferiority), in order of precedence: roll back if the upper bound is below θ
+    (after the warm-up counts); promote if the lower bound is above θ, in the last stage,
+    with that stage's minimums and the minimum duration met; roll back if the maximum size
+    or duration is reached undecided; advance the ramp when the current stage's minimums
+    are met; otherwise continue. The ramp is exposure-based (time and votes), not
+    significance-based: the early small stage limits the blast radius while the statistics
+    accumulate over all stages."""
     stage = np.asarray(stage)
     last = len(config.stages) - 1
+    theta = config.threshold
     warm = warmed_up(config, est)
     stage_ready = (np.asarray(stage_elapsed_s) >= config.min_stage_duration_s) & (
         np.asarray(stage_canary_votes) >= config.min_stage_votes
     )
-    worse = warm & (est.upper < -config.margin)
+    worse = warm & (est.upper < theta)
     promote = (
         warm
         & (stage >= last)
         & stage_ready
         & (np.asarray(elapsed_s) >= config.min_duration_s)
-        & (est.lower > -config.margin)
-    )
-    exhausted = (np.asarray(elapsed_s) >= config.max_duration_s) | (
-        est.votes[..., CANARY] >= config.max_votes_per_arm
+        & (est.lower > theta)
     )
     advance = (stage < last) & stage_ready
     return np.select(
-        [worse, promote, exhausted, advance],
+        [worse, promote, exhausted(config, est, elapsed_s), advance],
         [ROLLBACK, PROMOTE, ROLLBACK, ADVANCE],
         default=CONTINUE,
     )
 
 
-def srm_p_value(served: np.ndarray, weights: np.ndarray, min_served: int = 0) -> np.ndarray:
-    """Chi-square goodness of fit of served counts ``(..., 2, strata)`` against the
-    configured canary weights ``(strata,)``: Σ over strata with at least ``min_served``
-    requests of Σ_arms (O − E)²/E, one degree of freedom per stratum. 1.0 when no stratum
-    qualifies. Routing is per request; if serving routes sticky per user, pass distinct
-    users per arm instead of requests (request counts would then be over-dispersed)."""
-    served = np.asarray(served, dtype=np.float64)
+def exhausted(config: CanaryConfig, est: Estimate, elapsed_s: np.ndarray | float) -> np.ndarray:
+    """The canary reached ``max_duration_s`` or ``max_votes_per_arm`` canary votes."""
+    return (np.asarray(elapsed_s) >= config.max_duration_s) | (
+        est.votes[..., CANARY] >= config.max_votes_per_arm
+    )
+
+
+def srm_e_value(
+    users: np.ndarray, weights: np.ndarray, concentration: float, min_users: int = 0
+) -> np.ndarray:
+    """The SRM test's evidence against correct routing (module docstring, 5):
+    ``Π_s B(a_s + x_1s, b_s + x_0s) / B(a_s, b_s) / (w_s^x_1s (1 − w_s)^x_0s)`` with
+    ``a_s = k w_s``, ``b_s = k (1 − w_s)``, over the strata with at least ``min_users``
+    users (at least one); 1.0 when none qualifies.
+
+    ``users``: ``(..., 2, strata)`` distinct users per arm (0 stable, 1 canary), each
+    counted once, at its first appearance; ``weights``: ``(strata,)`` or broadcastable,
+    the canary weight of each stratum; ``concentration``: k > 0."""
+    x = np.asarray(users, dtype=np.float64)
     w = np.asarray(weights, dtype=np.float64)
-    total = served.sum(axis=-2)  # (..., S)
-    use = total >= max(min_served, 1)
-    expected = np.stack([total * (1 - w), total * w], axis=-2)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        cells = np.where(use[..., None, :], (served - expected) ** 2 / expected, 0.0)
-    chi2 = cells.sum(axis=(-2, -1))
-    df = use.sum(axis=-1)
-    return np.where(df > 0, stats.chi2.sf(chi2, np.maximum(df, 1)), 1.0)
+    x0, x1 = x[..., STABLE, :], x[..., CANARY, :]
+    a, b = concentration * w, concentration * (1.0 - w)
+    log_e = (
+        special.betaln(a + x1, b + x0)
+        - special.betaln(a, b)
+        - special.xlogy(x1, w)
+        - special.xlogy(x0, 1.0 - w)
+    )
+    use = (x0 + x1) >= max(min_users, 1)
+    with np.errstate(over="ignore"):
+        return np.exp(np.where(use, log_e, 0.0).sum(axis=-1))
+
+
+def srm_p_value(
+    users: np.ndarray, weights: np.ndarray, concentration: float, min_users: int = 0
+) -> np.ndarray:
+    """``min(1, 1 / E)`` of :func:`srm_e_value`: an anytime-valid p-value (under correct
+    routing the chance that it *ever* drops to a or below, however often one looks, is at
+    most a)."""
+    with np.errstate(divide="ignore"):
+        return np.minimum(1.0, 1.0 / srm_e_value(users, weights, concentration, min_users))
 
 
 def guardrail_breaches(config: CanaryConfig, health: Health) -> list[str]:

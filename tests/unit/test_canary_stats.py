@@ -1,18 +1,20 @@
-"""Canary statistics: formulas, the decision function, and validity by simulation (fixed
-seeds, 1,000 experiments each, a look after every batch of 200 votes)."""
+"""Canary statistics: formulas checked by hand, the decision function branch by branch on
+hand-made observations, and the command line's overrides. Error rates by simulation are in
+``test_canary_sim.py``."""
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from deploy.canary_controller import decide
-from deploy.canary_sim import Scenario, simulate
+from deploy.canary_controller import Decision, build_parser, config_from_args, decide
 from deploy.canary_stats import (
-    PROMOTE,
-    ROLLBACK,
+    CANARY,
+    STABLE,
     CanaryConfig,
     Health,
     Observations,
@@ -20,12 +22,14 @@ from deploy.canary_stats import (
     confidence_sequence,
     cs_radius,
     guardrail_breaches,
+    srm_e_value,
     srm_p_value,
     stratified_difference,
 )
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 DEMO = CanaryConfig.demo()
+NONINF = dataclasses.replace(DEMO, test="non_inferiority")
 
 
 def _obs(
@@ -34,11 +38,12 @@ def _obs(
     votes_per_arm: int,
     users: int = 200,
     weights: tuple[float, ...] = (0.5,),
-    served: np.ndarray | None = None,
+    new_users: np.ndarray | None = None,
     health: Health | None = None,
     seed: int = 0,
 ) -> Observations:
-    """Votes spread evenly over users, up-rates exactly as given, all in the last stratum."""
+    """Votes spread evenly over users, up-rates drawn per user around the given rates, all
+    in the last stratum; by default the SRM counts match the weights exactly."""
     s = len(weights)
     votes = np.zeros((users, 2, s))
     ups = np.zeros((users, 2, s))
@@ -46,14 +51,12 @@ def _obs(
     for arm, p in ((0, p_stable), (1, p_canary)):
         per_user = np.full(users, votes_per_arm // users)
         votes[:, arm, -1] = per_user
-        up = rng.binomial(per_user.astype(int), p)
-        ups[:, arm, -1] = up
-    if served is None:
-        served = votes.sum(axis=0)
-        served[:, :] = 0
-        served[0, -1] = 1000 * (1 - weights[-1])
-        served[1, -1] = 1000 * weights[-1]
-    return Observations(votes, ups, served, np.array(weights), health or Health())
+        ups[:, arm, -1] = rng.binomial(per_user.astype(int), p)
+    if new_users is None:
+        new_users = np.zeros((2, s))
+        new_users[STABLE, -1] = 1000 * (1 - weights[-1])
+        new_users[CANARY, -1] = 1000 * weights[-1]
+    return Observations(votes, ups, new_users, np.array(weights), health or Health())
 
 
 # --- formulas ------------------------------------------------------------------------------
@@ -120,13 +123,55 @@ def test_no_data_gives_infinite_bounds() -> None:
     assert np.isnan(est.estimate) and est.lower == -np.inf and est.upper == np.inf
 
 
-def test_srm_p_value() -> None:
-    weights = np.array([0.05, 0.5])
-    fine = np.array([[9500, 5000], [500, 5000]])
-    broken = np.array([[9500, 5300], [500, 4700]])  # canary under-served at 50%
-    assert srm_p_value(fine, weights) > 0.5
-    assert srm_p_value(broken, weights) < 1e-3
-    assert srm_p_value(np.array([[5], [1]]), np.array([0.5]), min_served=100) == 1.0
+# --- the sample-ratio test on distinct users -------------------------------------------------
+
+# Two strata by hand, k = 10. Stratum 0 at w = 0.5, prior Beta(5, 5), 10 canary users and
+# no stable one: E0 = B(15, 5) / B(5, 5) / 0.5^10 with B(5, 5) = 4!4!/9! = 1/630 and
+# B(15, 5) = 14!4!/19! = 1/58140. Stratum 1 at w = 0.1, prior Beta(1, 9), 2 canary users and
+# 3 stable: E1 = B(3, 12) / B(1, 9) / (0.1^2 0.9^3) with B(1, 9) = 1/9 and
+# B(3, 12) = 2!11!/14! = 1/1092.
+SRM_USERS = np.array([[0.0, 3.0], [10.0, 2.0]])  # (arm, stratum)
+SRM_WEIGHTS = np.array([0.5, 0.1])
+E0 = 630 / 58140 * 2**10  # 11.0957
+E1 = 9 / 1092 / (0.1**2 * 0.9**3)  # 1.1306
+
+
+def test_srm_e_value_by_hand() -> None:
+    assert srm_e_value(SRM_USERS, SRM_WEIGHTS, 10.0) == pytest.approx(E0 * E1, rel=1e-12)
+    assert srm_p_value(SRM_USERS, SRM_WEIGHTS, 10.0) == pytest.approx(1 / (E0 * E1), rel=1e-12)
+    # Vectorised over leading dimensions: each experiment on its own.
+    both = np.stack([SRM_USERS, SRM_USERS[:, ::-1]])
+    flipped = srm_e_value(SRM_USERS[:, ::-1], SRM_WEIGHTS, 10.0)
+    assert srm_e_value(both, SRM_WEIGHTS, 10.0) == pytest.approx([E0 * E1, float(flipped)])
+
+
+def test_srm_stratum_with_too_few_users_waits() -> None:
+    """Stratum 1 has 5 users: with a minimum of 6 it contributes 1 (neither evidence for nor
+    against); with 11 neither stratum qualifies and the p-value is 1."""
+    assert srm_e_value(SRM_USERS, SRM_WEIGHTS, 10.0, min_users=6) == pytest.approx(E0)
+    assert srm_p_value(SRM_USERS, SRM_WEIGHTS, 10.0, min_users=11) == 1.0
+
+
+def test_srm_first_user_is_no_evidence_and_balance_is_none() -> None:
+    """One user (however many requests it sends) is a single count, and the mixture's first
+    prediction is the null's w: E = 1 exactly. Counts right at the weights give E < 1."""
+    for w in (0.05, 0.5):
+        for arm in (STABLE, CANARY):
+            one = np.zeros((2, 1))
+            one[arm, 0] = 1
+            assert srm_e_value(one, np.array([w]), 11.0) == pytest.approx(1.0)
+    fine = np.array([[9500.0, 5000.0], [500.0, 5000.0]])
+    assert srm_p_value(fine, np.array([0.05, 0.5]), DEMO.srm_concentration()) == 1.0
+    broken = np.array([[9500.0, 5300.0], [500.0, 4700.0]])  # canary users missing at 50%
+    assert srm_p_value(broken, np.array([0.05, 0.5]), DEMO.srm_concentration()) < 1e-3
+
+
+def test_srm_concentration_follows_the_tuning_users() -> None:
+    cfg = CanaryConfig()
+    assert cfg.srm_concentration() == pytest.approx(
+        cfg.srm_tuning_users / _optimal_ratio(cfg.srm_p_value) - 1
+    )
+    assert dataclasses.replace(cfg, srm_tuning_users=1).srm_concentration() == 1.0
 
 
 def test_guardrails() -> None:
@@ -141,105 +186,173 @@ def test_guardrails() -> None:
     assert "latency" in guardrail_breaches(cfg, slow)[0]
 
 
+def test_config_checks_its_test_name_and_threshold() -> None:
+    assert CanaryConfig().test == "superiority" and CanaryConfig().threshold == 0.0
+    assert NONINF.threshold == -NONINF.margin
+    with pytest.raises(ValueError, match="superiority"):
+        CanaryConfig(test="better")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="margin"):
+        CanaryConfig(margin=-0.01)
+
+
 # --- the decision function ------------------------------------------------------------------
 
 
-def _decide(obs: Observations, *, stage: int = 1, minutes: float = 30, **kw) -> str:
+def _check_reason(d: Decision, config: CanaryConfig = DEMO) -> None:
+    """Every reason carries, in one line: the test, the always-valid interval, the
+    threshold (and margin), votes and users per arm, all as in the statistics."""
+    s = d.statistics
+    assert "\n" not in d.reason
+    assert config.test.replace("_", "-") in d.reason
+    assert f"threshold {config.threshold:g}" in d.reason
+    assert "95% always-valid CI [" in d.reason
+    if s["lower"] is not None:
+        assert f"[{s['lower']:+.3f}, {s['upper']:+.3f}]" in d.reason
+    assert f"votes stable/canary {s['votes']['stable']}/{s['votes']['canary']}" in d.reason
+    assert f"users {s['users']['stable']}/{s['users']['canary']}" in d.reason
+    assert s["test"] == config.test and s["threshold"] == config.threshold
+
+
+def _decide(
+    obs: Observations, *, config: CanaryConfig = DEMO, stage: int = 1, minutes: float = 10, **kw
+) -> Decision:
     now = T0 + timedelta(minutes=minutes)
-    return decide(DEMO, obs, stage, T0, now, stage_started_at=T0, **kw).action
+    d = decide(config, obs, stage, T0, now, stage_started_at=T0, **kw)
+    _check_reason(d, config)
+    return d
 
 
-def test_decide_promotes_a_clearly_fine_canary() -> None:
-    d = decide(DEMO, _obs(0.6, 0.7, 2000), 1, T0, T0 + timedelta(hours=1))
+def test_superiority_promotes_when_users_prefer_the_canary() -> None:
+    d = _decide(_obs(0.6, 0.7, 2000))
     assert d.action == "promote", d.reason
-    assert d.statistics["lower"] > -DEMO.margin and d.statistics["votes"]["canary"] == 2000
+    assert d.statistics["lower"] > 0 and d.statistics["votes"]["canary"] == 2000
+    assert d.reason.startswith("users prefer the canary: lower bound +0.055 > +0")
 
 
-def test_decide_rolls_back_a_clearly_worse_canary_even_early() -> None:
-    d = decide(DEMO, _obs(0.7, 0.4, 2000), 0, T0, T0 + timedelta(seconds=5))
-    assert d.action == "rollback" and "worse than the margin" in d.reason
+def test_superiority_does_not_promote_a_canary_that_is_only_no_worse() -> None:
+    """Equal rates, 4,000 votes per arm: the interval [-0.031, +0.045] lies above -margin,
+    so non-inferiority promotes, but it contains 0, so superiority keeps collecting."""
+    obs = _obs(0.6, 0.6, 4000)
+    d = _decide(obs)
+    assert d.statistics["lower"] < 0 < d.statistics["upper"]
+    assert d.statistics["lower"] > -DEMO.margin
+    assert d.action == "continue" and "the interval to leave +0" in d.reason
+    d = _decide(obs, config=NONINF)
+    assert d.action == "promote" and d.reason.startswith("non-inferior: lower bound")
+
+
+def test_superiority_rolls_back_what_users_like_less() -> None:
+    """4 points worse on 20,000 votes per arm: interval [-0.054, -0.018]. Below 0, so
+    superiority rolls back; not below -0.05, so non-inferiority does not (yet)."""
+    obs = _obs(0.6, 0.56, 20000)
+    roomy = dataclasses.replace(DEMO, max_votes_per_arm=50_000)  # not out of votes
+    d = _decide(obs, config=roomy)
+    assert d.statistics["upper"] < 0 and d.statistics["lower"] < -DEMO.margin
+    assert d.action == "rollback" and d.reason.startswith("users like the canary less")
+    assert _decide(obs, config=dataclasses.replace(roomy, test="non_inferiority")).action == (
+        "continue"
+    )
+
+
+def test_rollback_of_a_clearly_worse_canary_even_early_in_either_test() -> None:
+    for config, why in ((DEMO, "users like the canary less"), (NONINF, "worse than the margin")):
+        d = _decide(_obs(0.7, 0.4, 2000), config=config, stage=0, minutes=0.1)
+        assert d.action == "rollback" and why in d.reason
+
+
+def test_margin_zero_non_inferiority_is_superiority() -> None:
+    zero = dataclasses.replace(NONINF, margin=0.0)
+    assert zero.threshold == 0.0
+    for obs in (_obs(0.6, 0.7, 2000), _obs(0.6, 0.6, 4000), _obs(0.6, 0.56, 20000)):
+        assert _decide(obs, config=zero).action == _decide(obs).action
 
 
 def test_warm_up_gate() -> None:
     great = _obs(0.5, 0.9, 60, users=30)  # huge effect, too few votes
-    assert _decide(great) == "continue"
+    d = _decide(great)
+    assert d.action == "continue" and "100 votes per arm (have 60/60)" in d.reason
     enough = _obs(0.5, 0.9, 2000)
-    assert _decide(enough, minutes=0.5) == "continue"  # promotion waits for min_duration
-    assert _decide(enough, minutes=5) == "promote"
+    d = _decide(enough, minutes=0.5)  # promotion waits for min_duration
+    assert d.action == "continue" and f"{DEMO.min_duration_s:g}s since the start" in d.reason
+    assert _decide(enough, minutes=5).action == "promote"
     no_downs = _obs(0.5, 1.0, 2000)
-    assert _decide(no_downs) == "continue"
+    d = _decide(no_downs)
+    assert d.action == "continue" and "10 downs per arm" in d.reason
 
 
 def test_ramp_advances_then_promotes_only_in_the_last_stage() -> None:
-    obs = _obs(0.6, 0.7, 2000, weights=(0.05,))
-    assert _decide(obs, stage=0) == "advance_stage"
+    obs = _obs(0.6, 0.7, 2000, weights=(DEMO.stages[0],))
+    d = _decide(obs, stage=0)
+    assert d.action == "advance_stage" and f"ramping to {DEMO.stages[1]:.0%}" in d.reason
 
 
-def test_max_duration_and_size_fall_back_to_stable() -> None:
-    undecided = _obs(0.6, 0.58, 400)
-    assert _decide(undecided) == "continue"
-    d = decide(DEMO, undecided, 1, T0, T0 + timedelta(seconds=DEMO.max_duration_s))
-    assert d.action == "rollback" and "undecided" in d.reason
+def test_a_no_better_canary_times_out_to_stable() -> None:
+    undecided = _obs(0.6, 0.6, 400)
+    assert _decide(undecided).action == "continue"
+    d = _decide(undecided, minutes=DEMO.max_duration_s / 60)
+    assert d.action == "rollback"
+    assert d.reason.startswith(
+        f"not shown better than stable by the limit (900s >= max {DEMO.max_duration_s:g}s)"
+    )
     big = _obs(0.6, 0.6 - DEMO.margin, DEMO.max_votes_per_arm, users=1000)
-    assert _decide(big) == "rollback"
+    d = _decide(big, config=NONINF)
+    assert d.action == "rollback" and "not shown non-inferior" in d.reason
+    assert f"canary votes >= max {DEMO.max_votes_per_arm}" in d.reason
 
 
 def test_srm_holds_and_hold_blocks_promotion() -> None:
-    served = np.array([[5600.0], [4400.0]])
-    d = decide(DEMO, _obs(0.6, 0.7, 2000, served=served), 1, T0, T0 + timedelta(hours=1))
+    lopsided = np.array([[700.0], [300.0]])  # 30% canary users at weight 50%
+    d = _decide(_obs(0.6, 0.7, 2000, new_users=lopsided))
     assert d.action == "hold" and "sample ratio mismatch" in d.reason
-    assert _decide(_obs(0.6, 0.7, 2000), held=True) == "hold"
+    assert "new users stable/canary 700/300 at 50%" in d.reason
+    assert d.statistics["srm_new_users"] == {"stable": [700], "canary": [300]}
+    assert _decide(_obs(0.6, 0.7, 2000), held=True).action == "hold"
+
+
+def test_srm_waits_on_a_stratum_of_few_users() -> None:
+    """The demo's single client identity: one user in one arm. Not a hold."""
+    one = np.array([[0.0], [1.0]])
+    d = _decide(_obs(0.6, 0.7, 2000, new_users=one))
+    assert d.action == "promote" and d.statistics["srm_p_value"] == 1.0
+    # 40 users, all stable, at 50%: extreme, but below srm_min_users (50), so it waits.
+    few = np.array([[40.0], [0.0]])
+    assert _decide(_obs(0.6, 0.7, 2000, new_users=few)).action == "promote"
+    assert _decide(_obs(0.6, 0.7, 2000, new_users=few * 2)).action == "hold"
 
 
 def test_guardrail_rolls_back_at_once_even_while_held() -> None:
     bad = Health(requests=(1000, 100), errors_5xx=(0, 20))
     obs = _obs(0.6, 0.7, 2000, health=bad)
-    assert _decide(obs, minutes=0.1) == "rollback"
-    assert _decide(obs, held=True) == "rollback"
-    lenient = CanaryConfig.demo().__class__(**{**DEMO.__dict__, "guardrails_override_hold": False})
-    d = decide(lenient, obs, 1, T0, T0 + timedelta(hours=1), held=True)
-    assert d.action == "hold"
+    assert _decide(obs, minutes=0.1).action == "rollback"
+    d = _decide(obs, held=True)
+    assert d.action == "rollback" and d.reason.startswith("guardrail: 5xx rate")
+    lenient = dataclasses.replace(DEMO, guardrails_override_hold=False)
+    assert _decide(obs, config=lenient, held=True).action == "hold"
 
 
-# --- validity by simulation ---------------------------------------------------------------
-# Demo config (m = 0.05, alpha = 0.05, at most 5,000 canary votes), 1,000 users with
-# log-normal activity (a few vote dozens of times), bounded per-user offsets, a baseline
-# drifting 0.60 → 0.70, ramp 5% → 50%, a look after every 200 votes.
-
-SIM = Scenario(effect=0.0, batch_seconds=10, max_batches=200)
-
-
-@pytest.mark.parametrize("sticky", [False, True], ids=["per-request", "sticky-users"])
-def test_false_promotion_at_the_null_boundary_is_below_alpha(sticky: bool) -> None:
-    sc = Scenario(**{**SIM.__dict__, "effect": -DEMO.margin, "sticky": sticky})
-    result = simulate(DEMO, sc, experiments=1000, seed=11)
-    assert result.rate(PROMOTE) <= DEMO.alpha
-    assert result.rate(PROMOTE) + result.rate(ROLLBACK) == 1.0  # always decided in the end
+def test_reason_without_votes_says_so() -> None:
+    empty = Observations(
+        np.zeros((0, 2, 1)), np.zeros((0, 2, 1)), np.zeros((2, 1)), np.full(1, 0.5)
+    )
+    d = _decide(empty)
+    assert d.action == "continue"
+    assert "canary - stable n/a, 95% always-valid CI [-inf, +inf]" in d.reason
 
 
-def test_power_at_the_margin() -> None:
-    sc = Scenario(**{**SIM.__dict__, "effect": DEMO.margin})
-    result = simulate(DEMO, sc, experiments=1000, seed=12)
-    assert result.rate(PROMOTE) >= 0.8
-    assert np.median(result.votes) < 2 * DEMO.max_votes_per_arm
+# --- the command line -----------------------------------------------------------------------
 
 
-def test_srm_detection_by_simulation() -> None:
-    broken = Scenario(**{**SIM.__dict__, "effect": DEMO.margin, "srm_loss": 0.15})
-    assert simulate(DEMO, broken, experiments=200, seed=13).srm_flagged.mean() > 0.9
-    fine = Scenario(**{**SIM.__dict__, "effect": DEMO.margin})
-    assert simulate(DEMO, fine, experiments=200, seed=13).srm_flagged.mean() < 0.05
+def _args(*argv: str):
+    settings = SimpleNamespace(database_url=None, admin_port=0, admin_host="127.0.0.1")
+    return build_parser(settings).parse_args(list(argv))
 
 
-def test_simulator_and_decide_agree() -> None:
-    """The vectorized rules the simulator applies are the ones decide() applies."""
-    cfg = DEMO
-    rng = np.random.default_rng(5)
-    for _ in range(20):
-        users = 50
-        votes = rng.integers(0, 8, size=(users, 2, 2)).astype(float)
-        ups = rng.binomial(votes.astype(int), 0.6).astype(float)
-        obs = Observations(votes, ups, votes.sum(axis=0) * 0, np.array([0.05, 0.5]))
-        d = decide(cfg, obs, 1, T0, T0 + timedelta(hours=2), stage_started_at=T0)
-        est = confidence_sequence(cfg, votes[None], ups[None])
-        assert d.statistics["lower"] == pytest.approx(float(est.lower[0]))
+def test_cli_overrides_honour_zero_and_the_test() -> None:
+    assert config_from_args(_args()) == CanaryConfig()
+    assert config_from_args(_args("--demo")) == DEMO
+    cfg = config_from_args(_args("--demo", "--test", "non_inferiority", "--margin", "0"))
+    assert (cfg.test, cfg.margin, cfg.threshold) == ("non_inferiority", 0.0, 0.0)
+    assert cfg.min_votes_per_arm == DEMO.min_votes_per_arm
+    assert config_from_args(_args("--alpha", "0.01")).alpha == 0.01
+    with pytest.raises(SystemExit):
+        _args("--test", "better")
