@@ -1,13 +1,20 @@
 """Canary decision quality by simulation, printed as JSON.
 
-    python -m benchmarks.canary            # production config (m = 0.02), 1,000 runs/effect
-    python -m benchmarks.canary --quick    # demo config (m = 0.05), 200 runs/effect
+    python -m benchmarks.canary            # production config, 1,000 runs per effect
+    python -m benchmarks.canary --quick    # demo config in the demo's world, 400 runs
+    python -m benchmarks.canary --test non_inferiority   # the other decision rule
 
-Keys: ``false_promotion_rate`` (canary worse by exactly m: promoted anyway),
-``power_at_margin`` (canary better by m: promoted), ``median_votes_to_decision`` and the
-promote / rollback rates per effect size, and the false SRM rate. ``switch_seconds_max``
-and ``failed_requests`` measure the routing switch on two real serving replicas under load
-(`benchmarks/routing_switch.py`; `--no-serving` skips it).
+Keys: ``test`` and ``threshold`` (θ: 0 for superiority, −m for non-inferiority);
+``false_promotion_rate`` (canary exactly at θ: promoted anyway; ≤ α by design);
+``power_at_margin`` (canary better than stable by m: promoted); per effect, the promote /
+rollback rates, the median votes and the median / 90th-percentile simulated seconds to
+each decision; ``srm`` the sample-ratio test on distinct users: false holds per canary
+under correct sticky routing, and detection when half of the canary's users are lost.
+With ``--quick`` the effects are in points of thumbs-up rate (±10 to ±25) in
+:data:`deploy.canary_sim.DEMO_SCENARIO` (300 users, 5 votes/s, a look every 30 s), plus the
+same at 3 and 10 votes/s: the demo's time to promote, roll back or time out.
+``switch_seconds_max`` and ``failed_requests`` measure the routing switch on two real
+serving replicas under load (`benchmarks/routing_switch.py`; `--no-serving` skips it).
 """
 
 from __future__ import annotations
@@ -25,13 +32,31 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script (./dev bench canary), not only with -m
     sys.path.insert(0, str(ROOT))
 
-from deploy.canary_sim import Scenario, simulate  # noqa: E402
-from deploy.canary_stats import PROMOTE, ROLLBACK, CanaryConfig  # noqa: E402
+from deploy.canary_sim import DEMO_SCENARIO, Scenario, SimResult, simulate  # noqa: E402
+from deploy.canary_stats import PROMOTE, ROLLBACK, TESTS, CanaryConfig  # noqa: E402
+
+
+def _quantiles(seconds: np.ndarray) -> list[float] | None:
+    return [round(float(q), 1) for q in np.quantile(seconds, [0.5, 0.9])] if seconds.size else None
+
+
+def _summary(effect: float, r: SimResult) -> dict:
+    decided = r.action != 0
+    return {
+        "effect": effect,
+        "promote_rate": r.rate(PROMOTE),
+        "rollback_rate": r.rate(ROLLBACK),
+        "median_votes_to_decision": float(np.median(r.votes[decided])) if decided.any() else None,
+        "seconds_to_promote_p50_p90": _quantiles(r.seconds[r.action == PROMOTE]),
+        "seconds_to_rollback_p50_p90": _quantiles(r.seconds[r.action == ROLLBACK]),
+        "false_srm_rate": float(r.srm_flagged.mean()),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="benchmarks.canary", description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="demo config in the demo's world")
+    ap.add_argument("--test", choices=TESTS, default="superiority")
     ap.add_argument("--experiments", type=int)
     ap.add_argument("--seed", type=int, default=2025)
     ap.add_argument("--flips", type=int, default=10, help="routing flips across 2 replicas")
@@ -42,57 +67,91 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     if args.quick:
-        config = CanaryConfig.demo()
-        scenario = Scenario(effect=0.0, batch_seconds=10, max_batches=200)
-        experiments = args.experiments or 200
+        config = dataclasses.replace(CanaryConfig.demo(), test=args.test)
+        scenario = DEMO_SCENARIO
+        experiments = args.experiments or 400
     else:
         # Production thresholds; time is compressed (a batch = 10 simulated minutes of
         # 1,000 votes) so min/max durations do not bind before the vote limits do.
-        config = dataclasses.replace(CanaryConfig(), min_duration_s=0, min_stage_duration_s=0)
+        config = dataclasses.replace(
+            CanaryConfig(), test=args.test, min_duration_s=0, min_stage_duration_s=0
+        )
         scenario = Scenario(
-            effect=0.0, users=5000, votes_per_batch=1000, batch_seconds=600, max_batches=250
+            effect=0.0,
+            users=5000,
+            votes_per_batch=1000,
+            batch_seconds=600,
+            max_batches=250,
+            sticky=True,
         )
         experiments = args.experiments or 1000
-    m = config.margin
+    m, theta = config.margin, config.threshold
     started = time.monotonic()
-    per_effect = {}
-    for label, effect in (("-2m", -2 * m), ("-m", -m), ("0", 0.0), ("+m", m), ("+2m", 2 * m)):
-        sc = dataclasses.replace(scenario, effect=effect)
-        r = simulate(config, sc, experiments, seed=args.seed)
-        decided = r.action != 0
-        per_effect[label] = {
-            "effect": effect,
-            "promote_rate": r.rate(PROMOTE),
-            "rollback_rate": r.rate(ROLLBACK),
-            "median_votes_to_decision": float(np.median(r.votes[decided]))
-            if decided.any()
-            else None,
-            "false_srm_rate": float(r.srm_flagged.mean()),
-        }
-    result = {
+    seed = args.seed
+    effects = {"θ": theta, "-m": -m, "0": 0.0, "+m": m, "+2m": 2 * m}
+    if args.quick:
+        effects |= {f"{p:+d}pt": p / 100 for p in (-20, -10, 10, 15, 20, 25)}
+    per_effect: dict[str, dict] = {}
+    for label, effect in effects.items():
+        same = next((v for v in per_effect.values() if v["effect"] == effect), None)
+        if same is None:
+            sc = dataclasses.replace(scenario, effect=effect)
+            same = _summary(effect, simulate(config, sc, experiments, seed=seed))
+        per_effect[label] = same
+    result: dict = {
         "config": "demo" if args.quick else "production",
+        "test": config.test,
+        "threshold": theta,
         "margin": m,
         "alpha": config.alpha,
         "experiments_per_effect": experiments,
+        "users": scenario.users,
         "votes_per_look": scenario.votes_per_batch,
+        "seconds_per_look": scenario.batch_seconds,
         "max_votes_per_arm": config.max_votes_per_arm,
-        "false_promotion_rate": per_effect["-m"]["promote_rate"],
+        "max_duration_s": config.max_duration_s,
+        "false_promotion_rate": per_effect["θ"]["promote_rate"],
         "power_at_margin": per_effect["+m"]["promote_rate"],
         "promotion_rate_at_zero": per_effect["0"]["promote_rate"],
         "median_votes_to_decision": {
             k: v["median_votes_to_decision"] for k, v in per_effect.items()
         },
         "per_effect": per_effect,
-        "switch_seconds_max": None,
-        "failed_requests": None,
     }
+    if args.quick:
+        result["votes_per_second"] = {}
+        for rate in (3, 10):
+            world = dataclasses.replace(
+                scenario, votes_per_batch=int(rate * scenario.batch_seconds)
+            )
+            result["votes_per_second"][str(rate)] = {
+                f"{p:+d}pt": _summary(
+                    p / 100,
+                    simulate(config, dataclasses.replace(world, effect=p / 100), experiments, seed),
+                )
+                for p in (-20, 0, 20)
+            }
+    srm_world = dataclasses.replace(scenario, activity_sigma=1.5)
+    lossy = dataclasses.replace(scenario, users=max(scenario.users, 3000), srm_loss=0.5)
+    result["srm"] = {
+        "level": config.srm_p_value,
+        "false_hold_rate_sticky_lognormal_1.5": float(
+            simulate(config, srm_world, experiments, seed=seed).srm_flagged.mean()
+        ),
+        "detection_rate_half_canary_users_lost": float(
+            simulate(config, lossy, min(experiments, 200), seed=seed).srm_flagged.mean()
+        ),
+        "users_when_lossy": lossy.users,
+    }
+    result["switch_seconds_max"] = None
+    result["failed_requests"] = None
     if not args.no_serving:
         from benchmarks.routing_switch import run as measure_switch
 
         switch = measure_switch(args.flips)
         result.update(switch)
     result["seconds"] = round(time.monotonic() - started, 1)
-    print(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2, ensure_ascii=False))
     return 0
 
 
