@@ -8,17 +8,33 @@ Ratings are read from the *history* (``feedback_events``), replaying "latest win
 the watermark, not from ``feedback_current``, which moves on.
 
 :func:`snapshot` opens a REPEATABLE READ transaction and captures the watermark in it.
+
+Data grows with traffic, so every builder streams its rows from a server-side cursor
+(:data:`FETCH_ROWS` at a time: the client's memory does not grow with the tables) and does
+work linear in the number of ratings (plus the sorts Postgres does): pairs formed from
+ratings are a capped, stratified sample per prompt (:func:`preference_pairs`), never all
+up-rated answers against all down-rated ones. Callers that need lists keep a reproducible
+bounded sample of a stream with :class:`HashSample`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import heapq
+import itertools
+import json
+import math
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Generic, Literal, NamedTuple, TypeVar
 
 import psycopg
+from psycopg.pq import TransactionStatus
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -84,6 +100,20 @@ class PointwiseLabel:
         return asdict(self)
 
 
+class LabelRef(NamedTuple):
+    """An answer's net thumbs label as of a watermark, without the texts: what deciding
+    which labels to keep needs, at a fraction of the bytes (:func:`label_refs`); the texts
+    of the kept ones come from :func:`labels_for`."""
+
+    prompt_hash: str
+    response_id: str
+    choice_index: int
+    label: Literal["up", "down"]
+    ups: int
+    downs: int
+    policy_version: str
+
+
 @dataclass(frozen=True)
 class RolloutPrompt:
     messages: Messages
@@ -94,71 +124,317 @@ class RolloutPrompt:
         return asdict(self)
 
 
-# Answers with a net label as of the watermark: the latest rating per (answer, user) from
-# the history, summed per answer; ties (as many ups as downs) carry no label.
-_LABELED_ANSWERS = """
-WITH cur AS (
-    SELECT DISTINCT ON (response_id, choice_index, user_key) response_id, choice_index, rating
-    FROM feedback_events
-    WHERE seq <= %(feedback)s
-    ORDER BY response_id, choice_index, user_key, occurred_at DESC, event_id DESC
-), per_answer AS (
+# --- streaming and bounded samples ---------------------------------------------------------
+
+FETCH_ROWS = 2_000
+"""Rows fetched per round trip from a builder's server-side cursor."""
+
+_cursor_ids = itertools.count()
+
+
+def _stream(
+    conn: psycopg.Connection,
+    query: str,
+    params: dict[str, Any],
+    settings: dict[str, str] | None = None,
+) -> Iterator[tuple[Any, ...]]:
+    """The rows of ``query`` from a server-side cursor, :data:`FETCH_ROWS` at a time, so
+    the client holds one batch however many rows there are.
+
+    A server-side cursor lives in a transaction: inside :func:`snapshot` it reads that
+    snapshot; on a connection outside any transaction one is opened for the iteration.
+    Consume the iterator before the enclosing transaction ends. ``settings`` (server
+    settings such as ``work_mem``) hold while the rows are read, then revert.
+    """
+    # A cursor is planned for a fast first few rows by default; these read every row.
+    wanted = {"cursor_tuple_fraction": "1", **(settings or {})}
+    with contextlib.ExitStack() as stack:
+        if conn.info.transaction_status == TransactionStatus.IDLE:
+            stack.enter_context(conn.transaction())
+        previous = {name: _set_local(conn, name, value) for name, value in wanted.items()}
+        try:
+            cursor = stack.enter_context(conn.cursor(name=f"alignloop_dataset_{next(_cursor_ids)}"))
+            cursor.itersize = FETCH_ROWS
+            cursor.execute(query, params)
+            yield from cursor
+        finally:
+            if conn.info.transaction_status == TransactionStatus.INTRANS:
+                for name, value in previous.items():
+                    _set_local(conn, name, value)
+
+
+def _set_local(conn: psycopg.Connection, name: str, value: str) -> str:
+    """``SET LOCAL name = value``; returns the value it had."""
+    row = conn.execute("SELECT current_setting(%s)", (name,)).fetchone()
+    assert row is not None
+    conn.execute("SELECT set_config(%s, %s, true)", (name, value))
+    return row[0]
+
+
+def stable_hash(seed: int, key: str) -> int:
+    """A 64-bit hash of ``key`` under ``seed``: the same in every process, run and machine."""
+    digest = hashlib.blake2b(f"{seed}\x00{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+class HashSample(Generic[T]):
+    """A reproducible bounded sample of a stream (bottom-k sampling): the ``k`` items whose
+    keys hash lowest under ``seed`` (:func:`stable_hash`).
+
+    Which items are kept, and the order :meth:`items` gives them in (by hash, then key),
+    depend only on the set of keys offered and the seed, not on the order they arrive in
+    (a query plan's): re-reading the same snapshot gives the same list. A kept item stays
+    kept when fewer items are offered. Memory is O(k) whatever the stream's length;
+    ``seen`` counts every item offered. (Two distinct keys with equal 64-bit hashes fall
+    back to arrival order.)
+    """
+
+    def __init__(self, k: int, seed: int = 0) -> None:
+        if k < 0:
+            raise ValueError(f"sample size must be >= 0, not {k}")
+        self.k = k
+        self.seed = seed
+        self.seen = 0
+        # max-heap of the kept by (hash, arrival): (-hash, -arrival, key, item)
+        self._heap: list[tuple[int, int, str, T]] = []
+
+    def add(self, item: T, key: str) -> None:
+        arrival = self.seen
+        self.seen += 1
+        if self.k == 0:
+            return
+        entry = (-stable_hash(self.seed, key), -arrival, key, item)
+        if len(self._heap) < self.k:
+            heapq.heappush(self._heap, entry)
+        elif entry[0] > self._heap[0][0]:  # hashes lower than the highest kept
+            heapq.heapreplace(self._heap, entry)
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def items(self, limit: int | None = None) -> list[T]:
+        """The kept items by hash (then key); with ``limit``, the first ``limit`` of them
+        (the sample a smaller ``k`` would have kept)."""
+        kept = sorted(self._heap, key=lambda e: (-e[0], e[2], -e[1]))
+        if limit is not None:
+            kept = kept[: max(limit, 0)]
+        return [item for _, _, _, item in kept]
+
+
+def sample_by_hash(items: Iterable[T], k: int, key: Callable[[T], str], seed: int = 0) -> list[T]:
+    """At most ``k`` of ``items`` (a :class:`HashSample`), by hash; O(k) memory."""
+    sample: HashSample[T] = HashSample(k, seed)
+    for item in items:
+        sample.add(item, key(item))
+    return sample.items()
+
+
+class _Conversations:
+    """Parses conversation JSON, remembering up to ``size`` recent ones: answers to one
+    prompt share its conversation, so a popular prompt's is parsed once per fill of the
+    cache, and its answers share one ``messages`` list in memory (treat it as read-only)."""
+
+    def __init__(self, size: int = 1024) -> None:
+        self._size = size
+        self._parsed: dict[str, Messages] = {}
+
+    def __call__(self, raw: str) -> Messages:
+        messages = self._parsed.get(raw)
+        if messages is None:
+            if len(self._parsed) >= self._size:
+                self._parsed.clear()
+            messages = self._parsed[raw] = json.loads(raw)
+        return messages
+
+
+# --- thumbs labels and pairs --------------------------------------------------------------
+
+# Net rating per answer as of the watermark: the latest rating per (answer, user) from the
+# history, summed per answer. (A window rather than DISTINCT ON: the planner then estimates
+# the number of answers from the table's statistics instead of guessing.)
+_ANSWER_COUNTS = """
+WITH per_answer AS (
     SELECT response_id, choice_index,
-           count(*) FILTER (WHERE rating = 'up') AS ups,
-           count(*) FILTER (WHERE rating = 'down') AS downs
-    FROM cur GROUP BY response_id, choice_index
-), labeled AS (
-    SELECT i.prompt_hash, i.messages, i.policy_version, a.response_id, a.choice_index,
-           c.text, a.ups, a.downs
+           count(*) FILTER (WHERE latest AND rating = 'up') AS ups,
+           count(*) FILTER (WHERE latest AND rating = 'down') AS downs
+    FROM (
+        SELECT response_id, choice_index, rating,
+               row_number() OVER (
+                   PARTITION BY response_id, choice_index, user_key
+                   ORDER BY occurred_at DESC, event_id DESC
+               ) = 1 AS latest
+        FROM feedback_events
+        WHERE seq <= %(feedback)s
+    ) history
+    GROUP BY response_id, choice_index
+)
+"""
+
+# Every rated answer, ties included (the caller skips them: filtering here would make the
+# planner expect a handful of rows and pick per-row index lookups).
+_LABELS = (
+    _ANSWER_COUNTS
+    + """
+SELECT i.messages::text, c.text, a.ups, a.downs, i.prompt_hash, a.response_id, a.choice_index,
+       i.policy_version
+FROM per_answer a
+JOIN interactions i ON i.response_id = a.response_id AND i.seq <= %(interactions)s
+JOIN interaction_choices c ON c.response_id = a.response_id AND c.choice_index = a.choice_index
+"""
+)
+
+_LABEL_REFS = (
+    _ANSWER_COUNTS
+    + """
+SELECT i.prompt_hash, a.response_id, a.choice_index, a.ups, a.downs, i.policy_version
+FROM per_answer a
+JOIN interactions i ON i.response_id = a.response_id AND i.seq <= %(interactions)s
+JOIN interaction_choices c ON c.response_id = a.response_id AND c.choice_index = a.choice_index
+"""
+)
+
+_TEXTS_BY_REF = """
+SELECT k.n, i.messages::text, c.text
+FROM unnest(%(response_ids)s::text[], %(choice_indexes)s::int[])
+     WITH ORDINALITY AS k(response_id, choice_index, n)
+JOIN interactions i ON i.response_id = k.response_id
+JOIN interaction_choices c ON c.response_id = k.response_id AND c.choice_index = k.choice_index
+"""
+
+# The answers rating pairs are formed from: per prompt with both up- and down-rated
+# answers, each side ranked by a seeded hash of the answer's ref and cut at the cap. Ranking
+# runs on narrow rows; texts are joined for the kept ones only.
+_PAIR_ANSWERS = (
+    _ANSWER_COUNTS
+    + """
+, ranked AS (
+    SELECT i.prompt_hash, a.response_id, a.choice_index, sign(a.ups - a.downs) AS side,
+           row_number() OVER (
+               PARTITION BY i.prompt_hash, sign(a.ups - a.downs)
+               ORDER BY md5(%(salt)s || a.response_id || ':' || a.choice_index),
+                        a.response_id, a.choice_index
+           ) AS rank,
+           bool_or(a.ups > a.downs) OVER (PARTITION BY i.prompt_hash)
+           AND bool_or(a.ups < a.downs) OVER (PARTITION BY i.prompt_hash) AS both_sides
     FROM per_answer a
     JOIN interactions i ON i.response_id = a.response_id AND i.seq <= %(interactions)s
     JOIN interaction_choices c
       ON c.response_id = a.response_id AND c.choice_index = a.choice_index
-    WHERE a.ups <> a.downs
 )
+SELECT k.prompt_hash, k.side > 0, i.messages::text, c.text, k.response_id || ':' || k.choice_index
+FROM ranked k
+JOIN interactions i ON i.response_id = k.response_id
+JOIN interaction_choices c ON c.response_id = k.response_id AND c.choice_index = k.choice_index
+WHERE k.rank <= %(cap)s AND k.side <> 0 AND k.both_sides
+ORDER BY k.prompt_hash, k.side DESC, k.rank
+"""
+)
+
+# Whole-table passes: sort and hash in memory, and no per-row index lookups (row counts
+# estimated through the aggregates are unreliable, and a nested loop over a million rows
+# is the one plan that must not happen); JIT compilation costs more than it saves here.
+_SCAN_SETTINGS = {"work_mem": "64MB", "enable_nestloop": "off", "jit": "off"}
+
+_EXPLICIT = """
+SELECT p.messages, p.chosen, p.rejected, p.chosen_response_id, p.rejected_response_id,
+       ci.messages, ci.prompt_hash, ri.prompt_hash, cc.text, rc.text
+FROM preferences p
+LEFT JOIN interactions ci
+       ON ci.response_id = p.chosen_response_id AND ci.seq <= %(interactions)s
+LEFT JOIN interactions ri
+       ON ri.response_id = p.rejected_response_id AND ri.seq <= %(interactions)s
+LEFT JOIN interaction_choices cc
+       ON cc.response_id = ci.response_id AND cc.choice_index = 0
+LEFT JOIN interaction_choices rc
+       ON rc.response_id = ri.response_id AND rc.choice_index = 0
+WHERE p.seq <= %(preferences)s
+ORDER BY p.seq
 """
 
 
 def pointwise_labels(conn: psycopg.Connection, watermark: Watermark) -> Iterator[PointwiseLabel]:
-    """(prompt messages, answer, up/down) for every answer with a net label."""
-    rows = conn.execute(
-        _LABELED_ANSWERS
-        + """SELECT messages, text, ups, downs, prompt_hash, response_id, choice_index,
-                    policy_version
-             FROM labeled ORDER BY prompt_hash, response_id, choice_index""",
-        asdict(watermark),
-    )
-    for messages, text, ups, downs, phash, rid, idx, policy in rows:
+    """(prompt messages, answer, up/down) for every answer with a net label.
+
+    Streamed, in no particular order (a sort of every answer with its texts would cost more
+    than the rest of the query): bounded memory, one pass over the ratings. Callers that
+    need a subset sample :func:`label_refs` and fetch texts for the sample only."""
+    messages = _Conversations()
+    rows = _stream(conn, _LABELS, asdict(watermark), _SCAN_SETTINGS)
+    for raw, text, ups, downs, phash, rid, idx, policy in rows:
+        if ups == downs:
+            continue
         label: Literal["up", "down"] = "up" if ups > downs else "down"
-        yield PointwiseLabel(messages, text, label, ups, downs, phash, rid, idx, policy)
+        yield PointwiseLabel(messages(raw), text, label, ups, downs, phash, rid, idx, policy)
 
 
-def preference_pairs(conn: psycopg.Connection, watermark: Watermark) -> Iterator[PreferencePair]:
-    """Explicit preferences, then pairs of (up-rated, down-rated) answers to one prompt.
+def label_refs(conn: psycopg.Connection, watermark: Watermark) -> Iterator[LabelRef]:
+    """Every answer with a net label, as :class:`LabelRef` (no texts), in no particular
+    order; streamed, one pass over the ratings. Sample these, then fetch the texts of the
+    sample with :func:`labels_for`: reading every answer's texts to keep a few costs most
+    of a round's data time at a million ratings."""
+    rows = _stream(conn, _LABEL_REFS, asdict(watermark), _SCAN_SETTINGS)
+    for phash, rid, idx, ups, downs, policy in rows:
+        if ups != downs:
+            yield LabelRef(phash, rid, idx, "up" if ups > downs else "down", ups, downs, policy)
 
-    An explicit preference naming response ids uses choice 0 of each and is skipped while
-    either interaction is unknown (it joins a later round) or when the two answered
-    different prompts (no common prompt to train on). One with texts is used as given.
+
+def labels_for(conn: psycopg.Connection, refs: Sequence[LabelRef]) -> list[PointwiseLabel]:
+    """The :class:`PointwiseLabel` of each ref, in the same order, texts looked up by key
+    (:data:`FETCH_ROWS` per query). Call it in the snapshot the refs came from: a ref whose
+    answer is gone (erased since) is left out."""
+    conversations = _Conversations()
+    labels: list[PointwiseLabel] = []
+    for start in range(0, len(refs), FETCH_ROWS):
+        chunk = refs[start : start + FETCH_ROWS]
+        params = {
+            "response_ids": [r.response_id for r in chunk],
+            "choice_indexes": [r.choice_index for r in chunk],
+        }
+        texts = {n: (raw, text) for n, raw, text in conn.execute(_TEXTS_BY_REF, params)}
+        for n, ref in enumerate(chunk, 1):
+            if n in texts:
+                raw, text = texts[n]
+                labels.append(
+                    PointwiseLabel(
+                        conversations(raw),
+                        text,
+                        ref.label,
+                        ref.ups,
+                        ref.downs,
+                        ref.prompt_hash,
+                        ref.response_id,
+                        ref.choice_index,
+                        ref.policy_version,
+                    )
+                )
+    return labels
+
+
+DEFAULT_MAX_PAIRS_PER_PROMPT = 16
+
+
+def rating_pair_indices(n_up: int, n_down: int, cap: int) -> list[tuple[int, int]]:
+    """Which (up, down) answers of one prompt to pair, as indices into each side's ranking.
+
+    Only the first ``a = min(n_up, cap)`` ups and ``b = min(n_down, cap)`` downs take part,
+    and ``T = min(cap, a * b)`` distinct pairs are formed: pair ``t`` is
+    ``(t mod a, (t + t // lcm(a, b)) mod b)``. So the i-th up meets the i-th down first,
+    then each up the next downs in turn; every up is in ``floor(T/a)`` or ``ceil(T/a)``
+    pairs and every down in ``floor(T/b)`` or ``ceil(T/b)``: no answer dominates a prompt's
+    pairs. (Within a block of ``lcm(a, b)`` pairs the indices are distinct by the Chinese
+    remainder theorem; the shift by the block number makes the ``gcd(a, b)`` blocks cover
+    different pairs.)
     """
-    explicit = conn.execute(
-        """
-        SELECT p.messages, p.chosen, p.rejected, p.chosen_response_id, p.rejected_response_id,
-               ci.messages, ci.prompt_hash, ri.prompt_hash, cc.text, rc.text
-        FROM preferences p
-        LEFT JOIN interactions ci
-               ON ci.response_id = p.chosen_response_id AND ci.seq <= %(interactions)s
-        LEFT JOIN interactions ri
-               ON ri.response_id = p.rejected_response_id AND ri.seq <= %(interactions)s
-        LEFT JOIN interaction_choices cc
-               ON cc.response_id = ci.response_id AND cc.choice_index = 0
-        LEFT JOIN interaction_choices rc
-               ON rc.response_id = ri.response_id AND rc.choice_index = 0
-        WHERE p.seq <= %(preferences)s
-        ORDER BY p.seq
-        """,
-        asdict(watermark),
-    ).fetchall()
-    for row in explicit:
+    a, b = min(n_up, cap), min(n_down, cap)
+    total = min(cap, a * b)
+    if total <= 0:
+        return []
+    period = math.lcm(a, b)
+    return [(t % a, (t + t // period) % b) for t in range(total)]
+
+
+def _explicit_pairs(conn: psycopg.Connection, watermark: Watermark) -> Iterator[PreferencePair]:
+    for row in _stream(conn, _EXPLICIT, asdict(watermark)):
         messages, chosen, rejected, chosen_id, rejected_id = row[:5]
         ref_messages, chosen_hash, rejected_hash, chosen_text, rejected_text = row[5:]
         if messages is not None and chosen is not None and rejected is not None:
@@ -175,20 +451,61 @@ def preference_pairs(conn: psycopg.Connection, watermark: Watermark) -> Iterator
                 f"{chosen_id}:0",
                 f"{rejected_id}:0",
             )
-    rated = conn.execute(
-        _LABELED_ANSWERS
-        + """SELECT u.messages, u.text, d.text, u.prompt_hash,
-                    u.response_id || ':' || u.choice_index, d.response_id || ':' || d.choice_index
-             FROM labeled u JOIN labeled d ON d.prompt_hash = u.prompt_hash
-             WHERE u.ups > u.downs AND d.downs > d.ups
-             ORDER BY u.prompt_hash, u.response_id, u.choice_index, d.response_id, d.choice_index
-        """,
-        asdict(watermark),
-    )
-    for messages, chosen_text, rejected_text, phash, chosen_ref, rejected_ref in rated:
-        yield PreferencePair(
-            messages, chosen_text, rejected_text, "ratings", phash, chosen_ref, rejected_ref
-        )
+
+
+def _rating_pairs(
+    conn: psycopg.Connection, watermark: Watermark, cap: int, seed: int
+) -> Iterator[PreferencePair]:
+    params = {**asdict(watermark), "cap": cap, "salt": f"{seed}:"}
+    rows = _stream(conn, _PAIR_ANSWERS, params, _SCAN_SETTINGS)
+    for phash, group in itertools.groupby(rows, key=lambda row: row[0]):
+        ups: list[tuple[str, str]] = []
+        downs: list[tuple[str, str]] = []
+        conversation = ""
+        for _, up, raw, text, ref in group:  # at most cap of each side
+            (ups if up else downs).append((text, ref))
+            conversation = raw
+        messages = json.loads(conversation)  # one conversation per prompt hash
+        for i, j in rating_pair_indices(len(ups), len(downs), cap):
+            (chosen, chosen_ref), (rejected, rejected_ref) = ups[i], downs[j]
+            yield PreferencePair(
+                messages, chosen, rejected, "ratings", phash, chosen_ref, rejected_ref
+            )
+
+
+def preference_pairs(
+    conn: psycopg.Connection,
+    watermark: Watermark,
+    *,
+    max_pairs_per_prompt: int = DEFAULT_MAX_PAIRS_PER_PROMPT,
+    seed: int = 0,
+) -> Iterator[PreferencePair]:
+    """Explicit preferences (in arrival order), then pairs of (up-rated, down-rated)
+    answers to one prompt (by prompt hash); streamed.
+
+    An explicit preference naming response ids uses choice 0 of each and is skipped while
+    either interaction is unknown (it joins a later round) or when the two answered
+    different prompts (no common prompt to train on). One with texts is used as given.
+
+    **Pairs from ratings are a stratified sample**: each prompt contributes at most
+    ``max_pairs_per_prompt`` of them, however popular it is (all ups against all downs
+    would be quadratic: 40,000 ratings of a few prompts once made 18.9 million pairs).
+    Per prompt, the up-rated and the down-rated answers are each ranked by
+    ``md5(seed:response_id:choice_index)`` (a seeded shuffle that Postgres computes, so
+    only the first ``max_pairs_per_prompt`` of each side leave the database), then paired
+    by :func:`rating_pair_indices`: the i-th up with the i-th down, then further
+    combinations until the cap, every kept answer in an even share of the pairs. The same
+    data and seed give the same pairs in the same order; another seed, other pairs where a
+    prompt has more combinations than the cap. An answer's pairs change when new answers
+    to its prompt outrank it, never otherwise. The work is one pass over the ratings (plus
+    Postgres's sorts) and the client holds at most ``2 * max_pairs_per_prompt`` answers
+    at a time. ``0`` forms no pairs from ratings.
+    """
+    if max_pairs_per_prompt < 0:
+        raise ValueError(f"max_pairs_per_prompt must be >= 0, not {max_pairs_per_prompt}")
+    yield from _explicit_pairs(conn, watermark)
+    if max_pairs_per_prompt > 0:
+        yield from _rating_pairs(conn, watermark, max_pairs_per_prompt, seed)
 
 
 def is_heldout(prompt_hash: str, heldout_fraction: float) -> bool:
@@ -206,15 +523,18 @@ def rollout_prompts(
     window: int = 10_000,
 ) -> list[RolloutPrompt]:
     """Up to ``n`` distinct prompts sampled (seeded) from the ``window`` most recently
-    served distinct prompts, each marked train or held out by its hash."""
+    served distinct prompts, each marked train or held out by its hash.
+
+    One aggregate pass over the interactions' (prompt hash, seq); at most ``window``
+    conversations are read."""
     rows = conn.execute(
         """
-        SELECT prompt_hash, messages FROM (
-            SELECT DISTINCT ON (prompt_hash) prompt_hash, messages, seq
+        SELECT latest.prompt_hash, i.messages FROM (
+            SELECT prompt_hash, max(seq) AS seq
             FROM interactions WHERE seq <= %(interactions)s
-            ORDER BY prompt_hash, seq DESC
+            GROUP BY prompt_hash ORDER BY max(seq) DESC LIMIT %(window)s
         ) latest
-        ORDER BY seq DESC LIMIT %(window)s
+        JOIN interactions i ON i.seq = latest.seq
         """,
         {**asdict(watermark), "window": window},
     ).fetchall()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -153,3 +154,120 @@ def test_export_cli_writes_jsonl(
     prompts = tmp_path / "prompts.jsonl"
     assert export_main(["prompts", "--out", str(prompts), "--database-url", migrated_url]) == 0
     assert len(prompts.read_text().splitlines()) == 3  # P, Q and R (T was never served)
+
+
+# --- scale: pairs from ratings are capped per prompt --------------------------------------
+
+
+@pytest.fixture
+def popular(conn: psycopg.Connection) -> dict[str, str]:
+    """Prompt "popular" answered 3,000 times: 1,800 answers rated up, 1,200 down (all
+    against all would be 2,160,000 pairs); "lopsided" with 3 ups and 1,000 downs; "rare"
+    with two ups and one down. Maps each answer's text to its rating."""
+    rating = {}
+    events: list = []
+    for prompt, ups, downs in (("popular", 1800, 1200), ("lopsided", 3, 1000), ("rare", 2, 1)):
+        for i in range(ups + downs):
+            text = f"{prompt} answer {i}"
+            rating[text] = "up" if i < ups else "down"
+            interaction = make_interaction(prompt=prompt, answers=(text,))
+            events += [interaction, make_feedback(interaction.response_id, rating[text], at=T0)]
+    store_events(conn, events)
+    return rating
+
+
+def _rating_pairs(conn: psycopg.Connection, **options: int) -> list[datasets.PreferencePair]:
+    with datasets.snapshot(conn) as wm:
+        return [p for p in datasets.preference_pairs(conn, wm, **options) if p.source == "ratings"]
+
+
+def test_pairs_from_a_popular_prompt_are_capped(
+    conn: psycopg.Connection, popular: dict[str, str]
+) -> None:
+    pairs = _rating_pairs(conn, max_pairs_per_prompt=16, seed=0)
+    by_prompt: dict[str, list[datasets.PreferencePair]] = {}
+    for p in pairs:
+        assert p.messages[-1]["content"] == p.chosen.split(" answer ")[0]  # the same prompt
+        assert popular[p.chosen] == "up" and popular[p.rejected] == "down"
+        by_prompt.setdefault(p.messages[-1]["content"], []).append(p)
+    hot = by_prompt["popular"]
+    assert len(hot) == 16  # not 2,160,000
+    assert len({(p.chosen, p.rejected) for p in hot}) == 16
+    # stratified: with more answers than the cap on both sides, each answer is used once
+    assert len({p.chosen for p in hot}) == 16 and len({p.rejected for p in hot}) == 16
+    # few answers on one side: they share the pairs evenly, the other side's are used once
+    lopsided = by_prompt["lopsided"]
+    assert len(lopsided) == 16 and len({p.rejected for p in lopsided}) == 16
+    uses = Counter(p.chosen for p in lopsided)
+    assert sorted(uses.values()) == [5, 5, 6]
+    # a prompt with fewer combinations than the cap gives all of them
+    assert sorted((p.chosen, p.rejected) for p in by_prompt["rare"]) == [
+        ("rare answer 0", "rare answer 2"),
+        ("rare answer 1", "rare answer 2"),
+    ]
+    # another cap
+    assert (
+        sum(
+            p.prompt_hash == hot[0].prompt_hash for p in _rating_pairs(conn, max_pairs_per_prompt=5)
+        )
+        == 5
+    )
+    assert _rating_pairs(conn, max_pairs_per_prompt=0) == []
+
+
+def test_pairs_are_deterministic_for_a_seed_and_differ_across_seeds(
+    conn: psycopg.Connection, popular: dict[str, str]
+) -> None:
+    first = _rating_pairs(conn, seed=1)
+    assert _rating_pairs(conn, seed=1) == first
+    other = _rating_pairs(conn, seed=2)
+    hot = {(p.chosen, p.rejected) for p in first if p.chosen.startswith("popular")}
+    hot_other = {(p.chosen, p.rejected) for p in other if p.chosen.startswith("popular")}
+    assert len(hot) == len(hot_other) == datasets.DEFAULT_MAX_PAIRS_PER_PROMPT
+    assert hot != hot_other
+    # the rare prompt has no choice to make: every seed gives its two pairs
+    rare = {(p.chosen, p.rejected) for p in first if p.chosen.startswith("rare")}
+    assert rare == {(p.chosen, p.rejected) for p in other if p.chosen.startswith("rare")}
+
+
+def test_a_watermark_fixes_the_pairs_while_new_answers_arrive(
+    conn: psycopg.Connection, popular: dict[str, str]
+) -> None:
+    with datasets.snapshot(conn) as wm:
+        before = list(datasets.preference_pairs(conn, wm, seed=3))
+    late = [make_interaction(prompt="popular", answers=(f"late {i}",)) for i in range(50)]
+    store_events(conn, late + [make_feedback(x.response_id, "up", at=T0) for x in late])
+    with datasets.snapshot(conn):
+        assert list(datasets.preference_pairs(conn, wm, seed=3)) == before
+
+
+def test_label_refs_and_their_texts_match_the_full_labels(
+    conn: psycopg.Connection, world: dict[str, str]
+) -> None:
+    with datasets.snapshot(conn) as wm:
+        full = sorted(datasets.pointwise_labels(conn, wm), key=lambda x: x.answer)
+        refs = list(datasets.label_refs(conn, wm))
+        assert sorted(datasets.labels_for(conn, refs), key=lambda x: x.answer) == full
+        chosen = [r for r in refs if r.label == "down"][:2]
+        assert [(x.response_id, x.label) for x in datasets.labels_for(conn, chosen)] == [
+            (r.response_id, "down") for r in chosen
+        ]
+    assert len(full) == 6 and len(refs) == 6
+
+
+def test_streams_work_outside_a_transaction_and_can_be_abandoned(
+    conn: psycopg.Connection, popular: dict[str, str]
+) -> None:
+    with datasets.snapshot(conn) as wm:
+        pass
+    stream = datasets.pointwise_labels(conn, wm)  # autocommit: it opens its own transaction
+    first = next(stream)
+    assert first.label in ("up", "down")
+    stream.close()  # its cursor and transaction end; the connection is usable again
+    assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    assert sum(1 for _ in datasets.label_refs(conn, wm)) == len(popular)
+    # the planner settings a stream uses hold only while it runs
+    with datasets.snapshot(conn) as wm:
+        before = conn.execute("SHOW work_mem").fetchone()
+        assert sum(1 for _ in datasets.pointwise_labels(conn, wm)) == len(popular)
+        assert conn.execute("SHOW work_mem").fetchone() == before
