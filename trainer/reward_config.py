@@ -32,6 +32,9 @@ _RESULT_FIELDS = (
     "heldout_fraction",
     "warm_start",
     "replay_ratio",
+    "max_pairs_per_prompt",
+    "max_train_examples",
+    "max_heldout_examples",
     "seed",
 )
 
@@ -134,6 +137,30 @@ class RewardConfig:
         metadata={
             "help": "Warm start: older training examples replayed per new one (sampled "
             "without replacement), so the model does not forget what it knew."
+        },
+    )
+    max_pairs_per_prompt: int = field(
+        default=16,
+        metadata={
+            "help": "Pairs formed from thumbs per prompt at most: a prompt's up- and "
+            "down-rated answers are sampled (seeded) and paired evenly, never all against "
+            "all, so a popular prompt cannot swamp the data (see "
+            "feedback.datasets.preference_pairs); 0 pairs explicit preferences only."
+        },
+    )
+    max_train_examples: int = field(
+        default=20_000,
+        metadata={
+            "help": "Training pairs, and separately thumbs labels, a round keeps at most: a "
+            "seeded sample of what the snapshot holds (new ones first on a warm start; the "
+            "replay comes on top), so a round's memory does not grow with the feedback."
+        },
+    )
+    max_heldout_examples: int = field(
+        default=2_000,
+        metadata={
+            "help": "Held-out pairs, and separately thumbs labels, evaluated at most (a "
+            "seeded sample, the same for the candidate and the current version)."
         },
     )
     min_train_examples: int = field(

@@ -26,23 +26,27 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import logging
+import math
 import os
-import random
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from array import array
+from collections import Counter as Tally
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
+import numpy as np
 import psycopg
 import torch
 from prometheus_client import Counter, Gauge, start_http_server
 
 from feedback import datasets
-from feedback.datasets import PointwiseLabel, PreferencePair, Watermark
+from feedback.datasets import HashSample, PointwiseLabel, PreferencePair, Watermark
 from feedback.db import connect, migrate
 from feedback.ingestor import prompt_hash
 from schemas.events import LoggedMessage
@@ -60,6 +64,7 @@ from trainer.reward_model import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 RUN_DIR_NAME = "reward_runs/active"
 CHECKPOINT_STATE = "state.pt"
@@ -95,9 +100,14 @@ class RewardData:
     train_labels: list[PointwiseLabel]
     heldout_labels: list[PointwiseLabel]
     new_examples: int
-    """Training examples that arrived after the parent's watermark (all, from scratch)."""
+    """Training examples kept that were not there at the parent's watermark (from scratch:
+    all kept)."""
     replayed_examples: int
     warnings: list[str] = field(default_factory=list)
+    pairs_read: int = 0
+    """Pairs the snapshot holds (before the train and held-out caps)."""
+    labels_read: int = 0
+    """Thumbs labels the snapshot holds (before the caps)."""
 
 
 def _pair_prompt_hash(pair: PreferencePair) -> str:
@@ -111,15 +121,71 @@ def _pair_key(pair: PreferencePair) -> str:
     return json.dumps([pair.messages, pair.chosen, pair.rejected], sort_keys=True)
 
 
-def _label_key(label: PointwiseLabel) -> str:
+def _label_key(label: PointwiseLabel | datasets.LabelRef) -> str:
     return f"{label.response_id}:{label.choice_index}:{label.label}"
 
 
-def _new_plus_replay(items: list, old_keys: set[str], key, ratio: float, rng: random.Random):
-    new = [x for x in items if key(x) not in old_keys]
-    old = [x for x in items if key(x) in old_keys]
-    replay = rng.sample(old, min(len(old), round(ratio * len(new))))
-    return new + replay, len(new), len(replay)
+class _KeyDigests:
+    """Which example keys a parent round's data held, as sorted 64-bit digests: 8 bytes per
+    example (a million: 8 MB) instead of the examples. A digest collision (odds about
+    n^2 / 2^65) would count one new example as old."""
+
+    def __init__(self, keys: Iterable[str]) -> None:
+        digests = array("Q", (datasets.stable_hash(0, key) for key in keys))
+        self._sorted = np.sort(np.frombuffer(digests, dtype=np.uint64)) if digests else None
+
+    def contains(self, keys: Sequence[str]) -> list[bool]:
+        if self._sorted is None:
+            return [False] * len(keys)
+        wanted = np.fromiter((datasets.stable_hash(0, k) for k in keys), np.uint64, len(keys))
+        at = np.minimum(np.searchsorted(self._sorted, wanted), len(self._sorted) - 1)
+        return (self._sorted[at] == wanted).tolist()
+
+
+_CHUNK = 4096
+
+
+@dataclass
+class _Split(Generic[T]):
+    train: list[T]
+    heldout: list[T]
+    new: int
+    replayed: int
+    read: int
+
+
+def _split_and_sample(
+    items: Iterable[T],
+    prompt_hash_of: Callable[[T], str],
+    key_of: Callable[[T], str],
+    old: _KeyDigests | None,
+    config: RewardConfig,
+) -> _Split[T]:
+    """One pass over a stream of examples: held out or training by prompt hash, training
+    ones new or old (present at the parent's watermark, when ``old`` is given), each kept in
+    a bounded seeded sample (:class:`feedback.datasets.HashSample`): at most
+    ``max_heldout_examples`` held out, ``max_train_examples`` new, and a replay of
+    ``replay_ratio`` old ones per new one kept. Memory: the samples, not the stream."""
+    heldout: HashSample[T] = HashSample(config.max_heldout_examples, config.seed)
+    new: HashSample[T] = HashSample(config.max_train_examples, config.seed)
+    replay_room = math.ceil(config.replay_ratio * config.max_train_examples)
+    replay: HashSample[T] = HashSample(replay_room if old is not None else 0, config.seed)
+    it = iter(items)
+    while chunk := list(itertools.islice(it, _CHUNK)):
+        keys = [key_of(x) for x in chunk]
+        seen = old.contains(keys) if old is not None else [False] * len(chunk)
+        for item, key, was_there in zip(chunk, keys, seen, strict=True):
+            if datasets.is_heldout(prompt_hash_of(item), config.heldout_fraction):
+                heldout.add(item, key)
+            elif was_there:
+                replay.add(item, key)
+            else:
+                new.add(item, key)
+    new_items = new.items()
+    n_replay = min(replay.seen, round(config.replay_ratio * len(new_items)))  # 0 from scratch
+    train = new_items + replay.items(limit=n_replay)
+    read = heldout.seen + new.seen + replay.seen
+    return _Split(train, heldout.items(), len(new_items), n_replay, read)
 
 
 def load_data(
@@ -129,49 +195,87 @@ def load_data(
     watermark: Watermark | None = None,
     parent_watermark: Watermark | None = None,
 ) -> RewardData:
-    """Read pairs and labels as of ``watermark`` (default: now) and split them.
+    """Read pairs and labels as of ``watermark`` (default: now), split and sample them.
 
+    Pairs from ratings are capped per prompt (``max_pairs_per_prompt``, seeded by
+    ``seed``). Each kind (pairs, labels) is streamed once and kept as a seeded sample of at
+    most ``max_train_examples`` training and ``max_heldout_examples`` held-out examples, so
+    memory stays bounded however much feedback there is; below the caps everything is kept.
     With ``parent_watermark`` (a warm start) the training set is the examples that were not
-    there at the parent's watermark plus ``replay_ratio`` times as many older ones.
+    there at the parent's watermark plus ``replay_ratio`` times as many older ones (the
+    parent's examples are remembered as 8-byte digests while the current ones stream by).
     """
+    pair_options = {"max_pairs_per_prompt": config.max_pairs_per_prompt, "seed": config.seed}
+    label_kinds: Tally[str] = Tally()
+
+    def counted(refs: Iterable[datasets.LabelRef]) -> Iterator[datasets.LabelRef]:
+        for ref in refs:
+            label_kinds[ref.label] += 1
+            yield ref
+
     with datasets.snapshot(conn) as now:
         mark = watermark or now
-        pairs = list(datasets.preference_pairs(conn, mark))
-        labels = list(datasets.pointwise_labels(conn, mark))
         old_pairs = old_labels = None
         if parent_watermark is not None:
-            old_pairs = {_pair_key(p) for p in datasets.preference_pairs(conn, parent_watermark)}
-            old_labels = {_label_key(x) for x in datasets.pointwise_labels(conn, parent_watermark)}
-
-    fraction = config.heldout_fraction
-    heldout_pairs = [p for p in pairs if datasets.is_heldout(_pair_prompt_hash(p), fraction)]
-    train_pairs = [p for p in pairs if not datasets.is_heldout(_pair_prompt_hash(p), fraction)]
-    heldout_labels = [x for x in labels if datasets.is_heldout(x.prompt_hash, fraction)]
-    train_labels = [x for x in labels if not datasets.is_heldout(x.prompt_hash, fraction)]
+            old_pairs = _KeyDigests(
+                _pair_key(p)
+                for p in datasets.preference_pairs(conn, parent_watermark, **pair_options)
+            )
+            old_labels = _KeyDigests(
+                _label_key(x) for x in datasets.label_refs(conn, parent_watermark)
+            )
+        pairs = _split_and_sample(
+            datasets.preference_pairs(conn, mark, **pair_options),
+            _pair_prompt_hash,
+            _pair_key,
+            old_pairs,
+            config,
+        )
+        # Labels are chosen on their refs; only the chosen ones' texts are read.
+        refs = _split_and_sample(
+            counted(datasets.label_refs(conn, mark)),
+            lambda x: x.prompt_hash,
+            _label_key,
+            old_labels,
+            config,
+        )
+        labels = _Split(
+            datasets.labels_for(conn, refs.train),
+            datasets.labels_for(conn, refs.heldout),
+            refs.new,
+            refs.replayed,
+            refs.read,
+        )
 
     warnings = []
-    kinds = {x.label for x in labels}
-    if len(kinds) == 1:
-        only = next(iter(kinds))
+    if len(label_kinds) == 1:
+        only = next(iter(label_kinds))
         warnings.append(
-            f"all {len(labels)} thumbs are {only}: they train pointwise only (no rated pairs "
+            f"all {labels.read} thumbs are {only}: they train pointwise only (no rated pairs "
             "can form), pairs come only from explicit preferences, thumbs AUC is undefined"
         )
-
-    new = len(train_pairs) + len(train_labels)
-    replayed = 0
-    if parent_watermark is not None:
-        assert old_pairs is not None and old_labels is not None
-        rng = random.Random(config.seed)
-        train_pairs, new_p, replay_p = _new_plus_replay(
-            train_pairs, old_pairs, _pair_key, config.replay_ratio, rng
+    kept_pairs = len(pairs.train) + len(pairs.heldout)
+    kept_labels = len(labels.train) + len(labels.heldout)
+    if (kept_pairs, kept_labels) != (pairs.read, labels.read):
+        log.info(
+            "kept a seeded sample (max_train_examples, max_heldout_examples, replay): "
+            "%d of %d pairs, %d of %d thumbs labels",
+            kept_pairs,
+            pairs.read,
+            kept_labels,
+            labels.read,
         )
-        train_labels, new_l, replay_l = _new_plus_replay(
-            train_labels, old_labels, _label_key, config.replay_ratio, rng
-        )
-        new, replayed = new_p + new_l, replay_p + replay_l
     return RewardData(
-        mark, train_pairs, heldout_pairs, train_labels, heldout_labels, new, replayed, warnings
+        mark,
+        pairs.train,
+        pairs.heldout,
+        labels.train,
+        labels.heldout,
+        pairs.new + labels.new,
+        pairs.replayed + labels.replayed,
+        warnings,
+        pairs.read,
+        labels.read,
     )
 
 

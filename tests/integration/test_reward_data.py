@@ -104,3 +104,49 @@ def test_empty_database_is_too_little_data(migrated_url: str, tmp_path: Path) ->
     config = RewardConfig(database_url=migrated_url, state_dir=tmp_path, base_model=tmp_path)
     with pytest.raises(InsufficientData, match="0 held-out examples"):
         train_reward_model(config)
+
+
+def _label_keys(labels: list) -> list[tuple[str, int, str]]:
+    return [(x.response_id, x.choice_index, x.label) for x in labels]
+
+
+def _pair_keys(pairs: list) -> list[tuple[str, str]]:
+    return [(p.chosen, p.rejected) for p in pairs]
+
+
+def test_a_round_keeps_a_seeded_sample_within_the_caps(conn: psycopg.Connection) -> None:
+    store_events(conn, _events(120, seed=3))
+    everything = load_data(conn, RewardConfig(heldout_fraction=0.3))
+    config = RewardConfig(heldout_fraction=0.3, max_train_examples=15, max_heldout_examples=6)
+    capped = load_data(conn, config)
+    assert len(capped.train_pairs) == len(capped.train_labels) == 15
+    assert len(capped.heldout_pairs) == len(capped.heldout_labels) == 6
+    read = (everything.pairs_read, everything.labels_read)
+    assert (capped.pairs_read, capped.labels_read) == read
+    assert min(read) > 21  # the caps did bind
+    # a sample of the same split: nothing crosses from held-out prompts into training
+    assert set(_pair_keys(capped.train_pairs)) <= set(_pair_keys(everything.train_pairs))
+    assert set(_label_keys(capped.heldout_labels)) <= set(_label_keys(everything.heldout_labels))
+    assert load_data(conn, config) == capped  # reproducible
+    other = load_data(conn, RewardConfig(**{**config.__dict__, "seed": 1}))
+    assert _label_keys(other.train_labels) != _label_keys(capped.train_labels)
+
+
+def test_warm_start_within_the_caps_keeps_new_feedback_first(conn: psycopg.Connection) -> None:
+    store_events(conn, _events(120, seed=1))
+    with datasets.snapshot(conn) as before:
+        pass
+    store_events(conn, _events(30, seed=2))
+    split = RewardConfig(heldout_fraction=0.2)
+    old = set(_label_keys(load_data(conn, split, watermark=before).train_labels))
+    new = set(_label_keys(load_data(conn, split).train_labels)) - old
+    assert len(new) > 10
+
+    config = RewardConfig(replay_ratio=0.5, heldout_fraction=0.2, max_train_examples=10)
+    warm = load_data(conn, config, parent_watermark=before)
+    labels = _label_keys(warm.train_labels)
+    assert len(labels) == 15  # 10 new ones (the cap), then half as many old ones
+    assert set(labels[:10]) <= new and set(labels[10:]) <= old
+    assert len(warm.train_pairs) == 15
+    assert warm.new_examples == 20 and warm.replayed_examples == 10
+    assert load_data(conn, config, parent_watermark=before) == warm
