@@ -306,11 +306,30 @@ def _prompts(
     return train, heldout
 
 
+PTX_MAX_EXAMPLES = 10_000
+"""PPO-ptx examples a round holds at most: each gradient step draws one mini-batch of them,
+so a seeded sample of the up-rated answers serves as well as all of them, in bounded memory."""
+
+
+def ptx_labels(
+    conn: psycopg.Connection, watermark: datasets.Watermark
+) -> list[datasets.PointwiseLabel]:
+    """At most :data:`PTX_MAX_EXAMPLES` up-rated answers, a seeded sample (the same for the
+    same watermark) chosen on the labels' refs, so only the sample's texts are read."""
+    chosen = datasets.sample_by_hash(
+        (x for x in datasets.label_refs(conn, watermark) if x.label == "up"),
+        PTX_MAX_EXAMPLES,
+        key=lambda x: f"{x.response_id}:{x.choice_index}",
+    )
+    return datasets.labels_for(conn, chosen)
+
+
 def _ptx_examples(
     conn: psycopg.Connection, models: PolicyModels, watermark: datasets.Watermark
 ) -> list[tuple[list[int], list[int]]]:
-    """PPO-ptx text: the up-rated answers (prompt ids, answer ids + end-of-turn)."""
-    labels = [x for x in datasets.pointwise_labels(conn, watermark) if x.label == "up"]
+    """PPO-ptx text: up-rated answers (prompt ids, answer ids + end-of-turn), the
+    :func:`ptx_labels` sample."""
+    labels = ptx_labels(conn, watermark)
     prompts = render_prompts(models.tokenizer, [x.messages for x in labels])
     hf_model = models.peft_model.get_base_model()
     end = min(eos_token_ids(models.tokenizer, hf_model.generation_config))
