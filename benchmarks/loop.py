@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -73,6 +74,16 @@ def default_model_dir() -> Path:
     return bootstrap_demo_model(demo_model_cache_dir(), BootstrapConfig(), progress=False)
 
 
+async def _run_until_signal(config):
+    """The simulation, ended early (summary printed, stack stopped) by SIGINT or SIGTERM:
+    both explicitly, since a shell that starts this in the background ignores SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    return await run(config, out=sys.stderr, stop=stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m benchmarks.loop",
@@ -107,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                 admin_token=s.admin_token,
                 state_dir=str(state_dir),
             )
-            summary = asyncio.run(run(config, out=sys.stderr))
+            summary = asyncio.run(_run_until_signal(config))
     except StackDidNotStart as e:
         log(f"loop: {e}")
         return 1

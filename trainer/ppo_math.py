@@ -202,6 +202,22 @@ class RunningMoments:
         return self.var**0.5
 
 
+def normalized_value_head(
+    weight: torch.Tensor, bias: torch.Tensor, mean: float, std: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A value head ``v = w·h + b`` that predicts raw reward scores, rescaled to predict them
+    in normalised units ``(v - mean) / std``: ``(w / std, (b - mean) / std)``.
+
+    A critic initialised from the reward model (InstructGPT C.4) predicts the reward model's
+    raw score, while with ``normalize_reward`` the returns it must fit are normalised
+    scores; unscaled, its first explained variance was about -7 on a learned reward (worse
+    than a zero head). ``std`` at or below 1e-8 counts as 1, as in
+    :func:`normalize_and_clip_rewards`.
+    """
+    sigma = std if std > 1e-8 else 1.0
+    return weight / sigma, (bias - mean) / sigma
+
+
 def normalize_and_clip_rewards(
     scores: torch.Tensor,
     moments: RunningMoments,

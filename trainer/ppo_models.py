@@ -228,8 +228,12 @@ class PolicyModels:
         value_head: torch.nn.Linear,
         temperature: float,
         base_model_path: Path,
+        *,
+        critic_from_reward: bool = False,
     ) -> None:
         self.peft_model = peft_model
+        self.critic_from_reward = critic_from_reward
+        """The critic started as the reward model: its head predicts raw reward scores."""
         fold_in_training(peft_model)  # the update's LoRA layers, folded (lora_folding)
         self.tokenizer = tokenizer
         self.reward = reward
@@ -291,7 +295,15 @@ class PolicyModels:
             else:
                 raise ValueError(f"critic_init must be 'reward' or 'fresh', got {critic_init!r}")
         peft_model.eval()  # no dropout anywhere: PPO's ratios must compare like with like
-        return cls(peft_model, tokenizer, reward, value_head, temperature, Path(base_model))
+        return cls(
+            peft_model,
+            tokenizer,
+            reward,
+            value_head,
+            temperature,
+            Path(base_model),
+            critic_from_reward=critic_init == "reward",
+        )
 
     # --- adapters and parameters ------------------------------------------------------------
 

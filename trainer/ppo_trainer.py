@@ -139,6 +139,22 @@ class PPOTrainer:
 
     # --- one iteration -------------------------------------------------------------------------
 
+    @torch.no_grad()
+    def _value_head_to_normalized_units(
+        self, values: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Once, at a round's first rollout: a critic that starts as the reward model
+        predicts raw scores; rescale its head (and this rollout's values) to the normalised
+        scores its returns are made of (:func:`trainer.ppo_math.normalized_value_head`)."""
+        head = self.models.value_head
+        weight, bias = pm.normalized_value_head(
+            head.weight, head.bias, self.moments.mean, self.moments.std
+        )
+        head.weight.copy_(weight)
+        head.bias.copy_(bias)
+        sigma = self.moments.std if self.moments.std > 1e-8 else 1.0
+        return ((values - self.moments.mean) / sigma) * mask
+
     def _lr_factor(self, iteration: int) -> float:
         warmup = self.config.lr_warmup_iterations
         return 1.0 if warmup == 0 else 0.1 + 0.9 * min(1.0, iteration / warmup)
@@ -161,7 +177,10 @@ class PPOTrainer:
         t_score = time.perf_counter()
 
         # 3. reward: normalise + clip the scores (stats over every rank), per-token KL penalty.
+        first_look = self.moments.count == 0
         self.moments.update(dist.gather(scores))
+        if first_look and cfg.normalize_reward and models.critic_from_reward:
+            values = self._value_head_to_normalized_units(values, mask)
         if cfg.normalize_reward:
             norm_scores = pm.normalize_and_clip_rewards(
                 scores, self.moments, cfg.reward_clip, update=False

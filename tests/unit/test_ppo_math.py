@@ -22,6 +22,7 @@ from trainer.ppo_math import (
     masked_mean,
     masked_var,
     normalize_and_clip_rewards,
+    normalized_value_head,
     policy_loss,
     ptx_loss,
     shaped_rewards,
@@ -385,3 +386,14 @@ def test_fixed_kl_controller_never_moves() -> None:
     ctl = FixedKLController(0.02)
     ctl.update(current_kl=100.0, n_steps=10**6)
     assert ctl.value == 0.02
+
+
+def test_normalized_value_head_predicts_normalized_scores() -> None:
+    weight, bias = torch.tensor([[2.0, -4.0]]), torch.tensor([3.0])
+    new_weight, new_bias = normalized_value_head(weight, bias, mean=1.0, std=2.0)
+    assert new_weight.tolist() == [[1.0, -2.0]] and new_bias.tolist() == [1.0]
+    hidden = torch.tensor([[0.5, 0.25], [-1.0, 3.0]])
+    raw = hidden @ weight.T + bias  # [[3.0], [-11.0]]
+    assert (hidden @ new_weight.T + new_bias).tolist() == ((raw - 1.0) / 2.0).tolist()
+    # A degenerate std (one score seen) counts as 1, as in reward normalisation.
+    assert normalized_value_head(weight, bias, 1.0, 0.0)[1].tolist() == [2.0]
