@@ -146,21 +146,33 @@ def _stream(
     Consume the iterator before the enclosing transaction ends. ``settings`` (server
     settings such as ``work_mem``) hold while the rows are read, then revert.
     """
-    # A cursor is planned for a fast first few rows by default; these read every row.
-    wanted = {"cursor_tuple_fraction": "1", **(settings or {})}
     with contextlib.ExitStack() as stack:
         if conn.info.transaction_status == TransactionStatus.IDLE:
             stack.enter_context(conn.transaction())
-        previous = {name: _set_local(conn, name, value) for name, value in wanted.items()}
-        try:
-            cursor = stack.enter_context(conn.cursor(name=f"alignloop_dataset_{next(_cursor_ids)}"))
-            cursor.itersize = FETCH_ROWS
-            cursor.execute(query, params)
-            yield from cursor
-        finally:
-            if conn.info.transaction_status == TransactionStatus.INTRANS:
-                for name, value in previous.items():
-                    _set_local(conn, name, value)
+        # A cursor is planned for a fast first few rows by default; these read every row.
+        stack.enter_context(
+            _local_settings(conn, {"cursor_tuple_fraction": "1", **(settings or {})})
+        )
+        cursor = stack.enter_context(conn.cursor(name=f"alignloop_dataset_{next(_cursor_ids)}"))
+        cursor.itersize = FETCH_ROWS
+        cursor.execute(query, params)
+        yield from cursor
+
+
+@contextmanager
+def _local_settings(conn: psycopg.Connection, settings: dict[str, str]) -> Iterator[None]:
+    """``SET LOCAL`` each setting for the body, then back to what it was (outside a
+    transaction nothing would last: nothing is set)."""
+    if conn.info.transaction_status != TransactionStatus.INTRANS:
+        yield
+        return
+    previous = {name: _set_local(conn, name, value) for name, value in settings.items()}
+    try:
+        yield
+    finally:
+        if conn.info.transaction_status == TransactionStatus.INTRANS:
+            for name, value in previous.items():
+                _set_local(conn, name, value)
 
 
 def _set_local(conn: psycopg.Connection, name: str, value: str) -> str:
@@ -301,14 +313,15 @@ JOIN interactions i ON i.response_id = k.response_id
 JOIN interaction_choices c ON c.response_id = k.response_id AND c.choice_index = k.choice_index
 """
 
-# The answers rating pairs are formed from: per prompt with both up- and down-rated
-# answers, each side ranked by a seeded hash of the answer's ref and cut at the cap. Ranking
-# runs on narrow rows; texts are joined for the kept ones only.
-_PAIR_ANSWERS = (
+# Every rated answer with its prompt hash, side (+1 up, -1 down, 0 tied) and rank within
+# its prompt's side by a seeded hash of its ref; ``both_sides``: its prompt has answers on
+# both sides. Pairs from ratings are formed from the first ``cap`` of each side.
+_RANKED = (
     _ANSWER_COUNTS
     + """
 , ranked AS (
-    SELECT i.prompt_hash, a.response_id, a.choice_index, sign(a.ups - a.downs) AS side,
+    SELECT i.prompt_hash, a.response_id, a.choice_index, a.ups, a.downs, i.policy_version,
+           sign(a.ups - a.downs) AS side,
            row_number() OVER (
                PARTITION BY i.prompt_hash, sign(a.ups - a.downs)
                ORDER BY md5(%(salt)s || a.response_id || ':' || a.choice_index),
@@ -321,12 +334,29 @@ _PAIR_ANSWERS = (
     JOIN interaction_choices c
       ON c.response_id = a.response_id AND c.choice_index = a.choice_index
 )
-SELECT k.prompt_hash, k.side > 0, i.messages::text, c.text, k.response_id || ':' || k.choice_index
-FROM ranked k
-JOIN interactions i ON i.response_id = k.response_id
-JOIN interaction_choices c ON c.response_id = k.response_id AND c.choice_index = k.choice_index
-WHERE k.rank <= %(cap)s AND k.side <> 0 AND k.both_sides
-ORDER BY k.prompt_hash, k.side DESC, k.rank
+"""
+)
+
+# What pairs from ratings are formed from, narrow (texts are looked up for the pairs kept).
+_PAIR_CANDIDATES = (
+    _RANKED
+    + """
+SELECT prompt_hash, side > 0, response_id || ':' || choice_index
+FROM ranked
+WHERE rank <= %(cap)s AND side <> 0 AND both_sides
+ORDER BY prompt_hash, side DESC, rank
+"""
+)
+
+# Every labeled answer by prompt, and what its prompt's pairs are formed from.
+_RATED_BY_PROMPT = (
+    _RANKED
+    + """
+SELECT prompt_hash, response_id, choice_index, ups, downs, policy_version,
+       rank <= %(cap)s AND both_sides
+FROM ranked
+WHERE side <> 0
+ORDER BY prompt_hash, side DESC, rank
 """
 )
 
@@ -334,6 +364,27 @@ ORDER BY k.prompt_hash, k.side DESC, k.rank
 # estimated through the aggregates are unreliable, and a nested loop over a million rows
 # is the one plan that must not happen); JIT compilation costs more than it saves here.
 _SCAN_SETTINGS = {"work_mem": "64MB", "enable_nestloop": "off", "jit": "off"}
+# Lookups by key (up to FETCH_ROWS keys): index lookups are the plan, also while a scan's
+# stream is open on the same connection.
+_LOOKUP_SETTINGS = {"enable_nestloop": "on"}
+
+
+def _texts(
+    conn: psycopg.Connection, refs: Sequence[tuple[str, int]]
+) -> dict[tuple[str, int], tuple[str, str]]:
+    """(conversation JSON, answer text) of each (response id, choice index) that exists."""
+    found: dict[tuple[str, int], tuple[str, str]] = {}
+    with _local_settings(conn, _LOOKUP_SETTINGS):
+        for start in range(0, len(refs), FETCH_ROWS):
+            chunk = refs[start : start + FETCH_ROWS]
+            params = {
+                "response_ids": [rid for rid, _ in chunk],
+                "choice_indexes": [idx for _, idx in chunk],
+            }
+            for n, raw, text in conn.execute(_TEXTS_BY_REF, params):
+                found[chunk[n - 1]] = (raw, text)
+    return found
+
 
 _EXPLICIT = """
 SELECT p.messages, p.chosen, p.rejected, p.chosen_response_id, p.rejected_response_id,
@@ -379,34 +430,29 @@ def label_refs(conn: psycopg.Connection, watermark: Watermark) -> Iterator[Label
 
 
 def labels_for(conn: psycopg.Connection, refs: Sequence[LabelRef]) -> list[PointwiseLabel]:
-    """The :class:`PointwiseLabel` of each ref, in the same order, texts looked up by key
-    (:data:`FETCH_ROWS` per query). Call it in the snapshot the refs came from: a ref whose
-    answer is gone (erased since) is left out."""
+    """The :class:`PointwiseLabel` of each ref, in the same order, texts looked up by key.
+    Call it in the snapshot the refs came from: a ref whose answer is gone (erased since)
+    is left out."""
     conversations = _Conversations()
-    labels: list[PointwiseLabel] = []
-    for start in range(0, len(refs), FETCH_ROWS):
-        chunk = refs[start : start + FETCH_ROWS]
-        params = {
-            "response_ids": [r.response_id for r in chunk],
-            "choice_indexes": [r.choice_index for r in chunk],
-        }
-        texts = {n: (raw, text) for n, raw, text in conn.execute(_TEXTS_BY_REF, params)}
-        for n, ref in enumerate(chunk, 1):
-            if n in texts:
-                raw, text = texts[n]
-                labels.append(
-                    PointwiseLabel(
-                        conversations(raw),
-                        text,
-                        ref.label,
-                        ref.ups,
-                        ref.downs,
-                        ref.prompt_hash,
-                        ref.response_id,
-                        ref.choice_index,
-                        ref.policy_version,
-                    )
+    texts = _texts(conn, [(r.response_id, r.choice_index) for r in refs])
+    labels = []
+    for r in refs:
+        found = texts.get((r.response_id, r.choice_index))
+        if found is not None:
+            messages, text = conversations(found[0]), found[1]
+            labels.append(
+                PointwiseLabel(
+                    messages,
+                    text,
+                    r.label,
+                    r.ups,
+                    r.downs,
+                    r.prompt_hash,
+                    r.response_id,
+                    r.choice_index,
+                    r.policy_version,
                 )
+            )
     return labels
 
 
@@ -433,7 +479,12 @@ def rating_pair_indices(n_up: int, n_down: int, cap: int) -> list[tuple[int, int
     return [(t % a, (t + t // period) % b) for t in range(total)]
 
 
-def _explicit_pairs(conn: psycopg.Connection, watermark: Watermark) -> Iterator[PreferencePair]:
+def explicit_pairs(conn: psycopg.Connection, watermark: Watermark) -> Iterator[PreferencePair]:
+    """Explicit preferences, in arrival order; streamed.
+
+    One naming response ids uses choice 0 of each and is skipped while either interaction
+    is unknown (it joins a later round) or when the two answered different prompts (no
+    common prompt to train on). One with texts is used as given."""
     for row in _stream(conn, _EXPLICIT, asdict(watermark)):
         messages, chosen, rejected, chosen_id, rejected_id = row[:5]
         ref_messages, chosen_hash, rejected_hash, chosen_text, rejected_text = row[5:]
@@ -453,24 +504,101 @@ def _explicit_pairs(conn: psycopg.Connection, watermark: Watermark) -> Iterator[
             )
 
 
-def _rating_pairs(
-    conn: psycopg.Connection, watermark: Watermark, cap: int, seed: int
-) -> Iterator[PreferencePair]:
-    params = {**asdict(watermark), "cap": cap, "salt": f"{seed}:"}
-    rows = _stream(conn, _PAIR_ANSWERS, params, _SCAN_SETTINGS)
+class PairRef(NamedTuple):
+    """A pair of an up-rated and a down-rated answer to one prompt, without the texts
+    (:func:`rating_pair_refs`); :func:`pairs_for` reads the texts of the ones kept."""
+
+    prompt_hash: str
+    chosen_ref: str
+    """``response_id:choice_index`` of the up-rated answer."""
+    rejected_ref: str
+
+
+def rating_pair_refs(
+    conn: psycopg.Connection,
+    watermark: Watermark,
+    *,
+    max_pairs_per_prompt: int = DEFAULT_MAX_PAIRS_PER_PROMPT,
+    seed: int = 0,
+) -> Iterator[PairRef]:
+    """The pairs formed from ratings (see :func:`preference_pairs`), without texts, by
+    prompt hash; streamed."""
+    if max_pairs_per_prompt < 0:
+        raise ValueError(f"max_pairs_per_prompt must be >= 0, not {max_pairs_per_prompt}")
+    if max_pairs_per_prompt == 0:
+        return
+    params = {**asdict(watermark), "cap": max_pairs_per_prompt, "salt": f"{seed}:"}
+    rows = _stream(conn, _PAIR_CANDIDATES, params, _SCAN_SETTINGS)
     for phash, group in itertools.groupby(rows, key=lambda row: row[0]):
-        ups: list[tuple[str, str]] = []
-        downs: list[tuple[str, str]] = []
-        conversation = ""
-        for _, up, raw, text, ref in group:  # at most cap of each side
-            (ups if up else downs).append((text, ref))
-            conversation = raw
-        messages = json.loads(conversation)  # one conversation per prompt hash
-        for i, j in rating_pair_indices(len(ups), len(downs), cap):
-            (chosen, chosen_ref), (rejected, rejected_ref) = ups[i], downs[j]
-            yield PreferencePair(
-                messages, chosen, rejected, "ratings", phash, chosen_ref, rejected_ref
+        ups: list[str] = []
+        downs: list[str] = []
+        for _, up, ref in group:  # at most the cap of each side
+            (ups if up else downs).append(ref)
+        for i, j in rating_pair_indices(len(ups), len(downs), max_pairs_per_prompt):
+            yield PairRef(phash, ups[i], downs[j])
+
+
+def rated_refs(
+    conn: psycopg.Connection,
+    watermark: Watermark,
+    *,
+    max_pairs_per_prompt: int = DEFAULT_MAX_PAIRS_PER_PROMPT,
+    seed: int = 0,
+) -> Iterator[LabelRef | PairRef]:
+    """:func:`label_refs` and :func:`rating_pair_refs` in one pass over the ratings (what a
+    reward round reads): per prompt hash, its labels, then its pairs."""
+    if max_pairs_per_prompt < 0:
+        raise ValueError(f"max_pairs_per_prompt must be >= 0, not {max_pairs_per_prompt}")
+    params = {**asdict(watermark), "cap": max_pairs_per_prompt, "salt": f"{seed}:"}
+    rows = _stream(conn, _RATED_BY_PROMPT, params, _SCAN_SETTINGS)
+    for phash, group in itertools.groupby(rows, key=lambda row: row[0]):
+        ups: list[str] = []
+        downs: list[str] = []
+        for _, rid, idx, n_up, n_down, policy, paired in group:
+            label: Literal["up", "down"] = "up" if n_up > n_down else "down"
+            yield LabelRef(phash, rid, idx, label, n_up, n_down, policy)
+            if paired:  # at most the cap of each side
+                (ups if label == "up" else downs).append(f"{rid}:{idx}")
+        for i, j in rating_pair_indices(len(ups), len(downs), max_pairs_per_prompt):
+            yield PairRef(phash, ups[i], downs[j])
+
+
+def _split_ref(ref: str) -> tuple[str, int]:
+    response_id, _, index = ref.rpartition(":")
+    return response_id, int(index)
+
+
+def pairs_for(
+    conn: psycopg.Connection, pairs: Sequence[PairRef | PreferencePair]
+) -> list[PreferencePair]:
+    """:class:`PreferencePair` for each item, in the same order: refs get their texts
+    (looked up by key), pairs pass through. Call it in the snapshot the refs came from: a
+    ref whose answers are gone (erased since) is left out."""
+    refs = {_split_ref(r) for p in pairs if isinstance(p, PairRef) for r in p[1:]}
+    texts = _texts(conn, sorted(refs))
+    conversations = _Conversations()
+    out = []
+    for p in pairs:
+        if isinstance(p, PreferencePair):
+            out.append(p)
+            continue
+        chosen, rejected = (
+            texts.get(_split_ref(p.chosen_ref)),
+            texts.get(_split_ref(p.rejected_ref)),
+        )
+        if chosen is not None and rejected is not None:
+            out.append(
+                PreferencePair(
+                    conversations(chosen[0]),
+                    chosen[1],
+                    rejected[1],
+                    "ratings",
+                    p.prompt_hash,
+                    p.chosen_ref,
+                    p.rejected_ref,
+                )
             )
+    return out
 
 
 def preference_pairs(
@@ -480,12 +608,8 @@ def preference_pairs(
     max_pairs_per_prompt: int = DEFAULT_MAX_PAIRS_PER_PROMPT,
     seed: int = 0,
 ) -> Iterator[PreferencePair]:
-    """Explicit preferences (in arrival order), then pairs of (up-rated, down-rated)
+    """Explicit preferences (:func:`explicit_pairs`), then pairs of (up-rated, down-rated)
     answers to one prompt (by prompt hash); streamed.
-
-    An explicit preference naming response ids uses choice 0 of each and is skipped while
-    either interaction is unknown (it joins a later round) or when the two answered
-    different prompts (no common prompt to train on). One with texts is used as given.
 
     **Pairs from ratings are a stratified sample**: each prompt contributes at most
     ``max_pairs_per_prompt`` of them, however popular it is (all ups against all downs
@@ -498,14 +622,13 @@ def preference_pairs(
     data and seed give the same pairs in the same order; another seed, other pairs where a
     prompt has more combinations than the cap. An answer's pairs change when new answers
     to its prompt outrank it, never otherwise. The work is one pass over the ratings (plus
-    Postgres's sorts) and the client holds at most ``2 * max_pairs_per_prompt`` answers
-    at a time. ``0`` forms no pairs from ratings.
+    Postgres's sorts) and lookups of the kept answers' texts, :data:`FETCH_ROWS` at a
+    time; memory holds one such batch. ``0`` forms no pairs from ratings.
     """
-    if max_pairs_per_prompt < 0:
-        raise ValueError(f"max_pairs_per_prompt must be >= 0, not {max_pairs_per_prompt}")
-    yield from _explicit_pairs(conn, watermark)
-    if max_pairs_per_prompt > 0:
-        yield from _rating_pairs(conn, watermark, max_pairs_per_prompt, seed)
+    refs = rating_pair_refs(conn, watermark, max_pairs_per_prompt=max_pairs_per_prompt, seed=seed)
+    yield from explicit_pairs(conn, watermark)
+    while batch := list(itertools.islice(refs, FETCH_ROWS // 2)):
+        yield from pairs_for(conn, batch)
 
 
 def is_heldout(prompt_hash: str, heldout_fraction: float) -> bool:

@@ -35,7 +35,7 @@ import shutil
 import time
 from array import array
 from collections import Counter as Tally
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
@@ -110,14 +110,20 @@ class RewardData:
     """Thumbs labels the snapshot holds (before the caps)."""
 
 
-def _pair_prompt_hash(pair: PreferencePair) -> str:
+def _pair_prompt_hash(pair: PreferencePair | datasets.PairRef) -> str:
     """Explicit preferences given as texts carry no hash; derive the ingestor's own."""
     if pair.prompt_hash:
         return pair.prompt_hash
+    assert isinstance(pair, PreferencePair)
     return prompt_hash([LoggedMessage(**m) for m in pair.messages])
 
 
-def _pair_key(pair: PreferencePair) -> str:
+def _pair_key(pair: PreferencePair | datasets.PairRef) -> str:
+    """Identity of a pair across rounds: the answers it compares (whether an explicit
+    preference or two ratings put them in this order), or its texts when it names none."""
+    if pair.chosen_ref and pair.rejected_ref:
+        return f"{pair.chosen_ref}>{pair.rejected_ref}"
+    assert isinstance(pair, PreferencePair)
     return json.dumps([pair.messages, pair.chosen, pair.rejected], sort_keys=True)
 
 
@@ -125,13 +131,23 @@ def _label_key(label: PointwiseLabel | datasets.LabelRef) -> str:
     return f"{label.response_id}:{label.choice_index}:{label.label}"
 
 
+def _reward_stream(
+    conn: psycopg.Connection, watermark: Watermark, config: RewardConfig
+) -> Iterator[PreferencePair | datasets.PairRef | datasets.LabelRef]:
+    """Explicit preferences, then per prompt its thumbs labels and its pairs from ratings,
+    as refs (no texts yet): one pass over the ratings."""
+    yield from datasets.explicit_pairs(conn, watermark)
+    yield from datasets.rated_refs(
+        conn, watermark, max_pairs_per_prompt=config.max_pairs_per_prompt, seed=config.seed
+    )
+
+
 class _KeyDigests:
     """Which example keys a parent round's data held, as sorted 64-bit digests: 8 bytes per
     example (a million: 8 MB) instead of the examples. A digest collision (odds about
     n^2 / 2^65) would count one new example as old."""
 
-    def __init__(self, keys: Iterable[str]) -> None:
-        digests = array("Q", (datasets.stable_hash(0, key) for key in keys))
+    def __init__(self, digests: array) -> None:
         self._sorted = np.sort(np.frombuffer(digests, dtype=np.uint64)) if digests else None
 
     def contains(self, keys: Sequence[str]) -> list[bool]:
@@ -140,6 +156,19 @@ class _KeyDigests:
         wanted = np.fromiter((datasets.stable_hash(0, k) for k in keys), np.uint64, len(keys))
         at = np.minimum(np.searchsorted(self._sorted, wanted), len(self._sorted) - 1)
         return (self._sorted[at] == wanted).tolist()
+
+
+def _parent_digests(
+    conn: psycopg.Connection, parent: Watermark, config: RewardConfig
+) -> tuple[_KeyDigests, _KeyDigests]:
+    """The keys of the pairs and of the labels there were at the parent's watermark."""
+    pairs, labels = array("Q"), array("Q")
+    for x in _reward_stream(conn, parent, config):
+        if isinstance(x, datasets.LabelRef):
+            labels.append(datasets.stable_hash(0, _label_key(x)))
+        else:
+            pairs.append(datasets.stable_hash(0, _pair_key(x)))
+    return _KeyDigests(pairs), _KeyDigests(labels)
 
 
 _CHUNK = 4096
@@ -154,38 +183,47 @@ class _Split(Generic[T]):
     read: int
 
 
-def _split_and_sample(
-    items: Iterable[T],
-    prompt_hash_of: Callable[[T], str],
-    key_of: Callable[[T], str],
-    old: _KeyDigests | None,
-    config: RewardConfig,
-) -> _Split[T]:
-    """One pass over a stream of examples: held out or training by prompt hash, training
-    ones new or old (present at the parent's watermark, when ``old`` is given), each kept in
-    a bounded seeded sample (:class:`feedback.datasets.HashSample`): at most
+class _Sampler(Generic[T]):
+    """Examples of one kind, offered in chunks: held out or training by prompt hash,
+    training ones new or old (present at the parent's watermark, when ``old`` is given),
+    each kept in a bounded seeded sample (:class:`feedback.datasets.HashSample`): at most
     ``max_heldout_examples`` held out, ``max_train_examples`` new, and a replay of
     ``replay_ratio`` old ones per new one kept. Memory: the samples, not the stream."""
-    heldout: HashSample[T] = HashSample(config.max_heldout_examples, config.seed)
-    new: HashSample[T] = HashSample(config.max_train_examples, config.seed)
-    replay_room = math.ceil(config.replay_ratio * config.max_train_examples)
-    replay: HashSample[T] = HashSample(replay_room if old is not None else 0, config.seed)
-    it = iter(items)
-    while chunk := list(itertools.islice(it, _CHUNK)):
-        keys = [key_of(x) for x in chunk]
-        seen = old.contains(keys) if old is not None else [False] * len(chunk)
+
+    def __init__(
+        self,
+        prompt_hash_of: Callable[[T], str],
+        key_of: Callable[[T], str],
+        old: _KeyDigests | None,
+        config: RewardConfig,
+    ) -> None:
+        self._prompt_hash_of, self._key_of, self._old = prompt_hash_of, key_of, old
+        self._config = config
+        self._heldout: HashSample[T] = HashSample(config.max_heldout_examples, config.seed)
+        self._new: HashSample[T] = HashSample(config.max_train_examples, config.seed)
+        room = math.ceil(config.replay_ratio * config.max_train_examples)
+        room = room if old is not None else 0
+        self._replay: HashSample[T] = HashSample(room, config.seed)
+
+    def add(self, chunk: Sequence[T]) -> None:
+        keys = [self._key_of(x) for x in chunk]
+        seen = self._old.contains(keys) if self._old is not None else [False] * len(chunk)
+        fraction = self._config.heldout_fraction
         for item, key, was_there in zip(chunk, keys, seen, strict=True):
-            if datasets.is_heldout(prompt_hash_of(item), config.heldout_fraction):
-                heldout.add(item, key)
+            if datasets.is_heldout(self._prompt_hash_of(item), fraction):
+                self._heldout.add(item, key)
             elif was_there:
-                replay.add(item, key)
+                self._replay.add(item, key)
             else:
-                new.add(item, key)
-    new_items = new.items()
-    n_replay = min(replay.seen, round(config.replay_ratio * len(new_items)))  # 0 from scratch
-    train = new_items + replay.items(limit=n_replay)
-    read = heldout.seen + new.seen + replay.seen
-    return _Split(train, heldout.items(), len(new_items), n_replay, read)
+                self._new.add(item, key)
+
+    def result(self) -> _Split[T]:
+        new = self._new.items()
+        replay = self._replay
+        n_replay = min(replay.seen, round(self._config.replay_ratio * len(new)))  # 0: scratch
+        read = self._heldout.seen + self._new.seen + replay.seen
+        train = new + replay.items(limit=n_replay)
+        return _Split(train, self._heldout.items(), len(new), n_replay, read)
 
 
 def load_data(
@@ -197,54 +235,49 @@ def load_data(
 ) -> RewardData:
     """Read pairs and labels as of ``watermark`` (default: now), split and sample them.
 
-    Pairs from ratings are capped per prompt (``max_pairs_per_prompt``, seeded by
-    ``seed``). Each kind (pairs, labels) is streamed once and kept as a seeded sample of at
-    most ``max_train_examples`` training and ``max_heldout_examples`` held-out examples, so
-    memory stays bounded however much feedback there is; below the caps everything is kept.
-    With ``parent_watermark`` (a warm start) the training set is the examples that were not
-    there at the parent's watermark plus ``replay_ratio`` times as many older ones (the
-    parent's examples are remembered as 8-byte digests while the current ones stream by).
+    One pass over the ratings (:func:`feedback.datasets.rated_refs`) gives every thumbs
+    label and the pairs formed from ratings (capped per prompt: ``max_pairs_per_prompt``,
+    seeded by ``seed``) as refs; each kind is kept as a seeded sample of at most
+    ``max_train_examples`` training and ``max_heldout_examples`` held-out examples, and
+    only the sample's texts are read, so memory stays bounded however much feedback there
+    is; below the caps everything is kept. With ``parent_watermark`` (a warm start) the
+    training set is the examples that were not there at the parent's watermark plus
+    ``replay_ratio`` times as many older ones (a second pass, as of the parent's watermark,
+    remembers those as 8-byte digests).
     """
-    pair_options = {"max_pairs_per_prompt": config.max_pairs_per_prompt, "seed": config.seed}
     label_kinds: Tally[str] = Tally()
-
-    def counted(refs: Iterable[datasets.LabelRef]) -> Iterator[datasets.LabelRef]:
-        for ref in refs:
-            label_kinds[ref.label] += 1
-            yield ref
-
     with datasets.snapshot(conn) as now:
         mark = watermark or now
         old_pairs = old_labels = None
         if parent_watermark is not None:
-            old_pairs = _KeyDigests(
-                _pair_key(p)
-                for p in datasets.preference_pairs(conn, parent_watermark, **pair_options)
-            )
-            old_labels = _KeyDigests(
-                _label_key(x) for x in datasets.label_refs(conn, parent_watermark)
-            )
-        pairs = _split_and_sample(
-            datasets.preference_pairs(conn, mark, **pair_options),
-            _pair_prompt_hash,
-            _pair_key,
-            old_pairs,
-            config,
+            old_pairs, old_labels = _parent_digests(conn, parent_watermark, config)
+        pair_sampler: _Sampler[PreferencePair | datasets.PairRef] = _Sampler(
+            _pair_prompt_hash, _pair_key, old_pairs, config
         )
-        # Labels are chosen on their refs; only the chosen ones' texts are read.
-        refs = _split_and_sample(
-            counted(datasets.label_refs(conn, mark)),
-            lambda x: x.prompt_hash,
-            _label_key,
-            old_labels,
-            config,
+        label_sampler: _Sampler[datasets.LabelRef] = _Sampler(
+            lambda x: x.prompt_hash, _label_key, old_labels, config
+        )
+        stream = _reward_stream(conn, mark, config)
+        while chunk := list(itertools.islice(stream, _CHUNK)):
+            refs = [x for x in chunk if isinstance(x, datasets.LabelRef)]
+            label_kinds.update(x.label for x in refs)
+            label_sampler.add(refs)
+            pair_sampler.add([x for x in chunk if not isinstance(x, datasets.LabelRef)])
+        pair_refs, label_refs = pair_sampler.result(), label_sampler.result()
+        # Only the sample's texts are read.
+        pairs = _Split(
+            datasets.pairs_for(conn, pair_refs.train),
+            datasets.pairs_for(conn, pair_refs.heldout),
+            pair_refs.new,
+            pair_refs.replayed,
+            pair_refs.read,
         )
         labels = _Split(
-            datasets.labels_for(conn, refs.train),
-            datasets.labels_for(conn, refs.heldout),
-            refs.new,
-            refs.replayed,
-            refs.read,
+            datasets.labels_for(conn, label_refs.train),
+            datasets.labels_for(conn, label_refs.heldout),
+            label_refs.new,
+            label_refs.replayed,
+            label_refs.read,
         )
 
     warnings = []

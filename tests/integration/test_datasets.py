@@ -271,3 +271,17 @@ def test_streams_work_outside_a_transaction_and_can_be_abandoned(
         before = conn.execute("SHOW work_mem").fetchone()
         assert sum(1 for _ in datasets.pointwise_labels(conn, wm)) == len(popular)
         assert conn.execute("SHOW work_mem").fetchone() == before
+
+
+def test_one_pass_gives_the_same_labels_and_pairs_as_the_separate_streams(
+    conn: psycopg.Connection, popular: dict[str, str]
+) -> None:
+    with datasets.snapshot(conn) as wm:
+        both = list(datasets.rated_refs(conn, wm, max_pairs_per_prompt=7, seed=5))
+        labels = list(datasets.label_refs(conn, wm))
+        pairs = list(datasets.rating_pair_refs(conn, wm, max_pairs_per_prompt=7, seed=5))
+        full = list(datasets.preference_pairs(conn, wm, max_pairs_per_prompt=7, seed=5))
+        assert datasets.pairs_for(conn, pairs) == full  # the texts of exactly those pairs
+    assert sorted(x for x in both if isinstance(x, datasets.LabelRef)) == sorted(labels)
+    assert [x for x in both if isinstance(x, datasets.PairRef)] == pairs
+    assert len(labels) == len(popular) and len(pairs) == 7 + 7 + 2
