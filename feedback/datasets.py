@@ -13,8 +13,10 @@ Data grows with traffic, so every builder streams its rows from a server-side cu
 (:data:`FETCH_ROWS` at a time: the client's memory does not grow with the tables) and does
 work linear in the number of ratings (plus the sorts Postgres does): pairs formed from
 ratings are a capped, stratified sample per prompt (:func:`preference_pairs`), never all
-up-rated answers against all down-rated ones. Callers that need lists keep a reproducible
-bounded sample of a stream with :class:`HashSample`.
+up-rated answers against all down-rated ones. Callers that keep a subset choose it on
+narrow refs (:func:`label_refs`, :func:`rating_pair_refs`, or both in one pass:
+:func:`rated_refs`), as a reproducible bounded sample (:class:`HashSample`), and read the
+texts of the chosen only (:func:`labels_for`, :func:`pairs_for`).
 """
 
 from __future__ import annotations
