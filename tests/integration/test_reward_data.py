@@ -150,3 +150,16 @@ def test_warm_start_within_the_caps_keeps_new_feedback_first(conn: psycopg.Conne
     assert len(warm.train_pairs) == 15
     assert warm.new_examples == 20 and warm.replayed_examples == 10
     assert load_data(conn, config, parent_watermark=before) == warm
+
+
+def test_ppo_ptx_text_is_the_up_rated_answers(conn: psycopg.Connection) -> None:
+    from trainer.ppo_round import PTX_MAX_EXAMPLES, ptx_labels
+
+    store_events(conn, _events(40, seed=4))
+    with datasets.snapshot(conn) as wm:
+        labels = ptx_labels(conn, wm)
+        assert ptx_labels(conn, wm) == labels  # the same sample for the same watermark
+        every = list(datasets.pointwise_labels(conn, wm))
+    assert {x.label for x in labels} == {"up"}
+    assert len(labels) <= PTX_MAX_EXAMPLES
+    assert sorted(_label_keys(labels)) == sorted(_label_keys([x for x in every if x.label == "up"]))
