@@ -174,12 +174,25 @@ class RewardConfig:
 
     # --- the version gate ------------------------------------------------------------------
     min_pairwise_accuracy: float = field(
-        default=0.65,
-        metadata={"help": "Held-out pairwise accuracy a new version must reach (if any pairs)."},
+        default=0.55,
+        metadata={
+            "help": "A new version is rejected when its held-out pairwise accuracy is shown "
+            "below this (its upper confidence bound is). Live labels are noisy (two users "
+            "disagree on one answer), so even a perfect model stays well below 1."
+        },
     )
     min_auc: float = field(
-        default=0.6,
-        metadata={"help": "Held-out thumbs AUC a new version must reach (if both labels occur)."},
+        default=0.55,
+        metadata={"help": "Likewise for the held-out thumbs AUC (when both labels occur)."},
+    )
+    gate_confidence: float = field(
+        default=0.95,
+        metadata={
+            "help": "Level of the one-sided confidence bounds of the held-out metrics (Wilson "
+            "for the pairwise accuracy, Hanley-McNeil for the AUC). A new version must be "
+            "shown better than chance (some metric's lower bound > 0.5) and not shown below "
+            "a bar: evidence, not a lucky few pairs."
+        },
     )
     regression_tolerance: float = field(
         default=0.02,

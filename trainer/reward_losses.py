@@ -9,9 +9,14 @@
 
 An empty batch contributes 0 (with a gradient path), so a round with no pairs or no labels
 needs no special casing in the loop.
+
+The held-out metrics (pairwise accuracy, thumbs AUC) and their one-sided lower confidence
+bounds, which the version gate compares with its bars, live here too.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -66,3 +71,42 @@ def auc(scores: torch.Tensor, labels: torch.Tensor) -> float | None:
         return None
     diff = positive[:, None] - negative[None, :]
     return float(((diff > 0).float() + 0.5 * (diff == 0).float()).mean())
+
+
+def _z(confidence: float) -> float:
+    from statistics import NormalDist
+
+    return NormalDist().inv_cdf(confidence)
+
+
+def accuracy_bounds(accuracy: float, n: int, confidence: float) -> tuple[float, float]:
+    """One-sided Wilson confidence bounds (lower, upper), each at ``confidence``, of a share
+    ``accuracy`` over ``n`` trials. With noisy labels a reward model's held-out accuracy tops
+    out well below 1, so "better than chance" is a question of evidence, not of a fixed bar.
+    (0, 1) for ``n = 0``."""
+    if n <= 0:
+        return 0.0, 1.0
+    z = _z(confidence)
+    centre = accuracy + z * z / (2 * n)
+    spread = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n))
+    scale = 1 + z * z / n
+    return (centre - spread) / scale, (centre + spread) / scale
+
+
+def auc_bounds(
+    value: float, n_positive: int, n_negative: int, confidence: float
+) -> tuple[float, float]:
+    """One-sided confidence bounds (lower, upper) of a ROC AUC from ``n_positive`` and
+    ``n_negative`` examples, with the Hanley & McNeil (1982) standard error. (0, 1) when a
+    class is empty."""
+    if n_positive <= 0 or n_negative <= 0:
+        return 0.0, 1.0
+    q1 = value / (2 - value)
+    q2 = 2 * value * value / (1 + value)
+    variance = (
+        value * (1 - value)
+        + (n_positive - 1) * (q1 - value * value)
+        + (n_negative - 1) * (q2 - value * value)
+    ) / (n_positive * n_negative)
+    radius = _z(confidence) * math.sqrt(max(variance, 0.0))
+    return value - radius, value + radius

@@ -53,7 +53,13 @@ from schemas.events import LoggedMessage
 from trainer import reward_registry as registry
 from trainer.progress import progress_bar
 from trainer.reward_config import RewardConfig
-from trainer.reward_losses import auc, pairwise_accuracy, reward_loss
+from trainer.reward_losses import (
+    accuracy_bounds,
+    auc,
+    auc_bounds,
+    pairwise_accuracy,
+    reward_loss,
+)
 from trainer.reward_model import (
     RewardModel,
     attach_reward_model,
@@ -377,6 +383,7 @@ def evaluate(
         "n_pairs": len(pairs),
         "auc": None if thumbs_auc is None else round(thumbs_auc, 4),
         "n_labels": len(labels),
+        "n_up": int(y.sum()),
         "reward": {
             "up": _stats(r_labeled[y == 1]),
             "down": _stats(r_labeled[y == 0]),
@@ -392,17 +399,33 @@ def gate(
     config: RewardConfig,
     parent_version: str | None = None,
 ) -> tuple[bool, str]:
-    """Accept or reject a candidate; the reason is recorded either way."""
-    accuracy, thumbs_auc = metrics.get("pairwise_accuracy"), metrics.get("auc")
-    if accuracy is None and thumbs_auc is None:
+    """Accept or reject a candidate; the reason is recorded either way.
+
+    Live labels are noisy and a round's held-out sample can be small, so each held-out
+    metric is judged with its confidence bounds (:func:`_bounds`): the version is accepted
+    when at least one metric is shown better than chance (lower bound > 0.5), no metric is
+    shown below its bar (upper bound < bar), and it does not trail the current version on
+    the same held-out data by more than the tolerance."""
+    bounds = _bounds(metrics, config.gate_confidence)
+    if not bounds:
         return False, "no held-out pairs and no two-sided thumbs: nothing to evaluate on"
     problems = []
-    if accuracy is not None and accuracy < config.min_pairwise_accuracy:
+    bars = {"pairwise_accuracy": config.min_pairwise_accuracy, "auc": config.min_auc}
+    for name, (_, upper) in bounds.items():
+        if upper < bars[name]:
+            problems.append(
+                f"held-out {_LABEL[name]} {metrics[name]:.4f} < bar {bars[name]} "
+                f"(upper bound {upper:.4f})"
+            )
+    if not problems and all(lower <= 0.5 for lower, _ in bounds.values()):
         problems.append(
-            f"held-out pairwise accuracy {accuracy:.4f} < bar {config.min_pairwise_accuracy}"
+            "not shown better than chance: "
+            + ", ".join(
+                f"{_LABEL[name]} {metrics[name]:.4f} on {_sample(metrics, name)} "
+                f"({config.gate_confidence:.0%} lower bound {lower:.4f} <= 0.5)"
+                for name, (lower, _) in bounds.items()
+            )
         )
-    if thumbs_auc is not None and thumbs_auc < config.min_auc:
-        problems.append(f"held-out thumbs AUC {thumbs_auc:.4f} < bar {config.min_auc}")
     if parent_metrics is not None:
         for name in ("pairwise_accuracy", "auc"):
             new, old = metrics.get(name), parent_metrics.get(name)
@@ -414,12 +437,41 @@ def gate(
     if problems:
         return False, "; ".join(problems)
     summary = ", ".join(
-        f"{name} {metrics[name]:.4f}"
-        for name in ("pairwise_accuracy", "auc")
-        if metrics.get(name) is not None
+        f"{name} {metrics[name]:.4f} on {_sample(metrics, name)} (lower bound {lower:.4f})"
+        for name, (lower, _) in bounds.items()
     )
     against = f" (current was {parent_version})" if parent_version else ""
     return True, f"passed the gate: {summary}{against}"
+
+
+_LABEL = {"pairwise_accuracy": "pairwise accuracy", "auc": "thumbs AUC"}
+
+
+def _sample(metrics: dict[str, Any], name: str) -> str:
+    if name == "pairwise_accuracy":
+        return f"{metrics.get('n_pairs', '?')} pairs"
+    return f"{metrics.get('n_labels', '?')} labels"
+
+
+def _bounds(metrics: dict[str, Any], confidence: float) -> dict[str, tuple[float, float]]:
+    """(lower, upper) confidence bounds of each held-out metric that was measured. Metrics
+    recorded without their sample sizes (older versions) count as exact."""
+    bounds = {}
+    accuracy, thumbs_auc = metrics.get("pairwise_accuracy"), metrics.get("auc")
+    if accuracy is not None:
+        bounds["pairwise_accuracy"] = (
+            accuracy_bounds(accuracy, metrics["n_pairs"], confidence)
+            if "n_pairs" in metrics
+            else (accuracy, accuracy)
+        )
+    if thumbs_auc is not None:
+        n_up = metrics.get("n_up")
+        bounds["auc"] = (
+            auc_bounds(thumbs_auc, n_up, metrics["n_labels"] - n_up, confidence)
+            if n_up is not None
+            else (thumbs_auc, thumbs_auc)
+        )
+    return bounds
 
 
 # --- checkpoints -------------------------------------------------------------------------

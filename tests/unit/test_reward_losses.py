@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from trainer.reward_losses import (
+    accuracy_bounds,
     auc,
+    auc_bounds,
     bradley_terry_loss,
     pairwise_accuracy,
     pointwise_logistic_loss,
@@ -96,3 +98,25 @@ def test_auc_by_hand() -> None:
     labels = torch.tensor([1, 0, 1, 0])
     assert auc(scores, labels) == pytest.approx(0.875)
     assert auc(scores, torch.ones(4, dtype=torch.long)) is None
+
+
+def test_accuracy_bounds_are_the_one_sided_wilson_bounds() -> None:
+    from scipy.stats import binomtest
+
+    # The one-sided 95 % bound is the lower end of the two-sided 90 % Wilson interval.
+    expected = binomtest(60, 100).proportion_ci(confidence_level=0.90, method="wilson")
+    lower, upper = accuracy_bounds(0.6, 100, 0.95)
+    assert (lower, upper) == pytest.approx((expected.low, expected.high), abs=1e-12)
+    assert lower == pytest.approx(0.51781, abs=1e-5)
+    assert accuracy_bounds(0.6, 10_000, 0.95)[0] > 0.59  # more pairs, tighter
+    assert accuracy_bounds(0.9, 0, 0.95) == (0.0, 1.0)
+
+
+def test_auc_bounds_use_hanley_mcneil() -> None:
+    # AUC 0.8 on 10 positives, 20 negatives: Q1 = 0.8/1.2, Q2 = 2·0.64/1.8,
+    # var = (0.16 + 9(Q1 − 0.64) + 19(Q2 − 0.64)) / 200 = 0.0087556, se = 0.093571,
+    # lower = 0.8 − 1.644854 · 0.093571.
+    lower, upper = auc_bounds(0.8, 10, 20, 0.95)
+    assert lower == pytest.approx(0.646089, abs=1e-6)
+    assert upper == pytest.approx(0.953911, abs=1e-6)
+    assert auc_bounds(0.8, 0, 20, 0.95) == (0.0, 1.0)

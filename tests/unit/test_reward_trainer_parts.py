@@ -121,3 +121,24 @@ def test_fingerprint_ignores_where_and_how_but_not_what() -> None:
     a = RewardConfig(steps=10)
     assert a.fingerprint() == RewardConfig(steps=10, progress=False, metrics_port=9).fingerprint()
     assert a.fingerprint() != RewardConfig(steps=11).fingerprint()
+
+
+def test_gate_needs_evidence_beyond_chance_not_only_the_bar() -> None:
+    lucky = {"pairwise_accuracy": 0.75, "n_pairs": 8, "auc": None, "n_labels": 0, "n_up": 0}
+    accepted, reason = gate(lucky, None, CONFIG)
+    assert not accepted and "not shown better than chance" in reason
+    assert "pairwise accuracy 0.7500 on 8 pairs" in reason
+    # Noisy live labels: 0.6 is far from perfect but, on 2,000 pairs, surely not chance.
+    noisy = {**lucky, "pairwise_accuracy": 0.6, "n_pairs": 2_000}
+    accepted, reason = gate(noisy, None, RewardConfig())
+    assert accepted and "lower bound 0.58" in reason, reason
+
+
+def test_gate_judges_a_small_sample_by_its_bounds_not_its_point_value() -> None:
+    # 2 of 6 held-out pairs right says little; 400 thumbs with AUC 0.7 say a lot.
+    few_pairs = {"pairwise_accuracy": 1 / 3, "n_pairs": 6, "auc": 0.7, "n_labels": 400, "n_up": 200}
+    accepted, reason = gate(few_pairs, None, RewardConfig())
+    assert accepted, reason
+    # The same accuracy on 600 pairs is shown below the bar.
+    accepted, reason = gate({**few_pairs, "n_pairs": 600}, None, RewardConfig())
+    assert not accepted and "pairwise accuracy 0.3333 < bar 0.55" in reason
