@@ -49,9 +49,11 @@ def _simulate(stack: Stack, until: str, minutes: float, seed: int) -> dict:
         admin_url=stack.admin_url,
         admin_token=stack.admin_token,
         minutes=minutes,
-        rate=4.0,
+        rate=6.0,
         concurrency=8,
-        population=PopulationConfig(users=300, seed=seed),
+        # Most users rate (about 4 votes/s): the demo canary's thresholds are sized for a
+        # few votes per second (deploy/canary_stats.py, CanaryConfig.demo).
+        population=PopulationConfig(users=300, rate_share=0.8, rate_prob=0.9, seed=seed),
         preference=PREFERENCE,
         until=Until.parse(until),
         report_interval_s=60.0,
