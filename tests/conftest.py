@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.model",
     "tests.fixtures.server",
     "tests.fixtures.postgres",
+    "tests.fixtures.learned_reward",
 ]

@@ -1,5 +1,12 @@
 """PPOTrainer's switches on the real demo model: critic warm-up, the approximate-KL early
-stop, PPO-ptx, and the log-prob recomputation (transformers sampler, no database)."""
+stop, PPO-ptx, the log-prob recomputation, folding, and the critic initialised from the
+learned reward model (transformers sampler).
+
+Most tests here check plumbing exactly (gradients equal PEFT's, rows scored alone equal
+rows scored in chunks, ...) and use a flat reward model (head 0, the reward is the rule
+terms): a learned one would add a reward model forward and nothing to check. The critic
+test uses the reward model learned from simulated feedback (``learned_reward``), because
+what it checks is what that reward model's adapter and head give the critic."""
 
 from __future__ import annotations
 
@@ -9,12 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.fixtures.learned_reward import LearnedReward
 from tests.fixtures.ppo import CONCISE, SMALL_PPO, flat_reward_model
+from tests.fixtures.reward_feedback import corpus_answers, is_liked
 from trainer.corpus import sample_prompts
 from trainer.lora_folding import fold_in_training, folded
 from trainer.ppo_models import POLICY, PolicyModels, TokenBatch
 from trainer.ppo_rollout import HFSampler, render_prompts
 from trainer.ppo_trainer import PPOTrainer
+from trainer.reward_model import load_reward_model
 from trainer.reward_rules import ComposedReward, build_rules
 
 pytestmark = pytest.mark.slow
@@ -36,6 +46,55 @@ def _trainer(demo_model_dir: Path, reward_dir: Path, **changes) -> PPOTrainer:
     ptx = changes.pop("ptx_examples", ())
     config = dataclasses.replace(CONFIG, **changes)
     return PPOTrainer(config, models, HFSampler(models), reward_fn, ptx_examples=ptx)
+
+
+def test_the_learned_reward_model_prefers_what_the_users_like(
+    demo_model_dir: Path, learned_reward: LearnedReward
+):
+    """The reward model PPO optimises knows the hidden preference beyond its own held-out
+    split: on fresh prompts, written answers the simulated users like (concise, honest)
+    outscore ones they do not (verbose, fabricated) for most prompts."""
+    prompts, first, second = corpus_answers(120, seed=11)
+    rows = [
+        (p, a, b) if is_liked(p, a) else (p, b, a)
+        for p, a, b in zip(prompts, first, second, strict=True)
+        if is_liked(p, a) != is_liked(p, b)
+    ]
+    assert len(rows) >= 30
+    conversations = [[{"role": "user", "content": p.text}] for p, _, _ in rows]
+    model = load_reward_model(learned_reward.path)
+    liked = model.score(conversations, [a for _, a, _ in rows])
+    disliked = model.score(conversations, [b for _, _, b in rows])
+    accuracy = float((liked > disliked).float().mean())
+    print(f"held out {learned_reward.metrics}; fresh written pairs: accuracy {accuracy:.3f}")
+    assert accuracy >= 0.8
+
+
+def test_a_critic_from_the_learned_reward_model_starts_explaining_the_returns(
+    demo_model_dir: Path, learned_reward: LearnedReward
+):
+    """InstructGPT initialises the value function from the reward model: on the first
+    rollout its values explain more of the returns' variance than a fresh critic's (a zero
+    head: explained variance exactly 0). Both see the same rollout (same seed, and a fresh
+    policy adapter is the base), scored by the learned model alone; the answers end within
+    48 tokens, as in the learning rounds. (Measured: 0.11-0.17 over six prompt seeds, with
+    the head rescaled to normalised scores at the first rollout; unscaled it was about -5.)"""
+    config = dataclasses.replace(
+        CONFIG, rollout_batch_size=64, mini_batch_size=16, max_new_tokens=48
+    )
+    prompts = [[{"role": "user", "content": p.text}] for p in sample_prompts(2, 64)]
+    variance = {}
+    for init in ("reward", "fresh"):
+        models = PolicyModels.load(demo_model_dir, learned_reward.path, critic_init=init)
+        reward_fn = ComposedReward(models.reward).components
+        trainer = PPOTrainer(config, models, HFSampler(models), reward_fn)
+        metrics = trainer.iteration(prompts, 0)
+        variance[init] = (metrics["explained_variance"], metrics["reward_raw"])
+    print(f"explained variance and reward (reward-initialised critic, fresh): {variance}")
+    (reward_ev, reward_raw), (fresh_ev, fresh_raw) = variance["reward"], variance["fresh"]
+    assert reward_raw == fresh_raw, variance  # the same rollout, scored the same
+    assert fresh_ev == 0.0, variance
+    assert reward_ev > fresh_ev + 0.05, variance
 
 
 def _snapshot(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
