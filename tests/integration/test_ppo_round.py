@@ -1,8 +1,15 @@
 """PPO rounds on the demo model against real Postgres (and the real broker for the event).
 
-The reward here is a rule (``length_penalty``: -0.1 per word) on top of a reward model
-version whose score is 0, so what PPO should learn is known: shorter answers. Rounds use
-the ``hf`` sampler (bit-reproducible) unless a test is about vLLM rollouts.
+The rounds that are about learning optimise the reward model learned from simulated live
+feedback (``learned_reward``: concise over verbose, honest over fabricated, found from
+ratings of the demo model's own answers) with no rule terms, and must raise both that
+reward and the hidden preference itself (the simulated users' judgement, which the reward
+model never sees) within the KL budget; one round trains its reward model itself, from the
+feedback in Postgres. The rounds that check plumbing exactly (failures, aborts, resume to
+the same adapter, torchrun, the loop) keep a flat reward model (score 0) plus a rule
+(``length_penalty``): what they check does not depend on the reward, and a flat model
+needs no training. Rounds use the ``hf`` sampler (bit-reproducible) unless a test is about
+vLLM rollouts.
 """
 
 from __future__ import annotations
@@ -27,17 +34,26 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from deploy import registry as policy_registry
 from deploy.broker import free_port
+from feedback.datasets import Watermark
 from feedback.ingestor import store_events
 from schemas.events import PolicyCandidate
 from schemas.topics import POLICY
 from tests.fixtures.broker import consume_events
+from tests.fixtures.learned_reward import (
+    LearnedReward,
+    heldout_prompts,
+    liked_share,
+    register_learned_reward_model,
+    simulated_feedback,
+    store_feedback,
+)
 from tests.fixtures.postgres import make_feedback
 from tests.fixtures.ppo import CONCISE, SMALL_PPO, log_traffic, register_flat_reward_model
 from trainer import reward_registry, round_records
 from trainer.ppo_math import logprobs_from_logits
 from trainer.ppo_models import PolicyModels, TokenBatch
-from trainer.ppo_rollout import AdapterSyncError, render_prompts
-from trainer.ppo_round import run_round, shared_sampler
+from trainer.ppo_rollout import AdapterSyncError, HFSampler, render_prompts
+from trainer.ppo_round import _prompts, run_round, shared_sampler
 from trainer.reward_registry import MANIFEST_NAME
 from trainer.reward_rules import rule
 from trainer.round_config import RoundConfig
@@ -52,22 +68,18 @@ def _nan_rule(messages, answer: str) -> float:
     return math.nan
 
 
-@pytest.fixture
-def ppo_config(conn: psycopg.Connection, migrated_url: str, tmp_path: Path, demo_model_dir: Path):
-    """A database with logged traffic and a flat reward model; a small round's config."""
-    state = tmp_path / "state"
-    log_traffic(conn, 300)
-    register_flat_reward_model(conn, state, demo_model_dir)
+def _config_maker(url: str, state: Path, base: Path, rules: list | None):
+    """``make(**overrides)``: a small round's config (``ppo={...}`` overrides PPO fields)."""
 
     def make(**overrides) -> RoundConfig:
         ppo = dataclasses.replace(SMALL_PPO, **overrides.pop("ppo", {}))
         fields = {
-            "database_url": migrated_url,
+            "database_url": url,
             "state_dir": state,
-            "base_model": demo_model_dir,
+            "base_model": base,
             "kafka_bootstrap": None,
             "update_reward_model": False,
-            "rules": CONCISE,
+            "rules": rules,
             "rollout_backend": "hf",
             "iterations": 3,
             "prompt_pool": 300,
@@ -82,6 +94,32 @@ def ppo_config(conn: psycopg.Connection, migrated_url: str, tmp_path: Path, demo
         return RoundConfig(**{**fields, **overrides})
 
     return make
+
+
+@pytest.fixture
+def ppo_config(conn: psycopg.Connection, migrated_url: str, tmp_path: Path, demo_model_dir: Path):
+    """A database with logged traffic and a flat reward model (plus the CONCISE rules); a
+    small round's config. For the plumbing tests (see module docstring)."""
+    state = tmp_path / "state"
+    log_traffic(conn, 300)
+    register_flat_reward_model(conn, state, demo_model_dir)
+    return _config_maker(migrated_url, state, demo_model_dir, CONCISE)
+
+
+@pytest.fixture
+def learned_config(
+    conn: psycopg.Connection,
+    migrated_url: str,
+    tmp_path: Path,
+    demo_model_dir: Path,
+    learned_reward: LearnedReward,
+):
+    """A database with logged traffic and the reward model learned from simulated feedback
+    (rm-0001); no rule terms: the reward PPO optimises is that model's score alone."""
+    state = tmp_path / "state"
+    log_traffic(conn, 300)
+    register_learned_reward_model(conn, state, learned_reward)
+    return _config_maker(migrated_url, state, demo_model_dir, [])
 
 
 def _versions(conn: psycopg.Connection) -> list[str]:
@@ -129,10 +167,82 @@ def test_reference_logprobs_are_the_base_models_exactly(
     assert (actor[mask] - reference[mask]).abs().max() > 1e-3
 
 
-def test_a_round_registers_a_candidate_with_its_records(
-    conn: psycopg.Connection, ppo_config, broker
+LEARNING_PPO = {
+    "rollout_batch_size": 32,
+    "mini_batch_size": 16,
+    "ppo_epochs": 4,
+    "max_new_tokens": 48,
+    "actor_lr": 1e-3,
+    "kl_mode": "adaptive",
+    "init_kl_coef": 0.05,
+    "target_kl": 6.0,
+}
+"""PPO that moves the demo model within a few iterations (the learned reward is noisy: a
+rollout's scores spread over several units); the answers are short, 48 tokens cut few."""
+
+LEARNING_EVAL = {"heldout_fraction": 0.3, "eval_prompts": 128}
+"""About 100 of the logged prompts held out for the evaluation (0.1 leaves about 30, too
+few to tell a reward gain from the noise of this reward), about 200 left to train on."""
+
+
+def _assert_learned(conn: psycopg.Connection, config: RoundConfig, result) -> None:
+    """The learned reward rose (first iterations to last; held out, against the base), the
+    hidden preference with it (on fresh prompts), the KL to the reference stayed under the
+    target and the answers did not collapse."""
+    steps = result.steps
+    trace = [(round(s["reward_raw"], 3), round(s["kl_ref"], 2)) for s in steps]
+    start = sum(s["reward_raw"] for s in steps[:2]) / 2
+    end = sum(s["reward_raw"] for s in steps[-3:]) / 3
+    assert end >= start + MIN_REWARD_GAIN, trace
+    assert all(s["kl_ref"] < config.ppo.target_kl for s in steps), trace
+    evaluation = result.metrics["evaluation"]
+    assert evaluation["reward_gain"] >= MIN_REWARD_GAIN, evaluation
+    assert evaluation["win_rate"] > 0.5, evaluation
+    assert evaluation["kl_to_reference"] < config.ppo.target_kl, evaluation
+    assert evaluation["distinct_2_ratio"] >= 0.8, evaluation
+    rm = reward_registry.get_version(conn, result.metrics["reward_model_version"])
+    candidate = Path(policy_registry.get(conn, result.candidate_version).adapter_uri)
+    base_liked, liked = _liked_shares(config, Path(rm.path), candidate)
+    print(
+        f"learned reward {trace}; held out {evaluation['reward_gain']:+.3f} on "
+        f"{evaluation['prompts']} prompts (win rate {evaluation['win_rate']:.3f}, distinct-2 "
+        f"ratio {evaluation['distinct_2_ratio']:.3f}); liked {base_liked:.3f} -> {liked:.3f}"
+    )
+    assert liked >= base_liked + MIN_LIKED_GAIN, (base_liked, liked, trace)
+
+
+MIN_REWARD_GAIN = 2.0
+"""In the learned model's units: on its held-out feedback liked answers score about +8.5 and
+disliked ones about -7, so +2 is about an eighth of the answers turned (measured: +4.5 to
++5.8, first iterations to last and held out, with either sampler)."""
+MIN_LIKED_GAIN = 0.2
+"""Of the share of answers the simulated users like (the base: 0.52 on these prompts;
+measured after PPO: 0.90-0.92)."""
+LIKED_PROMPTS = 128
+
+
+def _liked_shares(config: RoundConfig, reward_dir: Path, candidate: Path) -> tuple[float, float]:
+    """The hidden preference's own measure on fresh prompts, base vs candidate: the share of
+    answers the simulated users like, sampled with the same seed (transformers sampler)."""
+    models = PolicyModels.load(config.base_model, reward_dir, policy_init=candidate)
+    sampler = HFSampler(models)
+    generation = models.peft_model.get_base_model().generation_config
+    prompts = heldout_prompts(LIKED_PROMPTS)
+    kwargs = {"max_new_tokens": config.ppo.max_new_tokens}
+    base = liked_share(sampler, models.tokenizer, generation, prompts, "base", **kwargs)
+    trained = liked_share(sampler, models.tokenizer, generation, prompts, "current", **kwargs)
+    return base, trained
+
+
+def test_a_round_learns_the_learned_reward_and_registers_a_candidate_with_its_records(
+    conn: psycopg.Connection, learned_config, broker
 ):
-    config = ppo_config(iterations=3, kafka_bootstrap=broker.bootstrap)
+    """PPO on the reward model learned from simulated feedback (transformers rollouts)
+    raises that reward and the users' hidden preference, and registers the candidate with
+    every record: registry row, adapter files, round, iterations, event."""
+    config = learned_config(
+        iterations=6, kafka_bootstrap=broker.bootstrap, ppo=LEARNING_PPO, **LEARNING_EVAL
+    )
     result = run_round(config, trigger="test")
 
     assert result.outcome == "registered", result.reason
@@ -156,7 +266,7 @@ def test_a_round_registers_a_candidate_with_its_records(
     assert training_round.candidate_version == version
     assert training_round.reward_model_version == "rm-0001"
     steps = round_records.steps(conn, result.round_id)
-    assert [i for i, _ in steps] == [0, 1, 2]
+    assert [i for i, _ in steps] == list(range(6))
     for _, metrics in steps:
         assert {
             "reward_raw",
@@ -182,10 +292,64 @@ def test_a_round_registers_a_candidate_with_its_records(
     assert len(events) == 1
     assert events[0].training_round == result.round_id
     assert events[0].checksum == record.checksum
+    _assert_learned(conn, config, result)
+
+
+def test_a_round_trains_its_reward_model_from_the_feedback_and_ppo_optimises_it(
+    conn: psycopg.Connection, migrated_url: str, tmp_path: Path, demo_model_dir: Path
+):
+    """``update_reward_model``: a round on a database with feedback and no reward model
+    version yet first trains one (the simulated users' ratings of the demo model's answers,
+    read from Postgres), records it on the round, and PPO optimises that model: with no rule
+    terms every reward the round logs and evaluates is its score, and the candidate carries
+    its version."""
+    store_feedback(conn, simulated_feedback(demo_model_dir))  # also the traffic PPO samples
+    assert reward_registry.list_versions(conn) == []
+    make = _config_maker(migrated_url, tmp_path / "state", demo_model_dir, [])
+    config = make(update_reward_model=True, iterations=2, eval_prompts=16)
+    result = run_round(config)
+
+    assert result.outcome == "registered", result.reason
+    (rm,) = reward_registry.list_versions(conn)  # made by the round
+    assert rm.status == "current" and rm.parent_version is None
+    assert rm.train_stats["train_pairs"] > 0 and rm.train_stats["train_labels"] > 0
+    assert rm.metrics["pairwise_accuracy"] >= 0.8, rm.metrics  # it found the preference
+    training_round = round_records.get_round(conn, result.round_id)
+    assert training_round.reward_model_version == rm.version
+    assert training_round.watermark["feedback"] >= rm.watermark["feedback"] > 0
+    assert result.metrics["reward_model_version"] == rm.version
+    assert policy_registry.get(conn, result.candidate_version).reward_model_version == rm.version
+    # The reward is the model's score alone, and it is that model's: the base's held-out
+    # answers, sampled again as the evaluation sampled them, score what the round recorded.
+    for step in result.steps:
+        assert step["reward_raw"] == pytest.approx(step["reward_model"], abs=1e-5)
+    evaluation = result.metrics["evaluation"]
+    _, heldout = _prompts(conn, config, Watermark(**training_round.watermark))
+    models = PolicyModels.load(config.base_model, Path(rm.path))
+    samples = HFSampler(models).sample(
+        render_prompts(models.tokenizer, heldout),
+        which="base",
+        max_new_tokens=config.ppo.max_new_tokens,
+        temperature=config.ppo.temperature,
+        seed=config.ppo.seed + 99_991,
+    )
+    texts = models.tokenizer.batch_decode(samples.response_ids, skip_special_tokens=True)
+    rescored = float(models.reward.score(heldout, texts).mean())
+    print(
+        f"{rm.version} trained in the round: held-out pairwise accuracy "
+        f"{rm.metrics['pairwise_accuracy']}, AUC {rm.metrics['auc']}; the base's held-out "
+        f"reward {evaluation['stable']['reward']:+.3f}, rescored {rescored:+.3f}"
+    )
+    assert rescored == pytest.approx(evaluation["stable"]["reward"], abs=1e-3)
+    assert abs(rescored) > 1e-3  # a trained head, not a flat one
 
 
 def test_a_candidate_that_fails_the_gate_is_not_registered(conn, ppo_config):
-    result = run_round(ppo_config(iterations=1, gate_min_win_rate=1.0, gate_max_kl=1e-9))
+    # k3: after one update the candidate's KL estimate is positive (k1's mean can be < 0).
+    config = ppo_config(
+        iterations=1, gate_min_win_rate=1.0, gate_max_kl=1e-9, ppo={"kl_estimator": "k3"}
+    )
+    result = run_round(config)
     assert result.outcome == "rejected"
     assert "KL to reference" in result.reason
     assert _versions(conn) == ["base"]
@@ -377,29 +541,22 @@ def _child_pids(pid: int) -> list[str]:
     return out
 
 
-def test_ppo_with_vllm_rollouts_learns_the_reward_within_the_kl_budget(conn, ppo_config):
-    """The main path: rollouts from vLLM with the actor hot-loaded every iteration.
+def test_ppo_with_vllm_rollouts_learns_the_reward_within_the_kl_budget(conn, learned_config):
+    """The main path: rollouts from vLLM with the actor hot-loaded every iteration, on the
+    reward model learned from simulated feedback.
 
-    PPO must raise the concise-answer reward clearly: by at least 0.25, from the first
-    iterations to the last and on held-out prompts against the base (the base scores about
-    -0.7, a policy that never pads 0). The KL to the reference stays under the configured
-    target, and the answers do not collapse (distinct-2 within 20% of the base's)."""
-    config = ppo_config(
+    PPO must raise the learned reward clearly, from the first iterations to the last and on
+    held-out prompts against the base, and with it the share of answers the simulated users
+    like (fresh prompts). The KL to the reference stays under the configured target, and the
+    answers do not collapse (the gate: distinct-2 within 20% of the base's)."""
+    config = learned_config(
         rollout_backend="vllm",
-        iterations=8,
-        eval_prompts=64,
+        iterations=6,
         gate_min_win_rate=0.5,
         gate_max_kl=6.0,
         gate_min_distinct_ratio=0.8,
-        ppo={
-            "rollout_batch_size": 64,
-            "mini_batch_size": 16,
-            "ppo_epochs": 2,
-            "max_new_tokens": 48,
-            "kl_mode": "adaptive",
-            "init_kl_coef": 0.1,
-            "target_kl": 6.0,
-        },
+        ppo=LEARNING_PPO,
+        **LEARNING_EVAL,
     )
     before = set(_child_pids(os.getpid()))
     sampler = shared_sampler(config)
@@ -417,21 +574,11 @@ def test_ppo_with_vllm_rollouts_learns_the_reward_within_the_kl_budget(conn, ppo
         cores = os.sched_getaffinity(0)
         sampler.close()
     assert os.sched_getaffinity(0) >= cores  # closing gives the trainer its cores back
-    steps = result.steps
-    assert len(steps) == 8
-    start = sum(s["reward_raw"] for s in steps[:2]) / 2
-    end = sum(s["reward_raw"] for s in steps[-3:]) / 3
-    trace = [(round(s["reward_raw"], 3), round(s["kl_ref"], 2)) for s in steps]
-    assert end >= start + 0.25, trace
-    assert all(s["kl_ref"] < config.ppo.target_kl for s in steps), trace
-    # The sampler's log-probs (vLLM, bfloat16) stay close to the trainer's.
-    assert all(s["sampler_logprob_gap"] < 0.05 for s in steps)
-    evaluation = result.metrics["evaluation"]
-    assert evaluation["reward_gain"] >= 0.25, evaluation
-    assert evaluation["win_rate"] > 0.5
-    assert evaluation["kl_to_reference"] < config.ppo.target_kl
-    assert evaluation["distinct_2_ratio"] >= 0.8
     assert result.outcome == "registered", result.reason
+    assert len(result.steps) == 6
+    # The sampler's log-probs (vLLM, bfloat16) stay close to the trainer's.
+    assert all(s["sampler_logprob_gap"] < 0.05 for s in result.steps)
+    _assert_learned(conn, config, result)
 
 
 def test_the_training_loop_starts_a_round_when_enough_ratings_arrived(
