@@ -8,8 +8,9 @@ canaries it, and promotes it because users like it more than the base. The secon
 the same stack, registers an adapter users dislike (as an operator could) and expects the
 controller to roll it back by itself while the promoted stable keeps serving.
 
-Time on 2 CPU cores (see docs/benchmarks.md): about 5 minutes to the first promotion once
-the stack is up. The simulator's summary of each run is printed (``-s`` shows it).
+Time on 2 CPU cores (see docs/benchmarks.md): about 8 minutes from the first rating to the
+first promotion, 11 minutes for the module. The simulator's summary of each run is printed
+(``-s`` shows it).
 """
 
 from __future__ import annotations
@@ -127,7 +128,10 @@ def test_a_candidate_users_dislike_is_rolled_back_by_itself(
     assert bad["state"] == "rolled_back"
     rollback = next(a for a in bad["audit"] if a["action"] == "rollback")
     assert rollback["actor"] == registry.CONTROLLER
-    assert rollback["statistics"]["upper"] < 0, rollback
+    # Users liked it less when it went (its word salad is also slow: the latency guardrail
+    # may fire before the interval closes, so the bound itself is not asserted here; the
+    # statistical rollback is tested in test_canary_controller and canary_sim).
+    assert rollback["statistics"]["estimate"] < 0, rollback
     assert _admin(stack, "/routing")["stable_version"] == stable_before
     served = summary["versions"]
     assert served[stable_before]["served"] > served["operator-bad"]["served"]
