@@ -233,7 +233,7 @@ def _round(
         evaluation = evaluate(models, sampler, reward_fn, heldout_prompts, stable_which, config)
         for name in ("win_rate", "reward_gain", "kl_to_reference", "distinct_2_ratio"):
             EVAL_METRIC.labels(name).set(evaluation[name])
-        result = _gate_and_register(conn, config, record, rm.version, models, evaluation, steps)
+        result = _gate_and_register(conn, config, record, rm, models, evaluation, steps)
         dist.barrier()
         return result
     finally:
@@ -455,11 +455,12 @@ def _gate_and_register(
     conn: psycopg.Connection,
     config: RoundConfig,
     record: round_records.TrainingRound,
-    reward_version: str,
+    reward: reward_registry.RewardVersion,
     models: PolicyModels,
     evaluation: dict[str, Any],
     steps: list[dict[str, Any]],
 ) -> RoundResult:
+    reward_version = reward.version
     summary = {
         "evaluation": evaluation,
         "reward_start": steps[0]["reward_raw"] if steps else None,
@@ -469,7 +470,8 @@ def _gate_and_register(
         "reward_model_version": reward_version,
         "watermark": record.watermark,
     }
-    passed, reason = gate(evaluation, config)
+    passed, verdict = gate(evaluation, config)
+    reason = round_reason(record, reward, verdict)
     if not passed:
         round_records.finish_round(conn, record.id, "rejected", reason, metrics=summary)
         shutil.rmtree(_run_dir(config, record.id), ignore_errors=True)
@@ -501,6 +503,27 @@ def _gate_and_register(
     shutil.rmtree(_run_dir(config, record.id), ignore_errors=True)
     log.info("round %d registered %s: %s", record.id, version, reason)
     return RoundResult(record.id, "registered", reason, version, summary, steps)
+
+
+def round_reason(
+    record: round_records.TrainingRound, reward: reward_registry.RewardVersion, verdict: str
+) -> str:
+    """A round's outcome in one line: why it ran, from what, on which reward model (with
+    its held-out evidence) and the gate's verdict with its numbers. Logged, and recorded
+    as the round's and the candidate's reason (audit)."""
+    m = reward.metrics
+    evidence = ", ".join(
+        f"{label} {m[key]:.3f} on {m.get(n, '?')} {unit}"
+        for key, label, n, unit in (
+            ("pairwise_accuracy", "pairwise accuracy", "n_pairs", "held-out pairs"),
+            ("auc", "thumbs AUC", "n_labels", "held-out labels"),
+        )
+        if m.get(key) is not None
+    )
+    return (
+        f"trigger: {record.trigger}; parent {record.parent_version or 'base'}; reward model "
+        f"{reward.version} ({evidence or 'no held-out metrics'}); gate {verdict}"
+    )
 
 
 def _announce(

@@ -319,6 +319,10 @@ def test_a_round_trains_its_reward_model_from_the_feedback_and_ppo_optimises_it(
     assert training_round.watermark["feedback"] >= rm.watermark["feedback"] > 0
     assert result.metrics["reward_model_version"] == rm.version
     assert policy_registry.get(conn, result.candidate_version).reward_model_version == rm.version
+    # Operators read why in one line: trigger, parent, the reward model's evidence, verdict.
+    assert result.reason == training_round.reason
+    assert result.reason.startswith("trigger: manual; parent base; reward model rm-0001 (")
+    assert "held-out pairs" in result.reason and "gate passed: win rate" in result.reason
     # The reward is the model's score alone, and it is that model's: the base's held-out
     # answers, sampled again as the evaluation sampled them, score what the round recorded.
     for step in result.steps:
