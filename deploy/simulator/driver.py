@@ -193,13 +193,8 @@ class _Run:
             "temperature": c.temperature,
             "user": user.id,
         }
-        try:
-            r = await self.client.post("/v1/chat/completions", json=body)
-        except httpx.HTTPError as e:
-            self.recorder.error(f"chat:{type(e).__name__}")
-            return None
-        if r.status_code != 200:
-            self.recorder.error(f"chat:http_{r.status_code}")
+        r = await self._send("/v1/chat/completions", body, "chat", expect=200)
+        if r is None:
             return None
         try:
             data = r.json()
@@ -220,15 +215,23 @@ class _Run:
             return None
 
     async def post(self, path: str, body: dict[str, Any], kind: str) -> bool:
+        """A feedback or preference POST; True once it was accepted (202)."""
+        return await self._send(path, body, kind, expect=202) is not None
+
+    async def _send(
+        self, path: str, body: dict[str, Any], kind: str, *, expect: int
+    ) -> httpx.Response | None:
+        """POST ``body``; the response when its status is ``expect``, else None with the
+        failure counted under ``kind`` (never raised: a failed request does not end a run)."""
         try:
             r = await self.client.post(path, json=body)
         except httpx.HTTPError as e:
             self.recorder.error(f"{kind}:{type(e).__name__}")
-            return False
-        if r.status_code != 202:
+            return None
+        if r.status_code != expect:
             self.recorder.error(f"{kind}:http_{r.status_code}")
-            return False
-        return True
+            return None
+        return r
 
     async def turn(self, i: int) -> None:
         rng = random.Random(f"{self.config.seed}-turn-{i}")
