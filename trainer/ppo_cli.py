@@ -215,7 +215,6 @@ def _awaiting_decision(conn) -> bool:
     """A candidate waits for its canary, or a canary runs."""
     from deploy import registry
 
-    return (
-        registry.routing_table(conn).canary_version is not None
-        or bool(registry.list_versions(conn, "candidate"))
+    return registry.routing_table(conn).canary_version is not None or bool(
+        registry.list_versions(conn, "candidate")
     )
