@@ -93,7 +93,6 @@ class PolicyRouter:
         self._loaded: dict[str, Adapter] = {}
         self._failed: dict[str, str] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        self._zero_failed: set[str] = set()  # canaries whose zero copy did not load
 
     # -- the routing table ------------------------------------------------------------
     def apply(self, table: RoutingTable) -> None:
@@ -149,22 +148,20 @@ class PolicyRouter:
         """The loaded zero copy of the canary's adapter (see the module docstring), or None
         when like for like is off, the canary has no adapter or the copy cannot load."""
         path = table.adapters.get(canary)
-        if self.like_for_like_dir is None or path is None or canary in self._zero_failed:
-            return None
-        if canary in self._failed:
-            return None
         name = f"{canary}@zero"
+        if self.like_for_like_dir is None or path is None or {canary, name} & self._failed.keys():
+            return None
         if name in self._loaded:
             return self._loaded[name]
         async with self._locks.setdefault(f"{name}:write", asyncio.Lock()):
-            if name in self._loaded or canary in self._zero_failed:
+            if name in self._loaded or name in self._failed:
                 return self._loaded.get(name)
             target = self.like_for_like_dir / f"{canary}-zero"
             try:
                 zero_path = await asyncio.to_thread(write_zero_adapter, path, target)
                 return await self._load(name, str(zero_path), report=False)
             except Exception as exc:  # any failure: serve the base, as without like for like
-                self._zero_failed.add(canary)
+                self._failed.setdefault(name, f"{type(exc).__name__}: {exc}"[:2000])
                 log.warning(
                     "no zero copy of %s's adapter (%s): its stable arm is served by the base",
                     canary,
