@@ -44,13 +44,15 @@ def format_cpus(cores: Collection[int]) -> str:
     return ",".join(str(c) for c in sorted(cores))
 
 
-def child_env(cores: Collection[int], threads: int) -> dict[str, str]:
-    """The environment that gives a child ``cores`` and ``threads`` threads per pool."""
+def child_env(cores: Collection[int], threads: int, *, vllm: bool = False) -> dict[str, str]:
+    """The environment that gives a child ``cores`` and ``threads`` threads per pool;
+    ``vllm``: the child runs a vLLM CPU engine, whose OpenMP threads are bound there too."""
     env = {ENV: format_cpus(cores)}
     env.update({pool: str(threads) for pool in THREAD_POOLS})
-    # vLLM's CPU worker binds one OpenMP thread per listed core (its default, "auto",
-    # would take every core of the NUMA node whatever this process's affinity says).
-    env["VLLM_CPU_OMP_THREADS_BIND"] = format_cpus(cores)
+    if vllm:
+        # vLLM's CPU worker binds one OpenMP thread per listed core (its default, "auto",
+        # would take every core of the NUMA node whatever this process's affinity says).
+        env["VLLM_CPU_OMP_THREADS_BIND"] = format_cpus(cores)
     return env
 
 

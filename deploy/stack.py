@@ -118,9 +118,8 @@ def child_envs(settings: Settings, base: dict[str, str]) -> dict[str, dict[str, 
     if split is None:
         return {name: dict(base) for name in names}
     light = cpu_plan.child_env(split.light, threads=1)
-    light.pop("VLLM_CPU_OMP_THREADS_BIND")
     return {
-        "serving": {**base, **cpu_plan.child_env(split.serving, len(split.serving))},
+        "serving": {**base, **cpu_plan.child_env(split.serving, len(split.serving), vllm=True)},
         "ingestor": {**base, **light},
         "canary": {**base, **light},
         "trainer": {**base, **cpu_plan.child_env(split.trainer, len(split.trainer))},

@@ -214,8 +214,14 @@ def normalized_value_head(
     than a zero head). ``std`` at or below 1e-8 counts as 1, as in
     :func:`normalize_and_clip_rewards`.
     """
-    sigma = std if std > 1e-8 else 1.0
+    sigma = nonzero_scale(std)
     return weight / sigma, (bias - mean) / sigma
+
+
+def nonzero_scale(std: float) -> float:
+    """The scale scores are divided by: ``std``, or 1 while it is still about 0 (one score
+    seen)."""
+    return std if std > 1e-8 else 1.0
 
 
 def normalize_and_clip_rewards(
@@ -234,7 +240,7 @@ def normalize_and_clip_rewards(
     """
     if update:
         moments.update(scores)
-    sigma = moments.std if moments.std > 1e-8 else 1.0
+    sigma = nonzero_scale(moments.std)
     centred = scores - moments.mean if shift_mean else scores
     return (centred / sigma).clamp(-clip, clip)
 

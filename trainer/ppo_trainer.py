@@ -152,7 +152,7 @@ class PPOTrainer:
         )
         head.weight.copy_(weight)
         head.bias.copy_(bias)
-        sigma = self.moments.std if self.moments.std > 1e-8 else 1.0
+        sigma = pm.nonzero_scale(self.moments.std)
         return ((values - self.moments.mean) / sigma) * mask
 
     def _lr_factor(self, iteration: int) -> float:
