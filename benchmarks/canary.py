@@ -11,7 +11,7 @@ rollback rates, the median votes and the median / 90th-percentile simulated seco
 each decision; ``srm`` the sample-ratio test on distinct users: false holds per canary
 under correct sticky routing, and detection when half of the canary's users are lost.
 With ``--quick`` the effects are in points of thumbs-up rate (±10 to ±25) in
-:data:`deploy.canary_sim.DEMO_SCENARIO` (300 users, 5 votes/s, a look every 30 s), plus the
+:data:`tests.fixtures.canary_sim.DEMO_SCENARIO` (300 users, 5 votes/s, a look every 30 s), plus the
 same at 3 and 10 votes/s: the demo's time to promote, roll back or time out.
 ``switch_seconds_max`` and ``failed_requests`` measure the routing switch on two real
 serving replicas under load (`benchmarks/routing_switch.py`; `--no-serving` skips it).
@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script (./dev bench canary), not only with -m
     sys.path.insert(0, str(ROOT))
 
-from deploy.canary_sim import DEMO_SCENARIO, Scenario, SimResult, simulate  # noqa: E402
-from deploy.canary_stats import PROMOTE, ROLLBACK, TESTS, CanaryConfig  # noqa: E402
+from deploy.canary.stats import PROMOTE, ROLLBACK, TESTS, CanaryConfig  # noqa: E402
+from tests.fixtures.canary_sim import DEMO_SCENARIO, Scenario, SimResult, simulate  # noqa: E402
 
 
 def _quantiles(seconds: np.ndarray) -> list[float] | None:

@@ -8,12 +8,12 @@ hundreds of millions). 80 % of the ratings are each answer's first; the rest are
 users' ratings and re-ratings. Then, in a fresh Python process (so its peak RSS is the
 build's own, not the filler's), builds what a round reads, the way the trainer does:
 
-* ``reward_cold``: :func:`trainer.reward_trainer.load_data` from scratch: preference pairs
+* ``reward_cold``: :func:`trainer.reward.trainer.load_data` from scratch: preference pairs
   (capped per prompt) and thumbs labels streamed, split by prompt, sampled to the caps;
 * ``reward_warm``: the same with a parent watermark at 90 % of the rows (new examples
   plus replay; the parent's examples are read too);
 * ``ppo_prompts``: :func:`feedback.datasets.rollout_prompts` (the round's prompt pool);
-* ``ppo_ptx``: the PPO-ptx up-rated answers (:func:`trainer.ppo_round.ptx_labels`).
+* ``ppo_ptx``: the PPO-ptx up-rated answers (:func:`trainer.rounds.training_round.ptx_labels`).
 
     python benchmarks/datasets.py [--quick] [--ratings 1000000] [--prompts 100000]
         [--database-url URL  (an already filled database: no fill, no drop)] [--keep]
@@ -222,10 +222,10 @@ class PeakRss:
 
 
 def build(url: str) -> dict[str, object]:
-    from trainer.ppo_round import PTX_MAX_EXAMPLES, ptx_labels
-    from trainer.reward_config import RewardConfig
-    from trainer.reward_trainer import load_data
-    from trainer.round_config import RoundConfig
+    from trainer.reward.config import RewardConfig
+    from trainer.reward.trainer import load_data
+    from trainer.rounds.config import RoundConfig
+    from trainer.rounds.training_round import PTX_MAX_EXAMPLES, ptx_labels
 
     after_imports = rss_mb()
     config, round_config = RewardConfig(), RoundConfig()

@@ -30,12 +30,12 @@ import psycopg
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from deploy.broker import EmbeddedBroker, free_port  # noqa: E402
+from deploy.local.broker import EmbeddedBroker, free_port  # noqa: E402
 from feedback.db import connect_and_migrate  # noqa: E402
 from serving.response_ids import ResponseIdSigner  # noqa: E402
+from tests.fixtures.load import post_all  # noqa: E402
 from tests.fixtures.postgres import create_database, drop_database  # noqa: E402
 from tests.fixtures.server import RESPONSE_ID_SECRET, start_serving, wait_healthy  # noqa: E402
-from tests.load import post_all  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -63,7 +63,7 @@ def main() -> int:
 
     if args.model_dir is None:
         from tests.fixtures.model import demo_model_cache_dir
-        from trainer.demo_model import bootstrap_demo_model
+        from trainer.demo.model import bootstrap_demo_model
 
         args.model_dir = bootstrap_demo_model(demo_model_cache_dir())
 

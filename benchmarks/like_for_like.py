@@ -36,8 +36,8 @@ if str(ROOT) not in sys.path:
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from deploy import registry  # noqa: E402
-from deploy.broker import EmbeddedBroker, free_port  # noqa: E402
+from deploy.local.broker import EmbeddedBroker, free_port  # noqa: E402
+from deploy.policies import registry  # noqa: E402
 from feedback.db import connect, connect_and_migrate  # noqa: E402
 from tests.fixtures.adapters import make_adapter  # noqa: E402
 from tests.fixtures.postgres import create_database, drop_database  # noqa: E402
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from tests.fixtures.model import demo_model_cache_dir
-    from trainer.demo_model import BootstrapConfig, bootstrap_demo_model
+    from trainer.demo.model import BootstrapConfig, bootstrap_demo_model
 
     model = bootstrap_demo_model(demo_model_cache_dir(), BootstrapConfig(), progress=False)
     work = Path(tempfile.mkdtemp(prefix="alignloop-lfl-"))

@@ -69,7 +69,7 @@ def machine() -> dict:
 def default_model_dir() -> Path:
     """The demo model the tests cache (built here once if absent: a few minutes)."""
     from tests.fixtures.model import demo_model_cache_dir
-    from trainer.demo_model import BootstrapConfig, bootstrap_demo_model
+    from trainer.demo.model import BootstrapConfig, bootstrap_demo_model
 
     return bootstrap_demo_model(demo_model_cache_dir(), BootstrapConfig(), progress=False)
 

@@ -5,7 +5,7 @@ batch 256, mini-batch 64 (InstructGPT's, and PPOConfig's default), one PPO epoch
 tokens, temperature 1, lr 1e-5, KL coefficient 0.05, seed 0; each side gets every core,
 torch's default of one thread per core) is trained by
 
-* **alignloop**: :class:`trainer.ppo_trainer.PPOTrainer` on one base with policy, critic and
+* **alignloop**: :class:`trainer.ppo.trainer.PPOTrainer` on one base with policy, critic and
   reward LoRA adapters; rollouts from vLLM with the actor hot-loaded every iteration
   (``--rollout vllm``) or from the training model's own decode loop (``--rollout hf``); the
   default, ``auto``, is alignloop's: vLLM with a GPU, ``hf`` on CPU;
@@ -95,13 +95,13 @@ def run_alignloop(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     from tests.fixtures.ppo import CONCISE
-    from trainer.corpus import sample_prompts
-    from trainer.malloc_tuning import keep_freed_memory
-    from trainer.ppo_config import PPOConfig
-    from trainer.ppo_models import PolicyModels
-    from trainer.ppo_rollout import HFSampler, VllmOptions, VllmSampler
-    from trainer.ppo_trainer import PPOTrainer
-    from trainer.reward_rules import ComposedReward, build_rules
+    from trainer.common.malloc_tuning import keep_freed_memory
+    from trainer.demo.corpus import sample_prompts
+    from trainer.ppo.config import PPOConfig
+    from trainer.ppo.models import PolicyModels
+    from trainer.ppo.rollout.base import HFSampler, VllmOptions, VllmSampler
+    from trainer.ppo.trainer import PPOTrainer
+    from trainer.reward.rules import ComposedReward, build_rules
 
     keep_freed_memory()  # as alignloop train ppo / train loop do
     rss = {"after_imports": _rss_mb()}
@@ -218,7 +218,7 @@ def _trl(args: argparse.Namespace, prompts_file: Path) -> dict:
 def _setup(model: Path, work: Path) -> tuple[Path, Path]:
     """The flat reward model version and the prompts file (TRL's format)."""
     from tests.fixtures.ppo import flat_reward_model
-    from trainer.corpus import sample_prompts
+    from trainer.demo.corpus import sample_prompts
 
     reward_dir = work / "reward"
     reward_dir.mkdir()
@@ -286,12 +286,12 @@ def main() -> int:
         return 0
     if args.quick:
         args.rounds, args.iterations = 1, 2
-    from trainer.round_config import RoundConfig
+    from trainer.rounds.config import RoundConfig
 
     args.rollout = RoundConfig(rollout_backend=args.rollout).rollouts
     if args.model is None:
         from tests.fixtures.model import demo_model_cache_dir
-        from trainer.demo_model import bootstrap_demo_model
+        from trainer.demo.model import bootstrap_demo_model
 
         args.model = bootstrap_demo_model(demo_model_cache_dir())
 

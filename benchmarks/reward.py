@@ -35,10 +35,10 @@ from feedback.ingestor import prepare_session, store_events  # noqa: E402
 from tests.fixtures.model import demo_model_cache_dir  # noqa: E402
 from tests.fixtures.postgres import create_database, drop_database  # noqa: E402
 from tests.fixtures.reward_feedback import feedback_events, sampled_answers  # noqa: E402
-from trainer.demo_model import bootstrap_demo_model  # noqa: E402
-from trainer.reward_config import RewardConfig  # noqa: E402
-from trainer.reward_model import load_reward_model  # noqa: E402
-from trainer.reward_trainer import train_reward_model  # noqa: E402
+from trainer.demo.model import bootstrap_demo_model  # noqa: E402
+from trainer.reward.config import RewardConfig  # noqa: E402
+from trainer.reward.model import load_reward_model  # noqa: E402
+from trainer.reward.trainer import train_reward_model  # noqa: E402
 
 
 def log(msg: str) -> None:

@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from deploy import registry  # noqa: E402
-from deploy.broker import EmbeddedBroker  # noqa: E402
+from deploy.local.broker import EmbeddedBroker  # noqa: E402
+from deploy.policies import registry  # noqa: E402
 from tests.fixtures.adapters import make_adapter  # noqa: E402
 from tests.fixtures.replicas import Replicas, routed_replicas  # noqa: E402
 
@@ -114,7 +114,7 @@ def measure(replicas: Replicas, flips: int, load_clients: int = 4) -> dict:
 def run(flips: int, model_dir: Path | None = None) -> dict:
     if model_dir is None:
         from tests.fixtures.model import demo_model_cache_dir
-        from trainer.demo_model import bootstrap_demo_model
+        from trainer.demo.model import bootstrap_demo_model
 
         model_dir = bootstrap_demo_model(demo_model_cache_dir())
     work = Path(tempfile.mkdtemp(prefix="alignloop-bench-switch-"))

@@ -30,7 +30,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from deploy.broker import EmbeddedBroker  # noqa: E402
+from deploy.local.broker import EmbeddedBroker  # noqa: E402
 from tests.fixtures.server import free_port, start_serving, wait_healthy  # noqa: E402
 
 PROMPTS = [
@@ -154,7 +154,7 @@ def start_vllm_server(model_dir: Path, port: int, log_path: Path) -> subprocess.
 
 def default_model_dir() -> Path:
     from tests.fixtures.model import demo_model_cache_dir
-    from trainer.demo_model import bootstrap_demo_model
+    from trainer.demo.model import bootstrap_demo_model
 
     return bootstrap_demo_model(demo_model_cache_dir())
 

@@ -23,7 +23,7 @@ own environment uses (TRL 1.12 needs >= 4.56.2), so both sides run the same mode
 
 Usage (prompts: one ``{"messages": [...]}`` per line)::
 
-    ./dev run python -c "import json; from trainer.corpus import sample_prompts; \\
+    ./dev run python -c "import json; from trainer.demo.corpus import sample_prompts; \\
         [print(json.dumps({'messages': [{'role': 'user', 'content': p.text}]})) \\
          for p in sample_prompts(0, 256)]" > /tmp/prompts.jsonl
     python benchmarks/trl_ppo_baseline.py --model DIR --prompts /tmp/prompts.jsonl \\

@@ -11,16 +11,22 @@ import sys
 
 # name -> ("module:function", one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "up": ("deploy.stack:main", "Start the whole loop on embedded defaults."),
+    "up": ("deploy.local.stack:main", "Start the whole loop on embedded defaults."),
     "serve": ("serving.server:main", "Run the OpenAI-compatible chat API (one replica)."),
     "ingest": ("feedback.cli:main", "Consume interactions and feedback into Postgres."),
     "data": ("feedback.cli:data_main", "Export training datasets: data export KIND --out F."),
-    "bootstrap-model": ("trainer.bootstrap_cli:main", "Build the small demo base model."),
-    "policy": ("deploy.policy_cli:main", "Policy registry: list, show, promote, rollback, hold."),
-    "canary": ("deploy.canary_controller:main", "Run the canary controller (sequential A/B test)."),
-    "admin": ("deploy.admin_api:main", "Run the admin HTTP API alone (the canary serves it too)."),
-    "train": ("trainer.reward_cli:train_main", "Train models: train reward [--help]."),
-    "reward": ("trainer.reward_cli:reward_main", "Reward model versions: reward list | show V."),
+    "bootstrap-model": ("trainer.demo.cli:main", "Build the small demo base model."),
+    "policy": (
+        "deploy.ops.policy_cli:main",
+        "Policy registry: list, show, promote, rollback, hold.",
+    ),
+    "canary": ("deploy.canary.controller:main", "Run the canary controller (sequential A/B test)."),
+    "admin": (
+        "deploy.ops.admin_api:main",
+        "Run the admin HTTP API alone (the canary serves it too).",
+    ),
+    "train": ("trainer.reward.cli:train_main", "Train models: train reward [--help]."),
+    "reward": ("trainer.reward.cli:reward_main", "Reward model versions: reward list | show V."),
     "simulate": ("deploy.simulator.cli:main", "Drive a running alignloop with simulated users."),
 }
 
@@ -42,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"alignloop: unknown command '{name}'\n\n{usage()}", file=sys.stderr)
         return 2
-    from deploy import cpu_plan
+    from deploy.local import cpu_plan
 
     cpu_plan.apply()  # the cores `alignloop up` gave this process, before any thread starts
     module_name, function = COMMANDS[name][0].split(":")

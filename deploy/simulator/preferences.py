@@ -11,7 +11,7 @@ noise live in :mod:`deploy.simulator.population`). Preferences are pure function
 their arguments: no randomness, no I/O.
 
 They are generic over text: each built-in keeps its own phrase lists and never asks the
-project's own classifier (``trainer.corpus``) what an answer is, so the loop under test is
+project's own classifier (``trainer.demo.corpus``) what an answer is, so the loop under test is
 never *told* the preference; it has to learn it from the thumbs.
 
 Built-ins (:data:`BUILTINS`, chosen by name):

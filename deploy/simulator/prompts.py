@@ -7,8 +7,8 @@ preferences such as ``honest`` read. Sources are pure: the randomness is the cal
 
 * :class:`BuiltinPrompts`: templates in their own phrasings (deliberately *not* the demo
   corpus' sentences, so the loop is tested on traffic it was not pre-trained on), filled
-  with the names of the demo model's invented world (``trainer.corpus.make_world``: its
-  countries, cities and people) or any other :class:`~trainer.corpus.World`; varied further
+  with the names of the demo model's invented world (``trainer.demo.corpus.make_world``: its
+  countries, cities and people) or any other :class:`~trainer.demo.corpus.World`; varied further
   by greetings, sign-offs and an occasional system prompt. Every kind is tagged.
 * :func:`load_jsonl`: one JSON object per line, ``{"messages": [...]}`` or
   ``{"prompt": "..."}``, with optional ``"answerable": true|false`` and ``"kind"``; other
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from trainer.corpus import World
+    from trainer.demo.corpus import World
 
 ROLES = ("system", "developer", "user", "assistant")
 
@@ -169,7 +169,7 @@ class BuiltinPrompts:
         if not 0.0 <= system_share <= 1.0:
             raise ValueError(f"system_share must be in [0, 1]; got {system_share}")
         if world is None:
-            from trainer.corpus import make_world
+            from trainer.demo.corpus import make_world
 
             world = make_world()
         self.world = world

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from deploy import registry
+from deploy.policies import registry
 from deploy.simulator import PopulationConfig, SimConfig, Until, run_sync
 from feedback.db import connect
 from tests.fixtures.adapters import make_adapter
@@ -53,7 +53,7 @@ def _simulate(stack: Stack, until: str, minutes: float, seed: int) -> dict:
         rate=6.0,
         concurrency=8,
         # Most users rate (about 4 votes/s): the demo canary's thresholds are sized for a
-        # few votes per second (deploy/canary_stats.py, CanaryConfig.demo).
+        # few votes per second (deploy/canary/stats.py, CanaryConfig.demo).
         population=PopulationConfig(users=300, rate_share=0.8, rate_prob=0.9, seed=seed),
         preference=PREFERENCE,
         until=Until.parse(until),

@@ -1,0 +1,332 @@
+"""PPOTrainer's switches on the real demo model: critic warm-up, the approximate-KL early
+stop, PPO-ptx, the log-prob recomputation, folding, and the critic initialised from the
+learned reward model (transformers sampler).
+
+Most tests here check plumbing exactly (gradients equal PEFT's, rows scored alone equal
+rows scored in chunks, ...) and use a flat reward model (head 0, the reward is the rule
+terms): a learned one would add a reward model forward and nothing to check. The critic
+test uses the reward model learned from simulated feedback (``learned_reward``), because
+what it checks is what that reward model's adapter and head give the critic."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.fixtures.learned_reward import LearnedReward
+from tests.fixtures.ppo import CONCISE, SMALL_PPO, flat_reward_model
+from tests.fixtures.reward_feedback import corpus_answers, is_liked
+from trainer.common.lora_folding import fold_in_training, folded
+from trainer.demo.corpus import sample_prompts
+from trainer.ppo.models import POLICY, PolicyModels, TokenBatch
+from trainer.ppo.rollout.base import HFSampler, render_prompts
+from trainer.ppo.trainer import PPOTrainer
+from trainer.reward.model import load_reward_model
+from trainer.reward.rules import ComposedReward, build_rules
+
+pytestmark = pytest.mark.slow
+
+CONFIG = SMALL_PPO
+PROMPTS = [[{"role": "user", "content": p.text}] for p in sample_prompts(5, 16)]
+
+
+@pytest.fixture(scope="module")
+def reward_dir(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("reward")
+    flat_reward_model(demo_model_dir).save(out)
+    return out
+
+
+def _trainer(demo_model_dir: Path, reward_dir: Path, **changes) -> PPOTrainer:
+    models = PolicyModels.load(demo_model_dir, reward_dir)
+    reward_fn = ComposedReward(models.reward, build_rules(CONCISE)).components
+    ptx = changes.pop("ptx_examples", ())
+    config = dataclasses.replace(CONFIG, **changes)
+    return PPOTrainer(config, models, HFSampler(models), reward_fn, ptx_examples=ptx)
+
+
+def test_the_learned_reward_model_prefers_what_the_users_like(
+    demo_model_dir: Path, learned_reward: LearnedReward
+):
+    """The reward model PPO optimises knows the hidden preference beyond its own held-out
+    split: on fresh prompts, written answers the simulated users like (concise, honest)
+    outscore ones they do not (verbose, fabricated) for most prompts."""
+    prompts, first, second = corpus_answers(120, seed=11)
+    rows = [
+        (p, a, b) if is_liked(p, a) else (p, b, a)
+        for p, a, b in zip(prompts, first, second, strict=True)
+        if is_liked(p, a) != is_liked(p, b)
+    ]
+    assert len(rows) >= 30
+    conversations = [[{"role": "user", "content": p.text}] for p, _, _ in rows]
+    model = load_reward_model(learned_reward.path)
+    liked = model.score(conversations, [a for _, a, _ in rows])
+    disliked = model.score(conversations, [b for _, _, b in rows])
+    accuracy = float((liked > disliked).float().mean())
+    print(f"held out {learned_reward.metrics}; fresh written pairs: accuracy {accuracy:.3f}")
+    assert accuracy >= 0.8
+
+
+def test_a_critic_from_the_learned_reward_model_starts_explaining_the_returns(
+    demo_model_dir: Path, learned_reward: LearnedReward
+):
+    """InstructGPT initialises the value function from the reward model: on the first
+    rollout its values explain more of the returns' variance than a fresh critic's (a zero
+    head: explained variance exactly 0). Both see the same rollout (same seed, and a fresh
+    policy adapter is the base), scored by the learned model alone; the answers end within
+    48 tokens, as in the learning rounds. (Measured: 0.11-0.17 over six prompt seeds, with
+    the head rescaled to normalised scores at the first rollout; unscaled it was about -5.)"""
+    config = dataclasses.replace(
+        CONFIG, rollout_batch_size=64, mini_batch_size=16, max_new_tokens=48
+    )
+    prompts = [[{"role": "user", "content": p.text}] for p in sample_prompts(2, 64)]
+    variance = {}
+    for init in ("reward", "fresh"):
+        models = PolicyModels.load(demo_model_dir, learned_reward.path, critic_init=init)
+        reward_fn = ComposedReward(models.reward).components
+        trainer = PPOTrainer(config, models, HFSampler(models), reward_fn)
+        metrics = trainer.iteration(prompts, 0)
+        variance[init] = (metrics["explained_variance"], metrics["reward_raw"])
+    print(f"explained variance and reward (reward-initialised critic, fresh): {variance}")
+    (reward_ev, reward_raw), (fresh_ev, fresh_raw) = variance["reward"], variance["fresh"]
+    assert reward_raw == fresh_raw, variance  # the same rollout, scored the same
+    assert fresh_ev == 0.0, variance
+    assert reward_ev > fresh_ev + 0.05, variance
+
+
+def _snapshot(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in params]
+
+
+def _changed(before: list[torch.Tensor], params: list[torch.nn.Parameter]) -> bool:
+    return any(not torch.equal(b, p.detach()) for b, p in zip(before, params, strict=True))
+
+
+def test_critic_warmup_updates_only_the_critic(demo_model_dir: Path, reward_dir: Path):
+    trainer = _trainer(demo_model_dir, reward_dir, critic_warmup_iterations=1)
+    policy = trainer.models.param_groups(1, 1)[0]["params"]
+    critic = trainer.models.param_groups(1, 1)[1]["params"]
+    policy_before, critic_before = _snapshot(policy), _snapshot(critic)
+
+    warm = trainer.iteration(PROMPTS, 0)
+    assert warm["critic_warmup"] is True
+    assert not _changed(policy_before, policy)
+    assert _changed(critic_before, critic)
+
+    after = trainer.iteration(PROMPTS, 1)  # the first policy update
+    assert after["critic_warmup"] is False
+    assert _changed(policy_before, policy)
+
+
+def test_early_stop_on_approximate_kl(demo_model_dir: Path, reward_dir: Path):
+    trainer = _trainer(demo_model_dir, reward_dir, ppo_epochs=4, approx_kl_stop=1e-9)
+    trainer.iteration(PROMPTS, 0)
+    metrics = trainer.iteration(PROMPTS, 1)
+    # 4 epochs x 2 mini-batches = 8 steps without the stop; the first step that moves the
+    # policy at all (approx KL > 1e-9) ends the iteration.
+    assert metrics["early_stopped"] is True
+    assert metrics["gradient_steps"] < CONFIG.rollout_batch_size // CONFIG.mini_batch_size * 4
+    unstopped = _trainer(demo_model_dir, reward_dir, ppo_epochs=4, approx_kl_stop=0.0)
+    assert unstopped.iteration(PROMPTS, 0)["gradient_steps"] == 8
+
+
+def test_ppo_ptx_mixes_the_sft_likelihood_in(demo_model_dir: Path, reward_dir: Path):
+    models = PolicyModels.load(demo_model_dir, reward_dir)
+    prompts = render_prompts(models.tokenizer, PROMPTS[:4])
+    answers = [models.tokenizer("Paris.<|end|>", add_special_tokens=False)["input_ids"]] * 4
+    examples = list(zip(prompts, answers, strict=True))
+    with pytest.raises(ValueError, match="ptx_examples"):
+        _trainer(demo_model_dir, reward_dir, ptx_coef=1.0)
+    trainer = _trainer(demo_model_dir, reward_dir, ptx_coef=1.0, ptx_examples=examples)
+    metrics = trainer.iteration(PROMPTS, 0)
+    assert metrics["ptx_loss"] is not None and metrics["ptx_loss"] > 0
+    plain = _trainer(demo_model_dir, reward_dir).iteration(PROMPTS, 0)
+    assert plain["ptx_loss"] is None
+
+
+def test_trainer_logprobs_match_the_transformers_sampler(demo_model_dir: Path, reward_dir: Path):
+    """The same float32 model sampled and re-scored: the logged gap is rounding only."""
+    metrics = _trainer(demo_model_dir, reward_dir).iteration(PROMPTS, 0)
+    assert metrics["sampler_logprob_gap"] < 1e-4
+    assert metrics["kl_ref"] == 0.0  # a fresh adapter (B = 0) is exactly the reference
+    assert metrics["rollout_tokens"] > 0 and metrics["episodes"] == 16
+
+
+def test_folded_passes_match_the_adapter_and_leave_the_base_untouched(
+    demo_model_dir: Path, reward_dir: Path
+):
+    """No-gradient passes fold the adapter into copies of the base weights: the actor's
+    logits match the LoRA layers' up to rounding, and the base (the reference) is the same
+    tensors with the same bits afterwards."""
+    models = PolicyModels.load(demo_model_dir, reward_dir, seed=1)
+    with torch.no_grad():  # a non-trivial policy adapter, as after training
+        for name, p in models.peft_model.named_parameters():
+            if ".policy." in name and "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.05)
+    prompts = render_prompts(models.tokenizer, PROMPTS[:4])
+    batch = TokenBatch.build(prompts, [[40, 41, 42], [43], [44, 45], [46]], pad_id=0)
+    base = {n: p for n, p in models.peft_model.named_parameters() if ".lora_" not in n}
+    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in base.items()}
+    with torch.no_grad():
+        reference = models.reference_logprobs(batch)
+        models.use(POLICY)
+        lora = models.response_logits(batch)  # the LoRA layers themselves
+        with models.adapter(POLICY):  # no gradient: folded
+            fold = models.response_logits(batch)
+    torch.testing.assert_close(fold, lora, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        actor = models.actor_critic.actor(batch, with_entropy=False)[0]
+        assert (actor - reference).abs().max() > 1e-2  # the adapter really changes the model
+        assert torch.equal(models.reference_logprobs(batch), reference)
+    for name, p in base.items():
+        pointer, values = before[name]
+        assert p.data_ptr() == pointer and torch.equal(p.detach(), values), name
+    # Copies of the weights cannot train; a missing adapter is not the base.
+    with pytest.raises(RuntimeError, match="no-gradient"), folded(models.peft_model, POLICY):
+        pass
+    with torch.no_grad(), pytest.raises(KeyError, match="nope"), folded(models.peft_model, "nope"):
+        pass
+
+
+def test_folded_training_layers_give_loras_own_gradients(demo_model_dir: Path, reward_dir: Path):
+    """The update's LoRA layers run folded (one product each); the loss and every gradient
+    of the actor and critic adapters are PEFT's own LoRA layers', up to rounding."""
+    models = PolicyModels.load(demo_model_dir, reward_dir, seed=2)
+    with torch.no_grad():  # non-trivial adapters (B = 0 would hide a wrong dA) and head
+        for name, p in models.peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.05)
+        models.value_head.weight.normal_()  # the flat reward model's head is 0: no gradient
+    prompts = render_prompts(models.tokenizer, PROMPTS[:4])
+    batch = TokenBatch.build(prompts, [[40, 41, 42], [43], [44, 45], [46]], pad_id=0)
+    weights = torch.linspace(-1.0, 1.0, batch.mask.numel()).reshape(batch.mask.shape)
+
+    def loss_and_grads() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        params = dict(models.peft_model.named_parameters())
+        for p in params.values():
+            p.grad = None
+        logprobs, values, entropy, _ = models.actor_critic(batch)
+        loss = (logprobs * weights).sum() + (values * weights).sum() - entropy
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in params.items() if p.grad is not None}
+
+    folded_loss, folded_grads = loss_and_grads()
+    assert fold_in_training(models.peft_model, enabled=False) == 4 * 7  # layers x projections
+    peft_loss, peft_grads = loss_and_grads()
+    torch.testing.assert_close(folded_loss, peft_loss, atol=1e-4, rtol=1e-5)
+    assert set(folded_grads) == set(peft_grads)
+    assert any(".policy." in n for n in peft_grads) and any(".critic." in n for n in peft_grads)
+    for name, grad in peft_grads.items():  # rounding only: relative to the gradient's size
+        error = (folded_grads[name] - grad).norm() / grad.norm()
+        assert error < 1e-4, f"{name}: relative error {error:.2e}"
+
+
+def test_the_reward_model_scores_folded_as_it_trains(demo_model_dir: Path, reward_dir: Path):
+    """``score`` (no gradient, folded) and ``rewards`` (the LoRA layers) agree."""
+    models = PolicyModels.load(demo_model_dir, reward_dir)
+    with torch.no_grad():
+        for name, p in models.peft_model.named_parameters():
+            if ".reward." in name and "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.05)
+        models.reward.head.weight.normal_()
+    answers = ["Seven.", "I do not know.", "It is blue, blue, blue."]
+    scored = models.reward.score(PROMPTS[:3], answers)
+    trained = models.reward.rewards(PROMPTS[:3], answers).detach()
+    torch.testing.assert_close(scored, trained, atol=1e-4, rtol=1e-4)
+    assert scored.std() > 0
+
+
+def test_rollout_scores_are_per_row_and_zero_on_padding(demo_model_dir: Path, reward_dir: Path):
+    """Chunked scoring gives each row the numbers it gets alone, and nothing on padding
+    (so sums over a row, like the sequence KL, see response tokens only)."""
+    trainer = _trainer(demo_model_dir, reward_dir)
+    models = trainer.models
+    prompts = render_prompts(models.tokenizer, PROMPTS[:5])
+    responses = [[40, 41, 42][: 1 + i % 3] for i in range(5)]
+    batch = TokenBatch.build(prompts, responses, trainer.pad_id)
+    logprobs, values, reference = trainer._score_tokens(batch)
+    padding = ~batch.mask.bool()
+    assert padding.any()
+    for scores in (logprobs, values, reference):
+        assert torch.all(scores[padding] == 0)
+    for i in range(5):  # row i scored alone
+        alone = TokenBatch.build(prompts[i : i + 1], responses[i : i + 1], trainer.pad_id)
+        lp, v, ref = trainer._score_tokens(alone)
+        n = len(responses[i])
+        torch.testing.assert_close(logprobs[i, :n], lp[0, :n], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(values[i, :n], v[0, :n], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(reference[i, :n], ref[0, :n], atol=1e-5, rtol=1e-5)
+
+
+def test_streamed_scoring_equals_scoring_the_whole_rollout(demo_model_dir: Path, reward_dir: Path):
+    """Rows are scored in chunks as the sampler finishes them; each row's log-probs, values,
+    reference log-probs and reward are the ones the whole batch gets in one go."""
+    trainer = _trainer(demo_model_dir, reward_dir, micro_batch_size=3)
+    rollout = trainer._rollout_and_score(PROMPTS, seed=11)
+    batch = rollout.batch
+    assert len(batch) == len(PROMPTS) and rollout.tokens == int(batch.mask.sum())
+    whole = trainer._score_tokens(batch)
+    streamed = (rollout.old_logprobs, rollout.values, rollout.ref_logprobs)
+    for got, want in zip(streamed, whole, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    answers = trainer.models.tokenizer.batch_decode(
+        [row[: int(n)] for row, n in zip(batch.response_ids, batch.mask.sum(1), strict=True)],
+        skip_special_tokens=True,
+    )
+    with torch.inference_mode():
+        parts = trainer.reward_fn(PROMPTS, answers)
+    assert set(parts) == set(rollout.reward_parts)
+    for name, value in parts.items():
+        torch.testing.assert_close(rollout.reward_parts[name], value, atol=1e-5, rtol=1e-5)
+
+
+def test_micro_batches_give_the_mini_batch_gradient(demo_model_dir: Path, reward_dir: Path):
+    """Cutting a mini-batch into length-sorted micro-batches changes the padding, not the
+    gradient: each micro-batch's loss is weighted by its share of the tokens."""
+    whole = _trainer(demo_model_dir, reward_dir, micro_batch_size=8)
+    pieces = _trainer(demo_model_dir, reward_dir, micro_batch_size=3)
+    rollout = whole._rollout_and_score(PROMPTS, seed=3)
+    batch, mask = rollout.batch, rollout.batch.mask.float()
+    generator = torch.Generator().manual_seed(0)
+    advantages = torch.randn(mask.shape, generator=generator) * mask
+    returns = torch.randn(mask.shape, generator=generator) * mask
+    rows = torch.tensor([5, 0, 9, 14, 2, 7, 11, 3])
+    stats = {}
+    for name, trainer in (("whole", whole), ("pieces", pieces)):
+        trainer.optimizer.zero_grad(set_to_none=True)
+        stats[name] = trainer._accumulate(
+            batch, rows, rollout.old_logprobs, rollout.values, advantages, returns, None, 5
+        )
+    grads = [[p.grad for p in t.models.trainable_parameters()] for t in (whole, pieces)]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads[0])
+    for a, b in zip(*grads, strict=True):
+        if a is None:
+            assert b is None
+        else:
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    for key in ("policy_loss", "value_loss", "entropy", "approx_kl"):
+        torch.testing.assert_close(stats["whole"][key], stats["pieces"][key], atol=1e-6, rtol=1e-4)
+
+
+def test_the_zero_warmup_adapter_loads_in_peft_and_changes_nothing(
+    demo_model_dir: Path, tmp_path: Path
+):
+    """The adapter the vLLM engine warms its LoRA path up with covers every decoder
+    projection and leaves the base's outputs as they are."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from trainer.ppo.rollout.base import write_zero_adapter
+
+    write_zero_adapter(demo_model_dir, tmp_path / "zero", rank=8)
+    base = AutoModelForCausalLM.from_pretrained(demo_model_dir)
+    ids = torch.tensor([[1, 5, 9, 40, 41]])
+    with torch.no_grad():
+        expected = base(ids).logits
+        model = PeftModel.from_pretrained(base, str(tmp_path / "zero"))
+        lora_layers = [n for n, _ in model.named_modules() if n.endswith("lora_A")]
+        assert len(lora_layers) == 7 * base.config.num_hidden_layers  # q k v o gate up down
+        torch.testing.assert_close(model(ids).logits, expected)

@@ -1,0 +1,304 @@
+"""Configuration of a PPO round: one dataclass, documented field by field.
+
+Like TRL's ``PPOConfig``, every knob of the PPO loop lives here with what it does, its
+default and where the default comes from. The math it parameterises is in
+:mod:`trainer.ppo.core`. Sources:
+
+* InstructGPT: Ouyang et al. 2022, "Training language models to follow instructions with
+  human feedback", appendix C.4 (PPO details).
+* PPO-max: Zheng et al. 2023, "Secrets of RLHF in Large Language Models Part I: PPO",
+  section 5.3.
+* Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences" (adaptive KL).
+* Schulman et al. 2017 (PPO), 2016 (GAE); Schulman 2020, "Approximating KL divergence".
+* CleanRL: Huang et al. 2022, "The 37 Implementation Details of Proximal Policy
+  Optimization".
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from trainer.ppo.core import AdaptiveKLController, FixedKLController
+
+KL_ESTIMATORS = ("k1", "k3")
+KL_MODES = ("adaptive", "fixed")
+
+
+@dataclass
+class PPOConfig:
+    """Everything that determines the algorithm of a PPO round (not where things are)."""
+
+    # --- rollout -----------------------------------------------------------------------------
+    rollout_batch_size: int = field(
+        default=512,
+        metadata={
+            "help": "Prompts (one response each) sampled per PPO iteration, before the "
+            "update. Default 512 (InstructGPT C.4: batch size 512)."
+        },
+    )
+    max_new_tokens: int = field(
+        default=64,
+        metadata={
+            "help": "Longest response sampled in a rollout; a response cut here gets its score "
+            "on its last token like any other. Default 64 (the demo model's answers are short)."
+        },
+    )
+    temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": "Sampling temperature of rollouts; log-probs are computed at the same "
+            "temperature (ppo_math.logprobs_from_logits). Default 1.0 (InstructGPT C.4)."
+        },
+    )
+    seed: int = field(
+        default=0, metadata={"help": "Seeds sampling, mini-batch shuffling and initialisation."}
+    )
+
+    # --- optimisation ------------------------------------------------------------------------
+    mini_batch_size: int = field(
+        default=64,
+        metadata={
+            "help": "Rollouts per gradient step; must divide rollout_batch_size. Default 64 "
+            "(InstructGPT C.4: each batch split into 8 minibatches of 64)."
+        },
+    )
+    micro_batch_size: int = field(
+        default=16,
+        metadata={
+            "help": "Rows per forward/backward pass (an implementation detail, not a "
+            "hyperparameter: the gradient is the mini-batch's). A mini-batch's rows are "
+            "sorted by length and cut into micro-batches, so short rows are not padded to the "
+            "longest; each micro-batch's loss is weighted by its share of the mini-batch's "
+            "tokens (gradient accumulation). Rollouts are scored (no gradient) as they finish, "
+            "once twice this many are ready, up to mini_batch_size rows a pass. Default 16 "
+            "(the demo model on 2 CPU cores: 8 and 32 are both about 20% slower)."
+        },
+    )
+    ppo_epochs: int = field(
+        default=1,
+        metadata={
+            "help": "Passes over a rollout batch per iteration. Default 1 (InstructGPT C.4: a "
+            "single inner epoch)."
+        },
+    )
+    actor_lr: float = field(
+        default=1e-5,
+        metadata={
+            "help": "AdamW learning rate of the policy adapter. Default 1e-5, a LoRA-adapter "
+            "rate: adapters need higher rates than the full-weight fine-tuning rates of "
+            "InstructGPT and PPO-max (constant after warm-up, InstructGPT C.4)."
+        },
+    )
+    critic_lr: float = field(
+        default=3e-5,
+        metadata={
+            "help": "AdamW learning rate of the critic (value adapter and head). Default 3e-5, "
+            "3x the policy's: the critic must track a moving target faster than the policy "
+            "moves (PPO-max trains the critic at a higher rate than the policy)."
+        },
+    )
+    lr_warmup_iterations: int = field(
+        default=10,
+        metadata={
+            "help": "PPO iterations of linear learning-rate warm-up from a tenth of the peak "
+            "rate. Default 10 (InstructGPT C.4). 0 = no warm-up."
+        },
+    )
+    max_grad_norm: float = field(
+        default=1.0,
+        metadata={
+            "help": "Global gradient-norm clip, applied with torch.nn.utils.clip_grad_norm_ "
+            "before every optimizer step. Default 1.0 (PPO-max: global gradient "
+            "clipping; CleanRL uses 0.5)."
+        },
+    )
+
+    # --- the PPO objective -------------------------------------------------------------------
+    clip_range: float = field(
+        default=0.2,
+        metadata={
+            "help": "Policy ratio clip epsilon of the surrogate, clip(ratio, 1-eps, 1+eps). "
+            "Default 0.2 (Schulman et al. 2017; InstructGPT C.4)."
+        },
+    )
+    value_clip_range: float = field(
+        default=0.2,
+        metadata={
+            "help": "Value clip epsilon: V is kept within V_old +- eps in the clipped value "
+            "loss. Default 0.2 (PPO2 baselines; PPO-max: value loss clipping)."
+        },
+    )
+    vf_coef: float = field(
+        default=0.5,
+        metadata={
+            "help": "Weight of the value loss in the total loss. Default 0.5 (CleanRL; the "
+            "c1 of Schulman et al. 2017)."
+        },
+    )
+    entropy_coef: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the entropy bonus (loss - coef * H). Default 0: the KL penalty "
+            "already keeps the policy spread (InstructGPT's objective, eq. 2, has no entropy "
+            "term; PPO-max leaves it out). The entropy is always logged."
+        },
+    )
+    ptx_coef: float = field(
+        default=0.0,
+        metadata={
+            "help": "PPO-ptx: weight of the next-token NLL on pretraining/SFT text added to the "
+            "policy loss, to limit the alignment tax. Default 0 = off (InstructGPT eq. 2 "
+            "uses 27.8 for PPO-ptx)."
+        },
+    )
+    approx_kl_stop: float = field(
+        default=0.1,
+        metadata={
+            "help": "Early stop: skip the rest of an iteration's epochs once the mean "
+            "approximate KL(pi_old || pi) (k3, ppo_math.policy_loss) of a mini-batch exceeds "
+            "this (the mechanism of Spinning Up PPO and CleanRL's target_kl). Default 0.1 "
+            "nats/token: a safety bound well above a healthy update's. 0 = off."
+        },
+    )
+    critic_warmup_iterations: int = field(
+        default=0,
+        metadata={
+            "help": "First PPO iterations that update only the critic, so advantages come from "
+            "a fitted value function (PPO-max: critic pre-training). Default 0: the "
+            "critic starts from the reward model (InstructGPT C.4)."
+        },
+    )
+
+    # --- advantages --------------------------------------------------------------------------
+    gamma: float = field(
+        default=1.0,
+        metadata={
+            "help": "Discount of GAE. Default 1.0 (InstructGPT C.4: no discount; one response "
+            "is one short episode)."
+        },
+    )
+    lam: float = field(
+        default=0.95,
+        metadata={
+            "help": "GAE lambda: bias (0) / variance (1) trade-off of the advantage. Default "
+            "0.95 (Ziegler et al. 2019; Stiennon et al. 2020)."
+        },
+    )
+    whiten_advantages: bool = field(
+        default=True,
+        metadata={
+            "help": "Whiten advantages (mean 0, std 1 over response tokens) per rollout batch. "
+            "Default on (PPO-max: advantage normalisation; CleanRL norm_adv)."
+        },
+    )
+
+    # --- reward ------------------------------------------------------------------------------
+    normalize_reward: bool = field(
+        default=True,
+        metadata={
+            "help": "Normalise sequence scores by the running mean and std of all scores seen "
+            "(ppo_math.normalize_and_clip_rewards). Default on (PPO-max: reward "
+            "scaling and normalisation)."
+        },
+    )
+    reward_clip: float = field(
+        default=5.0,
+        metadata={
+            "help": "Normalised scores are clipped to [-c, c] (with normalize_reward off, the "
+            "raw score is). Default 5.0 (PPO-max: reward clipping)."
+        },
+    )
+    kl_estimator: str = field(
+        default="k1",
+        metadata={
+            "help": "Per-token KL(pi || pi_ref) in the reward: 'k1' = log p - log p_ref "
+            "(unbiased, the InstructGPT / PPO-max token-level penalty), 'k3' = (r-1) - log r, "
+            "r = p_ref/p (non-negative, lower variance; Schulman 2020). Default 'k1'."
+        },
+    )
+    kl_mode: str = field(
+        default="fixed",
+        metadata={
+            "help": "'fixed' keeps the KL coefficient at init_kl_coef (InstructGPT, PPO-max); "
+            "'adaptive' steers it towards target_kl (Ziegler et al. 2019). Default 'fixed'."
+        },
+    )
+    init_kl_coef: float = field(
+        default=0.02,
+        metadata={
+            "help": "KL penalty coefficient beta (its start value when adaptive). Default 0.02 "
+            "(InstructGPT C.4)."
+        },
+    )
+    target_kl: float = field(
+        default=6.0,
+        metadata={
+            "help": "Adaptive mode only: the sequence KL (nats) the controller aims for. "
+            "Default 6.0 (Ziegler et al. 2019; TRL)."
+        },
+    )
+    kl_horizon: int = field(
+        default=10000,
+        metadata={
+            "help": "Adaptive mode only: the controller's horizon H; beta moves by at most "
+            "0.2 * n_steps / H per update. Default 10000 (Ziegler et al. 2019; TRL)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        for name in (
+            "rollout_batch_size",
+            "mini_batch_size",
+            "micro_batch_size",
+            "ppo_epochs",
+            "max_new_tokens",
+        ):
+            self._require(getattr(self, name) >= 1, name, "must be at least 1")
+        self._require(self.kl_horizon >= 1, "kl_horizon", "must be at least 1")
+        for name in ("lr_warmup_iterations", "critic_warmup_iterations"):
+            self._require(getattr(self, name) >= 0, name, "must be >= 0 (0 = off)")
+        self._require(
+            self.mini_batch_size <= self.rollout_batch_size
+            and self.rollout_batch_size % self.mini_batch_size == 0,
+            "mini_batch_size",
+            f"must divide rollout_batch_size ({self.rollout_batch_size})",
+        )
+        for name in (
+            "actor_lr",
+            "critic_lr",
+            "temperature",
+            "max_grad_norm",
+            "value_clip_range",
+            "reward_clip",
+            "target_kl",
+        ):
+            self._require(getattr(self, name) > 0, name, "must be > 0")
+        self._require(0 < self.clip_range < 1, "clip_range", "must be in (0, 1)")
+        for name in ("vf_coef", "entropy_coef", "ptx_coef", "init_kl_coef", "approx_kl_stop"):
+            self._require(getattr(self, name) >= 0, name, "must be >= 0")
+        for name in ("gamma", "lam"):
+            self._require(0 <= getattr(self, name) <= 1, name, "must be in [0, 1]")
+        self._require(
+            self.kl_estimator in KL_ESTIMATORS, "kl_estimator", f"must be one of {KL_ESTIMATORS}"
+        )
+        self._require(self.kl_mode in KL_MODES, "kl_mode", f"must be one of {KL_MODES}")
+
+    def _require(self, ok: bool, name: str, message: str) -> None:
+        if not ok:
+            raise ValueError(f"PPOConfig.{name} {message}, got {getattr(self, name)!r}")
+
+    @property
+    def gradient_steps_per_iteration(self) -> int:
+        """Optimizer steps of one PPO iteration (without an early stop)."""
+        return self.ppo_epochs * self.rollout_batch_size // self.mini_batch_size
+
+    def kl_controller(self) -> AdaptiveKLController | FixedKLController:
+        """A fresh KL coefficient controller for ``kl_mode``."""
+        if self.kl_mode == "adaptive":
+            return AdaptiveKLController(self.init_kl_coef, self.target_kl, self.kl_horizon)
+        return FixedKLController(self.init_kl_coef)
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields as a JSON-able dict (for run records)."""
+        return asdict(self)

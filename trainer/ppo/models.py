@@ -1,0 +1,463 @@
+"""The four PPO models on one copy of the base: actor, reference, critic, reward.
+
+One frozen base causal LM in memory, wrapped once in a :class:`peft.PeftModel` that holds
+three LoRA adapters side by side:
+
+* **actor** = base + ``policy`` adapter (trainable). It starts from the parent policy's
+  adapter, or from a fresh LoRA (B = 0, so the actor starts *equal* to the base);
+* **reference** = the same base with every adapter disabled (``disable_adapter()``): the
+  SFT model, frozen by construction. Its log-probs are the base model's, bit for bit,
+  because a disabled LoRA layer calls only its base layer;
+* **critic** = base + ``critic`` adapter (trainable) + a linear value head on the final
+  hidden state of every position, initialised from the reward model's adapter and head
+  (``critic_init="reward"``) or fresh;
+* **reward** = base + the frozen ``reward`` adapter and head of a reward model version
+  (:func:`trainer.reward.model.attach_reward_model`), plus rule terms
+  (:class:`trainer.reward.rules.ComposedReward`).
+
+Switching adapters is a flag flip in each LoRA layer, not a copy. Passes without a
+gradient run the adapter folded into copies of the base weights, and the update's LoRA
+layers run folded too (:mod:`trainer.common.lora_folding`): one product per layer.
+
+PEFT's ``set_adapter`` also marks only the active adapter trainable;
+:meth:`PolicyModels.use` puts the requires-grad flags back (actor and critic trainable,
+everything else frozen) after every switch, so the optimizer's parameters never silently
+stop getting gradients.
+
+:class:`ActorCritic` is the one ``nn.Module`` the optimizer (and DDP) sees: its forward
+runs the actor and the critic over a :class:`TokenBatch` and returns per-response-token
+log-probs, values and the logits' entropy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from safetensors.torch import save_file
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from trainer.common.lora_folding import fold_in_training, folded
+from trainer.ppo.core import entropy_from_logits, logprobs_from_logits, ptx_loss
+from trainer.reward.model import (
+    LoraRewardModel,
+    attach_reward_model,
+    load_base_model,
+    lora_config,
+)
+
+POLICY, CRITIC, REWARD = "policy", "critic", "reward"
+
+
+# --- token batches ------------------------------------------------------------------------
+
+
+@dataclass
+class TokenBatch:
+    """Prompt + response rows, right-padded, with the response positions spelled out.
+
+    * ``input_ids``, ``attention_mask``: ``[B, T]``, each row ``prompt + response`` then pad;
+    * ``positions``: ``[B, R]``, the index in ``input_ids`` whose hidden state predicts
+      response token ``j`` (``prompt_len - 1 + j``; clamped on padding);
+    * ``response_ids``: ``[B, R]`` the response tokens (pad beyond each row's length);
+    * ``mask``: ``[B, R]``, 1 on response tokens, 0 on padding.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    positions: torch.Tensor
+    response_ids: torch.Tensor
+    mask: torch.Tensor
+
+    @classmethod
+    def build(
+        cls, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int
+    ) -> TokenBatch:
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        width = max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
+        resp_width = max(1, max(len(r) for r in responses))
+        b = len(prompts)
+        input_ids = torch.full((b, width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((b, width), dtype=torch.long)
+        positions = torch.zeros((b, resp_width), dtype=torch.long)
+        response_ids = torch.full((b, resp_width), pad_id, dtype=torch.long)
+        mask = torch.zeros((b, resp_width), dtype=torch.long)
+        for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+            if not p:
+                raise ValueError("every prompt needs at least one token")
+            row = list(p) + list(r)
+            input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            attention_mask[i, : len(row)] = 1
+            steps = torch.arange(resp_width)
+            positions[i] = (len(p) - 1 + steps).clamp(max=width - 1)
+            if r:
+                response_ids[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
+                mask[i, : len(r)] = 1
+        return cls(input_ids, attention_mask, positions, response_ids, mask)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def response_width(self) -> int:
+        return self.mask.shape[1]
+
+    def length_chunks(self, size: int) -> list[torch.Tensor]:
+        """Row indices in chunks of ``size``, shortest rows first: scoring a rollout chunk by
+        chunk (each cut to its own longest row by :meth:`select`) skips most padding."""
+        order = torch.argsort(self.attention_mask.sum(1), stable=True)
+        return list(order.split(size))
+
+    def response_tokens(self) -> torch.Tensor:
+        """The ``N`` response tokens ``[N]``, row by row, padding skipped."""
+        return self.response_ids[self.mask.bool()]
+
+    def unpack(self, values: torch.Tensor) -> torch.Tensor:
+        """``[N]`` values, one per response token (as :meth:`response_tokens` orders them),
+        back to ``[B, R]`` with 0 on padding; differentiable."""
+        keep = self.mask.bool()
+        return values.new_zeros(keep.shape).index_put((keep,), values)
+
+    def select(self, rows: torch.Tensor) -> TokenBatch:
+        """The sub-batch of ``rows`` (a mini-batch), cut to its own longest row: padding
+        that only longer rows elsewhere in the batch needed is not computed on."""
+        attention = self.attention_mask[rows]
+        width = max(1, int(attention.sum(1).max()))
+        mask = self.mask[rows]
+        response_width = max(1, int(mask.sum(1).max()))
+        return TokenBatch(
+            self.input_ids[rows, :width],
+            attention[:, :width],
+            self.positions[rows, :response_width].clamp(max=width - 1),
+            self.response_ids[rows, :response_width],
+            mask[:, :response_width],
+        )
+
+
+def _gather_positions(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``hidden[b, positions[b, j]]``: ``[B, T, H], [B, R] -> [B, R, H]``."""
+    index = positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+    return hidden.gather(1, index)
+
+
+# --- the trainable module -----------------------------------------------------------------
+
+
+class ActorCritic(torch.nn.Module):
+    """Actor (``policy`` adapter) and critic (``critic`` adapter + value head) on one base.
+
+    ``forward(batch)`` -> ``(logprobs, values, entropy, ptx_nll)``: per response token, the
+    actor's log-prob of the sampled token at ``temperature``, the critic's value of the
+    state before it; the mean entropy of the actor's distribution over response tokens (a
+    scalar). The LM head runs only on response tokens, not on the prompt or padding.
+    """
+
+    def __init__(
+        self, models: PolicyModels, value_head: torch.nn.Linear, temperature: float
+    ) -> None:
+        super().__init__()
+        self.peft_model = models.peft_model
+        self.value_head = value_head
+        self.temperature = temperature
+        self._models = [models]  # a list: not registered as a submodule twice
+
+    @property
+    def models(self) -> PolicyModels:
+        return self._models[0]
+
+    def forward(
+        self, batch: TokenBatch, ptx: TokenBatch | None = None, entropy_grad: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(logprobs, values, entropy, ptx_nll)``; ``ptx_nll`` is the actor's next-token
+        NLL on the SFT rows ``ptx`` (PPO-ptx), at temperature 1, or None without them.
+        ``entropy_grad=False``: the entropy is only logged (no bonus), so no gradient."""
+        logprobs, entropy = self.actor(batch, entropy_grad=entropy_grad)
+        values = self.critic(batch)
+        ptx_nll = None
+        if ptx is not None:
+            self.models.use(POLICY)
+            ptx_nll = ptx_loss(self.models.response_logits(ptx), ptx.response_tokens())
+        assert entropy is not None
+        return logprobs, values, entropy, ptx_nll
+
+    def actor(
+        self, batch: TokenBatch, with_entropy: bool = True, entropy_grad: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Policy log-probs ``[B, R]`` of the response tokens and the mean entropy (None
+        when not asked for: scoring a rollout needs only the log-probs)."""
+        with self.models.adapter(POLICY):
+            logits = self.models.response_logits(batch)
+        logprobs = logprobs_from_logits(logits, batch.response_tokens(), self.temperature)
+        logprobs = batch.unpack(logprobs)
+        if not with_entropy:
+            return logprobs, None
+        scaled = logits / self.temperature if self.temperature != 1.0 else logits
+        if not entropy_grad:
+            scaled = scaled.detach()
+        return logprobs, entropy_from_logits(scaled)
+
+    def critic(self, batch: TokenBatch) -> torch.Tensor:
+        """Values ``[B, R]``: the value head on the critic's hidden state at each position."""
+        with self.models.adapter(CRITIC):
+            hidden = self.models.hidden_states(batch)
+        return self.value_head(_gather_positions(hidden, batch.positions)).squeeze(-1)
+
+
+# --- the models on one base -----------------------------------------------------------------
+
+
+class PolicyModels:
+    """The base, its adapters and heads, and the passes PPO needs (see module docstring).
+
+    Build with :meth:`load`; then :attr:`actor_critic` is the trainable module,
+    :meth:`reference_logprobs` the frozen reference, :attr:`reward` the reward model.
+    """
+
+    def __init__(
+        self,
+        peft_model: PeftModel,
+        tokenizer: PreTrainedTokenizerBase,
+        reward: LoraRewardModel,
+        value_head: torch.nn.Linear,
+        temperature: float,
+        base_model_path: Path,
+        *,
+        critic_from_reward: bool = False,
+    ) -> None:
+        self.peft_model = peft_model
+        self.critic_from_reward = critic_from_reward
+        """The critic started as the reward model: its head predicts raw reward scores."""
+        fold_in_training(peft_model)  # the update's LoRA layers, folded (lora_folding)
+        self.tokenizer = tokenizer
+        self.reward = reward
+        self.base_model_path = base_model_path
+        hf_model = peft_model.get_base_model()
+        self._backbone = getattr(hf_model, hf_model.base_model_prefix)
+        self._lm_head = hf_model.get_output_embeddings()
+        self.actor_critic = ActorCritic(self, value_head, temperature)
+        marker = {name: f".{name}." for name in (POLICY, CRITIC)}
+        self._policy_params = [p for n, p in peft_model.named_parameters() if marker[POLICY] in n]
+        self._critic_params = [p for n, p in peft_model.named_parameters() if marker[CRITIC] in n]
+        self._trainable = {id(p) for p in self.trainable_parameters()}
+        self._adapter_key: tuple[str, ...] = ()
+        self._adapter_list: list[torch.nn.Parameter] = []
+        self.use(POLICY)
+
+    # --- construction ----------------------------------------------------------------------
+
+    @classmethod
+    def load(
+        cls,
+        base_model: Path,
+        reward_dir: Path,
+        *,
+        policy_init: Path | None = None,
+        critic_init: str = "reward",
+        lora_r: int = 8,
+        lora_alpha: int = 16,
+        lora_target_modules: str = "all-linear",
+        temperature: float = 1.0,
+        seed: int = 0,
+    ) -> PolicyModels:
+        """Load the base once and put every adapter on it.
+
+        ``policy_init``: a PEFT adapter directory the actor starts from (the parent policy);
+        ``None`` = a fresh LoRA of rank ``lora_r``. ``critic_init``: ``"reward"`` copies the
+        reward model's adapter and head into the critic (its LoRA config included),
+        ``"fresh"`` starts a new LoRA and a zero value head.
+        """
+        base, tokenizer = load_base_model(Path(base_model))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            peft_model = _with_policy_adapter(
+                base, policy_init, lora_config(lora_r, lora_alpha, lora_target_modules)
+            )
+            reward = attach_reward_model(peft_model, tokenizer, Path(reward_dir))
+            hidden = base.config.hidden_size
+            value_head = torch.nn.Linear(hidden, 1)
+            if critic_init == "reward":
+                critic_config = copy.deepcopy(peft_model.peft_config[REWARD])
+                critic_config.inference_mode = False
+                peft_model.add_adapter(CRITIC, critic_config)
+                _copy_adapter(peft_model, REWARD, CRITIC)
+                value_head.load_state_dict(reward.head.state_dict())
+            elif critic_init == "fresh":
+                peft_model.add_adapter(CRITIC, lora_config(lora_r, lora_alpha, lora_target_modules))
+                torch.nn.init.zeros_(value_head.weight)
+                torch.nn.init.zeros_(value_head.bias)
+            else:
+                raise ValueError(f"critic_init must be 'reward' or 'fresh', got {critic_init!r}")
+        peft_model.eval()  # no dropout anywhere: PPO's ratios must compare like with like
+        return cls(
+            peft_model,
+            tokenizer,
+            reward,
+            value_head,
+            temperature,
+            Path(base_model),
+            critic_from_reward=critic_init == "reward",
+        )
+
+    # --- adapters and parameters ------------------------------------------------------------
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """Actor adapter, critic adapter, value head: what the optimizer updates."""
+        return [*self._policy_params, *self._critic_params, *self.value_head.parameters()]
+
+    @property
+    def value_head(self) -> torch.nn.Linear:
+        return self.actor_critic.value_head
+
+    def param_groups(self, actor_lr: float, critic_lr: float) -> list[dict[str, Any]]:
+        """Optimizer groups: the actor at ``actor_lr``, the critic and head at ``critic_lr``."""
+        return [
+            {"params": self._policy_params, "lr": actor_lr, "name": "actor"},
+            {
+                "params": [*self._critic_params, *self.value_head.parameters()],
+                "lr": critic_lr,
+                "name": "critic",
+            },
+        ]
+
+    def use(self, adapter: str) -> None:
+        """Make ``adapter`` the active one; trainable flags stay as they must be.
+
+        Cheap when ``adapter`` is already active (PEFT's switch walks every module); the
+        flags are put back on the adapters' tensors every time, because any other
+        ``set_adapter`` call (the reward model restores its caller's adapter) re-marks them.
+        """
+        if self.peft_model.active_adapter != adapter:
+            self.peft_model.set_adapter(adapter)
+        for p in self._adapter_tensors():
+            p.requires_grad_(id(p) in self._trainable)
+
+    def _adapter_tensors(self) -> list[torch.nn.Parameter]:
+        """Every adapter's tensors (the base's stay frozen): recomputed when adapters are
+        added or deleted (the evaluation loads other policy versions)."""
+        key = tuple(sorted(self.peft_model.peft_config))
+        if self._adapter_key != key:
+            self._adapter_key = key
+            self._adapter_list = [p for n, p in self.peft_model.named_parameters() if ".lora_" in n]
+        return self._adapter_list
+
+    @contextlib.contextmanager
+    def adapter(self, name: str) -> Iterator[None]:
+        """The passes inside run with adapter ``name``: made active (:meth:`use`) when a
+        gradient may flow, folded into the base weights when none can (no-gradient passes:
+        scoring, sampling; see :mod:`trainer.common.lora_folding`)."""
+        if torch.is_grad_enabled():
+            self.use(name)
+            yield
+        else:
+            with folded(self.peft_model, name):
+                yield
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """The frozen reference: every adapter disabled for the duration."""
+        with self.peft_model.disable_adapter():
+            yield
+
+    # --- forward passes --------------------------------------------------------------------
+
+    def hidden_states(self, batch: TokenBatch) -> torch.Tensor:
+        """Final hidden states ``[B, T, H]`` of the active adapter (or the reference)."""
+        return self._backbone(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask
+        ).last_hidden_state
+
+    def response_logits(self, batch: TokenBatch) -> torch.Tensor:
+        """Logits ``[N, V]`` predicting the batch's ``N`` response tokens, row by row (as
+        :meth:`TokenBatch.response_tokens`): the LM head, the widest product of a small
+        model, runs on nothing else, neither prompt nor padding."""
+        hidden = _gather_positions(self.hidden_states(batch), batch.positions)
+        return self._lm_head(hidden[batch.mask.bool()])
+
+    @torch.no_grad()
+    def reference_logprobs(self, batch: TokenBatch) -> torch.Tensor:
+        """Log-probs ``[B, R]`` of the response tokens under the reference (base) model."""
+        with self.reference():
+            logits = self.response_logits(batch)
+        temperature = self.actor_critic.temperature
+        return batch.unpack(logprobs_from_logits(logits, batch.response_tokens(), temperature))
+
+    # --- saving the actor ------------------------------------------------------------------
+
+    def policy_state(self) -> dict[str, torch.Tensor]:
+        """The policy adapter's tensors in PEFT's file naming (what vLLM loads)."""
+        state = get_peft_model_state_dict(self.peft_model, adapter_name=POLICY)
+        return {k: v.detach().contiguous().clone() for k, v in state.items()}
+
+    def save_policy(self, directory: Path) -> None:
+        """Write the actor as a standalone PEFT adapter directory (servable by vLLM)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = self.peft_model.peft_config[POLICY]
+        config.base_model_name_or_path = str(self.base_model_path)
+        config.save_pretrained(str(directory))
+        save_file(self.policy_state(), str(directory / "adapter_model.safetensors"))
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Every trainable tensor by name (checkpoints)."""
+        named = dict(self.peft_model.named_parameters())
+        state = {
+            f"adapter:{n}": p.detach().clone() for n, p in named.items() if id(p) in self._trainable
+        }
+        state.update(
+            {f"value_head:{n}": t.detach().clone() for n, t in self.value_head.state_dict().items()}
+        )
+        return state
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        named = dict(self.peft_model.named_parameters())
+        expected = {f"adapter:{n}" for n, p in named.items() if id(p) in self._trainable}
+        expected |= {f"value_head:{n}" for n in self.value_head.state_dict()}
+        if set(state) != expected:
+            raise ValueError("checkpoint tensors do not match this actor/critic")
+        with torch.no_grad():
+            for key, tensor in state.items():
+                kind, name = key.split(":", 1)
+                target = named[name] if kind == "adapter" else self.value_head.state_dict()[name]
+                target.copy_(tensor)
+
+    def parameter_bytes(self) -> dict[str, int]:
+        """Bytes held by the base, each adapter and the value head (the memory breakdown)."""
+        sizes: dict[str, int] = {"base": 0, POLICY: 0, CRITIC: 0, REWARD: 0}
+        for name, p in self.peft_model.named_parameters():
+            owner = next((a for a in (POLICY, CRITIC, REWARD) if f".{a}." in name), "base")
+            sizes[owner] += p.numel() * p.element_size()
+        sizes["value_head"] = sum(
+            p.numel() * p.element_size() for p in self.value_head.parameters()
+        )
+        sizes["reward_head"] = sum(
+            p.numel() * p.element_size() for p in self.reward.head.parameters()
+        )
+        return sizes
+
+
+def _with_policy_adapter(
+    base: PreTrainedModel, policy_init: Path | None, fresh: LoraConfig
+) -> PeftModel:
+    if policy_init is None:
+        return get_peft_model(base, fresh, adapter_name=POLICY)
+    return PeftModel.from_pretrained(base, str(policy_init), adapter_name=POLICY, is_trainable=True)
+
+
+def _copy_adapter(peft_model: PeftModel, source: str, target: str) -> None:
+    """Copy every LoRA tensor of adapter ``source`` into adapter ``target`` (same config)."""
+    params = dict(peft_model.named_parameters())
+    copied = 0
+    with torch.no_grad():
+        for name, p in params.items():
+            if f".{source}." in name:
+                params[name.replace(f".{source}.", f".{target}.")].copy_(p)
+                copied += 1
+    if copied == 0:
+        raise ValueError(f"adapter {source!r} has no tensors to copy")

@@ -1,0 +1,484 @@
+"""One PPO iteration, in the order it happens (the math is in :mod:`trainer.ppo.core`).
+
+:meth:`PPOTrainer.iteration` takes a batch of prompts (conversations) and:
+
+1. **rollout** - syncs the actor into the sampler (vLLM: write the adapter, load it) and
+   samples one response per prompt at ``temperature``;
+2. **evaluate the rollout** (no gradient) - recomputes the actor's log-probs with the
+   training model (never the sampler's: their mean absolute gap is logged), the frozen
+   reference's log-probs (adapters disabled), the critic's values, and the reward: reward
+   model score plus rule terms, one number per response. This overlaps step 1: the
+   sampler streams finished responses, and each chunk of them (two micro-batches) is scored
+   while the engine (its own process, its own core) still generates the longer ones.
+   Every row's numbers are its own, whichever chunk it landed in;
+3. **reward shaping** - scores normalised by running statistics and clipped (PPO-max),
+   per-token KL penalty ``-beta * kl`` with the score added on the last token;
+4. **advantages** - GAE over response tokens, then whitened;
+5. **update** - ``ppo_epochs`` passes of shuffled mini-batches: clipped surrogate +
+   ``vf_coef`` * clipped value loss - ``entropy_coef`` * entropy (+ PPO-ptx), global
+   gradient-norm clip, AdamW step; the epoch loop stops early once the approximate KL to
+   the rollout policy passes ``approx_kl_stop``. During critic warm-up only the critic learns;
+6. **KL controller** - ``beta`` moves toward the target (adaptive) or stays (fixed).
+
+It returns the iteration's metrics. Non-finite scores, losses or gradients raise
+:class:`TrainingDiverged` before any optimizer step applies them. :meth:`state_dict` /
+:meth:`load_state_dict` hold everything a resumed round needs (adapters, head, optimizer,
+KL coefficient, reward statistics). Under torchrun each rank runs this on its shard of the
+prompts (see :mod:`trainer.common.distributed`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from trainer.common.distributed import Dist
+from trainer.ppo import core as pm
+from trainer.ppo.config import PPOConfig
+from trainer.ppo.models import PolicyModels, TokenBatch
+from trainer.ppo.rollout.base import Finished, Sampler, render_prompts
+
+RewardFn = Callable[[Sequence[Any], Sequence[str]], dict[str, torch.Tensor]]
+"""``(conversations, answers) -> {"total": [B], <component>: [B], ...}`` (ComposedReward)."""
+
+
+@dataclass
+class ScoredRollout:
+    """Step 1 and 2's result, rows in prompt order; ``[B, R]`` tensors are 0 on padding."""
+
+    batch: TokenBatch
+    old_logprobs: torch.Tensor
+    values: torch.Tensor
+    ref_logprobs: torch.Tensor
+    sampler_logprobs: torch.Tensor
+    reward_parts: dict[str, torch.Tensor]
+    tokens: int
+    rollout_s: float
+    """From the first request to the last response."""
+    score_s: float
+    """Time spent scoring, most of it while the engine was still generating."""
+
+
+class TrainingDiverged(RuntimeError):
+    """NaN/inf in scores, losses or gradients: the round must abort, not register."""
+
+
+def _finite(name: str, value: torch.Tensor, iteration: int) -> None:
+    if not bool(torch.isfinite(value).all()):
+        raise TrainingDiverged(f"non-finite {name} at iteration {iteration}")
+
+
+def _padded(rows: Sequence[Sequence[float]], width: int) -> torch.Tensor:
+    out = torch.zeros((len(rows), width), dtype=torch.float32)
+    for i, row in enumerate(rows):
+        values = list(row)[:width]
+        if values:
+            out[i, : len(values)] = torch.tensor(values, dtype=torch.float32)
+    return out
+
+
+class PPOTrainer:
+    """Runs PPO iterations on :class:`PolicyModels` (see module docstring)."""
+
+    def __init__(
+        self,
+        config: PPOConfig,
+        models: PolicyModels,
+        sampler: Sampler,
+        reward_fn: RewardFn,
+        dist: Dist | None = None,
+        ptx_examples: Sequence[tuple[Sequence[int], Sequence[int]]] = (),
+    ) -> None:
+        """``ptx_examples``: (prompt ids, answer ids) of SFT text for PPO-ptx (used only when
+        ``config.ptx_coef > 0``; one mini-batch of them per gradient step)."""
+        self.config = config
+        self.models = models
+        self.sampler = sampler
+        self.reward_fn = reward_fn
+        self.dist = dist or Dist()
+        if config.rollout_batch_size % self.dist.world_size or (
+            config.mini_batch_size % self.dist.world_size
+        ):
+            raise ValueError("rollout_batch_size and mini_batch_size must divide by world size")
+        self.kl_controller = config.kl_controller()
+        self.moments = pm.RunningMoments()
+        self.optimizer = torch.optim.AdamW(
+            models.param_groups(config.actor_lr, config.critic_lr), weight_decay=0.0
+        )
+        self.module: torch.nn.Module = models.actor_critic
+        if self.dist.enabled:
+            self.module = torch.nn.parallel.DistributedDataParallel(
+                models.actor_critic, find_unused_parameters=True
+            )
+        tokenizer = models.tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.ptx_examples = list(ptx_examples) if config.ptx_coef > 0 else []
+        if config.ptx_coef > 0 and not self.ptx_examples:
+            raise ValueError("ptx_coef > 0 needs ptx_examples (SFT prompt/answer token ids)")
+
+    # --- checkpoint state --------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "trainable": self.models.trainable_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "kl_coef": self.kl_controller.value,
+            "moments": self.moments.state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.models.load_trainable_state(state["trainable"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.kl_controller.value = float(state["kl_coef"])
+        self.moments.load_state(state["moments"])
+
+    # --- one iteration -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _value_head_to_normalized_units(
+        self, values: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Once, at a round's first rollout: a critic that starts as the reward model
+        predicts raw scores; rescale its head (and this rollout's values) to the normalised
+        scores its returns are made of (:func:`trainer.ppo.core.normalized_value_head`)."""
+        head = self.models.value_head
+        weight, bias = pm.normalized_value_head(
+            head.weight, head.bias, self.moments.mean, self.moments.std
+        )
+        head.weight.copy_(weight)
+        head.bias.copy_(bias)
+        sigma = pm.nonzero_scale(self.moments.std)
+        return ((values - self.moments.mean) / sigma) * mask
+
+    def _lr_factor(self, iteration: int) -> float:
+        warmup = self.config.lr_warmup_iterations
+        return 1.0 if warmup == 0 else 0.1 + 0.9 * min(1.0, iteration / warmup)
+
+    def iteration(self, conversations: Sequence[Any], iteration: int) -> dict[str, Any]:
+        """One PPO iteration on this rank's ``conversations``; returns its metrics."""
+        cfg, dist, models = self.config, self.dist, self.models
+        started = time.perf_counter()
+
+        # 1+2. rollout, and evaluate it as it streams in: actor and critic (this very model),
+        #      reference, reward.
+        sync_s = self.sampler.sync(models, str(iteration))
+        seed = (cfg.seed * 1_000_003 + iteration) * dist.world_size + dist.rank
+        rollout = self._rollout_and_score(conversations, seed)
+        batch, old_logprobs, values = rollout.batch, rollout.old_logprobs, rollout.values
+        mask = batch.mask.float()
+        scores = rollout.reward_parts["total"].float()
+        _finite("reward scores", scores, iteration)
+        logprob_gap = pm.masked_mean((old_logprobs - rollout.sampler_logprobs).abs(), mask).item()
+        t_score = time.perf_counter()
+
+        # 3. reward: normalise + clip the scores (stats over every rank), per-token KL penalty.
+        first_look = self.moments.count == 0
+        self.moments.update(dist.gather(scores))
+        if first_look and cfg.normalize_reward and models.critic_from_reward:
+            values = self._value_head_to_normalized_units(values, mask)
+        if cfg.normalize_reward:
+            norm_scores = pm.normalize_and_clip_rewards(
+                scores, self.moments, cfg.reward_clip, update=False
+            )
+        else:
+            norm_scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+        kl = pm.kl_penalty(old_logprobs, rollout.ref_logprobs, cfg.kl_estimator)  # type: ignore[arg-type]
+        beta = self.kl_controller.value
+        rewards = pm.shaped_rewards(norm_scores, kl, beta, mask)
+
+        # 4. advantages: GAE over response tokens, whitened.
+        advantages, returns = pm.gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = pm.whiten(advantages, mask)
+        score_s = rollout.score_s + time.perf_counter() - t_score
+
+        # 5. update: epochs of shuffled mini-batches, early stop on approximate KL.
+        t_update = time.perf_counter()
+        update = self._update(batch, old_logprobs, values, advantages, returns, iteration)
+        update_s = time.perf_counter() - t_update
+
+        # 6. KL controller, on the mean per-sequence KL to the reference.
+        token_kl = torch.where(batch.mask.bool(), kl, torch.zeros_like(kl))  # not on padding
+        seq_kl = dist.mean(token_kl.sum(-1).mean().item())
+        self.kl_controller.update(seq_kl, cfg.rollout_batch_size)
+
+        lengths = batch.mask.sum(-1).float()
+        metrics: dict[str, Any] = {
+            "iteration": iteration,
+            "reward_raw": dist.mean(scores.mean().item()),
+            "reward_normalized": dist.mean(norm_scores.mean().item()),
+            "kl_ref": seq_kl,
+            "kl_coef": beta,
+            "next_kl_coef": self.kl_controller.value,
+            "explained_variance": dist.mean(pm.explained_variance(values, returns, mask)),
+            "response_length": dist.mean(lengths.mean().item()),
+            "sampler_logprob_gap": dist.mean(logprob_gap),
+            "episodes": cfg.rollout_batch_size,
+            "rollout_tokens": int(dist.mean(float(rollout.tokens)) * dist.world_size),
+            "rollout_tokens_per_s": dist.mean(rollout.tokens / max(rollout.rollout_s, 1e-9))
+            * dist.world_size,
+            "sync_s": sync_s,
+            "rollout_s": rollout.rollout_s,
+            "score_s": score_s,
+            "update_s": update_s,
+            **update,
+        }
+        for name, values_ in rollout.reward_parts.items():
+            if name != "total":
+                metrics[f"reward_{name}"] = dist.mean(values_.float().mean().item())
+        metrics["seconds"] = time.perf_counter() - started
+        metrics["episodes_per_s"] = cfg.rollout_batch_size / metrics["seconds"]
+        return metrics
+
+    def _rollout_and_score(self, conversations: Sequence[Any], seed: int) -> ScoredRollout:
+        """Sample one response per conversation and score the responses as soon as the
+        sampler has finished them: once ``2 * micro_batch_size`` are ready (no gradient:
+        no activations kept, so twice the rows of a training micro-batch), all that are
+        ready, up to ``mini_batch_size`` per pass."""
+        models, cfg = self.models, self.config
+        prompt_ids = render_prompts(models.tokenizer, conversations)
+        n = len(prompt_ids)
+        responses: list[list[int]] = [[] for _ in range(n)]
+        sampler_logprobs: list[list[float]] = [[] for _ in range(n)]
+        scored: dict[int, tuple[torch.Tensor, ...]] = {}  # row -> (logprobs, values, ref)
+        parts: dict[str, torch.Tensor] = {}
+        score_s = 0.0
+
+        def score(chunk: list[Finished]) -> None:
+            nonlocal score_s
+            t = time.perf_counter()
+            rows = [d.index for d in chunk]
+            sub = TokenBatch.build(
+                [prompt_ids[i] for i in rows], [d.response_ids for d in chunk], self.pad_id
+            )
+            per_token = self._score_tokens(sub)
+            for j, d in enumerate(chunk):
+                length = len(d.response_ids)
+                scored[d.index] = tuple(part[j, :length] for part in per_token)
+            answers = models.tokenizer.batch_decode(
+                [d.response_ids for d in chunk], skip_special_tokens=True
+            )
+            with torch.inference_mode():
+                chunk_parts = self.reward_fn([conversations[i] for i in rows], answers)
+            for name, value in chunk_parts.items():
+                parts.setdefault(name, torch.zeros(n, dtype=value.dtype))[rows] = value
+            score_s += time.perf_counter() - t
+
+        ready: list[Finished] = []
+
+        def score_ready(at_least: int) -> None:
+            """Score the finished rows, at most a mini-batch per pass (bigger no-gradient
+            passes run faster), while at least ``at_least`` of them wait."""
+            nonlocal ready
+            while ready and len(ready) >= at_least:
+                score(ready[: cfg.mini_batch_size])
+                ready = ready[cfg.mini_batch_size :]
+
+        started = last = time.perf_counter()
+        stream = self.sampler.stream(
+            prompt_ids,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            seed=seed,
+        )
+        for finished in stream:
+            last = time.perf_counter()
+            for done in finished:
+                responses[done.index] = done.response_ids
+                sampler_logprobs[done.index] = done.sampler_logprobs
+            ready += finished
+            score_ready(at_least=2 * cfg.micro_batch_size)
+        rollout_s = last - started
+        score_ready(at_least=1)
+        if len(scored) != n:
+            raise RuntimeError(f"the sampler answered {len(scored)} of {n} prompts")
+
+        batch = TokenBatch.build(prompt_ids, responses, self.pad_id)
+        per_token = [torch.zeros(batch.mask.shape) for _ in range(3)]
+        for i, row in scored.items():
+            for target, values in zip(per_token, row, strict=True):
+                target[i, : values.shape[0]] = values
+        return ScoredRollout(
+            batch,
+            *per_token,
+            sampler_logprobs=_padded(sampler_logprobs, batch.response_width),
+            reward_parts=parts,
+            tokens=sum(len(r) for r in responses),
+            rollout_s=rollout_s,
+            score_s=score_s,
+        )
+
+    @torch.inference_mode()
+    def _score_tokens(self, batch: TokenBatch) -> tuple[torch.Tensor, ...]:
+        """Actor log-probs, critic values and reference log-probs ``[B, R]`` of a rollout,
+        computed in length-sorted chunks (less padding; every row's numbers are its own),
+        0 on padding."""
+        out = [torch.zeros(batch.mask.shape) for _ in range(3)]
+        ac = self.models.actor_critic
+        for rows in batch.length_chunks(self.config.mini_batch_size):
+            chunk = batch.select(rows)
+            width = chunk.response_width
+            parts = (
+                ac.actor(chunk, with_entropy=False)[0],
+                ac.critic(chunk),
+                self.models.reference_logprobs(chunk),
+            )
+            keep = chunk.mask.bool()
+            for target, part in zip(out, parts, strict=True):
+                target[rows, :width] = torch.where(keep, part, torch.zeros_like(part))
+        return tuple(out)
+
+    def _accumulate(
+        self,
+        batch: TokenBatch,
+        rows: torch.Tensor,
+        old_logprobs: torch.Tensor,
+        old_values: torch.Tensor,
+        advantages: torch.Tensor,
+        returns: torch.Tensor,
+        ptx: TokenBatch | None,
+        iteration: int,
+    ) -> dict[str, torch.Tensor]:
+        """Backward the mini-batch ``rows``'s loss, micro-batch by micro-batch, and return
+        its (detached) loss terms and statistics.
+
+        The rows are sorted by length and cut into ``micro_batch_size`` pieces, each padded
+        only to its own longest row. Every loss term is a masked mean over response tokens;
+        a micro-batch's mean is weighted by its share of the mini-batch's tokens, so the
+        summed gradient is the mini-batch's own. (PPO-ptx rides on the first micro-batch.)
+        """
+        cfg = self.config
+        warming_up = iteration < cfg.critic_warmup_iterations
+        lengths = batch.attention_mask[rows].sum(1)
+        rows = rows[torch.argsort(lengths, stable=True)]
+        pieces = list(rows.split(cfg.micro_batch_size))
+        total_tokens = float(batch.mask[rows].sum().clamp(min=1))
+        sums: dict[str, torch.Tensor] = {}
+        for k, piece in enumerate(pieces):
+            mb = batch.select(piece)
+            mb_mask = mb.mask.float()
+            width = mb.response_width
+            share = float(mb_mask.sum()) / total_tokens
+            last = k == len(pieces) - 1
+            # DDP all-reduces the gradients once, after the last micro-batch's backward.
+            no_sync = self.module.no_sync() if self.dist.enabled and not last else None
+            with no_sync or contextlib.nullcontext():
+                logprobs, values, entropy, ptx_nll = self.module(
+                    mb, ptx if k == 0 else None, entropy_grad=cfg.entropy_coef > 0
+                )
+                p_loss, clip_frac, approx_kl = pm.policy_loss(
+                    logprobs,
+                    old_logprobs[piece, :width],
+                    advantages[piece, :width],
+                    mb_mask,
+                    cfg.clip_range,
+                )
+                v_loss, v_clip = pm.value_loss(
+                    values,
+                    old_values[piece, :width],
+                    returns[piece, :width],
+                    mb_mask,
+                    cfg.value_clip_range,
+                )
+                if warming_up:  # critic only; the actor's graph stays in (DDP) at zero weight
+                    loss = cfg.vf_coef * v_loss + 0.0 * (p_loss + entropy)
+                else:
+                    loss = p_loss + cfg.vf_coef * v_loss - cfg.entropy_coef * entropy
+                loss = share * loss
+                if ptx_nll is not None:  # PPO-ptx: keep the SFT likelihood up
+                    loss = loss + cfg.ptx_coef * ptx_nll
+                    sums["ptx_loss"] = ptx_nll.detach()
+                _finite("loss", loss, iteration)
+                loss.backward()
+            for key, value in (
+                ("policy_loss", p_loss),
+                ("value_loss", v_loss),
+                ("entropy", entropy),
+                ("clip_fraction", clip_frac),
+                ("value_clip_fraction", v_clip),
+                ("approx_kl", approx_kl),
+            ):
+                sums[key] = sums.get(key, 0.0) + share * value.detach()
+        return sums
+
+    def _ptx_batch(self, generator: torch.Generator) -> TokenBatch | None:
+        if not self.ptx_examples:
+            return None
+        n = min(len(self.ptx_examples), self.config.mini_batch_size // self.dist.world_size)
+        rows = torch.randperm(len(self.ptx_examples), generator=generator)[:n].tolist()
+        prompts = [self.ptx_examples[i][0] for i in rows]
+        answers = [self.ptx_examples[i][1] for i in rows]
+        return TokenBatch.build(prompts, answers, self.pad_id)
+
+    def _update(
+        self,
+        batch: TokenBatch,
+        old_logprobs: torch.Tensor,
+        old_values: torch.Tensor,
+        advantages: torch.Tensor,
+        returns: torch.Tensor,
+        iteration: int,
+    ) -> dict[str, Any]:
+        cfg, dist = self.config, self.dist
+        warming_up = iteration < cfg.critic_warmup_iterations
+        factor = self._lr_factor(iteration)
+        for group in self.optimizer.param_groups:
+            peak = cfg.actor_lr if group["name"] == "actor" else cfg.critic_lr
+            group["lr"] = 0.0 if (warming_up and group["name"] == "actor") else peak * factor
+        local_batch = len(batch)
+        local_mini = cfg.mini_batch_size // dist.world_size
+        params = self.models.trainable_parameters()
+        logs: dict[str, list[float]] = {
+            k: []
+            for k in (
+                "policy_loss",
+                "value_loss",
+                "entropy",
+                "clip_fraction",
+                "value_clip_fraction",
+                "approx_kl",
+                "grad_norm",
+                "ptx_loss",
+            )
+        }
+        epochs_done, early_stopped = 0, False
+        generator = torch.Generator().manual_seed(cfg.seed * 7_919 + iteration)
+        for _epoch in range(cfg.ppo_epochs):
+            order = torch.randperm(local_batch, generator=generator)
+            for start in range(0, local_batch, local_mini):
+                rows = order[start : start + local_mini]
+                ptx = self._ptx_batch(generator)
+                self.optimizer.zero_grad(set_to_none=True)
+                step = self._accumulate(
+                    batch, rows, old_logprobs, old_values, advantages, returns, ptx, iteration
+                )
+                grad_norm = pm.clip_grad_norm(params, cfg.max_grad_norm)
+                _finite("gradient norm", grad_norm, iteration)
+                self.optimizer.step()
+                step["grad_norm"] = grad_norm
+                for key, value in step.items():
+                    logs[key].append(float(value))
+                # Early stop when the policy moved too far from the one that sampled.
+                approx_kl = float(step["approx_kl"])
+                too_far = cfg.approx_kl_stop > 0 and approx_kl > cfg.approx_kl_stop
+                if dist.any(too_far and not warming_up):
+                    early_stopped = True
+                    break
+            epochs_done += 1
+            if early_stopped:
+                break
+        out: dict[str, Any] = {
+            k: dist.mean(sum(v) / len(v)) if v else None for k, v in logs.items()
+        }
+        out.update(
+            epochs=epochs_done,
+            early_stopped=early_stopped,
+            critic_warmup=warming_up,
+            gradient_steps=len(logs["policy_loss"]),
+        )
+        return out

@@ -1,0 +1,220 @@
+"""``alignloop train ppo`` (one training round now) and ``alignloop train loop`` (rounds
+whenever enough new feedback arrived, or enough time passed).
+
+Flags come from :class:`trainer.rounds.config.RoundConfig` and its nested
+:class:`trainer.ppo.config.PPOConfig` (``--iterations``, ``--rollout-batch-size``,
+``--rollout-backend hf`` ...); the loop adds :class:`trainer.rounds.trigger.TriggerConfig`
+(``--min-new-ratings``, ``--max-interval-s``). ``--demo`` sizes a round for the demo
+model on a laptop (what ``alignloop up`` runs). Database, state directory, base model and
+broker default to the settings (``ALIGNLOOP_*``).
+
+``train ppo`` prints the round's JSON summary on stdout and exits 0 registered,
+4 rejected by the gate, 3 failed (no reward model, too few prompts...), 6 aborted (NaN/inf,
+runaway KL), 5 stopped by ``--stop-after-iterations`` (run again to resume), 2 bad usage.
+Under ``torchrun --nproc-per-node N`` it runs data-parallel (see trainer/common/distributed.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from schemas.config_flags import add_config_flags, config_from_namespace
+from trainer.common.malloc_tuning import keep_freed_memory
+from trainer.rounds import records as round_records
+from trainer.rounds.config import RoundConfig
+from trainer.rounds.trigger import TriggerConfig, should_start
+
+log = logging.getLogger(__name__)
+
+EXIT_CODES = {"registered": 0, "failed": 3, "rejected": 4, "stopped": 5, "aborted": 6}
+EXIT_USAGE = 2
+
+DEMO_PPO = {
+    "rollout_batch_size": 64,
+    "mini_batch_size": 16,
+    "ppo_epochs": 4,
+    "max_new_tokens": 48,
+    "actor_lr": 1e-3,
+    "critic_lr": 1e-3,
+    "lr_warmup_iterations": 0,
+    "init_kl_coef": 0.1,
+}
+"""``--demo``: a round the 2M-parameter demo model finishes in a minute or two on one CPU
+core. The production defaults are InstructGPT's, far too slow to show a change in 8
+iterations of 64 prompts; at 3e-4 and 2 epochs the policy barely moved on a learned reward
+(KL 0.002, clip fraction 0.001). These rates move it by about 2 nats of KL in a round, well
+inside the gate (docs/benchmarks.md has the measurement)."""
+DEMO_ROUND = {"iterations": 8, "prompt_pool": 500, "eval_prompts": 64}
+DEMO_TRIGGER = {"min_new_ratings": 150, "max_interval_s": 600.0}
+"""The first round waits for 150 ratings: fewer leave a held-out set too small to show the
+reward model better than chance, and the failed reward round costs a minute or two."""
+
+
+def _parser(prog: str, description: str, *, loop: bool) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--demo", action="store_true", help="demo-sized defaults (explicit flags still win)"
+    )
+    add_config_flags(parser, RoundConfig)
+    if loop:
+        group = parser.add_argument_group("when a round starts (TriggerConfig)")
+        add_config_flags(group, TriggerConfig)
+        group.add_argument("--poll-s", type=float, default=10.0, help="How often to check.")
+    return parser
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> dict[str, Any]:
+    """Flags as a dict; with ``--demo``, the demo values for every flag not given."""
+    values = vars(parser.parse_args(argv))
+    if values.pop("demo"):
+        given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
+        for key, value in {**DEMO_PPO, **DEMO_ROUND, **DEMO_TRIGGER}.items():
+            if key not in given and key in values:
+                values[key] = value
+    from schemas.settings import Settings
+
+    settings = Settings()
+    values["database_url"] = values["database_url"] or settings.database_url
+    values["state_dir"] = Path(values["state_dir"] or settings.state_dir).resolve()
+    values["base_model"] = Path(
+        values["base_model"] or settings.base_model or settings.demo_model_dir()
+    ).resolve()
+    if values["kafka_bootstrap"] is None:
+        values["kafka_bootstrap"] = settings.kafka_bootstrap
+    return values
+
+
+def _round_config(values: dict[str, Any]) -> RoundConfig | None:
+    try:
+        config = config_from_namespace(RoundConfig, values)
+    except ValueError as exc:
+        print(f"alignloop train: {exc}", file=sys.stderr)
+        return None
+    if not config.database_url:
+        print("alignloop train: set ALIGNLOOP_DATABASE_URL or --database-url", file=sys.stderr)
+        return None
+    if not (config.base_model / "config.json").is_file():
+        print(
+            f"alignloop train: no model at {config.base_model} (build the demo model with "
+            "`alignloop bootstrap-model`, or set --base-model)",
+            file=sys.stderr,
+        )
+        return None
+    return config
+
+
+def ppo_main(argv: list[str]) -> int:
+    """``alignloop train ppo``: one round now (resuming an interrupted one)."""
+    import torch
+    from prometheus_client import start_http_server
+
+    from trainer.common.distributed import Dist
+    from trainer.rounds.training_round import run_round
+
+    parser = _parser("alignloop train ppo", __doc__ or "", loop=False)
+    config = _round_config(_parse(parser, argv))
+    if config is None:
+        return EXIT_USAGE
+    torch.set_num_threads(config.torch_threads())
+    keep_freed_memory()
+    dist = Dist.from_env()
+    try:
+        if config.metrics_port and dist.is_main:
+            start_http_server(config.metrics_port)
+        result = run_round(config, dist=dist)
+    finally:
+        dist.close()
+    if dist.is_main:
+        print(json.dumps(result.to_json(), indent=2, default=str))
+        print(f"round {result.round_id} {result.outcome}: {result.reason}", file=sys.stderr)
+    return EXIT_CODES.get(result.outcome, 0)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum, frame) -> None:
+    raise _Stop
+
+
+def loop_main(argv: list[str]) -> int:
+    """``alignloop train loop``: watch the feedback; run a round when the trigger says so."""
+    import torch
+    from prometheus_client import start_http_server
+
+    from feedback.db import connect, migrate
+    from trainer.rounds.training_round import run_round, shared_sampler
+
+    parser = _parser("alignloop train loop", __doc__ or "", loop=True)
+    values = _parse(parser, argv)
+    config = _round_config(values)
+    if config is None:
+        return EXIT_USAGE
+    trigger = config_from_namespace(TriggerConfig, values)
+    torch.set_num_threads(config.torch_threads())
+    keep_freed_memory()
+    if config.metrics_port:
+        start_http_server(config.metrics_port)
+    signal.signal(signal.SIGTERM, _raise_stop)
+    sampler = None
+    log.info(
+        "training loop: a round after %d new ratings or %.0f s (poll every %.0f s)",
+        trigger.min_new_ratings,
+        trigger.max_interval_s,
+        values["poll_s"],
+    )
+    try:
+        while True:
+            with connect(config.database_url, autocommit=True) as conn:
+                migrate(conn)
+                reason = _due(conn, trigger)
+            if reason is not None:
+                if sampler is None and config.rollouts == "vllm":
+                    sampler = shared_sampler(config)
+                result = run_round(config, trigger=reason, sampler=sampler)
+                log.info("round %d %s: %s", result.round_id, result.outcome, result.reason)
+                if sampler is not None and sampler.broken:  # a new engine for the next round
+                    sampler.close()
+                    sampler = None
+                continue
+            time.sleep(values["poll_s"])
+    except (_Stop, KeyboardInterrupt):
+        log.info("training loop stopped")
+        return 0
+    finally:
+        if sampler is not None:
+            sampler.close()
+
+
+def _due(conn, trigger: TriggerConfig) -> str | None:
+    """Why a round should start now (resume an interrupted one first), or None. New
+    ratings count from the last round's watermark (taken when it started)."""
+    running = round_records.running_round(conn)
+    if running is not None:
+        return f"resume round {running.id}"
+    if trigger.wait_for_decision and _awaiting_decision(conn):
+        return None
+    last = round_records.last_round(conn)
+    since = last.watermark if last is not None else None
+    new = round_records.new_ratings_since(conn, since)
+    elapsed = (time.time() - last.started_at.timestamp()) if last is not None else None
+    return should_start(new, elapsed, trigger)
+
+
+def _awaiting_decision(conn) -> bool:
+    """A candidate waits for its canary, or a canary runs."""
+    from deploy.policies import registry
+
+    return registry.routing_table(conn).canary_version is not None or bool(
+        registry.list_versions(conn, "candidate")
+    )
