@@ -99,7 +99,8 @@ def run_alignloop(args: argparse.Namespace) -> dict:
     from trainer.demo.corpus import sample_prompts
     from trainer.ppo.config import PPOConfig
     from trainer.ppo.models import PolicyModels
-    from trainer.ppo.rollout.base import HFSampler, VllmOptions, VllmSampler
+    from trainer.ppo.rollout.hf import HFSampler
+    from trainer.ppo.rollout.vllm import VllmOptions, VllmSampler
     from trainer.ppo.trainer import PPOTrainer
     from trainer.reward.rules import ComposedReward, build_rules
 

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
+from trainer.ppo.config import PPOConfig
 from trainer.ppo.core import kl_penalty, masked_mean
 from trainer.ppo.models import PolicyModels, TokenBatch
 from trainer.ppo.rollout.base import Sampler, Which, render_prompts
-from trainer.rounds.config import RoundConfig
 
 
 def distinct_n(texts: Sequence[str], n: int) -> float:
@@ -66,10 +66,9 @@ def evaluate(
     reward_fn,
     conversations: Sequence[Any],
     stable: Which,
-    config: RoundConfig,
+    ppo: PPOConfig,
 ) -> dict[str, Any]:
     """Candidate (the actor as last synced) vs ``stable`` on held-out ``conversations``."""
-    ppo = config.ppo
     prompt_ids = render_prompts(models.tokenizer, conversations)
     seed = ppo.seed + 99_991  # the same draws for both policies, unlike any training seed
     kwargs = {"max_new_tokens": ppo.max_new_tokens, "temperature": ppo.temperature, "seed": seed}
@@ -93,27 +92,3 @@ def evaluate(
     stable_d2 = out["stable"]["distinct_2"]
     out["distinct_2_ratio"] = out["candidate"]["distinct_2"] / stable_d2 if stable_d2 else 1.0
     return out
-
-
-def gate(metrics: dict[str, Any], config: RoundConfig) -> tuple[bool, str]:
-    """Accept or reject a candidate on its evaluation; the reason says which bars it missed."""
-    problems = []
-    if metrics["win_rate"] < config.gate_min_win_rate:
-        problems.append(
-            f"win rate {metrics['win_rate']:.3f} against the stable policy < "
-            f"{config.gate_min_win_rate}"
-        )
-    if metrics["kl_to_reference"] > config.gate_max_kl:
-        problems.append(f"KL to reference {metrics['kl_to_reference']:.3f} > {config.gate_max_kl}")
-    if metrics["distinct_2_ratio"] < config.gate_min_distinct_ratio:
-        problems.append(
-            f"distinct-2 ratio {metrics['distinct_2_ratio']:.3f} < "
-            f"{config.gate_min_distinct_ratio} (answers lost diversity)"
-        )
-    if problems:
-        return False, "; ".join(problems)
-    return True, (
-        f"passed: win rate {metrics['win_rate']:.3f}, reward gain "
-        f"{metrics['reward_gain']:+.3f}, KL {metrics['kl_to_reference']:.3f}, distinct-2 ratio "
-        f"{metrics['distinct_2_ratio']:.3f}"
-    )

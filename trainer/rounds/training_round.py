@@ -48,17 +48,11 @@ from feedback import datasets
 from feedback.db import connect, migrate
 from trainer.common.distributed import Dist
 from trainer.common.progress import progress_bar
-from trainer.ppo.evaluation import evaluate, gate
+from trainer.ppo.evaluation import evaluate
 from trainer.ppo.models import PolicyModels
-from trainer.ppo.rollout.base import (
-    AdapterSyncError,
-    HFSampler,
-    Sampler,
-    VllmOptions,
-    VllmSampler,
-    eos_token_ids,
-    render_prompts,
-)
+from trainer.ppo.rollout.base import AdapterSyncError, Sampler, eos_token_ids, render_prompts
+from trainer.ppo.rollout.hf import HFSampler
+from trainer.ppo.rollout.vllm import VllmOptions, VllmSampler
 from trainer.ppo.trainer import PPOTrainer, TrainingDiverged
 from trainer.reward import registry as reward_registry
 from trainer.reward.config import RewardConfig
@@ -66,6 +60,7 @@ from trainer.reward.rules import ComposedReward, build_rules
 from trainer.reward.trainer import InsufficientData, train_reward_model
 from trainer.rounds import records as round_records
 from trainer.rounds.config import RoundConfig
+from trainer.rounds.gate import gate
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +226,7 @@ def _round(
             return RoundResult(record.id, "done-on-rank-0", "rank 0 evaluates and registers")
         sampler.sync(models, "final")
         stable_which = parent.adapter_uri or "base"
-        evaluation = evaluate(models, sampler, reward_fn, heldout_prompts, stable_which, config)
+        evaluation = evaluate(models, sampler, reward_fn, heldout_prompts, stable_which, config.ppo)
         for name in ("win_rate", "reward_gain", "kl_to_reference", "distinct_2_ratio"):
             EVAL_METRIC.labels(name).set(evaluation[name])
         result = _gate_and_register(conn, config, record, rm, models, evaluation, steps)

@@ -22,7 +22,8 @@ from tests.fixtures.reward_feedback import corpus_answers, is_liked
 from trainer.common.lora_folding import fold_in_training, folded
 from trainer.demo.corpus import sample_prompts
 from trainer.ppo.models import POLICY, PolicyModels, TokenBatch
-from trainer.ppo.rollout.base import HFSampler, render_prompts
+from trainer.ppo.rollout.base import render_prompts
+from trainer.ppo.rollout.hf import HFSampler
 from trainer.ppo.trainer import PPOTrainer
 from trainer.reward.model import load_reward_model
 from trainer.reward.rules import ComposedReward, build_rules
@@ -319,7 +320,7 @@ def test_the_zero_warmup_adapter_loads_in_peft_and_changes_nothing(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from trainer.ppo.rollout.base import write_zero_adapter
+    from trainer.ppo.rollout.vllm import write_zero_adapter
 
     write_zero_adapter(demo_model_dir, tmp_path / "zero", rank=8)
     base = AutoModelForCausalLM.from_pretrained(demo_model_dir)

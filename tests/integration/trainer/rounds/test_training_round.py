@@ -51,7 +51,8 @@ from tests.fixtures.postgres import make_feedback
 from tests.fixtures.ppo import CONCISE, SMALL_PPO, log_traffic, register_flat_reward_model
 from trainer.ppo.core import logprobs_from_logits
 from trainer.ppo.models import PolicyModels, TokenBatch
-from trainer.ppo.rollout.base import AdapterSyncError, HFSampler, render_prompts
+from trainer.ppo.rollout.base import AdapterSyncError, render_prompts
+from trainer.ppo.rollout.hf import HFSampler
 from trainer.reward import registry as reward_registry
 from trainer.reward.registry import MANIFEST_NAME
 from trainer.reward.rules import rule

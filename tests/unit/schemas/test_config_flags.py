@@ -1,0 +1,37 @@
+"""Tests of :mod:`schemas.config_flags`."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from schemas.config_flags import add_config_flags, config_from_namespace
+from trainer.rounds.config import RoundConfig
+
+
+def test_flags_cover_nested_ppo_config():
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, RoundConfig)
+    values = vars(
+        parser.parse_args(
+            [
+                "--iterations",
+                "3",
+                "--rollout-batch-size",
+                "32",
+                "--mini-batch-size",
+                "8",
+                "--no-whiten-advantages",
+                "--rules",
+                '[{"name": "empty_answer"}]',
+            ]
+        )
+    )
+    config = config_from_namespace(RoundConfig, values)
+    assert config.iterations == 3
+    assert config.ppo.rollout_batch_size == 32 and config.ppo.mini_batch_size == 8
+    assert config.ppo.whiten_advantages is False
+    assert config.rules == [{"name": "empty_answer"}]
+    with pytest.raises(ValueError, match="mini_batch_size"):
+        config_from_namespace(RoundConfig, {**values, "mini_batch_size": 7})
