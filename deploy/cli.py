@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "deploy.ops.admin_api:main",
         "Run the admin HTTP API alone (the canary serves it too).",
     ),
-    "train": ("trainer.reward.cli:train_main", "Train models: train reward [--help]."),
+    "train": ("trainer.rounds.cli:train_main", "Train: train reward | ppo | loop [--help]."),
     "reward": ("trainer.reward.cli:reward_main", "Reward model versions: reward list | show V."),
     "simulate": ("deploy.simulator.cli:main", "Drive a running alignloop with simulated users."),
 }

@@ -1,7 +1,7 @@
-"""``alignloop train reward`` and ``alignloop reward list | show VERSION``.
+"""``alignloop train reward`` (:func:`train_reward`, dispatched by
+:func:`trainer.rounds.cli.train_main`) and ``alignloop reward list | show VERSION``.
 
-``train`` dispatches on its first argument so later rounds (``train ppo``, ``train loop``)
-join the same command. Its flags are generated from :class:`RewardConfig`, one per field
+``train reward``'s flags are generated from :class:`RewardConfig`, one per field
 (``--steps``, ``--no-warm-start``, ``--rules '[...]'``), with the field's help text; the
 database, state directory and base model default to the settings (``ALIGNLOOP_*``).
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,6 @@ EXIT_REGISTERED, EXIT_FAILED, EXIT_USAGE, EXIT_NO_DATA, EXIT_REJECTED, EXIT_STOP
     4,
     5,
 )
-TRAIN_TARGETS = ("reward", "ppo", "loop")
 
 
 def _settings():
@@ -57,7 +55,8 @@ def config_from_args(argv: list[str]) -> RewardConfig:
     return RewardConfig(**args)
 
 
-def _train_reward(argv: list[str]) -> int:
+def train_reward(argv: list[str]) -> int:
+    """One reward model round from the command line; returns the exit code."""
     from trainer.reward.rules import build_rules
     from trainer.reward.trainer import CheckpointCorrupted, InsufficientData, train_reward_model
 
@@ -94,21 +93,6 @@ def _train_reward(argv: list[str]) -> int:
     return {"registered": EXIT_REGISTERED, "rejected": EXIT_REJECTED}.get(
         result.outcome, EXIT_STOPPED
     )
-
-
-def train_main(argv: list[str] | None = None) -> int:
-    """``alignloop train TARGET ...``: ``reward`` (one reward model round), ``ppo`` (one full
-    training round), ``loop`` (rounds whenever enough new feedback arrived)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] not in TRAIN_TARGETS:
-        print(f"usage: alignloop train {{{','.join(TRAIN_TARGETS)}}} [--help]", file=sys.stderr)
-        return EXIT_USAGE
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    if args[0] == "reward":
-        return _train_reward(args[1:])
-    from trainer.rounds import cli as ppo_cli
-
-    return ppo_cli.ppo_main(args[1:]) if args[0] == "ppo" else ppo_cli.loop_main(args[1:])
 
 
 # --- alignloop reward list | show ----------------------------------------------------------

@@ -1,5 +1,6 @@
-"""``alignloop train ppo`` (one training round now) and ``alignloop train loop`` (rounds
-whenever enough new feedback arrived, or enough time passed).
+"""``alignloop train reward | ppo | loop``: :func:`train_main` dispatches on the target;
+``train ppo`` runs one training round now and ``train loop`` runs rounds whenever enough new
+feedback arrived, or enough time passed (``train reward`` is :mod:`trainer.reward.cli`).
 
 Flags come from :class:`trainer.rounds.config.RoundConfig` and its nested
 :class:`trainer.ppo.config.PPOConfig` (``--iterations``, ``--rollout-batch-size``,
@@ -218,3 +219,21 @@ def _awaiting_decision(conn) -> bool:
     return registry.routing_table(conn).canary_version is not None or bool(
         registry.list_versions(conn, "candidate")
     )
+
+
+TRAIN_TARGETS = ("reward", "ppo", "loop")
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """``alignloop train TARGET ...``: ``reward`` (one reward model round), ``ppo`` (one full
+    training round), ``loop`` (rounds whenever enough new feedback arrived)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] not in TRAIN_TARGETS:
+        print(f"usage: alignloop train {{{','.join(TRAIN_TARGETS)}}} [--help]", file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if args[0] == "reward":
+        from trainer.reward.cli import train_reward
+
+        return train_reward(args[1:])
+    return ppo_main(args[1:]) if args[0] == "ppo" else loop_main(args[1:])

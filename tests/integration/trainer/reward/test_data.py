@@ -11,12 +11,12 @@ import pytest
 
 from feedback import datasets
 from feedback.db import connect
-from feedback.ingestor import prepare_session, store_events
+from feedback.ingest.writer import prepare_session, store_events
 from tests.fixtures.reward_feedback import corpus_answers, feedback_events
 from trainer.reward import registry
-from trainer.reward.cli import train_main
 from trainer.reward.config import RewardConfig
 from trainer.reward.trainer import InsufficientData, load_data, train_reward_model
+from trainer.rounds.cli import train_main
 
 
 @pytest.fixture

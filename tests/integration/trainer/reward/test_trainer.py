@@ -25,11 +25,11 @@ import torch
 from safetensors.torch import load_file
 
 from feedback.db import connect, migrate
-from feedback.ingestor import prepare_session, store_events
+from feedback.ingest.writer import prepare_session, store_events
 from tests.fixtures.postgres import create_database, drop_database
 from tests.fixtures.reward_feedback import corpus_answers, feedback_events, sampled_answers
 from trainer.reward import registry
-from trainer.reward.cli import reward_main, train_main
+from trainer.reward.cli import reward_main
 from trainer.reward.config import RewardConfig
 from trainer.reward.model import attach_reward_model, load_base_model, load_reward_model
 from trainer.reward.trainer import (
@@ -38,6 +38,7 @@ from trainer.reward.trainer import (
     RoundResult,
     train_reward_model,
 )
+from trainer.rounds.cli import train_main
 
 pytestmark = pytest.mark.slow
 
