@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "deploy.ops.policy_cli:main",
         "Policy registry: list, show, promote, rollback, hold.",
     ),
-    "canary": ("deploy.canary.controller:main", "Run the canary controller (sequential A/B test)."),
+    "canary": ("deploy.canary.cli:main", "Run the canary controller (sequential A/B test)."),
     "admin": (
         "deploy.ops.admin_api:main",
         "Run the admin HTTP API alone (the canary serves it too).",

@@ -1,10 +1,16 @@
 """Command-line flags generated from a config dataclass, one per field.
 
-``--steps``, ``--no-warm-start``, ``--rules '[...]'``: the flag's type comes from the
-field's annotation, its default from the field, its help from the field's ``help``
-metadata, so a config class is documented once and its command line cannot drift from it.
-A nested dataclass field (``RoundConfig.ppo``) gets its own fields as flags, parsed back
-into it by :func:`config_from_namespace`.
+``--steps``, ``--no-warm-start``, ``--rules '[...]'``, ``--test non_inferiority``: the flag's
+type comes from the field's annotation (``Literal[...]`` gives its choices; lists and
+tuples are given as JSON), its default from the field, its help from the field's ``help``
+metadata, so a config class is documented once and its command line cannot drift from it
+(:mod:`schemas.config`). A nested dataclass field (``RoundConfig.ppo``) gets its own fields
+as flags, parsed back into it by :func:`config_from_namespace`.
+
+With ``overrides_only=True`` a flag has no default: only the flags given on the command line
+reach the namespace, and :func:`overrides_from_namespace` returns them to apply over a base
+config chosen at run time (``alignloop canary --demo --margin 0``: the demo thresholds with
+the margin set to 0, an explicit 0 included).
 """
 
 from __future__ import annotations
@@ -12,55 +18,71 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import types
 import typing
 from typing import Any
 
-
-def _field_type(hints: dict[str, Any], name: str) -> Any:
-    kind = hints[name]
-    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:  # X | None
-        kind = next(a for a in typing.get_args(kind) if a is not type(None))
-    return kind
+from schemas.config import field_type, literal_choices
 
 
 def _default(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
-    return f.default_factory()  # type: ignore[misc]
+    return f.default_factory()  # type: ignore[misc]  # a field has one or the other
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+def _json_tuple(text: str) -> tuple:
+    return tuple(json.loads(text))
+
+
+def add_config_flags(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    cls: type,
+    *,
+    overrides_only: bool = False,
+) -> None:
     """One flag per field of dataclass ``cls`` (and of its dataclass-typed fields)."""
-    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        kind = _field_type(hints, f.name)
+        kind = field_type(cls, f.name)
         if dataclasses.is_dataclass(kind):
             group = parser.add_argument_group(f"{f.name} ({kind.__name__})")
-            add_config_flags(group, kind)  # type: ignore[arg-type]
+            add_config_flags(group, kind, overrides_only=overrides_only)  # type: ignore[arg-type]
             continue
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
         default = _default(f)
+        if overrides_only:
+            help_text += f" (default: {default})"
+            default = argparse.SUPPRESS
+        choices = literal_choices(kind)
+        origin = typing.get_origin(kind)
         if kind is bool:
             parser.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
             )
-        elif typing.get_origin(kind) is list:
-            parser.add_argument(flag, type=json.loads, default=default, help=help_text + " (JSON)")
+        elif choices is not None:
+            parser.add_argument(
+                flag, type=type(choices[0]), choices=choices, default=default, help=help_text
+            )
+        elif origin in (list, tuple):
+            parse = json.loads if origin is list else _json_tuple
+            parser.add_argument(flag, type=parse, default=default, help=help_text + " (JSON)")
         else:
             parser.add_argument(flag, type=kind, default=default, help=help_text)
 
 
 def config_from_namespace(cls: type, values: dict[str, Any]) -> Any:
     """Build ``cls`` from parsed flags (nested dataclass fields from their own flags)."""
-    hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
-        kind = _field_type(hints, f.name)
+        kind = field_type(cls, f.name)
         kwargs[f.name] = (
             config_from_namespace(kind, values)
             if dataclasses.is_dataclass(kind)
             else values[f.name]
         )
     return cls(**kwargs)
+
+
+def overrides_from_namespace(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """The fields of ``cls`` given on a command line built with ``overrides_only=True``."""
+    return {f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values}

@@ -79,12 +79,15 @@ Method.
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Literal
 
 import numpy as np
 from scipy import optimize, special
+
+from schemas.config import ConfigBase
 
 STABLE, CANARY = 0, 1
 
@@ -93,101 +96,188 @@ ACTIONS = ("continue", "advance_stage", "promote", "rollback", "hold")
 """Action names by code (the codes are what the vectorized functions return)."""
 
 
-TESTS = ("superiority", "non_inferiority")
+CanaryTest = Literal["superiority", "non_inferiority"]
+TESTS: tuple[str, ...] = typing.get_args(CanaryTest)
 """The decision rules :attr:`CanaryConfig.test` may name."""
 
 
 @dataclass(frozen=True)
-class CanaryConfig:
+class CanaryConfig(ConfigBase):
     """Every knob of the canary test. Defaults are for production traffic; :meth:`demo`
     gives values a laptop demo reaches in minutes."""
 
     # --- the test -------------------------------------------------------------------------
-    test: Literal["superiority", "non_inferiority"] = "superiority"
-    """Which question promotes. ``"superiority"``: promote only when users are shown to
-    prefer the canary (lower bound > 0), roll back when they are shown to like it less
-    (upper bound < 0); a canary that is merely no better reaches ``max_votes_per_arm`` or
-    ``max_duration_s`` and goes back to stable. ``"non_inferiority"``: promote when the
-    canary is shown at most ``margin`` worse (lower bound > −margin), roll back when it is
-    shown worse than that (upper bound < −margin); for updates that must not hurt rather
-    than help (a cheaper model, a refactor)."""
-    alpha: float = 0.05
-    """Error probability of each decision over the whole canary, peeking included: a
-    canary no better than the threshold is promoted, or one at least as good as the
-    threshold rolled back, with probability ≤ alpha."""
-    margin: float = 0.02
-    """Non-inferiority margin m on the thumbs-up rate (absolute, 0.02 = 2 points); used
-    only when ``test == "non_inferiority"``: a canary up to m worse than stable is
-    acceptable. 0 is allowed (then the rules are superiority's)."""
-    tuning_votes_per_arm: int = 10_000
-    """Votes per arm at which the confidence sequence is tightest (sets τ²). Pick about the
-    sample where you expect decisions; the boundary is valid for any choice."""
+    test: CanaryTest = field(
+        default="superiority",
+        metadata={
+            "help": 'Which question promotes. ``"superiority"``: promote only when users are '
+            "shown to prefer the canary (lower bound > 0), roll back when they are "
+            "shown to like it less (upper bound < 0); a canary that is merely no better "
+            "reaches ``max_votes_per_arm`` or ``max_duration_s`` and goes back to "
+            'stable. ``"non_inferiority"``: promote when the canary is shown at most '
+            "``margin`` worse (lower bound > −margin), roll back when it is shown worse "
+            "than that (upper bound < −margin); for updates that must not hurt rather "
+            "than help (a cheaper model, a refactor)."
+        },
+    )
+    alpha: float = field(
+        default=0.05,
+        metadata={
+            "help": "Error probability of each decision over the whole canary, peeking "
+            "included: a canary no better than the threshold is promoted, or one at "
+            "least as good as the threshold rolled back, with probability ≤ alpha."
+        },
+    )
+    margin: float = field(
+        default=0.02,
+        metadata={
+            "help": "Non-inferiority margin m on the thumbs-up rate (absolute, 0.02 = 2 "
+            'points); used only when ``test == "non_inferiority"``: a canary up to m '
+            "worse than stable is acceptable. 0 is allowed (then the rules are "
+            "superiority's)."
+        },
+    )
+    tuning_votes_per_arm: int = field(
+        default=10_000,
+        metadata={
+            "help": "Votes per arm at which the confidence sequence is tightest (sets τ²). Pick "
+            "about the sample where you expect decisions; the boundary is valid for any "
+            "choice."
+        },
+    )
 
     # --- the ramp ---------------------------------------------------------------------------
-    stages: tuple[float, ...] = (0.05, 0.5)
-    """Canary traffic weight of each ramp stage; promotion happens only in the last one."""
-    min_stage_votes: int = 500
-    """Canary votes a stage must collect before the ramp advances (or, in the last stage,
-    before promotion)."""
-    min_stage_duration_s: float = 2 * 3600
-    """Seconds a stage must last before the ramp advances (or promotion, in the last)."""
+    stages: tuple[float, ...] = field(
+        default=(0.05, 0.5),
+        metadata={
+            "help": "Canary traffic weight of each ramp stage; promotion happens only in the "
+            "last one."
+        },
+    )
+    min_stage_votes: int = field(
+        default=500,
+        metadata={
+            "help": "Canary votes a stage must collect before the ramp advances (or, in the "
+            "last stage, before promotion)."
+        },
+    )
+    min_stage_duration_s: float = field(
+        default=2 * 3600,
+        metadata={
+            "help": "Seconds a stage must last before the ramp advances (or promotion, in the "
+            "last)."
+        },
+    )
 
     # --- warm-up gate: no statistical decision before all of these ---------------------------
-    min_votes_per_arm: int = 1_000
-    """Current ratings per arm before the confidence sequence is trusted at all."""
-    min_ups_per_arm: int = 100
-    """'Up' ratings per arm: the variance estimate is meaningless with none."""
-    min_downs_per_arm: int = 100
-    """'Down' ratings per arm, likewise."""
-    min_users_per_arm: int = 200
-    """Distinct voting users per arm: the cluster-robust variance needs many clusters."""
-    min_duration_s: float = 24 * 3600
-    """Seconds since the canary started before it may be promoted (one daily cycle).
-    Statistical rollbacks need only the vote minimums: a clearly worse canary goes at once."""
+    min_votes_per_arm: int = field(
+        default=1_000,
+        metadata={
+            "help": "Current ratings per arm before the confidence sequence is trusted at all."
+        },
+    )
+    min_ups_per_arm: int = field(
+        default=100,
+        metadata={"help": "'Up' ratings per arm: the variance estimate is meaningless with none."},
+    )
+    min_downs_per_arm: int = field(
+        default=100,
+        metadata={"help": "'Down' ratings per arm, likewise."},
+    )
+    min_users_per_arm: int = field(
+        default=200,
+        metadata={
+            "help": "Distinct voting users per arm: the cluster-robust variance needs many "
+            "clusters."
+        },
+    )
+    min_duration_s: float = field(
+        default=24 * 3600,
+        metadata={
+            "help": "Seconds since the canary started before it may be promoted (one daily "
+            "cycle). Statistical rollbacks need only the vote minimums: a clearly worse "
+            "canary goes at once."
+        },
+    )
 
     # --- the end ------------------------------------------------------------------------------
-    max_votes_per_arm: int = 50_000
-    """Canary votes after which an undecided canary is rolled back (falls back to stable)."""
-    max_duration_s: float = 7 * 86400
-    """Seconds after which an undecided canary is rolled back."""
+    max_votes_per_arm: int = field(
+        default=50_000,
+        metadata={
+            "help": "Canary votes after which an undecided canary is rolled back (falls back to "
+            "stable)."
+        },
+    )
+    max_duration_s: float = field(
+        default=7 * 86400,
+        metadata={"help": "Seconds after which an undecided canary is rolled back."},
+    )
 
     # --- sample-ratio mismatch (module docstring, 5) --------------------------------------------
-    srm_p_value: float = 0.001
-    """Hold for a human when the anytime-valid SRM p-value (1 / the Beta-binomial mixture
-    likelihood ratio over distinct users) falls below this. It is valid under continuous
-    peeking: over a whole canary with correct routing, the chance of a false hold is at
-    most this."""
-    srm_min_users: int = 100
-    """Distinct users a stratum needs (counted at their first appearance, both arms)
-    before it enters the SRM test; until then it waits (contributes no evidence either
-    way). A canary seen by a handful of client identities is never held for SRM."""
-    srm_tuning_users: int = 5_000
-    """Distinct users per stratum at which the SRM test detects the smallest imbalance:
-    sets the prior concentration k of the mixture (:meth:`srm_concentration`). Valid for
-    any choice; smaller values favour large imbalances on few users."""
+    srm_p_value: float = field(
+        default=0.001,
+        metadata={
+            "help": "Hold for a human when the anytime-valid SRM p-value (1 / the Beta-binomial "
+            "mixture likelihood ratio over distinct users) falls below this. It is "
+            "valid under continuous peeking: over a whole canary with correct routing, "
+            "the chance of a false hold is at most this."
+        },
+    )
+    srm_min_users: int = field(
+        default=100,
+        metadata={
+            "help": "Distinct users a stratum needs (counted at their first appearance, both "
+            "arms) before it enters the SRM test; until then it waits (contributes no "
+            "evidence either way). A canary seen by a handful of client identities is "
+            "never held for SRM."
+        },
+    )
+    srm_tuning_users: int = field(
+        default=5_000,
+        metadata={
+            "help": "Distinct users per stratum at which the SRM test detects the smallest "
+            "imbalance: sets the prior concentration k of the mixture "
+            "(:meth:`srm_concentration`). Valid for any choice; smaller values favour "
+            "large imbalances on few users."
+        },
+    )
 
     # --- guardrails -------------------------------------------------------------------------
-    guardrail_min_requests: int = 200
-    """Canary requests before the 5xx and latency guardrails are evaluated."""
-    max_5xx_excess: float = 0.01
-    """Roll back when canary 5xx rate − stable 5xx rate exceeds this."""
-    max_adapter_load_failures: int = 0
-    """Roll back when the canary adapter failed to load more often than this."""
-    max_latency_p95_ratio: float = 1.5
-    """Roll back when canary p95 latency / stable p95 latency exceeds this."""
-    guardrails_override_hold: bool = True
-    """A guardrail breach rolls back even while an operator holds the controller: hold stops
-    the controller from advancing, not from protecting users."""
+    guardrail_min_requests: int = field(
+        default=200,
+        metadata={"help": "Canary requests before the 5xx and latency guardrails are evaluated."},
+    )
+    max_5xx_excess: float = field(
+        default=0.01,
+        metadata={"help": "Roll back when canary 5xx rate − stable 5xx rate exceeds this."},
+    )
+    max_adapter_load_failures: int = field(
+        default=0,
+        metadata={"help": "Roll back when the canary adapter failed to load more often than this."},
+    )
+    max_latency_p95_ratio: float = field(
+        default=1.5,
+        metadata={"help": "Roll back when canary p95 latency / stable p95 latency exceeds this."},
+    )
+    guardrails_override_hold: bool = field(
+        default=True,
+        metadata={
+            "help": "A guardrail breach rolls back even while an operator holds the controller: "
+            "hold stops the controller from advancing, not from protecting users."
+        },
+    )
 
-    def __post_init__(self) -> None:
-        if self.test not in TESTS:
-            raise ValueError(f"CanaryConfig.test must be one of {TESTS}, got {self.test!r}")
-        if not 0.0 < self.alpha < 1.0 or not 0.0 < self.srm_p_value < 1.0:
-            raise ValueError("alpha and srm_p_value must lie strictly between 0 and 1")
-        if self.margin < 0:
-            raise ValueError(f"margin must be >= 0, got {self.margin}")
-        if not self.stages or not all(0.0 < w < 1.0 for w in self.stages):
-            raise ValueError(f"stages must be weights strictly between 0 and 1: {self.stages}")
+    def checks(self) -> list[tuple[bool, str, str]]:
+        return [
+            (0.0 < self.alpha < 1.0, "alpha", "must lie strictly between 0 and 1"),
+            (0.0 < self.srm_p_value < 1.0, "srm_p_value", "must lie strictly between 0 and 1"),
+            (self.margin >= 0, "margin", "must be >= 0"),
+            (
+                bool(self.stages) and all(0.0 < w < 1.0 for w in self.stages),
+                "stages",
+                "must be weights strictly between 0 and 1",
+            ),
+        ]
 
     @property
     def threshold(self) -> float:

@@ -23,13 +23,14 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from schemas.config import ConfigBase
 from trainer.common.progress import progress_bar
 from trainer.demo import corpus
 
@@ -75,47 +76,95 @@ the template's token ids equal the concatenation the training loop builds by han
 
 
 @dataclass(frozen=True)
-class BootstrapConfig:
+class BootstrapConfig(ConfigBase):
     """Everything that determines the demo model; its hash names the build (``recipe_hash``).
 
     The defaults build in about three minutes on 2 CPU cores.
     """
 
-    seed: int = 0
-    """Seeds the corpus sampling, weight init, batch order and the mixture measurement."""
-    world_seed: int = corpus.DEFAULT_WORLD_SEED
-    """The synthetic world; evaluation prompts (``corpus.sample_prompts``) assume the default."""
-    corpus_size: int = 20_000
-    """Training conversations generated (the loop samples batches from them)."""
-    verbose_rate: float = 0.5
-    """Share of padded answers among answerable questions in the corpus."""
-    fabricate_rate: float = 0.5
-    """Share of confident fabrications among unanswerable questions in the corpus."""
-    vocab_size: int = 2048
-    """BPE vocabulary, special tokens and the 256 byte symbols included."""
+    seed: int = field(
+        default=0,
+        metadata={
+            "help": "Seeds the corpus sampling, weight init, batch order and the mixture "
+            "measurement."
+        },
+    )
+    world_seed: int = field(
+        default=corpus.DEFAULT_WORLD_SEED,
+        metadata={
+            "help": "The synthetic world; evaluation prompts (``corpus.sample_prompts``) assume "
+            "the default."
+        },
+    )
+    corpus_size: int = field(
+        default=20_000,
+        metadata={"help": "Training conversations generated (the loop samples batches from them)."},
+    )
+    verbose_rate: float = field(
+        default=0.5,
+        metadata={"help": "Share of padded answers among answerable questions in the corpus."},
+    )
+    fabricate_rate: float = field(
+        default=0.5,
+        metadata={
+            "help": "Share of confident fabrications among unanswerable questions in the corpus."
+        },
+    )
+    vocab_size: int = field(
+        default=2048,
+        metadata={"help": "BPE vocabulary, special tokens and the 256 byte symbols included."},
+    )
     hidden_size: int = 192
     num_layers: int = 4
-    num_heads: int = 6
-    """Head dim is ``hidden_size // num_heads``; keep it 32 or 64 (vLLM CPU kernels)."""
-    num_kv_heads: int = 2
-    """Grouped-query attention: fewer KV heads make the KV cache and the model smaller."""
+    num_heads: int = field(
+        default=6,
+        metadata={
+            "help": "Head dim is ``hidden_size // num_heads``; keep it 32 or 64 (vLLM CPU kernels)."
+        },
+    )
+    num_kv_heads: int = field(
+        default=2,
+        metadata={
+            "help": "Grouped-query attention: fewer KV heads make the KV cache and the model "
+            "smaller."
+        },
+    )
     intermediate_size: int = 512
-    max_position_embeddings: int = 512
-    """The context window (alignloop serves with ``max_model_len=512``)."""
-    steps: int = 600
-    """Optimizer steps."""
-    batch_size: int = 32
-    """Conversations per step."""
-    lr: float = 3e-3
-    """Peak AdamW learning rate (small models like it high)."""
-    warmup_steps: int = 30
-    """Linear warm-up before the cosine decay to ``lr / 10``."""
+    max_position_embeddings: int = field(
+        default=512,
+        metadata={"help": "The context window (alignloop serves with ``max_model_len=512``)."},
+    )
+    steps: int = field(
+        default=600,
+        metadata={"help": "Optimizer steps."},
+    )
+    batch_size: int = field(
+        default=32,
+        metadata={"help": "Conversations per step."},
+    )
+    lr: float = field(
+        default=3e-3,
+        metadata={"help": "Peak AdamW learning rate (small models like it high)."},
+    )
+    warmup_steps: int = field(
+        default=30,
+        metadata={"help": "Linear warm-up before the cosine decay to ``lr / 10``."},
+    )
     weight_decay: float = 0.01
-    num_threads: int = 2
-    """Torch intra-op threads during the build: a fixed count keeps float sums in a fixed
-    order, which byte-identical weights need."""
-    mixture_prompts: int = 200
-    """Fresh prompts sampled at temperature 1 to measure the behaviour mixture (0: skip)."""
+    num_threads: int = field(
+        default=2,
+        metadata={
+            "help": "Torch intra-op threads during the build: a fixed count keeps float sums in "
+            "a fixed order, which byte-identical weights need."
+        },
+    )
+    mixture_prompts: int = field(
+        default=200,
+        metadata={
+            "help": "Fresh prompts sampled at temperature 1 to measure the behaviour mixture "
+            "(0: skip)."
+        },
+    )
 
 
 def recipe_hash(config: BootstrapConfig) -> str:

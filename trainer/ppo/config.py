@@ -16,17 +16,17 @@ default and where the default comes from. The math it parameterises is in
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Literal
 
-from trainer.ppo.core import AdaptiveKLController, FixedKLController
+from schemas.config import ConfigBase
+from trainer.ppo.core import AdaptiveKLController, FixedKLController, KLEstimator
 
-KL_ESTIMATORS = ("k1", "k3")
-KL_MODES = ("adaptive", "fixed")
+KLMode = Literal["adaptive", "fixed"]
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(ConfigBase):
     """Everything that determines the algorithm of a PPO round (not where things are)."""
 
     # --- rollout -----------------------------------------------------------------------------
@@ -209,7 +209,7 @@ class PPOConfig:
             "raw score is). Default 5.0 (PPO-max: reward clipping)."
         },
     )
-    kl_estimator: str = field(
+    kl_estimator: KLEstimator = field(
         default="k1",
         metadata={
             "help": "Per-token KL(pi || pi_ref) in the reward: 'k1' = log p - log p_ref "
@@ -217,7 +217,7 @@ class PPOConfig:
             "r = p_ref/p (non-negative, lower variance; Schulman 2020). Default 'k1'."
         },
     )
-    kl_mode: str = field(
+    kl_mode: KLMode = field(
         default="fixed",
         metadata={
             "help": "'fixed' keeps the KL coefficient at init_kl_coef (InstructGPT, PPO-max); "
@@ -246,25 +246,16 @@ class PPOConfig:
         },
     )
 
-    def __post_init__(self) -> None:
-        for name in (
+    def checks(self) -> list[tuple[bool, str, str]]:
+        at_least_one = (
             "rollout_batch_size",
             "mini_batch_size",
             "micro_batch_size",
             "ppo_epochs",
             "max_new_tokens",
-        ):
-            self._require(getattr(self, name) >= 1, name, "must be at least 1")
-        self._require(self.kl_horizon >= 1, "kl_horizon", "must be at least 1")
-        for name in ("lr_warmup_iterations", "critic_warmup_iterations"):
-            self._require(getattr(self, name) >= 0, name, "must be >= 0 (0 = off)")
-        self._require(
-            self.mini_batch_size <= self.rollout_batch_size
-            and self.rollout_batch_size % self.mini_batch_size == 0,
-            "mini_batch_size",
-            f"must divide rollout_batch_size ({self.rollout_batch_size})",
+            "kl_horizon",
         )
-        for name in (
+        positive = (
             "actor_lr",
             "critic_lr",
             "temperature",
@@ -272,21 +263,25 @@ class PPOConfig:
             "value_clip_range",
             "reward_clip",
             "target_kl",
-        ):
-            self._require(getattr(self, name) > 0, name, "must be > 0")
-        self._require(0 < self.clip_range < 1, "clip_range", "must be in (0, 1)")
-        for name in ("vf_coef", "entropy_coef", "ptx_coef", "init_kl_coef", "approx_kl_stop"):
-            self._require(getattr(self, name) >= 0, name, "must be >= 0")
-        for name in ("gamma", "lam"):
-            self._require(0 <= getattr(self, name) <= 1, name, "must be in [0, 1]")
-        self._require(
-            self.kl_estimator in KL_ESTIMATORS, "kl_estimator", f"must be one of {KL_ESTIMATORS}"
         )
-        self._require(self.kl_mode in KL_MODES, "kl_mode", f"must be one of {KL_MODES}")
-
-    def _require(self, ok: bool, name: str, message: str) -> None:
-        if not ok:
-            raise ValueError(f"PPOConfig.{name} {message}, got {getattr(self, name)!r}")
+        non_negative = ("vf_coef", "entropy_coef", "ptx_coef", "init_kl_coef", "approx_kl_stop")
+        return [
+            *((getattr(self, n) >= 1, n, "must be at least 1") for n in at_least_one),
+            *(
+                (getattr(self, n) >= 0, n, "must be >= 0 (0 = off)")
+                for n in ("lr_warmup_iterations", "critic_warmup_iterations")
+            ),
+            (
+                self.mini_batch_size <= self.rollout_batch_size
+                and self.rollout_batch_size % self.mini_batch_size == 0,
+                "mini_batch_size",
+                f"must divide rollout_batch_size ({self.rollout_batch_size})",
+            ),
+            *((getattr(self, n) > 0, n, "must be > 0") for n in positive),
+            (0 < self.clip_range < 1, "clip_range", "must be in (0, 1)"),
+            *((getattr(self, n) >= 0, n, "must be >= 0") for n in non_negative),
+            *((0 <= getattr(self, n) <= 1, n, "must be in [0, 1]") for n in ("gamma", "lam")),
+        ]
 
     @property
     def gradient_steps_per_iteration(self) -> int:
@@ -298,7 +293,3 @@ class PPOConfig:
         if self.kl_mode == "adaptive":
             return AdaptiveKLController(self.init_kl_coef, self.target_kl, self.kl_horizon)
         return FixedKLController(self.init_kl_coef)
-
-    def to_json(self) -> dict[str, Any]:
-        """The fields as a JSON-able dict (for run records)."""
-        return asdict(self)

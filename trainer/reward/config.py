@@ -9,39 +9,37 @@ filled from :class:`schemas.settings.Settings` by the CLI.
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-# Fields that change what a run computes: a checkpoint written under other values of these
-# cannot be resumed (see :func:`RewardConfig.fingerprint`).
-_RESULT_FIELDS = (
-    "base_model",
-    "seq_cls_model",
-    "lora_r",
-    "lora_alpha",
-    "lora_target_modules",
-    "max_length",
-    "steps",
-    "batch_size",
-    "lr",
-    "weight_decay",
-    "pointwise_weight",
-    "heldout_fraction",
-    "warm_start",
-    "replay_ratio",
-    "max_pairs_per_prompt",
-    "max_train_examples",
-    "max_heldout_examples",
-    "seed",
-)
+from schemas.config import ConfigBase
 
 
 @dataclass
-class RewardConfig:
+class RewardConfig(ConfigBase):
     """Everything that determines a reward model training round (and where it keeps things)."""
+
+    SECRETS: ClassVar[tuple[str, ...]] = ("database_url",)
+    # A checkpoint written under other values of the rest cannot be resumed: where things
+    # are, the gate's bars, how the run is watched or time-boxed, and the rules (applied by
+    # PPO, not trained) do not change what the run computes.
+    UNFINGERPRINTED: ClassVar[tuple[str, ...]] = (
+        "state_dir",
+        "num_threads",
+        "min_train_examples",
+        "min_heldout_examples",
+        "min_pairwise_accuracy",
+        "min_auc",
+        "gate_confidence",
+        "regression_tolerance",
+        "checkpoint_every",
+        "fresh",
+        "stop_after_steps",
+        "metrics_port",
+        "progress",
+        "rules",
+    )
 
     # --- where things are ----------------------------------------------------------------
     database_url: str | None = field(
@@ -231,12 +229,14 @@ class RewardConfig:
         },
     )
 
-    def fingerprint(self) -> str:
-        """Hash of the fields that change what a run computes; a checkpoint is resumable
-        only by a run with the same fingerprint."""
-        chosen = {name: getattr(self, name) for name in _RESULT_FIELDS}
-        blob = json.dumps(chosen, sort_keys=True, default=str).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
-
-    def to_json(self) -> dict[str, Any]:
-        return json.loads(json.dumps(asdict(self), default=str))
+    def checks(self) -> list[tuple[bool, str, str]]:
+        at_least_one = ("lora_r", "max_length", "steps", "batch_size")
+        return [
+            *((getattr(self, n) >= 1, n, "must be at least 1") for n in at_least_one),
+            (self.lr > 0, "lr", "must be > 0"),
+            (0 < self.heldout_fraction < 1, "heldout_fraction", "must be in (0, 1)"),
+            (0 < self.gate_confidence < 1, "gate_confidence", "must be in (0, 1)"),
+            (self.replay_ratio >= 0, "replay_ratio", "must be >= 0"),
+            (self.max_pairs_per_prompt >= 0, "max_pairs_per_prompt", "must be >= 0"),
+            (self.num_threads >= 0, "num_threads", "must be >= 0"),
+        ]

@@ -10,22 +10,30 @@ every field of both as a flag, with the help text below.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
+from schemas.config import ConfigBase
 from trainer.ppo.config import PPOConfig
 
-ROLLOUT_BACKENDS = ("auto", "vllm", "hf")
-CRITIC_INITS = ("reward", "fresh")
+RolloutBackend = Literal["auto", "vllm", "hf"]
+CriticInit = Literal["reward", "fresh"]
 
 
 @dataclass
-class RoundConfig:
+class RoundConfig(ConfigBase):
     """Everything about a training round except the PPO math (see module docstring)."""
+
+    SECRETS: ClassVar[tuple[str, ...]] = ("database_url",)
+    UNFINGERPRINTED: ClassVar[tuple[str, ...]] = (
+        "kafka_bootstrap",
+        "stop_after_iterations",
+        "progress",
+        "metrics_port",
+        "num_threads",
+    )
 
     # --- where things are ----------------------------------------------------------------
     database_url: str | None = field(
@@ -94,7 +102,7 @@ class RoundConfig:
         default="all-linear",
         metadata={"help": "Modules the policy adapter wraps ('all-linear' or a comma list)."},
     )
-    critic_init: str = field(
+    critic_init: CriticInit = field(
         default="reward",
         metadata={
             "help": "'reward': the critic starts as the reward model's adapter and head "
@@ -110,14 +118,12 @@ class RoundConfig:
     )
 
     # --- rollout engine ---------------------------------------------------------------------
-    rollout_backend: str = field(
+    rollout_backend: RolloutBackend = field(
         default="auto",
         metadata={
             "help": "'vllm': a vLLM engine with the actor hot-loaded as a LoRA adapter; "
             "'hf': a decode loop on the training model (transformers; bit-reproducible); "
-            "'auto': vllm with a GPU, hf on CPU (measured on the demo model: vLLM's CPU LoRA "
-            "path generates at half its base speed, the trainer is the bottleneck anyway, and "
-            "the engine adds two processes of about 1 GB each)."
+            "'auto': vllm with a GPU, hf on CPU (why: docs/benchmarks.md, rollouts on CPU)."
         },
     )
     vllm_dtype: str = field(
@@ -189,13 +195,14 @@ class RoundConfig:
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.ppo, dict):
+        if isinstance(self.ppo, dict):  # from a stored run record or JSON
             self.ppo = PPOConfig(**self.ppo)
-        checks = [
+        super().__post_init__()
+
+    def checks(self) -> list[tuple[bool, str, str]]:
+        return [
             (self.iterations >= 1, "iterations", "must be at least 1"),
             (0 < self.heldout_fraction < 1, "heldout_fraction", "must be in (0, 1)"),
-            (self.rollout_backend in ROLLOUT_BACKENDS, "rollout_backend", str(ROLLOUT_BACKENDS)),
-            (self.critic_init in CRITIC_INITS, "critic_init", f"one of {CRITIC_INITS}"),
             (0 <= self.gate_min_win_rate <= 1, "gate_min_win_rate", "must be in [0, 1]"),
             (self.abort_kl > 0 and self.gate_max_kl > 0, "abort_kl", "KL bounds must be > 0"),
             (self.sync_timeout_s > 0, "sync_timeout_s", "must be > 0"),
@@ -203,9 +210,6 @@ class RoundConfig:
             (self.vllm_engine_cpus >= 0, "vllm_engine_cpus", "must be >= 0 (0 = half)"),
             (self.num_threads >= 0, "num_threads", "must be >= 0 (0 = one per core)"),
         ]
-        for ok, name, message in checks:
-            if not ok:
-                raise ValueError(f"RoundConfig.{name} {message}, got {getattr(self, name)!r}")
 
     def torch_threads(self) -> int:
         """``num_threads`` with 0 resolved to the cores this process may run on."""
@@ -219,25 +223,3 @@ class RoundConfig:
         import torch
 
         return "vllm" if torch.cuda.is_available() else "hf"
-
-    def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["database_url"] = None  # may hold a password
-        return json.loads(json.dumps(out, default=str))
-
-    def fingerprint(self) -> str:
-        """What a checkpoint must match to be resumed: everything that changes the result."""
-        keep = {
-            k: v
-            for k, v in self.to_json().items()
-            if k
-            not in (
-                "database_url",
-                "kafka_bootstrap",
-                "stop_after_iterations",
-                "progress",
-                "metrics_port",
-                "num_threads",
-            )
-        }
-        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]

@@ -20,9 +20,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from schemas.config import ConfigBase
+
 
 @dataclass(frozen=True)
-class TriggerConfig:
+class TriggerConfig(ConfigBase):
     """The scheduler's thresholds."""
 
     min_new_ratings: int = field(
@@ -59,23 +61,21 @@ class TriggerConfig:
         },
     )
 
-    def __post_init__(self) -> None:
-        self._require(
-            isinstance(self.min_new_ratings, int) and self.min_new_ratings >= 1,
-            "min_new_ratings",
-            "must be an integer >= 1",
-        )
-        self._require(self.max_interval_s > 0, "max_interval_s", "must be > 0 (inf: no timer)")
-        self._require(
-            isinstance(self.min_ratings_for_timer, int)
-            and 1 <= self.min_ratings_for_timer <= self.min_new_ratings,
-            "min_ratings_for_timer",
-            f"must be an integer in [1, min_new_ratings={self.min_new_ratings}]",
-        )
-
-    def _require(self, ok: bool, name: str, message: str) -> None:
-        if not ok:
-            raise ValueError(f"TriggerConfig.{name} {message}, got {getattr(self, name)!r}")
+    def checks(self) -> list[tuple[bool, str, str]]:
+        return [
+            (
+                isinstance(self.min_new_ratings, int) and self.min_new_ratings >= 1,
+                "min_new_ratings",
+                "must be an integer >= 1",
+            ),
+            (self.max_interval_s > 0, "max_interval_s", "must be > 0 (inf: no timer)"),
+            (
+                isinstance(self.min_ratings_for_timer, int)
+                and 1 <= self.min_ratings_for_timer <= self.min_new_ratings,
+                "min_ratings_for_timer",
+                f"must be an integer in [1, min_new_ratings={self.min_new_ratings}]",
+            ),
+        ]
 
 
 def _ratings(n: int) -> str:
