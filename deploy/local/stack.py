@@ -21,76 +21,15 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from rich.console import Console
-
+from deploy.local.supervisor import Child, console, supervise, wait_http
 from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
-console = Console()
 ADMIN_TOKEN_FILE = "admin_token"
-
-
-@dataclass
-class Child:
-    """One supervised process of the loop."""
-
-    name: str
-    argv: list[str]
-    log_path: Path
-    env: dict[str, str]
-    proc: subprocess.Popen | None = None
-    restarts: int = 0
-    next_start: float = 0.0
-    started_at: float = field(default=0.0)
-
-    def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        out = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
-        self.proc = subprocess.Popen(
-            self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        out.close()
-        self.started_at = time.monotonic()
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, timeout: float = 20.0) -> None:
-        if not self.alive():
-            return
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-    def log_tail(self, lines: int = 15) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-
-def _wait_http(url: str, child: Child, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not child.alive():
-            return False
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return True
-        except OSError:
-            pass
-        time.sleep(0.5)
-    return False
 
 
 def admin_token(settings: Settings, state: Path) -> str:
@@ -142,7 +81,8 @@ def _raise_stop(signum, frame) -> None:
     raise _Stop
 
 
-def main(argv: list[str] | None = None) -> int:
+def _settings(argv: list[str] | None) -> Settings:
+    """The settings with the command line's overrides, the state directory made absolute."""
     ap = argparse.ArgumentParser(
         prog="alignloop up",
         description=__doc__,
@@ -152,9 +92,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", help="chat API bind address (default 127.0.0.1)")
     ap.add_argument("--port", type=int, help="chat API port (default 8000)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    logging.getLogger("pgserver").setLevel(logging.WARNING)  # logs every pg_ctl call
-
     overrides = {
         k: v
         for k, v in {"state_dir": args.state_dir, "host": args.host, "port": args.port}.items()
@@ -163,80 +100,75 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(**overrides)
     state = settings.state_dir.resolve()
     state.mkdir(parents=True, exist_ok=True)
-    settings = settings.model_copy(update={"state_dir": state})
+    return settings.model_copy(update={"state_dir": state})
 
-    # Both explicitly: a shell that starts `up` in the background leaves SIGINT ignored,
-    # and Ctrl-C (or kill -INT) must still stop the loop.
-    signal.signal(signal.SIGINT, _raise_stop)
-    signal.signal(signal.SIGTERM, _raise_stop)
-    postgres = broker = None
-    children: list[Child] = []
-    try:
-        # 1. infrastructure
-        db_url = settings.database_url
-        if not db_url:
-            from deploy.local.postgres import EmbeddedPostgres
 
-            with console.status("starting embedded Postgres…"):
-                postgres = EmbeddedPostgres(state / "postgres")
-                db_url = postgres.start()
-        bootstrap = settings.kafka_bootstrap
-        if not bootstrap:
-            from deploy.local.broker import EmbeddedBroker
+@dataclass
+class _Infrastructure:
+    """Postgres and the broker: the configured ones, or embedded ones this process owns."""
 
-            with console.status("starting embedded Kafka-protocol broker (Tansu)…"):
-                broker = EmbeddedBroker(log_path=state / "logs" / "broker.log")
-                broker.start()
-                bootstrap = broker.bootstrap
-        # 2. the model
-        model_dir = settings.base_model
-        if model_dir is None:
-            from trainer.demo.model import bootstrap_demo_model
+    database_url: str
+    bootstrap: str
+    postgres: Any = None
+    broker: Any = None
 
-            model_dir = settings.demo_model_dir()
-            console.print(f"demo model: {model_dir} (built once, reused afterwards)")
-            bootstrap_demo_model(model_dir)
-        # 3. the loop's processes
-        env = {
-            **os.environ,
-            "ALIGNLOOP_STATE_DIR": str(state),
-            "ALIGNLOOP_DATABASE_URL": db_url,
-            "ALIGNLOOP_KAFKA_BOOTSTRAP": bootstrap,
-            "ALIGNLOOP_BASE_MODEL": str(Path(model_dir).resolve()),
-            "ALIGNLOOP_ADMIN_TOKEN": admin_token(settings, state),
-        }
-        envs = child_envs(settings, env)
-        py = [sys.executable, "-m", "deploy.cli"]
-        api = f"http://{settings.host}:{settings.port}"
-        logs = state / "logs"
-        serve = Child(
-            "serving",
-            [*py, "serve", "--host", settings.host, "--port", str(settings.port)],
-            logs / "serving.log",
-            envs["serving"],
-        )
-        ingest = Child("ingestor", [*py, "ingest"], logs / "ingestor.log", envs["ingestor"])
+    def stop(self) -> None:
+        if self.broker is not None:
+            self.broker.stop()
+        if self.postgres is not None:
+            self.postgres.stop()
+
+
+def _start_infrastructure(settings: Settings, infra: _Infrastructure) -> None:
+    """Step 1: fill ``infra`` (which the caller stops, even after a failure here)."""
+    state = settings.state_dir
+    if not infra.database_url:
+        from deploy.local.postgres import EmbeddedPostgres
+
+        with console.status("starting embedded Postgres…"):
+            infra.postgres = EmbeddedPostgres(state / "postgres")
+            infra.database_url = infra.postgres.start()
+    if not infra.bootstrap:
+        from deploy.local.broker import EmbeddedBroker
+
+        with console.status("starting embedded Kafka-protocol broker (Tansu)…"):
+            infra.broker = EmbeddedBroker(log_path=state / "logs" / "broker.log")
+            infra.broker.start()
+            infra.bootstrap = infra.broker.bootstrap
+
+
+def _base_model(settings: Settings) -> Path:
+    """Step 2: the configured base model, or the demo model (built once, then reused)."""
+    if settings.base_model is not None:
+        return Path(settings.base_model).resolve()
+    from trainer.demo.model import bootstrap_demo_model
+
+    model_dir = settings.demo_model_dir()
+    console.print(f"demo model: {model_dir} (built once, reused afterwards)")
+    bootstrap_demo_model(model_dir)
+    return Path(model_dir).resolve()
+
+
+def _children(settings: Settings, envs: dict[str, dict[str, str]]) -> list[Child]:
+    """Step 3: the loop's processes, in start order."""
+    py = [sys.executable, "-m", "deploy.cli"]
+    logs = settings.state_dir / "logs"
+    serve = [*py, "serve", "--host", settings.host, "--port", str(settings.port)]
+    # Demo-sized PPO rounds, started by new feedback (or a timer) on the demo model.
+    train = [*py, "train", "loop", "--demo", "--metrics-port", str(settings.trainer_metrics_port)]
+    return [
+        Child("serving", serve, logs / "serving.log", envs["serving"]),
+        Child("ingestor", [*py, "ingest"], logs / "ingestor.log", envs["ingestor"]),
         # The demo controller decides on small samples so a canary can finish on one laptop.
-        canary = Child("canary", [*py, "canary", "--demo"], logs / "canary.log", envs["canary"])
-        # Demo-sized PPO rounds, started by new feedback (or a timer) on the demo model.
-        trainer = Child(
-            "trainer",
-            [*py, "train", "loop", "--demo", "--metrics-port", str(settings.trainer_metrics_port)],
-            logs / "trainer.log",
-            envs["trainer"],
-        )
-        children += [serve, ingest, canary, trainer]
-        for child in children:
-            child.start()
-        with console.status("starting the chat API (vLLM engine, ~30 s on CPU)…"):
-            if not _wait_http(f"{api}/healthz", serve, timeout=300):
-                console.print(
-                    f"[red]serving did not come up[/red]; last lines of "
-                    f"{serve.log_path}:\n{serve.log_tail()}"
-                )
-                return 1
-        console.print(
-            f"""[bold green]alignloop is up[/bold green]
+        Child("canary", [*py, "canary", "--demo"], logs / "canary.log", envs["canary"]),
+        Child("trainer", train, logs / "trainer.log", envs["trainer"]),
+    ]
+
+
+def _banner(settings: Settings, infra: _Infrastructure, envs: dict[str, dict[str, str]]) -> str:
+    api = f"http://{settings.host}:{settings.port}"
+    state = settings.state_dir
+    return f"""[bold green]alignloop is up[/bold green]
   chat API      {api}/v1/chat/completions  (model "{settings.served_model_name}")
   feedback      {api}/v1/feedback
                 {api}/v1/preferences
@@ -247,13 +179,47 @@ def main(argv: list[str] | None = None) -> int:
   admin API     http://127.0.0.1:{settings.admin_port}/admin
                 (bearer token in {state / ADMIN_TOKEN_FILE})
   cores         {_cores_line(envs)}
-  Postgres      {db_url}
-  Kafka         {bootstrap}
+  Postgres      {infra.database_url}
+  Kafka         {infra.bootstrap}
   logs          {state / "logs"}
-Ctrl-C stops everything.""",
-            soft_wrap=True,
-        )
-        _supervise(children)
+Ctrl-C stops everything."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = _settings(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("pgserver").setLevel(logging.WARNING)  # logs every pg_ctl call
+    # Both explicitly: a shell that starts `up` in the background leaves SIGINT ignored,
+    # and Ctrl-C (or kill -INT) must still stop the loop.
+    signal.signal(signal.SIGINT, _raise_stop)
+    signal.signal(signal.SIGTERM, _raise_stop)
+    infra = _Infrastructure(settings.database_url or "", settings.kafka_bootstrap or "")
+    children: list[Child] = []
+    try:
+        _start_infrastructure(settings, infra)
+        model_dir = _base_model(settings)
+        env = {
+            **os.environ,
+            "ALIGNLOOP_STATE_DIR": str(settings.state_dir),
+            "ALIGNLOOP_DATABASE_URL": infra.database_url,
+            "ALIGNLOOP_KAFKA_BOOTSTRAP": infra.bootstrap,
+            "ALIGNLOOP_BASE_MODEL": str(model_dir),
+            "ALIGNLOOP_ADMIN_TOKEN": admin_token(settings, settings.state_dir),
+        }
+        envs = child_envs(settings, env)
+        children = _children(settings, envs)
+        for child in children:
+            child.start()
+        serve = children[0]
+        with console.status("starting the chat API (vLLM engine, ~30 s on CPU)…"):
+            if not wait_http(f"http://{settings.host}:{settings.port}/healthz", serve, 300):
+                console.print(
+                    f"[red]serving did not come up[/red]; last lines of "
+                    f"{serve.log_path}:\n{serve.log_tail()}"
+                )
+                return 1
+        console.print(_banner(settings, infra, envs), soft_wrap=True)
+        supervise(children)
         return 0
     except _Stop:
         return 0
@@ -264,10 +230,7 @@ Ctrl-C stops everything.""",
         console.print("stopping…")
         for child in reversed(children):
             child.stop()
-        if broker is not None:
-            broker.stop()
-        if postgres is not None:
-            postgres.stop()
+        infra.stop()
 
 
 def _cores_line(envs: dict[str, dict[str, str]]) -> str:
@@ -276,25 +239,3 @@ def _cores_line(envs: dict[str, dict[str, str]]) -> str:
     if ENV not in envs["trainer"]:
         return "shared by every process"
     return f"serving {envs['serving'][ENV]}, trainer {envs['trainer'][ENV]}"
-
-
-def _supervise(children: list[Child]) -> None:
-    """Restart a child that died, with exponential backoff (1 s, 2 s, … up to 60 s)."""
-    while True:
-        now = time.monotonic()
-        for child in children:
-            if child.alive() or now < child.next_start:
-                continue
-            if child.proc is not None and child.next_start == 0.0:
-                code = child.proc.returncode
-                delay = min(60.0, 2.0**child.restarts)
-                console.print(
-                    f"[yellow]{child.name} exited ({code}); restarting in "
-                    f"{delay:.0f} s[/yellow]\n{child.log_tail(5)}"
-                )
-                child.next_start = now + delay
-                continue
-            child.restarts += 1
-            child.next_start = 0.0
-            child.start()
-        time.sleep(0.5)
