@@ -81,6 +81,7 @@ async def read_json(request: Request, max_bytes: int) -> object:
     """Read at most ``max_bytes`` of body (413 beyond, even without Content-Length) and
     parse it as JSON (400 if it is not)."""
     declared = request.headers.get("content-length")
+    body: bytes | bytearray
     if declared is not None and declared.isdigit():
         if int(declared) > max_bytes:
             raise too_large(max_bytes)

@@ -23,6 +23,7 @@ Thread-safe: one lock serialises every operation.
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import os
@@ -119,6 +120,13 @@ class DiskSpool:
     ``max_bytes`` bounds unread encoded bytes; ``segment_bytes`` is the size at which a new
     segment file is started (a record bigger than that still fits, alone, in its own one).
     """
+
+    # Set by _recover() (from __init__) and kept up to date under _lock.
+    _cursor: tuple[int, int]  # (segment, offset) of the first unread record
+    _tail: int  # the segment appends go to
+    _tail_size: int
+    _count: int
+    _bytes: int
 
     def __init__(
         self,
@@ -260,7 +268,8 @@ class DiskSpool:
 
     # --- writing ------------------------------------------------------------------------
 
-    def _write(self, frames: list[bytes], fsync: bool) -> None:
+    # ``builtins.bytes``: in this class body ``bytes`` is the property above.
+    def _write(self, frames: list[builtins.bytes], fsync: bool) -> None:
         if not frames:
             return
         if self._writer is None:
