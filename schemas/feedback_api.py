@@ -74,11 +74,14 @@ class PreferenceRequest(BaseModel):
         )
 
 
+AcceptedKind = Literal["feedback", "preference"]
+
+
 class Accepted(BaseModel):
     """The 202 answer: the id, and where the event is now safely kept."""
 
     id: uuid.UUID
-    object: Literal["feedback", "preference"]
+    object: AcceptedKind
     status: Literal["accepted"] = "accepted"
     delivered_to: Literal["kafka", "spool"]
 

@@ -26,6 +26,7 @@ from schemas.chat import (
     Choice,
     ChunkChoice,
     Delta,
+    FinishReason,
     Usage,
 )
 from schemas.events import (
@@ -64,11 +65,16 @@ class Prepared:
 class _ChoiceState:
     text: list[str] = field(default_factory=list)
     tokens: int = 0
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
 
 
-def _finish_reason(vllm_reason: str | None) -> str | None:
-    return vllm_reason if vllm_reason in ("stop", "length") else None
+def _finish_reason(vllm_reason: str | None) -> FinishReason | None:
+    """vLLM's finish reason as the API reports it: stop or length; anything else is None."""
+    if vllm_reason == "stop":
+        return "stop"
+    if vllm_reason == "length":
+        return "length"
+    return None
 
 
 class ChatService:

@@ -13,9 +13,15 @@ import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from schemas.chat import ChatMessage
 from schemas.settings import Settings
+
+if TYPE_CHECKING:  # vLLM is imported when the engine starts, not with this module
+    from vllm.config.lora import MaxLoRARanks
+    from vllm.config.model import ModelDType
+    from vllm.v1.engine.async_llm import AsyncLLM
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +49,7 @@ class Engine:
         self.settings = settings
         self.model_dir = model_dir
         self.max_model_len = settings.max_model_len
-        self._llm = None
+        self._llm: AsyncLLM | None = None
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -58,13 +64,14 @@ class Engine:
         dtype = self.settings.engine_dtype
         if dtype == "auto" and not gpu:
             dtype = "bfloat16"
+        # Settings keeps both as plain str/int; vLLM validates them against its literals.
         args = AsyncEngineArgs(
             model=str(self.model_dir),
-            dtype=dtype,
+            dtype=cast("ModelDType", dtype),
             max_model_len=self.max_model_len,
             enforce_eager=not gpu,
             enable_lora=True,
-            max_lora_rank=self.settings.max_lora_rank,
+            max_lora_rank=cast("MaxLoRARanks", self.settings.max_lora_rank),
             max_loras=self.settings.max_loras,
             max_cpu_loras=max(self.settings.max_cpu_loras, self.settings.max_loras),
             disable_log_stats=True,

@@ -18,13 +18,20 @@ app's 500 handler (this middleware sits inside Starlette's ServerErrorMiddleware
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from schemas import topics
 from schemas.errors import error_body
-from schemas.events import FeedbackSubmitted, LoggedMessage, PreferenceSubmitted
-from schemas.feedback_api import Accepted, FeedbackRequest, PreferenceRequest, idempotent_id
+from schemas.events import Event, FeedbackSubmitted, LoggedMessage, PreferenceSubmitted
+from schemas.feedback_api import (
+    Accepted,
+    AcceptedKind,
+    FeedbackRequest,
+    PreferenceRequest,
+    idempotent_id,
+)
 from schemas.settings import Settings
 from serving import metrics
 from serving.errors import APIError, parse_body, parse_json, too_large
@@ -50,7 +57,8 @@ class FeedbackEndpoints:
         self.max_bytes = settings.max_request_bytes
         self.signer = signer
         self.publisher = publisher
-        self.routes: dict[str, Callable[[object, bytes | None], Awaitable[bytes]]] = {
+        # handler(parsed JSON body, Idempotency-Key header) -> the 202 body
+        self.routes: dict[str, Callable[[object, str | None], Awaitable[bytes]]] = {
             FEEDBACK_PATH: self.submit_feedback,
             PREFERENCES_PATH: self.submit_preference,
         }
@@ -109,7 +117,7 @@ class FeedbackEndpoints:
                 code="response_not_found",
             )
 
-    async def accept(self, event, kind: str, event_id) -> bytes:
+    async def accept(self, event: Event, kind: AcceptedKind, event_id: uuid.UUID) -> bytes:
         """Hand the event over (Kafka ack or fsync'd spool); the 202 body."""
         try:
             where = await self.publisher.publish_and_wait(topics.FEEDBACK, event)
