@@ -52,8 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 from feedback import datasets  # noqa: E402
 from feedback.db import connect, migrate  # noqa: E402
-from feedback.ingestor import prompt_hash  # noqa: E402
-from schemas.events import LoggedMessage  # noqa: E402
+from schemas.events import LoggedMessage, prompt_hash  # noqa: E402
 from tests.fixtures.postgres import create_database, drop_database  # noqa: E402
 
 HOT_PROMPTS = 10

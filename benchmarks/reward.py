@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from feedback.db import connect, migrate  # noqa: E402
-from feedback.ingestor import prepare_session, store_events  # noqa: E402
+from feedback.ingest.writer import prepare_session, store_events  # noqa: E402
 from tests.fixtures.model import demo_model_cache_dir  # noqa: E402
 from tests.fixtures.postgres import create_database, drop_database  # noqa: E402
 from tests.fixtures.reward_feedback import feedback_events, sampled_answers  # noqa: E402

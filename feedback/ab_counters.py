@@ -3,7 +3,8 @@
 The canary controller compares policies on these numbers, so they must be exact under
 redelivery, re-rating and out-of-order arrival. They are maintained *incrementally*, inside
 the ingestor's batch transaction, from what that batch actually changed (the scratch tables
-``new_interactions`` and ``rating_changes`` filled by :func:`feedback.ingestor.write_batch`):
+``new_interactions`` and ``rating_changes`` filled by
+:func:`feedback.ingest.writer.write_batch`):
 
 * ``served``  += number of choices of each interaction actually inserted (a redelivered
   interaction inserts nothing, so counts nothing);
@@ -152,7 +153,7 @@ _ATTRIBUTE = (
 
 def apply_batch_changes(conn: psycopg.Connection) -> None:
     """Fold one batch's changes into ``policy_stats``; call inside the batch transaction,
-    after :func:`feedback.ingestor.write_batch` filled the scratch tables."""
+    after :func:`feedback.ingest.writer.write_batch` filled the scratch tables."""
     conn.execute(_SERVED)
     conn.execute(_FLIPS)
     conn.execute(_ATTRIBUTE)

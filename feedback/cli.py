@@ -3,7 +3,7 @@
 
 Defaults come from the environment (``ALIGNLOOP_DATABASE_URL``, ``ALIGNLOOP_KAFKA_BOOTSTRAP``
 through :class:`schemas.settings.Settings`, plus the ``ALIGNLOOP_INGEST_*`` names listed on
-:class:`feedback.ingestor.IngestConfig`); flags override them.
+:class:`feedback.ingest.consumer.IngestConfig`); flags override them.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def _settings():
 
 def main(argv: list[str] | None = None) -> int:
     """``alignloop ingest``: run the feedback ingestor until SIGTERM / Ctrl-C."""
-    from feedback.ingestor import IngestConfig, Ingestor
+    from feedback.ingest.consumer import IngestConfig, Ingestor
 
     settings = _settings()
     ap = argparse.ArgumentParser(prog="alignloop ingest", description=main.__doc__)

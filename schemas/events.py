@@ -8,7 +8,10 @@ JSON-encoded UTF-8; the Kafka key is the response id the event is about.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -43,6 +46,14 @@ class LoggedMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     role: Role
     content: str
+
+
+def prompt_hash(messages: Sequence[LoggedMessage]) -> str:
+    """Identity of a prompt: sha256 of the canonical JSON of the conversation sent."""
+    canonical = json.dumps(
+        [[m.role, m.content] for m in messages], ensure_ascii=False, separators=(",", ":")
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 class LoggedChoice(BaseModel):

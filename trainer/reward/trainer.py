@@ -48,8 +48,7 @@ from prometheus_client import Counter, Gauge, start_http_server
 from feedback import datasets
 from feedback.datasets import HashSample, PointwiseLabel, PreferencePair, Watermark
 from feedback.db import connect, migrate
-from feedback.ingestor import prompt_hash
-from schemas.events import LoggedMessage
+from schemas.events import LoggedMessage, prompt_hash
 from trainer.common.progress import progress_bar
 from trainer.reward import registry
 from trainer.reward.config import RewardConfig

@@ -13,7 +13,7 @@ import pytest
 
 from feedback import datasets
 from feedback.cli import export_main
-from feedback.ingestor import store_events
+from feedback.ingest.writer import store_events
 from schemas.events import LoggedMessage, PreferenceSubmitted
 from tests.fixtures.postgres import make_feedback, make_interaction
 

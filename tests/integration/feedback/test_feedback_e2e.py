@@ -10,7 +10,7 @@ import psycopg
 import pytest
 
 from feedback.ab_counters import policy_counts
-from feedback.ingestor import IngestConfig, Ingestor
+from feedback.ingest.consumer import IngestConfig, Ingestor
 from serving.response_ids import ResponseIdSigner
 from tests.fixtures.load import post_all
 from tests.fixtures.server import RESPONSE_ID_SECRET

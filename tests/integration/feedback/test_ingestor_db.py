@@ -12,7 +12,7 @@ import pytest
 
 from feedback.ab_counters import PolicyCounts, policy_counts, recount_policy_counts
 from feedback.db import connect, load_migrations, migrate
-from feedback.ingestor import store_events
+from feedback.ingest.writer import store_events
 from tests.fixtures.postgres import make_feedback, make_interaction
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)

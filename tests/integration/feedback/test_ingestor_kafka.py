@@ -23,7 +23,7 @@ from kafka.admin import KafkaAdminClient, NewTopic
 from deploy.local.broker import free_port
 from feedback.ab_counters import policy_counts, recount_policy_counts
 from feedback.db import connect
-from feedback.ingestor import IngestConfig, Ingestor
+from feedback.ingest.consumer import IngestConfig, Ingestor
 from schemas.events import AnyEvent
 from tests.fixtures.broker import unique_topic
 from tests.fixtures.polling import wait_until

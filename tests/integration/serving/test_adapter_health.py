@@ -15,7 +15,7 @@ from deploy.canary.controller import CanaryController, decide
 from deploy.canary.stats import CanaryConfig
 from deploy.policies import registry
 from feedback.db import connect
-from feedback.ingestor import IngestConfig, Ingestor
+from feedback.ingest.consumer import IngestConfig, Ingestor
 from schemas.events import AdapterLoadFailed
 from tests.fixtures.broker import unique_topic
 from tests.fixtures.polling import wait_until
@@ -115,7 +115,7 @@ def test_no_failures_means_a_measured_zero(migrated_url: str) -> None:
 
 
 def test_request_failures_feed_the_5xx_guardrail(conn) -> None:
-    from feedback.ingestor import write_batch
+    from feedback.ingest.writer import write_batch
     from schemas.events import RequestFailed
     from tests.fixtures.postgres import make_interaction
 

@@ -1,15 +1,22 @@
-"""Pure parts of the dataset builders: which rated answers of a prompt to pair, and the
-reproducible bounded samples callers keep of a stream."""
+"""Pure parts of the dataset builders: which rated answers of a prompt to pair, the
+reproducible bounded samples callers keep of a stream, and the held-out split."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from collections import Counter
 
 import pytest
 
-from feedback.datasets import HashSample, rating_pair_indices, sample_by_hash, stable_hash
+from feedback.datasets import (
+    HashSample,
+    is_heldout,
+    rating_pair_indices,
+    sample_by_hash,
+    stable_hash,
+)
 
 
 @pytest.mark.parametrize(
@@ -101,3 +108,12 @@ def test_a_kept_item_stays_kept_when_fewer_are_offered() -> None:
     subset = [k for k in _keys(3000) if k.endswith(("1", "3", "5"))]
     kept_of_subset = set(sample_by_hash(subset, 40, key=str))
     assert {k for k in everything if k in set(subset)} <= kept_of_subset
+
+
+def test_heldout_split_is_stable_and_roughly_the_requested_fraction() -> None:
+    hashes = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(4000)]
+    held = [h for h in hashes if is_heldout(h, 0.2)]
+    assert 0.17 < len(held) / len(hashes) < 0.23
+    assert held == [h for h in hashes if is_heldout(h, 0.2)]
+    assert set(held) <= {h for h in hashes if is_heldout(h, 0.5)}  # growing never reshuffles
+    assert not any(is_heldout(h, 0.0) for h in hashes)

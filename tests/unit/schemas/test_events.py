@@ -1,4 +1,5 @@
-"""The ``PolicyCandidate`` event: its wire form, its key, and what validation refuses."""
+"""The ``PolicyCandidate`` event: its wire form, its key, and what validation refuses; and
+``prompt_hash``, the identity of a logged conversation."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import math
 import pytest
 from pydantic import ValidationError
 
-from schemas.events import PolicyCandidate, parse_event
+from schemas.events import LoggedMessage, PolicyCandidate, parse_event, prompt_hash
 
 
 def candidate(**overrides: object) -> PolicyCandidate:
@@ -64,3 +65,18 @@ def test_unknown_fields_are_refused() -> None:
     wire["state"] = "stable"
     with pytest.raises(ValidationError, match="state"):
         parse_event(json.dumps(wire))
+
+
+def _msgs(*pairs: tuple[str, str]) -> list[LoggedMessage]:
+    return [LoggedMessage(role=r, content=c) for r, c in pairs]  # type: ignore[arg-type]
+
+
+def test_prompt_hash_identifies_the_whole_conversation() -> None:
+    one = prompt_hash(_msgs(("user", "hi")))
+    assert one == prompt_hash(_msgs(("user", "hi")))
+    assert one != prompt_hash(_msgs(("system", "hi")))
+    assert one != prompt_hash(_msgs(("system", "be brief"), ("user", "hi")))
+    # no ambiguity from concatenation: ["ab", "c"] vs ["a", "bc"]
+    assert prompt_hash(_msgs(("user", "ab"), ("user", "c"))) != prompt_hash(
+        _msgs(("user", "a"), ("user", "bc"))
+    )

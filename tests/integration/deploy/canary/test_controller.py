@@ -18,7 +18,7 @@ from deploy.canary.controller import CanaryController
 from deploy.canary.stats import CanaryConfig
 from deploy.policies import registry
 from feedback.db import connect
-from feedback.ingestor import prepare_session, store_events
+from feedback.ingest.writer import prepare_session, store_events
 from tests.fixtures.postgres import make_feedback, make_interaction
 
 # Demo thresholds without time minimums, so the test needs no sleeping. SRM check on.

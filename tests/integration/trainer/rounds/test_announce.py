@@ -13,7 +13,8 @@ from kafka import KafkaProducer
 from prometheus_client import REGISTRY
 
 from feedback.db import connect
-from feedback.ingestor import IngestConfig, Ingestor, store_events
+from feedback.ingest.consumer import IngestConfig, Ingestor
+from feedback.ingest.writer import store_events
 from schemas.events import AdapterLoadFailed, PolicyCandidate
 from tests.fixtures.broker import consume_records, unique_topic
 from tests.fixtures.polling import wait_until

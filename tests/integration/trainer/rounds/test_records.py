@@ -17,7 +17,7 @@ from psycopg.types.json import Jsonb
 from deploy.policies import registry
 from feedback.datasets import Watermark, capture_watermark
 from feedback.db import connect
-from feedback.ingestor import store_events
+from feedback.ingest.writer import store_events
 from schemas.events import PreferenceSubmitted
 from tests.fixtures.postgres import make_feedback, make_interaction
 from trainer.rounds import records as rr

@@ -35,7 +35,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from deploy.local.broker import free_port
 from deploy.policies import registry as policy_registry
 from feedback.datasets import Watermark
-from feedback.ingestor import store_events
+from feedback.ingest.writer import store_events
 from schemas.events import PolicyCandidate
 from schemas.topics import POLICY
 from tests.fixtures.broker import consume_events
