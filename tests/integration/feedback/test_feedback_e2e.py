@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 
@@ -10,8 +9,8 @@ import psycopg
 import pytest
 
 from feedback.ab_counters import policy_counts
-from feedback.ingest.consumer import IngestConfig, Ingestor
 from serving.response_ids import ResponseIdSigner
+from tests.fixtures.ingestor import running_ingestor
 from tests.fixtures.load import post_all
 from tests.fixtures.server import RESPONSE_ID_SECRET
 
@@ -22,19 +21,9 @@ N = 10_000
 
 @pytest.fixture
 def ingestor(serving, migrated_url):
-    ing = Ingestor(
-        IngestConfig(
-            database_url=migrated_url,
-            bootstrap=serving.broker.bootstrap,
-            group_id=f"e2e-{uuid.uuid4().hex[:8]}",
-            metrics_port=None,
-        )
-    )
-    thread = threading.Thread(target=ing.run, daemon=True)
-    thread.start()
-    yield ing
-    ing.stop()
-    thread.join(30)
+    group_id = f"e2e-{uuid.uuid4().hex[:8]}"
+    with running_ingestor(migrated_url, serving.broker.bootstrap, group_id=group_id) as ing:
+        yield ing
 
 
 def count_where(url: str, sql: str, *args) -> int:

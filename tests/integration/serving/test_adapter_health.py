@@ -4,7 +4,6 @@ controller's observations → guardrail rollback."""
 
 from __future__ import annotations
 
-import threading
 import time
 from datetime import timedelta
 
@@ -15,9 +14,9 @@ from deploy.canary.controller import CanaryController, decide
 from deploy.canary.stats import CanaryConfig
 from deploy.policies import registry
 from feedback.db import connect
-from feedback.ingest.consumer import IngestConfig, Ingestor
 from schemas.events import AdapterLoadFailed
 from tests.fixtures.broker import unique_topic
+from tests.fixtures.ingestor import running_ingestor
 from tests.fixtures.polling import wait_until
 
 
@@ -58,27 +57,16 @@ def test_adapter_load_failure_is_stored_once_and_rolls_the_canary_back(
     finally:
         producer.close()
 
-    ingestor = Ingestor(
-        IngestConfig(
-            database_url=migrated_url,
-            bootstrap=broker.bootstrap,
-            group_id=unique_topic("ing-group"),
-            interactions_topic=unique_topic("ing-interactions"),
-            feedback_topic=unique_topic("ing-feedback"),
-            policy_topic=policy_topic,
-            dead_letter_topic=unique_topic("ing-dlq"),
-            metrics_port=None,
-        )
-    )
-    thread = threading.Thread(target=ingestor.run)
-    thread.start()
-    try:
+    with running_ingestor(
+        migrated_url,
+        broker.bootstrap,
+        interactions_topic=unique_topic("ing-interactions"),
+        feedback_topic=unique_topic("ing-feedback"),
+        policy_topic=policy_topic,
+        dead_letter_topic=unique_topic("ing-dlq"),
+    ):
         wait_until(lambda: len(_stored(migrated_url)) >= 3, 60, "the failure events")
         time.sleep(1.0)  # a duplicate would show up now
-    finally:
-        ingestor.stop()
-        thread.join(30)
-    assert not thread.is_alive()
     rows = _stored(migrated_url)
     assert sorted(str(r[0]) for r in rows) == sorted(
         str(e.event_id) for e in (failure, before_start, other_version)

@@ -4,7 +4,6 @@ not stored), and a clear error when no broker answers."""
 
 from __future__ import annotations
 
-import threading
 import time
 
 import psycopg
@@ -13,10 +12,10 @@ from kafka import KafkaProducer
 from prometheus_client import REGISTRY
 
 from feedback.db import connect
-from feedback.ingest.consumer import IngestConfig, Ingestor
 from feedback.ingest.writer import store_events
 from schemas.events import AdapterLoadFailed, PolicyCandidate
 from tests.fixtures.broker import consume_records, unique_topic
+from tests.fixtures.ingestor import running_ingestor
 from tests.fixtures.polling import wait_until
 from tests.fixtures.server import free_port
 from trainer.rounds.announce import PRODUCER, EventNotDelivered, publish_candidate
@@ -79,31 +78,20 @@ def test_published_candidate_reaches_the_topic_and_the_ingestor_without_dead_let
         producer.close()
 
     dead_before = _dead_letters()
-    ingestor = Ingestor(
-        IngestConfig(
-            database_url=migrated_url,
-            bootstrap=broker.bootstrap,
-            group_id=unique_topic("ing-group"),
-            interactions_topic=unique_topic("ing-interactions"),
-            feedback_topic=unique_topic("ing-feedback"),
-            policy_topic=policy_topic,
-            dead_letter_topic=unique_topic("ing-dlq"),
-            metrics_port=None,
-        )
-    )
 
     def stored() -> int:
         with connect(migrated_url, autocommit=True) as c:
             return c.execute("SELECT count(*) FROM adapter_load_failures").fetchone()[0]  # type: ignore[index]
 
-    thread = threading.Thread(target=ingestor.run)
-    thread.start()
-    try:
+    with running_ingestor(
+        migrated_url,
+        broker.bootstrap,
+        interactions_topic=unique_topic("ing-interactions"),
+        feedback_topic=unique_topic("ing-feedback"),
+        policy_topic=policy_topic,
+        dead_letter_topic=unique_topic("ing-dlq"),
+    ):
         wait_until(lambda: stored() >= 1, 60, "the failure after the candidate")
-    finally:
-        ingestor.stop()
-        thread.join(30)
-    assert not thread.is_alive()
     labels = {"topic": policy_topic, "event_type": "policy.candidate"}
     assert _sample("alignloop_ingest_events_total", labels) == 1.0
     assert _dead_letters() == dead_before

@@ -23,9 +23,9 @@ from kafka.admin import KafkaAdminClient, NewTopic
 from deploy.local.broker import free_port
 from feedback.ab_counters import policy_counts, recount_policy_counts
 from feedback.db import connect
-from feedback.ingest.consumer import IngestConfig, Ingestor
 from schemas.events import AnyEvent
 from tests.fixtures.broker import unique_topic
+from tests.fixtures.ingestor import running_ingestor
 from tests.fixtures.polling import wait_until
 from tests.fixtures.postgres import make_feedback, make_interaction
 
@@ -305,28 +305,19 @@ def test_malformed_events_go_to_dead_letter_and_consumption_continues(
     producer.close()
 
     port = free_port()
-    ingestor = Ingestor(
-        IngestConfig(
-            database_url=migrated_url,
-            bootstrap=broker.bootstrap,
-            group_id=topics.group,
-            interactions_topic=topics.interactions,
-            feedback_topic=topics.feedback,
-            policy_topic=topics.policy,
-            dead_letter_topic=topics.dead_letter,
-            metrics_port=port,
-        )
-    )
-    thread = threading.Thread(target=ingestor.run)
-    thread.start()
-    try:
+    with running_ingestor(
+        migrated_url,
+        broker.bootstrap,
+        group_id=topics.group,
+        interactions_topic=topics.interactions,
+        feedback_topic=topics.feedback,
+        policy_topic=topics.policy,
+        dead_letter_topic=topics.dead_letter,
+        metrics_port=port,
+    ):
         wait_until(lambda: stored(migrated_url)[0] >= 2, 60, "the good events")
         dead = _read_dead_letters(broker.bootstrap, topics.dead_letter, len(bad_values))
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
-    finally:
-        ingestor.stop()
-        thread.join(30)
-    assert not thread.is_alive()
     with connect(migrated_url, autocommit=True) as conn:
         ids = {r[0] for r in conn.execute("SELECT response_id FROM interactions")}
     assert ids == {good_before.response_id, good_after.response_id}
