@@ -21,7 +21,7 @@ two, and an operator can use it to check a live database.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import psycopg
 
@@ -38,6 +38,10 @@ class PolicyCounts:
         """Share of current ratings that are up; None before any rating."""
         total = self.ups + self.downs
         return self.ups / total if total else None
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        """The counts and the up rate, as the admin API and ``alignloop policy`` show them."""
+        return {**asdict(self), "up_rate": self.up_rate}
 
 
 def policy_counts(

@@ -2,6 +2,10 @@
 
     GET  /admin/policies[?state=S]          all versions and the routing table
     GET  /admin/policies/{v}[?audit_limit=N] one version and its audit trail
+
+A version's ``live`` object holds its live A/B counts from the ``policy_stats`` table
+(:func:`feedback.ab_counters.policy_counts`: answers ``served`` and ``rated``, current
+``ups`` and ``downs``, ``up_rate``; zeros before any traffic).
     GET  /admin/routing                      the routing table
     POST /admin/policies/{v}/promote         {"reason", "expect_state"?, "expect_generation"?}
     POST /admin/policies/{v}/canary          {"weight", "reason", "expect_state"?, ...}
@@ -57,6 +61,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from deploy.policies import registry
+from feedback.ab_counters import policy_counts
 from feedback.db import connect
 from schemas.errors import error_body
 
@@ -250,7 +255,9 @@ router = APIRouter(prefix="/admin")
 @router.get("/policies")
 def list_policies(conn: Conn, state: State | None = None) -> dict[str, Any]:
     versions = registry.list_versions(conn, state)
-    return {"versions": [asdict(v) for v in versions], "routing": _routing(conn)}
+    live = policy_counts(conn, [v.version for v in versions])
+    rows = [{**asdict(v), "live": live[v.version].to_dict()} for v in versions]
+    return {"versions": rows, "routing": _routing(conn)}
 
 
 @router.get("/policies/{version}")
@@ -258,6 +265,7 @@ def show_policy(
     conn: Conn, version: str, audit_limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> dict[str, Any]:
     info = asdict(registry.get(conn, version))
+    info["live"] = policy_counts(conn, [version])[version].to_dict()
     info["audit"] = [asdict(a) for a in registry.audit_log(conn, version, audit_limit)]
     return info
 

@@ -8,6 +8,9 @@
     alignloop policy reject V
     alignloop policy hold | resume
 
+``list`` and ``show`` include each version's live A/B counts (the ``policy_stats`` table:
+answers served and rated, current thumbs up and down).
+
 Every change needs ``--reason`` (it goes to the audit log with the actor: ``--actor`` or
 ``$USER``). Exit status: 0 done, 1 refused by the registry (the message says why), 2 usage.
 """
@@ -22,6 +25,7 @@ import sys
 from typing import Any
 
 from deploy.policies import registry
+from feedback.ab_counters import PolicyCounts, policy_counts
 
 
 def _actor(explicit: str | None) -> str:
@@ -97,6 +101,14 @@ def _num(x: Any, fmt: str = "{:+.3f}") -> str:
     return "-" if x is None else fmt.format(x)
 
 
+def live_counts_line(c: PolicyCounts) -> str:
+    """One version's ``policy_stats`` counts, as ``show`` prints them."""
+    return (
+        f"live counts: served {c.served}, rated {c.rated}, up {c.ups}, down {c.downs}"
+        f" (up {_pct(c.up_rate)})"
+    )
+
+
 def comparison_lines(v: registry.PolicyVersion, trail: list[registry.AuditEntry]) -> list[str]:
     """The version's offline evaluation (held-out prompts scored by the reward model, at
     registration) beside its live A/B result (the controller's latest look at users'
@@ -166,24 +178,35 @@ def _run(conn, args: argparse.Namespace, actor: str) -> int:
     if cmd == "list":
         versions = registry.list_versions(conn)
         routing = registry.routing_table(conn)
+        live = policy_counts(conn, [v.version for v in versions])
         if args.json:
             rows = [{"version": v.version, "state": v.state, "adapter": v.adapter_uri,
-                     "created_at": v.created_at.isoformat()} for v in versions]  # fmt: skip
+                     "created_at": v.created_at.isoformat(),
+                     "live": live[v.version].to_dict()} for v in versions]  # fmt: skip
             print(json.dumps({"versions": rows, "routing": _routing_dict(routing)}))
             return 0
-        print(f"{'VERSION':24} {'STATE':12} {'ROUND':>5}  {'CREATED':19}  ADAPTER")
+        print(
+            f"{'VERSION':24} {'STATE':12} {'ROUND':>5}  {'CREATED':19}"
+            f"  {'SERVED':>7} {'UP':>6} {'DOWN':>6}  ADAPTER"
+        )
         for v in versions:
             rnd = "" if v.training_round is None else str(v.training_round)
             created = v.created_at.strftime("%Y-%m-%d %H:%M:%S")
-            print(f"{v.version:24} {v.state:12} {rnd:>5}  {created}  {v.adapter_uri or '-'}")
+            c = live[v.version]
+            print(
+                f"{v.version:24} {v.state:12} {rnd:>5}  {created}"
+                f"  {c.served:>7} {c.ups:>6} {c.downs:>6}  {v.adapter_uri or '-'}"
+            )
         _print_routing(routing)
         return 0
     if cmd == "show":
         v = registry.get(conn, args.version)
         trail = registry.audit_log(conn, args.version)
+        counts = policy_counts(conn, [args.version])[args.version]
         if args.json:
             info = {k: (val.isoformat() if hasattr(val, "isoformat") else val)
                     for k, val in v.__dict__.items()}  # fmt: skip
+            info["live"] = counts.to_dict()
             info["audit"] = [{"at": a.at.isoformat(), "actor": a.actor, "action": a.action,
                               "from": a.from_state, "to": a.to_state, "reason": a.reason,
                               "statistics": a.statistics} for a in trail]  # fmt: skip
@@ -194,6 +217,7 @@ def _run(conn, args: argparse.Namespace, actor: str) -> int:
                 print(f"{key:22} {val}")
         print()
         print("\n".join(comparison_lines(v, trail)))
+        print(live_counts_line(counts))
         print("\naudit:")
         for a in trail:
             move = f"{a.from_state or '-'} -> {a.to_state or '-'}"

@@ -1,9 +1,10 @@
 """The admin HTTP API against real Postgres: the auth matrix, every operation, the error
-mapping, racing promotes over real HTTP, and the canary controller serving it beside
-/metrics."""
+mapping, racing promotes over real HTTP, the live counts per version, and the canary
+controller serving it beside /metrics."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -18,9 +20,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from deploy.local.broker import free_port
+from deploy.ops import policy_cli
 from deploy.ops.admin_api import create_app, serve_in_thread
 from deploy.policies import registry
 from feedback.db import connect
+from feedback.ingest.writer import prepare_session, store_events
+from tests.fixtures.postgres import make_feedback, make_interaction
 
 TOKEN = "s3cret-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -237,6 +242,61 @@ def test_two_concurrent_promotes_one_wins(migrated_url: str) -> None:
         assert registry.get(conn, loser).state == "candidate"
         assert registry.get(conn, "base").state == "retired"
         assert [a.version for a in registry.audit_log(conn) if a.action == "promote"] == [winner]
+
+
+# --- live counts (policy_stats) -------------------------------------------------------------
+
+
+def test_live_counts_per_version_over_http(
+    migrated_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What the ingestor counted reaches the API and the CLI, per version: served answers
+    (choices, not requests), one current rating per answer (a re-rating moves the count), a
+    redelivered batch counted not at all, a rating that came before its answer counted when
+    the answer came, and zeros for a version nobody was served."""
+    _register(migrated_url, "v1", "v2")
+    t0 = datetime(2025, 1, 1, tzinfo=UTC)
+    two = make_interaction(policy="v1", answers=("one", "two"))
+    one, base, late = (make_interaction(policy=p) for p in ("v1", "base", "base"))
+    first = [
+        two, one, base,
+        make_feedback(two.response_id, "up", at=t0),
+        make_feedback(two.response_id, "down", choice_index=1, at=t0),
+        make_feedback(one.response_id, "up", at=t0),
+        make_feedback(base.response_id, "up", at=t0),
+        make_feedback(late.response_id, "down", at=t0),
+    ]  # fmt: skip
+    with connect(migrated_url, autocommit=True) as conn:
+        prepare_session(conn)
+        store_events(conn, first)
+        store_events(conn, first)  # redelivered
+        store_events(conn, [late, make_feedback(one.response_id, "down", at=t0 + timedelta(1))])
+
+    def live(served: int, rated: int, ups: int, downs: int) -> dict:
+        rate = ups / (ups + downs) if ups + downs else None
+        return {"served": served, "rated": rated, "ups": ups, "downs": downs, "up_rate": rate}
+
+    expected = {"base": live(2, 2, 1, 1), "v1": live(3, 3, 1, 2), "v2": live(0, 0, 0, 0)}
+    server, thread = serve_in_thread(create_app(migrated_url, TOKEN), "127.0.0.1", free_port())
+    try:
+        with httpx.Client(
+            base_url=f"http://127.0.0.1:{server.config.port}", headers=AUTH, timeout=30
+        ) as c:
+            listed = c.get("/admin/policies").json()["versions"]
+            shown = {v: c.get(f"/admin/policies/{v}").json()["live"] for v in expected}
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    assert {v["version"]: v["live"] for v in listed} == expected
+    assert shown == expected
+
+    cli = ["--database-url", migrated_url]
+    capsys.readouterr()
+    assert policy_cli.main(["list", "--json", *cli]) == 0
+    rows = json.loads(capsys.readouterr().out)["versions"]
+    assert {r["version"]: r["live"] for r in rows} == expected
+    assert policy_cli.main(["show", "v1", *cli]) == 0
+    assert "live counts: served 3, rated 3, up 1, down 2 (up 33.3%)" in capsys.readouterr().out
 
 
 # --- served by the canary controller ---------------------------------------------------------
