@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel
 
 
@@ -21,7 +23,7 @@ def error_body(
     type: str = "invalid_request_error",
     param: str | None = None,
     code: str | None = None,
-) -> dict:
+) -> dict[str, Any]:
     return ErrorResponse(
         error=ErrorDetail(message=message, type=type, param=param, code=code)
     ).model_dump()

@@ -13,12 +13,15 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from schemas.chat import ChatCompletionRequest, ModelCard, ModelList
 from schemas.settings import Settings
@@ -28,6 +31,7 @@ from serving.engine import Engine
 from serving.errors import install_error_handlers, parse_body, read_json
 from serving.feedback_routes import FeedbackEndpoints
 from serving.policies import PolicyRouter
+from serving.publisher import EventPublisher
 from serving.response_ids import ResponseIdSigner, load_or_create_secret
 from serving.routing import RoutingWatcher
 
@@ -45,16 +49,16 @@ class RequestCounter:
     extra task group and costs more CPU than the feedback endpoint itself.
     """
 
-    def __init__(self, app) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         seen: dict[str, str] = {}
 
-        async def capture(message) -> None:
+        async def capture(message: Message) -> None:
             if message["type"] == "http.response.start":
                 seen["status"] = str(message["status"])
                 for name, value in message.get("headers", ()):
@@ -83,7 +87,7 @@ def routing_key(request: Request) -> str:
     return f"addr:{client.host if client else 'unknown'}"
 
 
-def create_app(settings: Settings, model_dir: Path, publisher) -> FastAPI:
+def create_app(settings: Settings, model_dir: Path, publisher: EventPublisher) -> FastAPI:
     """Build the app. ``publisher`` is an `EventPublisher` (started/closed by the app)."""
     engine = Engine(settings, model_dir)
     like_for_like_dir = None
@@ -108,7 +112,7 @@ def create_app(settings: Settings, model_dir: Path, publisher) -> FastAPI:
     started_at = int(time.time())
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI):
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         publisher.start()
         engine.start()
         if watcher is not None:
@@ -139,7 +143,7 @@ def create_app(settings: Settings, model_dir: Path, publisher) -> FastAPI:
     install_error_handlers(app)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
+    async def chat_completions(request: Request) -> Response:
         req = parse_body(
             ChatCompletionRequest, await read_json(request, settings.max_request_bytes)
         )
@@ -165,7 +169,7 @@ def create_app(settings: Settings, model_dir: Path, publisher) -> FastAPI:
         )
 
     @app.get("/healthz")
-    async def healthz() -> dict:
+    async def healthz() -> dict[str, Any]:
         table = router.table
         return {
             "status": "ok",

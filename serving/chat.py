@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from schemas import topics
 from schemas.chat import (
@@ -41,8 +42,11 @@ from serving import metrics
 from serving.engine import Engine
 from serving.errors import APIError
 from serving.policies import PolicyRouter, PolicyTarget, PolicyUnavailable, UnknownModel
-from serving.publisher import PRODUCER
+from serving.publisher import PRODUCER, EventPublisher
 from serving.response_ids import ResponseIdSigner
+
+if TYPE_CHECKING:
+    from vllm import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +88,7 @@ class ChatService:
         engine: Engine,
         router: PolicyRouter,
         signer: ResponseIdSigner,
-        publisher,
+        publisher: EventPublisher,
     ) -> None:
         self.settings = settings
         self.engine = engine
@@ -166,7 +170,7 @@ class ChatService:
             user=user,
         )
 
-    def _sampling_params(self, p: Prepared, stream: bool):
+    def _sampling_params(self, p: Prepared, stream: bool) -> SamplingParams:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 

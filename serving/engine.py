@@ -21,6 +21,8 @@ from schemas.settings import Settings
 if TYPE_CHECKING:  # vLLM is imported when the engine starts, not with this module
     from vllm.config.lora import MaxLoRARanks
     from vllm.config.model import ModelDType
+    from vllm.outputs import RequestOutput
+    from vllm.sampling_params import SamplingParams
     from vllm.v1.engine.async_llm import AsyncLLM
 
 log = logging.getLogger(__name__)
@@ -103,10 +105,10 @@ class Engine:
     async def generate(
         self,
         prompt_ids: list[int],
-        sampling_params,
+        sampling_params: SamplingParams,
         request_id: str,
         adapter: Adapter | None = None,
-    ) -> AsyncIterator:
+    ) -> AsyncIterator[RequestOutput]:
         """Yield vLLM ``RequestOutput``s. Closing the iterator aborts the request."""
         from vllm.inputs import TokensPrompt
         from vllm.lora.request import LoRARequest

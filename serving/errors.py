@@ -52,7 +52,7 @@ class APIError(Exception):
 _UNION_TAGS = {"str", "int", "float", "bool", "none", "dict"}
 
 
-def _loc_to_param(loc: tuple) -> str:
+def _loc_to_param(loc: tuple[int | str, ...]) -> str:
     """('messages', 0, 'role') -> 'messages[0].role'. Drops the body/query prefix and the
     type tags pydantic adds for union members (('content', 'list[TextPart]') -> 'content')."""
     out = ""

@@ -22,6 +22,8 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from starlette.types import ASGIApp, Receive, Scope, Send
+
 from schemas import topics
 from schemas.errors import error_body
 from schemas.events import Event, FeedbackSubmitted, LoggedMessage, PreferenceSubmitted
@@ -35,7 +37,7 @@ from schemas.feedback_api import (
 from schemas.settings import Settings
 from serving import metrics
 from serving.errors import APIError, parse_body, parse_json, too_large
-from serving.publisher import PRODUCER
+from serving.publisher import PRODUCER, EventPublisher
 from serving.response_ids import ResponseIdSigner
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -51,7 +53,12 @@ class FeedbackEndpoints:
     method on those paths gets 405); everything else goes on to ``app``."""
 
     def __init__(
-        self, app, *, settings: Settings, signer: ResponseIdSigner, publisher: Any
+        self,
+        app: ASGIApp,
+        *,
+        settings: Settings,
+        signer: ResponseIdSigner,
+        publisher: EventPublisher,
     ) -> None:
         self.app = app
         self.max_bytes = settings.max_request_bytes
@@ -63,8 +70,8 @@ class FeedbackEndpoints:
             PREFERENCES_PATH: self.submit_preference,
         }
 
-    async def __call__(self, scope, receive, send) -> None:
-        handler = self.routes.get(scope.get("path")) if scope["type"] == "http" else None
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        handler = self.routes.get(scope.get("path", "")) if scope["type"] == "http" else None
         if handler is None:
             await self.app(scope, receive, send)
             return
@@ -86,7 +93,7 @@ class FeedbackEndpoints:
         await send({"type": "http.response.body", "body": content})
         metrics.REQUESTS.labels(path, str(status), "-").inc()
 
-    async def read_body(self, scope, receive) -> bytes | None:
+    async def read_body(self, scope: Scope, receive: Receive) -> bytes | None:
         """At most ``max_bytes`` of body (413 beyond, even without Content-Length); None if
         the client disconnected."""
         for name, value in scope["headers"]:
@@ -173,13 +180,13 @@ class FeedbackEndpoints:
         return await self.accept(event, "preference", preference_id)
 
 
-def _idempotency_header(scope) -> str | None:
+def _idempotency_header(scope: Scope) -> str | None:
     for name, value in scope["headers"]:
         if name == _IDEMPOTENCY_HEADER_RAW:
             return value.decode("latin-1") or None
     return None
 
 
-def _json(content: dict) -> bytes:
+def _json(content: dict[str, Any]) -> bytes:
     """As Starlette's JSONResponse renders it."""
     return json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode()

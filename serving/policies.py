@@ -34,7 +34,7 @@ from prometheus_client import Counter
 from schemas import topics
 from schemas.events import AdapterLoadFailed
 from serving.engine import Adapter, Engine
-from serving.publisher import PRODUCER
+from serving.publisher import PRODUCER, EventPublisher
 from serving.routing import (
     BASE_VERSION,
     ROUTING_GENERATION,
@@ -77,7 +77,7 @@ class PolicyRouter:
         served_model_name: str,
         salt: str,
         engine: Engine | None = None,
-        publisher=None,
+        publisher: EventPublisher | None = None,
         load_timeout_s: float = 60.0,
         like_for_like_dir: Path | None = None,
     ) -> None:

@@ -73,13 +73,13 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from confluent_kafka import Producer
+from confluent_kafka import KafkaError, Message, Producer
 from prometheus_client import Counter, Gauge, Histogram
 
 from schemas.events import Event
@@ -90,8 +90,12 @@ log = logging.getLogger(__name__)
 PRODUCER = f"serving@{socket.gethostname()}:{os.getpid()}"
 """The ``producer`` stamped on every event this serving process makes."""
 
+Handover = Literal["kafka", "spool"]
+"""Where a published event was safely handed over (what its future resolves to)."""
+
 __all__ = [
     "EventPublisher",
+    "Handover",
     "PublisherClosed",
     "PublisherState",
     "SpoolFull",
@@ -133,14 +137,14 @@ class _AsyncioBridge:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self._lock = threading.Lock()
-        self._ready: list[tuple[Future[str], asyncio.Future[str]]] = []
+        self._ready: list[tuple[Future[Handover], asyncio.Future[Handover]]] = []
 
-    def watch(self, done: Future[str]) -> asyncio.Future[str]:
-        waiter: asyncio.Future[str] = self.loop.create_future()
+    def watch(self, done: Future[Handover]) -> asyncio.Future[Handover]:
+        waiter: asyncio.Future[Handover] = self.loop.create_future()
         done.add_done_callback(lambda f: self._completed(f, waiter))
         return waiter
 
-    def _completed(self, done: Future[str], waiter: asyncio.Future[str]) -> None:
+    def _completed(self, done: Future[Handover], waiter: asyncio.Future[Handover]) -> None:
         with self._lock:
             first = not self._ready
             self._ready.append((done, waiter))
@@ -177,7 +181,7 @@ class _Pending:
     topic: str
     key: bytes | None
     value: bytes
-    future: Future[str]
+    future: Future[Handover]
     published_at: float = field(default_factory=time.monotonic)
 
     def record(self) -> SpoolRecord:
@@ -277,10 +281,10 @@ class EventPublisher:
             self._thread.start()
         return self
 
-    def publish(self, topic: str, event: Event) -> Future[str]:
+    def publish(self, topic: str, event: Event) -> Future[Handover]:
         """Hand ``event`` over for delivery to ``topic`` (key ``event.key()``); never blocks
         on the broker, never raises. See the module doc for what the future resolves to."""
-        future: Future[str] = Future()
+        future: Future[Handover] = Future()
         future.set_running_or_notify_cancel()  # a waiter's cancel() must not void delivery
         item = _Pending(topic, event.key(), event.to_bytes(), future)
         with self._lock:
@@ -307,7 +311,7 @@ class EventPublisher:
             self._overflow_pending.append(item)
         return future
 
-    async def publish_and_wait(self, topic: str, event: Event) -> str:
+    async def publish_and_wait(self, topic: str, event: Event) -> Handover:
         """Publish and wait until the event is acked by Kafka or fsync'd in the spool.
         Returns "kafka" or "spool"; raises SpoolFull / PublisherClosed if it was dropped."""
         loop = asyncio.get_running_loop()
@@ -435,8 +439,8 @@ class EventPublisher:
         assert producer is not None
         acked = [False] * len(records)
 
-        def report(i: int):
-            def on_delivery(err, _msg) -> None:
+        def report(i: int) -> Callable[[KafkaError | None, Message], None]:
+            def on_delivery(err: KafkaError | None, _msg: Message) -> None:
                 if err is None:
                     acked[i] = True
                 else:
@@ -544,7 +548,7 @@ class EventPublisher:
             producer.poll(0)  # serve the purged messages' reports
             producer.close()
 
-    def _on_client_error(self, err) -> None:
+    def _on_client_error(self, err: KafkaError) -> None:
         """librdkafka's client-level errors (broker down, ...); a send that fails because
         of them reports it on its own, so they are only kept for /healthz."""
         self._last_error = f"kafka: {err}"
@@ -611,7 +615,7 @@ class EventPublisher:
 
     # --- bookkeeping ---------------------------------------------------------------------
 
-    def _resolve(self, item: _Pending, outcome: str) -> None:
+    def _resolve(self, item: _Pending, outcome: Handover) -> None:
         PUBLISHED.labels(item.topic, outcome).inc()
         HANDOVER_SECONDS.labels(outcome).observe(time.monotonic() - item.published_at)
         item.future.set_result(outcome)

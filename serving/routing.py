@@ -21,8 +21,13 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge
+
+if TYPE_CHECKING:  # psycopg is imported by the watcher thread, not with this module
+    from psycopg import Connection
+    from psycopg.rows import TupleRow
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +80,13 @@ FROM policy_routing r
 _VERSIONS_SQL = "SELECT version, adapter_uri FROM policy_versions WHERE state <> 'rejected'"
 
 
-def read_table(conn) -> RoutingTable:
+def read_table(conn: Connection[TupleRow]) -> RoutingTable:
     """Read a snapshot (one transaction, so the two queries agree)."""
     with conn.transaction():
-        generation, stable, canary, weight = conn.execute(_TABLE_SQL).fetchone()
-        adapters = dict(conn.execute(_VERSIONS_SQL).fetchall())
+        row = conn.execute(_TABLE_SQL).fetchone()
+        assert row is not None, "policy_routing has one row, never deleted (migration 0003)"
+        generation, stable, canary, weight = row
+        adapters: dict[str, str | None] = dict(conn.execute(_VERSIONS_SQL).fetchall())
     return RoutingTable(int(generation), stable, canary, float(weight), adapters)
 
 
@@ -136,7 +143,7 @@ class RoutingWatcher:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
 
-    def _reload(self, conn, trigger: str) -> None:
+    def _reload(self, conn: Connection[TupleRow], trigger: str) -> None:
         table = read_table(conn)
         ROUTING_RELOADS.labels(trigger).inc()
         self.apply(table)
