@@ -8,7 +8,7 @@ hundreds of millions). 80 % of the ratings are each answer's first; the rest are
 users' ratings and re-ratings. Then, in a fresh Python process (so its peak RSS is the
 build's own, not the filler's), builds what a round reads, the way the trainer does:
 
-* ``reward_cold``: :func:`trainer.reward.trainer.load_data` from scratch: preference pairs
+* ``reward_cold``: :func:`trainer.reward.data.load_data` from scratch: preference pairs
   (capped per prompt) and thumbs labels streamed, split by prompt, sampled to the caps;
 * ``reward_warm``: the same with a parent watermark at 90 % of the rows (new examples
   plus replay; the parent's examples are read too);
@@ -222,7 +222,7 @@ class PeakRss:
 
 def build(url: str) -> dict[str, object]:
     from trainer.reward.config import RewardConfig
-    from trainer.reward.trainer import load_data
+    from trainer.reward.data import load_data
     from trainer.rounds.config import RoundConfig
     from trainer.rounds.training_round import PTX_MAX_EXAMPLES, ptx_labels
 

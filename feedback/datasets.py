@@ -22,13 +22,14 @@ texts of the chosen only (:func:`labels_for`, :func:`pairs_for`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import heapq
 import itertools
 import json
 import math
 import random
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, Generic, Literal, NamedTuple, TypeVar
@@ -56,6 +57,33 @@ def capture_watermark(conn: psycopg.Connection) -> Watermark:
     ).fetchone()
     assert row is not None
     return Watermark(*row)
+
+
+def watermark_from(value: Watermark | Mapping[str, int]) -> Watermark:
+    """A watermark from its stored JSON form (or itself): a missing or unknown key fails
+    here, not in a later round."""
+    if isinstance(value, Watermark):
+        return value
+    try:
+        return Watermark(**{k: int(v) for k, v in value.items()})
+    except TypeError as exc:
+        expected = ", ".join(f.name for f in dataclasses.fields(Watermark))
+        raise ValueError(f"a watermark has the keys {expected}; got {dict(value)}") from exc
+
+
+def new_ratings_since(conn: psycopg.Connection, since: Watermark | Mapping[str, int] | None) -> int:
+    """How many ratings (rows of ``feedback_events``, re-ratings included) and preferences
+    were ingested after the watermark ``since``; None (no previous round) counts
+    everything. Interactions without feedback do not count. The training loop passes the
+    last round's watermark."""
+    mark = watermark_from(since) if since is not None else Watermark(0, 0, 0)
+    row = conn.execute(
+        """SELECT (SELECT count(*) FROM feedback_events WHERE seq > %s)
+                + (SELECT count(*) FROM preferences WHERE seq > %s)""",
+        (mark.feedback, mark.preferences),
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 @contextmanager

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from schemas.config_flags import add_config_flags
+from trainer.common import artifacts
 from trainer.reward.config import RewardConfig
 
 EXIT_REGISTERED, EXIT_FAILED, EXIT_USAGE, EXIT_NO_DATA, EXIT_REJECTED, EXIT_STOPPED = (
@@ -57,8 +58,10 @@ def config_from_args(argv: list[str]) -> RewardConfig:
 
 def train_reward(argv: list[str]) -> int:
     """One reward model round from the command line; returns the exit code."""
+    from trainer.reward.checkpoints import CheckpointCorrupted
+    from trainer.reward.data import InsufficientData
     from trainer.reward.rules import build_rules
-    from trainer.reward.trainer import CheckpointCorrupted, InsufficientData, train_reward_model
+    from trainer.reward.trainer import train_reward_model
 
     config = config_from_args(argv)
     if not config.database_url:
@@ -130,7 +133,7 @@ def reward_main(argv: list[str] | None = None) -> int:
     try:
         registry.verified_path(record)
         shown["files"] = "ok"
-    except registry.CorruptedDirectory as exc:
+    except artifacts.CorruptedDirectory as exc:
         shown["files"] = f"CORRUPTED: {exc}"
     print(json.dumps(shown, indent=2, default=str))
     return 0

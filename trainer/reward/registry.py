@@ -1,10 +1,8 @@
 """Reward model versions: files on disk, records in Postgres (table ``reward_models``).
 
 A version is the directory ``state_dir/reward_models/<version>`` plus one row. The directory
-is written atomically: filled in a hidden temporary sibling, given a ``MANIFEST.json`` with
-the sha256 of every file, fsync'd and renamed into place, so a reader sees a whole version
-or none, and can check it (:func:`verify_dir`) before trusting it. The same helpers write
-the trainer's resumable checkpoints.
+is written atomically with a sha256 manifest (:mod:`trainer.common.artifacts`), so a
+reader sees a whole version or none, and can check it before trusting it.
 
 Registration happens in one transaction under an advisory lock: allocate the next number,
 write the files, insert the row, and (for an accepted version) demote the old current one to
@@ -14,13 +12,6 @@ most an unreferenced directory that the next registration of that number replace
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
-import tempfile
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -29,87 +20,17 @@ from typing import Any, Literal
 import psycopg
 from psycopg.types.json import Jsonb
 
+from trainer.common.artifacts import (
+    MANIFEST_NAME,
+    CorruptedDirectory,
+    sha256_file,
+    verify_dir,
+    write_dir_atomically,
+)
 from trainer.reward.model import RewardModel
 
-MANIFEST_NAME = "MANIFEST.json"
 REGISTRY_LOCK_KEY = 0x616C_726D  # "alrm": serialises version allocation across trainers
 Status = Literal["current", "previous", "rejected"]
-
-
-class CorruptedDirectory(RuntimeError):
-    """A version or checkpoint directory whose files do not match its manifest."""
-
-
-# --- atomic, checksummed directories ------------------------------------------------------
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_dir_atomically(target: Path, fill: Callable[[Path], None]) -> str:
-    """Create ``target`` with what ``fill(tmp_dir)`` writes, plus a sha256 manifest.
-
-    Returns the manifest's own sha256. An existing ``target`` is replaced (moved aside
-    first, then deleted), so a reader never sees a half-written directory.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
-    try:
-        fill(tmp)
-        files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        manifest = {
-            "files": {str(p.relative_to(tmp)): _sha256(p) for p in files},
-            "written_at": time.time(),
-        }
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        for p in [*files, tmp / MANIFEST_NAME]:
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-        tmp.chmod(0o755)
-        if target.exists():
-            trash = target.parent / f".{target.name}.old-{os.getpid()}-{time.time_ns()}"
-            os.rename(target, trash)
-            os.rename(tmp, target)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-        _fsync_dir(target.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return _sha256(target / MANIFEST_NAME)
-
-
-def verify_dir(directory: Path) -> dict[str, Any]:
-    """Check every file against the manifest; returns the manifest or raises
-    :class:`CorruptedDirectory` naming what is wrong."""
-    directory = Path(directory)
-    try:
-        manifest = json.loads((directory / MANIFEST_NAME).read_text())
-        files: dict[str, str] = manifest["files"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CorruptedDirectory(f"{directory}: missing or unreadable {MANIFEST_NAME}") from exc
-    for name, expected in files.items():
-        path = directory / name
-        if not path.is_file():
-            raise CorruptedDirectory(f"{directory}: {name} is missing")
-        if _sha256(path) != expected:
-            raise CorruptedDirectory(f"{directory}: {name} does not match its sha256")
-    return manifest
 
 
 # --- the records ------------------------------------------------------------------------
@@ -227,6 +148,6 @@ def verified_path(record: RewardVersion) -> Path:
     """The version's directory after checking its files and manifest against the record."""
     path = Path(record.path)
     verify_dir(path)
-    if _sha256(path / MANIFEST_NAME) != record.manifest_sha256:
+    if sha256_file(path / MANIFEST_NAME) != record.manifest_sha256:
         raise CorruptedDirectory(f"{path}: manifest differs from the one registered")
     return path

@@ -207,7 +207,9 @@ def _due(conn, trigger: TriggerConfig) -> str | None:
         return None
     last = round_records.last_round(conn)
     since = last.watermark if last is not None else None
-    new = round_records.new_ratings_since(conn, since)
+    from feedback.datasets import new_ratings_since
+
+    new = new_ratings_since(conn, since)
     elapsed = (time.time() - last.started_at.timestamp()) if last is not None else None
     return should_start(new, elapsed, trigger)
 

@@ -9,12 +9,12 @@ iteration), and ends exactly once in a terminal status (:func:`finish_round`):
 data) or ``aborted`` (NaN/inf, exploding KL). The database allows one running round at
 most; a trainer that was killed finds it with :func:`running_round` and resumes it.
 
-The scheduler's input is :func:`new_ratings_since`: how much feedback arrived after a
-round's ``watermark`` (``feedback.datasets.Watermark``: one ``seq`` per table, because
-ratings and preferences are numbered by separate sequences, so no single integer can say
-"feedback up to here"). A round's watermark is set when it starts (the feedback available
-then) and replaced by the exact data snapshot it trains on, so even a round that failed
-before reading data tells the scheduler where to count from.
+The scheduler's input is :func:`feedback.datasets.new_ratings_since`: how much feedback
+arrived after a round's ``watermark`` (``feedback.datasets.Watermark``: one ``seq`` per
+table, because ratings and preferences are numbered by separate sequences, so no single
+integer can say "feedback up to here"). A round's watermark is set when it starts (the
+feedback available then) and replaced by the exact data snapshot it trains on, so even a
+round that failed before reading data tells the scheduler where to count from.
 
 JSON values are made storable first: jsonb has no NaN or Infinity, so non-finite floats
 are stored as the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"`` (a diverged round's
@@ -41,7 +41,7 @@ from typing import Any, Literal, get_args
 import psycopg
 from psycopg.types.json import Jsonb
 
-from feedback.datasets import Watermark, capture_watermark
+from feedback.datasets import Watermark, capture_watermark, watermark_from
 
 RoundStatus = Literal["running", "registered", "rejected", "failed", "aborted"]
 TerminalStatus = Literal["registered", "rejected", "failed", "aborted"]
@@ -164,14 +164,7 @@ def _jsonb(value: Any) -> Jsonb:
 
 
 def _watermark_dict(watermark: Watermark | Mapping[str, int]) -> dict[str, int]:
-    if isinstance(watermark, Watermark):
-        return dataclasses.asdict(watermark)
-    # Through the dataclass: a missing or unknown key fails here, not in a later round.
-    try:
-        return dataclasses.asdict(Watermark(**{k: int(v) for k, v in watermark.items()}))
-    except TypeError as exc:
-        expected = ", ".join(f.name for f in dataclasses.fields(Watermark))
-        raise ValueError(f"a watermark has the keys {expected}; got {dict(watermark)}") from exc
+    return dataclasses.asdict(watermark_from(watermark))
 
 
 # --- reads --------------------------------------------------------------------------------
@@ -336,18 +329,3 @@ def finish_round(
 
 
 # --- what the scheduler reads ---------------------------------------------------------------
-
-
-def new_ratings_since(conn: psycopg.Connection, since: Watermark | Mapping[str, int] | None) -> int:
-    """How many ratings (rows of ``feedback_events``, re-ratings included) and preferences
-    were ingested after the watermark ``since``; None (no previous round) counts
-    everything. Interactions without feedback do not count. The scheduler passes
-    ``last_round(conn).watermark``."""
-    mark = _watermark_dict(since) if since is not None else {"feedback": 0, "preferences": 0}
-    row = conn.execute(
-        """SELECT (SELECT count(*) FROM feedback_events WHERE seq > %(feedback)s)
-                + (SELECT count(*) FROM preferences WHERE seq > %(preferences)s)""",
-        mark,
-    ).fetchone()
-    assert row is not None
-    return int(row[0])

@@ -46,6 +46,7 @@ from prometheus_client import Counter, Gauge
 from deploy.policies import registry as policy_registry
 from feedback import datasets
 from feedback.db import connect, migrate
+from trainer.common import artifacts
 from trainer.common.distributed import Dist
 from trainer.common.progress import progress_bar
 from trainer.ppo.evaluation import evaluate
@@ -56,8 +57,9 @@ from trainer.ppo.rollout.vllm import VllmOptions, VllmSampler
 from trainer.ppo.trainer import PPOTrainer, TrainingDiverged
 from trainer.reward import registry as reward_registry
 from trainer.reward.config import RewardConfig
+from trainer.reward.data import InsufficientData
 from trainer.reward.rules import ComposedReward, build_rules
-from trainer.reward.trainer import InsufficientData, train_reward_model
+from trainer.reward.trainer import train_reward_model
 from trainer.rounds import records as round_records
 from trainer.rounds.config import RoundConfig
 from trainer.rounds.gate import gate
@@ -89,7 +91,7 @@ class RoundFailed(RuntimeError):
 
 
 @dataclass
-class RoundResult:
+class TrainingRoundResult:
     round_id: int
     outcome: str
     """registered | rejected | failed | aborted | stopped (resumable)."""
@@ -118,7 +120,7 @@ def run_round(
     trigger: str = "manual",
     sampler: Sampler | None = None,
     dist: Dist | None = None,
-) -> RoundResult:
+) -> TrainingRoundResult:
     """Run (or resume) one round; see the module docstring.
 
     ``sampler``: a vLLM sampler kept across rounds by ``alignloop train loop`` (the engine
@@ -133,11 +135,11 @@ def run_round(
         record = _open_round(conn, config, trigger, dist)
         ROUND_RUNNING.set(1)
         try:
-            result = _round(conn, config, record, dist, sampler)
+            result = _run_training_round(conn, config, record, dist, sampler)
         except TrainingDiverged as exc:
-            result = RoundResult(record.id, "aborted", str(exc))
-        except (RoundFailed, AdapterSyncError, reward_registry.CorruptedDirectory) as exc:
-            result = RoundResult(record.id, "failed", str(exc))
+            result = TrainingRoundResult(record.id, "aborted", str(exc))
+        except (RoundFailed, AdapterSyncError, artifacts.CorruptedDirectory) as exc:
+            result = TrainingRoundResult(record.id, "failed", str(exc))
         finally:
             ROUND_RUNNING.set(0)
         if result.outcome in ("aborted", "failed") and dist.is_main:
@@ -175,13 +177,13 @@ def _open_round(
     return record
 
 
-def _round(
+def _run_training_round(
     conn: psycopg.Connection,
     config: RoundConfig,
     record: round_records.TrainingRound,
     dist: Dist,
     sampler: Sampler | None,
-) -> RoundResult:
+) -> TrainingRoundResult:
     record = _reward_model_and_watermark(conn, config, record, dist)
     rm = reward_registry.get_version(conn, record.reward_model_version)  # type: ignore[arg-type]
     assert rm is not None and record.watermark is not None
@@ -220,10 +222,12 @@ def _round(
         ).hexdigest()
         log.info("rank %d policy sha256 %s", dist.rank, digest)  # DDP keeps ranks identical
         if stopped:
-            return RoundResult(record.id, "stopped", stopped, steps=steps)
+            return TrainingRoundResult(record.id, "stopped", stopped, steps=steps)
         if not dist.is_main:
             dist.barrier()
-            return RoundResult(record.id, "done-on-rank-0", "rank 0 evaluates and registers")
+            return TrainingRoundResult(
+                record.id, "done-on-rank-0", "rank 0 evaluates and registers"
+            )
         sampler.sync(models, "final")
         stable_which = parent.adapter_uri or "base"
         evaluation = evaluate(models, sampler, reward_fn, heldout_prompts, stable_which, config.ppo)
@@ -427,7 +431,7 @@ def _export_metrics(metrics: dict[str, Any]) -> None:
 
 def _save_checkpoint(run_dir: Path, trainer: PPOTrainer, iteration: int, config: RoundConfig):
     state = {"iteration": iteration, "fingerprint": config.fingerprint(), **trainer.state_dict()}
-    reward_registry.write_dir_atomically(
+    artifacts.write_dir_atomically(
         run_dir / "checkpoint", lambda d: torch.save(state, d / CHECKPOINT_STATE)
     )
 
@@ -437,7 +441,7 @@ def _load_checkpoint(run_dir: Path, trainer: PPOTrainer) -> int:
     path = run_dir / "checkpoint"
     if not path.exists():
         return 0
-    reward_registry.verify_dir(path)  # raises CorruptedDirectory: the round fails, says why
+    artifacts.verify_dir(path)  # raises CorruptedDirectory: the round fails, says why
     state = torch.load(path / CHECKPOINT_STATE, weights_only=True)
     trainer.load_state_dict(state)
     log.info("resuming PPO at iteration %d from %s", state["iteration"], path)
@@ -455,7 +459,7 @@ def _gate_and_register(
     models: PolicyModels,
     evaluation: dict[str, Any],
     steps: list[dict[str, Any]],
-) -> RoundResult:
+) -> TrainingRoundResult:
     reward_version = reward.version
     summary = {
         "evaluation": evaluation,
@@ -472,11 +476,11 @@ def _gate_and_register(
         round_records.finish_round(conn, record.id, "rejected", reason, metrics=summary)
         shutil.rmtree(_run_dir(config, record.id), ignore_errors=True)
         log.info("round %d rejected: %s", record.id, reason)
-        return RoundResult(record.id, "rejected", reason, None, summary, steps)
+        return TrainingRoundResult(record.id, "rejected", reason, None, summary, steps)
 
     version = f"ppo-{record.id:04d}"
     path = Path(config.state_dir) / POLICIES_DIR / version  # type: ignore[arg-type]
-    checksum = reward_registry.write_dir_atomically(path, models.save_policy)
+    checksum = artifacts.write_dir_atomically(path, models.save_policy)
     try:
         policy_registry.register_candidate(
             conn,
@@ -498,7 +502,7 @@ def _gate_and_register(
     _announce(config, record, version, str(path.resolve()), checksum, reward_version, summary)
     shutil.rmtree(_run_dir(config, record.id), ignore_errors=True)
     log.info("round %d registered %s: %s", record.id, version, reason)
-    return RoundResult(record.id, "registered", reason, version, summary, steps)
+    return TrainingRoundResult(record.id, "registered", reason, version, summary, steps)
 
 
 def round_reason(

@@ -1,6 +1,6 @@
 """When the periodic trainer starts a PPO round: enough new feedback, or enough time.
 
-Pure logic, no I/O: the loop measures the inputs (``round_records.new_ratings_since`` the
+Pure logic, no I/O: the loop measures the inputs (``feedback.datasets.new_ratings_since`` the
 last round's watermark, and the time since the last round started) and asks
 :func:`should_start`. The answer is the human reason that becomes the round's ``trigger``,
 or None for "not yet".

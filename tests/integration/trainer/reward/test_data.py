@@ -15,7 +15,8 @@ from feedback.ingest.writer import prepare_session, store_events
 from tests.fixtures.reward_feedback import corpus_answers, feedback_events
 from trainer.reward import registry
 from trainer.reward.config import RewardConfig
-from trainer.reward.trainer import InsufficientData, load_data, train_reward_model
+from trainer.reward.data import InsufficientData, load_data
+from trainer.reward.trainer import train_reward_model
 from trainer.rounds.cli import train_main
 
 

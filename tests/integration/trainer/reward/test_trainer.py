@@ -29,15 +29,11 @@ from feedback.ingest.writer import prepare_session, store_events
 from tests.fixtures.postgres import create_database, drop_database
 from tests.fixtures.reward_feedback import corpus_answers, feedback_events, sampled_answers
 from trainer.reward import registry
+from trainer.reward.checkpoints import CheckpointCorrupted
 from trainer.reward.cli import reward_main
 from trainer.reward.config import RewardConfig
 from trainer.reward.model import attach_reward_model, load_base_model, load_reward_model
-from trainer.reward.trainer import (
-    RUN_DIR_NAME,
-    CheckpointCorrupted,
-    RoundResult,
-    train_reward_model,
-)
+from trainer.reward.trainer import RUN_DIR_NAME, RewardRoundResult, train_reward_model
 from trainer.rounds.cli import train_main
 
 pytestmark = pytest.mark.slow
@@ -77,7 +73,7 @@ def _config(url: str, state_dir: Path, base: Path, **overrides: object) -> Rewar
 @pytest.fixture(scope="module")
 def trained(
     events: list, demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[RewardConfig, RoundResult]]:
+) -> Iterator[tuple[RewardConfig, RewardRoundResult]]:
     """One uninterrupted round from scratch (the reference for the other tests)."""
     url = _database_with(events)
     try:
@@ -87,7 +83,7 @@ def trained(
         drop_database(url)
 
 
-def test_learns_the_hidden_preference(trained: tuple[RewardConfig, RoundResult]) -> None:
+def test_learns_the_hidden_preference(trained: tuple[RewardConfig, RewardRoundResult]) -> None:
     config, result = trained
     assert result.outcome == "registered", result.reason
     metrics = result.metrics
@@ -102,7 +98,7 @@ def test_learns_the_hidden_preference(trained: tuple[RewardConfig, RoundResult])
     registry.verified_path(result.version)
 
 
-def test_scoring_on_a_shared_base(trained: tuple[RewardConfig, RoundResult]) -> None:
+def test_scoring_on_a_shared_base(trained: tuple[RewardConfig, RewardRoundResult]) -> None:
     """PPO's path: attach the version to a base that already holds another adapter."""
     from peft import LoraConfig, get_peft_model
 
@@ -131,7 +127,7 @@ def test_scoring_on_a_shared_base(trained: tuple[RewardConfig, RoundResult]) -> 
     assert policy.active_adapter == "policy"  # scoring gives the policy its adapter back
 
 
-def test_list_and_show(trained: tuple[RewardConfig, RoundResult], capsys) -> None:
+def test_list_and_show(trained: tuple[RewardConfig, RewardRoundResult], capsys) -> None:
     config, _ = trained
     # the fixture's database is still alive while the module's tests run
     assert reward_main(["--database-url", config.database_url, "list"]) == 0
@@ -143,7 +139,7 @@ def test_list_and_show(trained: tuple[RewardConfig, RoundResult], capsys) -> Non
     assert reward_main(["--database-url", config.database_url, "show", "rm-0999"]) == 1
 
 
-def test_gate_refuses_a_worse_model(trained: tuple[RewardConfig, RoundResult]) -> None:
+def test_gate_refuses_a_worse_model(trained: tuple[RewardConfig, RewardRoundResult]) -> None:
     config, first = trained
     worse = replace(
         config, steps=1, warm_start=False, min_pairwise_accuracy=0.0, min_auc=0.0, fresh=True
@@ -172,7 +168,7 @@ def _wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, timeout: float) 
 
 
 def test_killed_run_resumes_to_the_same_result(
-    trained: tuple[RewardConfig, RoundResult], events: list, tmp_path: Path
+    trained: tuple[RewardConfig, RewardRoundResult], events: list, tmp_path: Path
 ) -> None:
     reference_config, reference = trained
     url = _database_with(events)  # same rows as the reference's database
@@ -209,7 +205,7 @@ def test_killed_run_resumes_to_the_same_result(
 
 
 def test_corrupted_checkpoint_is_refused(
-    trained: tuple[RewardConfig, RoundResult], events: list, tmp_path: Path, capsys
+    trained: tuple[RewardConfig, RewardRoundResult], events: list, tmp_path: Path, capsys
 ) -> None:
     reference_config, _ = trained
     url = _database_with(events)
@@ -237,7 +233,7 @@ def test_corrupted_checkpoint_is_refused(
 
 
 def test_warm_start_continues_the_current_version(
-    trained: tuple[RewardConfig, RoundResult],
+    trained: tuple[RewardConfig, RewardRoundResult],
 ) -> None:
     config, first = trained
     with connect(config.database_url, autocommit=True) as conn:

@@ -15,6 +15,7 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from deploy.policies import registry
+from feedback import datasets
 from feedback.datasets import Watermark, capture_watermark
 from feedback.db import connect
 from feedback.ingest.writer import store_events
@@ -230,22 +231,22 @@ def test_non_finite_and_non_json_values_are_stored_safely(conn: psycopg.Connecti
 
 
 def test_new_ratings_since_counts_ratings_and_preferences(conn: psycopg.Connection) -> None:
-    assert rr.new_ratings_since(conn, None) == 0
+    assert datasets.new_ratings_since(conn, None) == 0
     _rate(conn, 4, 2)
     store_events(conn, [make_interaction() for _ in range(3)])  # no feedback: not counted
-    assert rr.new_ratings_since(conn, None) == 6
+    assert datasets.new_ratings_since(conn, None) == 6
 
     mark = capture_watermark(conn)
-    assert rr.new_ratings_since(conn, mark) == 0
+    assert datasets.new_ratings_since(conn, mark) == 0
     _rate(conn, 2, 0)
-    assert rr.new_ratings_since(conn, mark) == 2
+    assert datasets.new_ratings_since(conn, mark) == 2
     store_events(conn, [_preference()])
-    assert rr.new_ratings_since(conn, mark) == 3
+    assert datasets.new_ratings_since(conn, mark) == 3
 
     # The scheduler's way: from the last round's watermark (a dict), taken at its start.
     r = rr.start_round(conn, trigger="t", config={}, parent_version=None)
-    assert rr.new_ratings_since(conn, r.watermark) == 0
+    assert datasets.new_ratings_since(conn, r.watermark) == 0
     interaction = make_interaction()
     store_events(conn, [interaction, make_feedback(interaction.response_id, "down")])
     store_events(conn, [make_feedback(interaction.response_id, "up")])  # a re-rating counts
-    assert rr.new_ratings_since(conn, rr.last_round(conn).watermark) == 2  # type: ignore[union-attr]
+    assert datasets.new_ratings_since(conn, rr.last_round(conn).watermark) == 2  # type: ignore[union-attr]

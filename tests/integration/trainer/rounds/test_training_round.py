@@ -49,12 +49,13 @@ from tests.fixtures.learned_reward import (
 )
 from tests.fixtures.postgres import make_feedback
 from tests.fixtures.ppo import CONCISE, SMALL_PPO, log_traffic, register_flat_reward_model
+from trainer.common import artifacts
+from trainer.common.artifacts import MANIFEST_NAME
 from trainer.ppo.core import logprobs_from_logits
 from trainer.ppo.models import PolicyModels, TokenBatch
 from trainer.ppo.rollout.base import AdapterSyncError, render_prompts
 from trainer.ppo.rollout.hf import HFSampler
 from trainer.reward import registry as reward_registry
-from trainer.reward.registry import MANIFEST_NAME
 from trainer.reward.rules import rule
 from trainer.rounds import records as round_records
 from trainer.rounds.config import RoundConfig
@@ -258,7 +259,7 @@ def test_a_round_learns_the_learned_reward_and_registers_a_candidate_with_its_re
     assert set(record.metrics["evaluation"]) >= {"win_rate", "kl_to_reference", "candidate"}
     # The adapter on disk is complete and checksummed, and it is the trained one.
     path = Path(record.adapter_uri)
-    assert reward_registry.verify_dir(path)
+    assert artifacts.verify_dir(path)
     assert record.checksum == hashlib.sha256((path / MANIFEST_NAME).read_bytes()).hexdigest()
     weights = load_file(str(path / "adapter_model.safetensors"))
     assert any("lora_B" in k and v.abs().max() > 0 for k, v in weights.items())
