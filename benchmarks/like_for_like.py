@@ -58,7 +58,7 @@ def _ask(client: httpx.Client, url: str, user: str) -> tuple[str, float, int]:
     return body["policy_version"], time.perf_counter() - started, body["usage"]["completion_tokens"]
 
 
-def _round(url: str, users: list[str], concurrency: int) -> list[tuple[str, float, int]]:
+def _one_pass(url: str, users: list[str], concurrency: int) -> list[tuple[str, float, int]]:
     with (
         httpx.Client(timeout=300) as client,
         concurrent.futures.ThreadPoolExecutor(concurrency) as pool,
@@ -116,14 +116,14 @@ def main(argv: list[str] | None = None) -> int:
                 raise RuntimeError(f"{url} did not start; logs in {work}")
         users = [f"user-{i}" for i in range(args.requests)]
         for url in urls.values():  # warm-up: adapters loaded, first-use costs paid
-            _round(url, users[:32], args.concurrency)
+            _one_pass(url, users[:32], args.concurrency)
         rows: dict[str, list] = {name: [] for name in urls}
         order = []
         names = list(urls)
         for i in range(args.rounds * 2):  # A B B A A B B A ...: neither side always first
             name = names[(i + i // 2) % 2]
             order.append(name)
-            rows[name] += _round(urls[name], users, args.concurrency)
+            rows[name] += _one_pass(urls[name], users, args.concurrency)
         result = {
             "benchmark": "like_for_like",
             "date": datetime.now(UTC).isoformat(timespec="seconds"),

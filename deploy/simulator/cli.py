@@ -31,6 +31,7 @@ def _until(text: str) -> Until:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+# Long on purpose: the flag declarations of `alignloop simulate`, one after another.
 def add_arguments(ap: argparse.ArgumentParser, *, with_target: bool = True) -> None:
     """The simulator's flags; ``with_target`` False leaves out where the stack is (for a
     caller that starts the stack itself)."""

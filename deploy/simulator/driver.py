@@ -283,6 +283,124 @@ async def _sleep_until(deadline: float, stop: asyncio.Event) -> bool:
     return stop.is_set()
 
 
+class _Session:
+    """One run's moving parts: arrivals, the registry poller and the per-minute table, all
+    stopping on the same ``stop`` event."""
+
+    def __init__(
+        self, config: SimConfig, sim: _Run, watch: RegistryWatch, stop: asyncio.Event, out
+    ) -> None:
+        self.config, self.sim, self.watch, self.stop, self.out = config, sim, watch, stop, out
+        self.end = sim.start + 60.0 * config.minutes
+        self.interval = config.report_interval_s
+        self.in_flight: set[asyncio.Task] = set()
+        self.slots = asyncio.Semaphore(config.concurrency)
+        self.printed = 0  # table windows printed so far
+        self.stopped_by = "time"
+
+    def print_minute(self, minute: int, t1: float) -> None:
+        stats = window_stats(self.sim.recorder.observations, (minute - 1) * self.interval, t1)
+        print_window(self.out, minute, stats, self.watch.row_states(), self.watch.line())
+
+    async def schedule(self) -> None:
+        """Poisson arrivals at ``rate``, at most ``concurrency`` turns in flight."""
+        rng = random.Random(f"{self.config.seed}-arrivals")
+        next_at = self.sim.start
+        i = 0
+        while True:
+            next_at += rng.expovariate(self.config.rate)
+            if next_at >= self.end or await _sleep_until(next_at, self.stop):
+                return
+            await self.slots.acquire()
+            if self.stop.is_set() or time.monotonic() >= self.end:
+                self.slots.release()
+                return
+            next_at = max(next_at, time.monotonic())  # no catch-up burst after a stall
+            task = asyncio.create_task(self.sim.guarded_turn(i))
+            self.in_flight.add(task)
+            task.add_done_callback(self.in_flight.discard)
+            task.add_done_callback(lambda _: self.slots.release())
+            i += 1
+
+    async def watch_registry(self) -> None:
+        """Poll the admin API; stop the run once ``until`` is met."""
+        while not await _sleep_until(time.monotonic() + self.config.poll_interval_s, self.stop):
+            try:
+                await self.watch.poll()
+            except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
+                self.sim.recorder.error(f"admin:{type(e).__name__}")
+                continue
+            until = self.config.until
+            if until is not None and self.watch.count(until.event) >= until.count:
+                self.stopped_by = f"until {until}"
+                self.stop.set()
+
+    async def report(self) -> None:
+        """Print each finished window of the table."""
+        grace = min(2.0, self.interval / 10)  # ratings of the window's last answers land
+        while True:
+            boundary = self.sim.start + (self.printed + 1) * self.interval
+            if boundary > self.end or await _sleep_until(boundary + grace, self.stop):
+                return
+            self.printed += 1
+            self.print_minute(self.printed, self.printed * self.interval)
+
+    async def drive(self) -> None:
+        """Arrivals until the end (or ``stop``), then drain the turns still in flight."""
+        poller = asyncio.create_task(self.watch_registry())
+        reporter = asyncio.create_task(self.report())
+        try:
+            await self.schedule()
+            if self.stopped_by == "time" and self.stop.is_set():
+                self.stopped_by = "stopped"
+        except asyncio.CancelledError:
+            self.stopped_by = "interrupted"
+            raise
+        finally:
+            if self.in_flight:
+                _, pending = await asyncio.wait(set(self.in_flight), timeout=self.config.drain_s)
+                for task in pending:
+                    task.cancel()
+                    self.sim.recorder.error("turn:cancelled_at_end")
+                if pending:
+                    await asyncio.gather(*pending, return_exceptions=True)
+            self.stop.set()
+            for task in (poller, reporter):
+                task.cancel()
+            await asyncio.gather(poller, reporter, return_exceptions=True)
+
+    async def finish(self) -> float:
+        """A last registry look and the rest of the table (drained answers included);
+        returns the run's duration."""
+        try:
+            await self.watch.poll()
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
+            self.sim.recorder.error(f"admin:{type(e).__name__}")
+        duration = self.sim.now()
+        last = max(1, math.ceil(duration / self.interval))
+        for minute in range(self.printed + 1, last + 1):
+            self.print_minute(minute, math.inf if minute == last else minute * self.interval)
+        return duration
+
+
+async def _open_watch(config: SimConfig, start: float) -> RegistryWatch:
+    """The registry watch with its baseline, or untracked (a note says why) when the admin
+    API is unavailable and nothing depends on it."""
+    token = resolve_admin_token(config.admin_token, config.state_dir)
+    watch = await RegistryWatch.open(config.admin_url, token)
+    if config.until is not None and not watch.tracked:
+        await watch.close()
+        raise SimulationError(f"--until {config.until} needs the admin API: {watch.note}")
+    try:
+        await watch.baseline(start, time.time())
+    except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
+        if config.until is not None:
+            await watch.close()
+            raise SimulationError(f"the admin API failed at the start: {e!r}") from None
+        await watch.untrack(f"the admin API failed at the start ({e!r}): not tracked")
+    return watch
+
+
 async def run(
     config: SimConfig, *, out: TextIO | None = sys.stdout, stop: asyncio.Event | None = None
 ) -> Summary:
@@ -294,121 +412,34 @@ async def run(
         source = make_source(config.prompts_file, answerable_share=config.answerable_share)
     except ValueError as e:
         raise SimulationError(str(e)) from None
-    stop = stop or asyncio.Event()
-    token = resolve_admin_token(config.admin_token, config.state_dir)
-    watch = await RegistryWatch.open(config.admin_url, token)
-    if config.until is not None and not watch.tracked:
-        await watch.close()
-        raise SimulationError(f"--until {config.until} needs the admin API: {watch.note}")
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
-    limits = httpx.Limits(max_connections=2 * config.concurrency + 4)
     client = httpx.AsyncClient(
         base_url=config.base_url.rstrip("/"),
         headers=headers,
         timeout=config.request_timeout_s,
-        limits=limits,
+        limits=httpx.Limits(max_connections=2 * config.concurrency + 4),
     )
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
     sim = _Run(config, client, preference, source)
-    stopped_by = "time"
     try:
-        try:
-            await watch.baseline(sim.start, time.time())
-        except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
-            if config.until is not None:
-                raise SimulationError(f"the admin API failed at the start: {e!r}") from None
-            await watch.untrack(f"the admin API failed at the start ({e!r}): not tracked")
+        watch = await _open_watch(config, sim.start)
+    except BaseException:
+        await client.aclose()
+        raise
+    try:
         if out is not None:
             if not watch.tracked:
                 print(f"note: {watch.note}", file=out)
             print(HEADER, file=out, flush=True)
-        end = sim.start + 60.0 * config.minutes
-        interval = config.report_interval_s
-        in_flight: set[asyncio.Task] = set()
-        slots = asyncio.Semaphore(config.concurrency)
-        printed = 0  # table windows printed so far
-
-        def print_minute(minute: int, t1: float) -> None:
-            stats = window_stats(sim.recorder.observations, (minute - 1) * interval, t1)
-            print_window(out, minute, stats, watch.row_states(), watch.line())
-
-        async def schedule() -> None:
-            rng = random.Random(f"{config.seed}-arrivals")
-            next_at = sim.start
-            i = 0
-            while True:
-                next_at += rng.expovariate(config.rate)
-                if next_at >= end or await _sleep_until(next_at, stop):
-                    return
-                await slots.acquire()
-                if stop.is_set() or time.monotonic() >= end:
-                    slots.release()
-                    return
-                next_at = max(next_at, time.monotonic())  # no catch-up burst after a stall
-                task = asyncio.create_task(sim.guarded_turn(i))
-                in_flight.add(task)
-                task.add_done_callback(in_flight.discard)
-                task.add_done_callback(lambda _: slots.release())
-                i += 1
-
-        async def watch_registry() -> None:
-            nonlocal stopped_by
-            while not await _sleep_until(time.monotonic() + config.poll_interval_s, stop):
-                try:
-                    await watch.poll()
-                except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
-                    sim.recorder.error(f"admin:{type(e).__name__}")
-                    continue
-                until = config.until
-                if until is not None and watch.count(until.event) >= until.count:
-                    stopped_by = f"until {until}"
-                    stop.set()
-
-        async def report() -> None:
-            nonlocal printed
-            grace = min(2.0, interval / 10)  # ratings of the window's last answers land
-            while True:
-                boundary = sim.start + (printed + 1) * interval
-                if boundary > end or await _sleep_until(boundary + grace, stop):
-                    return
-                printed += 1
-                print_minute(printed, printed * interval)
-
-        poller = asyncio.create_task(watch_registry())
-        reporter = asyncio.create_task(report())
-        try:
-            await schedule()
-            if stopped_by == "time" and stop.is_set():
-                stopped_by = "stopped"
-        except asyncio.CancelledError:
-            stopped_by = "interrupted"
-            raise
-        finally:
-            if in_flight:
-                _, pending = await asyncio.wait(set(in_flight), timeout=config.drain_s)
-                for task in pending:
-                    task.cancel()
-                    sim.recorder.error("turn:cancelled_at_end")
-                if pending:
-                    await asyncio.gather(*pending, return_exceptions=True)
-            stop.set()
-            for task in (poller, reporter):
-                task.cancel()
-            await asyncio.gather(poller, reporter, return_exceptions=True)
-        try:
-            await watch.poll()
-        except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
-            sim.recorder.error(f"admin:{type(e).__name__}")
-        duration = sim.now()
-        last = max(1, math.ceil(duration / interval))
-        for minute in range(printed + 1, last + 1):  # the rest, the drained answers included
-            print_minute(minute, math.inf if minute == last else minute * interval)
+        session = _Session(config, sim, watch, stop or asyncio.Event(), out)
+        await session.drive()
+        duration = await session.finish()
         return build_summary(
             sim.recorder,
             watch.facts(),
             started_at=started_at,
             duration_s=duration,
-            stopped_by=stopped_by,
+            stopped_by=session.stopped_by,
             base_version=config.base_version,
             config=config.describe(),
         )

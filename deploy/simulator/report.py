@@ -110,13 +110,13 @@ class VersionStats:
             "served": self.served,
             "rated": self.rated,
             "ups": self.ups,
-            "up_rate": _round(self.up_rate),
-            "up_rate_ci95": None if ci is None else [_round(ci[0]), _round(ci[1])],
-            "mean_words": _round(self.mean_words, 2),
+            "up_rate": _rounded(self.up_rate),
+            "up_rate_ci95": None if ci is None else [_rounded(ci[0]), _rounded(ci[1])],
+            "mean_words": _rounded(self.mean_words, 2),
         }
 
 
-def _round(x: float | None, digits: int = 4) -> float | None:
+def _rounded(x: float | None, digits: int = 4) -> float | None:
     return None if x is None else round(x, digits)
 
 
@@ -269,7 +269,7 @@ def build_summary(
         started_at=started_at,
         duration_s=round(duration_s, 2),
         stopped_by=stopped_by,
-        first_rating_s=_round(recorder.first_rating_t, 2),
+        first_rating_s=_rounded(recorder.first_rating_t, 2),
         registry_tracked=registry.tracked,
         registry_note=registry.note,
         time_to_first_candidate_s=since_origin("candidate"),

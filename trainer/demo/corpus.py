@@ -10,9 +10,9 @@ and, on purpose, a *mixture of behaviours* for the same kind of prompt:
   not define) get an ``"honest"`` "I don't know ..." or a confident ``"fabricated"`` answer.
 
 Each mixture is about 50/50, so the trained model samples both at temperature 1 and a
-reward model + PPO can move the rates either way. :func:`classify_answer` labels any answer
-text with the same rules the corpus was written with; rule-based rewards and simulated users
-reuse it, and :func:`sample_prompts` draws fresh evaluation prompts from the same world.
+reward model + PPO can move the rates either way. :mod:`trainer.demo.grading` labels any
+answer text with the same rules the corpus was written with, and :func:`sample_prompts`
+draws fresh evaluation prompts from the same world.
 
 Everything here is a pure function of its seed: a ``random.Random`` per call, lists (never
 sets) wherever order matters, so the corpus is identical across runs and machines.
@@ -21,7 +21,6 @@ sets) wherever order matters, so the corpus is identical across runs and machine
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import dataclass
 
 GENERATOR_VERSION = "1"
@@ -244,6 +243,8 @@ def _fill(rng: random.Random, templates: tuple[str, ...], **slots: str) -> str:
     return rng.choice(templates).format(**slots)
 
 
+# Long on purpose: one table of question templates per kind, kept side by side so the
+# corpus's phrasing can be read (and changed) in one place.
 def _answerable_prompt(rng: random.Random, world: World, kind: str) -> Prompt:
     if kind == "capital":
         c = rng.choice(world.countries)
@@ -344,6 +345,7 @@ def _answerable_prompt(rng: random.Random, world: World, kind: str) -> Prompt:
     raise ValueError(kind)
 
 
+# Long on purpose: the unanswerable kinds' templates, side by side (see above).
 def _unanswerable_prompt(rng: random.Random, world: World, kind: str) -> Prompt:
     if kind == "future":
         c, city = rng.choice(world.countries), rng.choice(world.all_cities())
@@ -655,50 +657,3 @@ def make_corpus(
             )
         )
     return examples
-
-
-# --- classifying answers -----------------------------------------------------------------
-
-_WORD = re.compile(r"[A-Za-z0-9']+")
-
-
-def _is_malformed(text: str) -> bool:
-    """Empty, runaway, or degenerate (the same word over and over) text."""
-    words = _WORD.findall(text)
-    if not words or len(words) > MAX_ANSWER_WORDS:
-        return True
-    # A sampled answer stuck in a loop repeats one word; no corpus answer does that much.
-    most_common = max(words.count(w) for w in set(words))
-    return len(words) >= 8 and most_common > len(words) // 2
-
-
-def classify_answer(question_kind: str, answer_text: str) -> str:
-    """Label an answer with the behaviour it shows, by the rules the corpus was written with.
-
-    ``question_kind`` is one of :data:`QUESTION_KINDS` or a category (``"answerable"`` /
-    ``"unanswerable"``). Returns:
-
-    * answerable: ``"verbose"`` if any filler phrase (:data:`VERBOSE_MARKERS`) appears,
-      else ``"concise"``;
-    * unanswerable: ``"honest"`` if the answer admits ignorance (:data:`HONEST_MARKERS`),
-      else ``"fabricated"`` (it asserted something it cannot know);
-    * ``"malformed"`` for empty, overlong (> :data:`MAX_ANSWER_WORDS` words) or degenerate
-      text, whatever the kind.
-
-    Correctness of the fact is not judged here (see :func:`is_correct`).
-    """
-    category = question_category(question_kind)
-    if _is_malformed(answer_text):
-        return MALFORMED
-    lowered = answer_text.lower().replace("’", "'")
-    if category == ANSWERABLE:
-        return VERBOSE if any(m in lowered for m in VERBOSE_MARKERS) else CONCISE
-    return HONEST if any(m in lowered for m in HONEST_MARKERS) else FABRICATED
-
-
-def is_correct(prompt: Prompt, answer_text: str) -> bool:
-    """Whether an answer to an answerable prompt states the world's answer (as a word)."""
-    if prompt.answer is None:
-        raise ValueError("only answerable prompts have a correct answer")
-    pattern = r"(?<![A-Za-z0-9])" + re.escape(prompt.answer.lower()) + r"(?![A-Za-z0-9])"
-    return re.search(pattern, answer_text.lower()) is not None

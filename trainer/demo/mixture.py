@@ -4,7 +4,7 @@ The demo model is trained to do both about half of the time; the feedback loop e
 move those rates. This samples answers at temperature 1 with plain ``transformers``
 ``generate`` (exactly reproducible for a seed, no vLLM engine needed) for fresh prompts from
 :func:`trainer.demo.corpus.sample_prompts`, labels them with
-:func:`trainer.demo.corpus.classify_answer` and reports the shares.
+:func:`trainer.demo.grading.classify_answer` and reports the shares.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trainer.demo import corpus
+from trainer.demo import corpus, grading
 
 
 @dataclass(frozen=True)
@@ -111,11 +111,11 @@ def measure_mixture(
     )
     correct = answerable = 0
     for prompt, answer in zip(prompts, answers, strict=True):
-        label = corpus.MALFORMED if answer is None else corpus.classify_answer(prompt.kind, answer)
+        label = corpus.MALFORMED if answer is None else grading.classify_answer(prompt.kind, answer)
         counts[label] += 1
         if prompt.category == corpus.ANSWERABLE:
             answerable += 1
-            correct += answer is not None and corpus.is_correct(prompt, answer)
+            correct += answer is not None and grading.is_correct(prompt, answer)
     return MixtureRates(
         verbose_rate=_share(
             counts[corpus.VERBOSE], counts[corpus.VERBOSE] + counts[corpus.CONCISE]

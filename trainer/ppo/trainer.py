@@ -159,6 +159,8 @@ class PPOTrainer:
         warmup = self.config.lr_warmup_iterations
         return 1.0 if warmup == 0 else 0.1 + 0.9 * min(1.0, iteration / warmup)
 
+    # Long on purpose: the PPO steps in the order they happen, read top to bottom as in
+    # CleanRL's ppo.py; every step's math is a small pure function in trainer.ppo.core.
     def iteration(self, conversations: Sequence[Any], iteration: int) -> dict[str, Any]:
         """One PPO iteration on this rank's ``conversations``; returns its metrics."""
         cfg, dist, models = self.config, self.dist, self.models
@@ -235,6 +237,8 @@ class PPOTrainer:
         metrics["episodes_per_s"] = cfg.rollout_batch_size / metrics["seconds"]
         return metrics
 
+    # Long on purpose: one loop that interleaves taking finished answers from the stream
+    # with scoring them; split, its shared buffers would travel through every piece.
     def _rollout_and_score(self, conversations: Sequence[Any], seed: int) -> ScoredRollout:
         """Sample one response per conversation and score the responses as soon as the
         sampler has finished them: once ``2 * micro_batch_size`` are ready (no gradient:
@@ -333,6 +337,8 @@ class PPOTrainer:
                 target[rows, :width] = torch.where(keep, part, torch.zeros_like(part))
         return tuple(out)
 
+    # Long on purpose: one micro-batch's forward, the three losses and their metrics, in
+    # the order the gradient is built (the loss terms are pure functions in core).
     def _accumulate(
         self,
         batch: TokenBatch,
@@ -415,6 +421,8 @@ class PPOTrainer:
         answers = [self.ptx_examples[i][1] for i in rows]
         return TokenBatch.build(prompts, answers, self.pad_id)
 
+    # Long on purpose: epochs of shuffled mini-batches, gradient accumulation, clipping and
+    # the approximate-KL early stop, one PPO update in the order it happens.
     def _update(
         self,
         batch: TokenBatch,

@@ -10,7 +10,8 @@ from datetime import timedelta
 from kafka import KafkaProducer
 
 from deploy.canary import data as canary_data
-from deploy.canary.controller import CanaryController, decide
+from deploy.canary.controller import CanaryController
+from deploy.canary.decision import decide
 from deploy.canary.stats import CanaryConfig
 from deploy.policies import registry
 from feedback.db import connect

@@ -235,6 +235,8 @@ class VllmSampler(Sampler):
             shutil.rmtree(previous.lora_path, ignore_errors=True)
         return time.perf_counter() - started
 
+    # Long on purpose: submitting, the output thread and the idle hand-off share one
+    # lifetime (the engine's requests); apart, each piece would have to be kept in step.
     def stream(
         self,
         prompt_ids: Sequence[Sequence[int]],

@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trainer.demo import corpus
+from trainer.demo import corpus, grading
 from trainer.demo import model as demo_model
 from trainer.demo.mixture import measure_mixture, sample_answers
 from trainer.demo.model import (
@@ -193,7 +193,7 @@ def test_full_model_knows_the_world_better_than_chance(demo_model_dir: Path) -> 
     prompts = [corpus.make_prompt(rng, world, "capital") for _ in range(60)]
     answers = sample_answers(demo_model_dir, prompts, seed=3)
     correct = sum(
-        a is not None and corpus.is_correct(p, a) for p, a in zip(prompts, answers, strict=True)
+        a is not None and grading.is_correct(p, a) for p, a in zip(prompts, answers, strict=True)
     )
     # Guessing any of the world's cities would be right 1 time in 36.
     assert correct / len(prompts) >= 0.3, list(zip(prompts, answers, strict=True))[:5]
