@@ -22,18 +22,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script (./dev bench canary), not only with -m
-    sys.path.insert(0, str(ROOT))
-
-from deploy.canary.stats import PROMOTE, ROLLBACK, TESTS, CanaryConfig  # noqa: E402
-from tests.fixtures.canary_sim import DEMO_SCENARIO, Scenario, SimResult, simulate  # noqa: E402
+from deploy.canary.stats import PROMOTE, ROLLBACK, TESTS, CanaryConfig
+from tests.fixtures.canary_sim import DEMO_SCENARIO, Scenario, SimResult, simulate
 
 
 def _quantiles(seconds: np.ndarray) -> list[float] | None:

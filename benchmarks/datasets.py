@@ -15,7 +15,7 @@ build's own, not the filler's), builds what a round reads, the way the trainer d
 * ``ppo_prompts``: :func:`feedback.datasets.rollout_prompts` (the round's prompt pool);
 * ``ppo_ptx``: the PPO-ptx up-rated answers (:func:`trainer.rounds.training_round.ptx_labels`).
 
-    python benchmarks/datasets.py [--quick] [--ratings 1000000] [--prompts 100000]
+    python -m benchmarks.datasets [--quick] [--ratings 1000000] [--prompts 100000]
         [--database-url URL  (an already filled database: no fill, no drop)] [--keep]
 
 Prints one JSON object on stdout: seconds and rows per phase, ``round_s`` (reward_cold +
@@ -47,13 +47,12 @@ from pathlib import Path
 
 import psycopg
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from feedback import datasets
+from feedback.db import connect, migrate
+from schemas.events import LoggedMessage, prompt_hash
+from tests.fixtures.postgres import create_database, drop_database
 
-from feedback import datasets  # noqa: E402
-from feedback.db import connect, migrate  # noqa: E402
-from schemas.events import LoggedMessage, prompt_hash  # noqa: E402
-from tests.fixtures.postgres import create_database, drop_database  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 HOT_PROMPTS = 10
 VOCABULARY = (
@@ -327,8 +326,9 @@ def main() -> int:
             log(f"{ratings} ratings; building a round's data in a fresh process…")
             load_before = os.getloadavg()[0]
             child = subprocess.run(
-                [sys.executable, __file__, "--build", url],
+                [sys.executable, "-m", "benchmarks.datasets", "--build", url],
                 check=True,
+                cwd=ROOT,
                 stdout=subprocess.PIPE,
                 text=True,
             )
@@ -346,7 +346,7 @@ def main() -> int:
         **filled,
         **result,
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-        "command": " ".join(["python", "benchmarks/datasets.py", *sys.argv[1:]]),
+        "command": " ".join(["python", "-m", "benchmarks.datasets", *sys.argv[1:]]),
     }
     print(json.dumps(out, indent=2))
     return 0

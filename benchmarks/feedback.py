@@ -4,7 +4,7 @@ Starts a broker, a serving process and an ingestor process (as `alignloop up` wo
 creates a fresh database, then sends N ratings through `POST /v1/feedback` from C
 concurrent clients and waits until every accepted rating is a row in Postgres.
 
-    python benchmarks/feedback.py [--quick] [--events 30000] [--clients 64]
+    python -m benchmarks.feedback [--quick] [--events 30000] [--clients 64]
 
 Prints one JSON object on stdout: `events_per_s` (accepted ratings per second from the
 first request until the last one is stored), `http_accept_per_s`, `accepted`, `stored`,
@@ -27,15 +27,12 @@ from pathlib import Path
 
 import psycopg
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from deploy.local.broker import EmbeddedBroker, free_port  # noqa: E402
-from feedback.db import connect_and_migrate  # noqa: E402
-from serving.response_ids import ResponseIdSigner  # noqa: E402
-from tests.fixtures.load import post_all  # noqa: E402
-from tests.fixtures.postgres import create_database, drop_database  # noqa: E402
-from tests.fixtures.server import RESPONSE_ID_SECRET, start_serving, wait_healthy  # noqa: E402
+from deploy.local.broker import EmbeddedBroker, free_port
+from feedback.db import connect_and_migrate
+from serving.response_ids import ResponseIdSigner
+from tests.fixtures.load import post_all
+from tests.fixtures.postgres import create_database, drop_database
+from tests.fixtures.server import RESPONSE_ID_SECRET, start_serving, wait_healthy
 
 
 def log(msg: str) -> None:

@@ -29,19 +29,15 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import httpx
+import numpy as np
 
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
-
-from deploy.local.broker import EmbeddedBroker, free_port  # noqa: E402
-from deploy.policies import registry  # noqa: E402
-from feedback.db import connect, connect_and_migrate  # noqa: E402
-from tests.fixtures.adapters import make_adapter  # noqa: E402
-from tests.fixtures.postgres import create_database, drop_database  # noqa: E402
-from tests.fixtures.server import start_serving, wait_healthy  # noqa: E402
+from deploy.local.broker import EmbeddedBroker, free_port
+from deploy.policies import registry
+from feedback.db import connect, connect_and_migrate
+from tests.fixtures.adapters import make_adapter
+from tests.fixtures.postgres import create_database, drop_database
+from tests.fixtures.server import start_serving, wait_healthy
 
 QUESTION = [{"role": "user", "content": "What is the capital of Veltoria?"}]
 

@@ -31,13 +31,9 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from deploy.simulator.cli import add_arguments, config_from_args  # noqa: E402
-from deploy.simulator.driver import SimulationError, run  # noqa: E402
-from tests.fixtures.stack import StackDidNotStart, running_stack  # noqa: E402
+from deploy.simulator.cli import add_arguments, config_from_args
+from deploy.simulator.driver import SimulationError, run
+from tests.fixtures.stack import StackDidNotStart, running_stack
 
 
 def log(msg: str) -> None:

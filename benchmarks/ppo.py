@@ -28,7 +28,7 @@ that width and depth (the demo tokenizer and chat template) instead of the demo 
 see where model memory, not the Python/torch floor, dominates. ``--quick``: one round of
 two iterations.
 
-    python benchmarks/ppo.py [--quick] [--rounds 3] [--rollout auto|vllm|hf] [--no-trl]
+    python -m benchmarks.ppo [--quick] [--rounds 3] [--rollout auto|vllm|hf] [--no-trl]
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 FIXED = {
     "prompts": 256,
@@ -186,7 +185,7 @@ def run_alignloop(args: argparse.Namespace) -> dict:
 
 def _child(args: argparse.Namespace, work: Path, reward_dir: Path) -> dict:
     cmd = [
-        sys.executable, str(Path(__file__).resolve()), "--child",
+        sys.executable, "-m", "benchmarks.ppo", "--child",
         "--model", str(args.model), "--reward-dir", str(reward_dir), "--work", str(work),
         "--rollout", args.rollout, "--iterations", str(args.iterations),
         "--rollout-batch-size", str(args.rollout_batch_size),

@@ -6,7 +6,7 @@ with a hidden preference (concise over verbose, honest over fabricated) rate the
 Postgres through the ingestor's writer; then one full round runs (from scratch): train,
 evaluate on held-out prompts, gate, register.
 
-    python benchmarks/reward.py [--quick] [--prompts 300] [--steps N] [--batch-size B]
+    python -m benchmarks.reward [--quick] [--prompts 300] [--steps N] [--batch-size B]
 
 Prints one JSON object on stdout: ``pairs_per_s`` (preference pairs through forward +
 backward per second of training, thumbs labels ride along in the same batches),
@@ -27,18 +27,15 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from feedback.db import connect, migrate  # noqa: E402
-from feedback.ingest.writer import prepare_session, store_events  # noqa: E402
-from tests.fixtures.model import demo_model_cache_dir  # noqa: E402
-from tests.fixtures.postgres import create_database, drop_database  # noqa: E402
-from tests.fixtures.reward_feedback import feedback_events, sampled_answers  # noqa: E402
-from trainer.demo.model import bootstrap_demo_model  # noqa: E402
-from trainer.reward.config import RewardConfig  # noqa: E402
-from trainer.reward.model import load_reward_model  # noqa: E402
-from trainer.reward.trainer import train_reward_model  # noqa: E402
+from feedback.db import connect, migrate
+from feedback.ingest.writer import prepare_session, store_events
+from tests.fixtures.model import demo_model_cache_dir
+from tests.fixtures.postgres import create_database, drop_database
+from tests.fixtures.reward_feedback import feedback_events, sampled_answers
+from trainer.demo.model import bootstrap_demo_model
+from trainer.reward.config import RewardConfig
+from trainer.reward.model import load_reward_model
+from trainer.reward.trainer import train_reward_model
 
 
 def log(msg: str) -> None:

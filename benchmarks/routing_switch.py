@@ -8,7 +8,7 @@ version; it counts every request of the load that did not get a 200.
 
 Used by `benchmarks/canary.py` (keys `switch_seconds_max`, `failed_requests`), or alone:
 
-    python benchmarks/routing_switch.py [--flips 10]
+    python -m benchmarks.routing_switch [--flips 10]
 """
 
 from __future__ import annotations
@@ -24,14 +24,10 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from deploy.local.broker import EmbeddedBroker  # noqa: E402
-from deploy.policies import registry  # noqa: E402
-from tests.fixtures.adapters import make_adapter  # noqa: E402
-from tests.fixtures.replicas import Replicas, routed_replicas  # noqa: E402
+from deploy.local.broker import EmbeddedBroker
+from deploy.policies import registry
+from tests.fixtures.adapters import make_adapter
+from tests.fixtures.replicas import Replicas, routed_replicas
 
 
 def log(msg: str) -> None:

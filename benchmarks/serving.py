@@ -7,7 +7,7 @@ sending R requests with a fixed seed per request, so both servers generate the s
 tokens. Because throughput on a shared 2-core machine swings run to run, the servers
 are measured in alternating rounds (A B A B ...) and the JSON reports medians.
 
-    python benchmarks/serving.py [--quick] [--clients 16] [--max-tokens 64] [--rounds 3]
+    python -m benchmarks.serving [--quick] [--clients 16] [--max-tokens 64] [--rounds 3]
 
 Prints one JSON object on stdout (progress goes to stderr).
 """
@@ -27,11 +27,8 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from deploy.local.broker import EmbeddedBroker  # noqa: E402
-from tests.fixtures.server import free_port, start_serving, wait_healthy  # noqa: E402
+from deploy.local.broker import EmbeddedBroker
+from tests.fixtures.server import free_port, start_serving, wait_healthy
 
 PROMPTS = [
     "What is the capital of Fenwick?",
