@@ -24,13 +24,13 @@ from typing import Any
 from schemas.config import field_type, literal_choices
 
 
-def _default(f: dataclasses.Field) -> Any:
+def _default(f: dataclasses.Field[Any]) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
-    return f.default_factory()  # type: ignore[misc]  # a field has one or the other
+    return f.default_factory()  # type: ignore[operator]  # a field has one or the other
 
 
-def _json_tuple(text: str) -> tuple:
+def _json_tuple(text: str) -> tuple[Any, ...]:
     return tuple(json.loads(text))
 
 
@@ -43,9 +43,9 @@ def add_config_flags(
     """One flag per field of dataclass ``cls`` (and of its dataclass-typed fields)."""
     for f in dataclasses.fields(cls):
         kind = field_type(cls, f.name)
-        if dataclasses.is_dataclass(kind):
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind):
             group = parser.add_argument_group(f"{f.name} ({kind.__name__})")
-            add_config_flags(group, kind, overrides_only=overrides_only)  # type: ignore[arg-type]
+            add_config_flags(group, kind, overrides_only=overrides_only)
             continue
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
@@ -77,7 +77,7 @@ def config_from_namespace(cls: type, values: dict[str, Any]) -> Any:
         kind = field_type(cls, f.name)
         kwargs[f.name] = (
             config_from_namespace(kind, values)
-            if dataclasses.is_dataclass(kind)
+            if isinstance(kind, type) and dataclasses.is_dataclass(kind)
             else values[f.name]
         )
     return cls(**kwargs)

@@ -47,18 +47,24 @@ def _vanilla(layer: torch.nn.Module, adapter: str) -> bool:
     )
 
 
-def _foldable_layers(peft_model: PeftModel, adapter: str) -> list[torch.nn.Module] | None:
+def _foldable_layers(peft_model: PeftModel, adapter: str) -> list[LoraLinear] | None:
     """The LoRA layers that carry ``adapter``, or None when one of them is not
     :func:`_vanilla` (it cannot be folded into a plain weight)."""
-    layers = []
+    layers: list[LoraLinear] = []
     for module in peft_model.modules():
         lora_a = getattr(module, "lora_A", None)
         if not isinstance(lora_a, torch.nn.ModuleDict) or adapter not in lora_a:
             continue
-        if not _vanilla(module, adapter):
+        if not isinstance(module, LoraLinear) or not _vanilla(module, adapter):
             return None
         layers.append(module)
     return layers
+
+
+def _base_weight(layer: LoraLinear) -> torch.Tensor:
+    weight = layer.base_layer.weight
+    assert isinstance(weight, torch.Tensor)  # a vanilla LoRA linear wraps a torch Linear
+    return weight
 
 
 @contextlib.contextmanager
@@ -80,7 +86,7 @@ def folded(peft_model: PeftModel, adapter: str) -> Iterator[None]:
         return
     # Normal tensors even under inference_mode: they become Parameters' data for a while.
     with torch.inference_mode(False), torch.no_grad():
-        weights = [layer.base_layer.weight for layer in layers]
+        weights = [_base_weight(layer) for layer in layers]
         copies = [
             w + layer.get_delta_weight(adapter) for w, layer in zip(weights, layers, strict=True)
         ]
@@ -181,7 +187,8 @@ def fold_in_training(peft_model: PeftModel, enabled: bool = True) -> int:
     layers = [m for m in peft_model.modules() if isinstance(m, LoraLinear)]
     for layer in layers:
         if enabled:
-            layer.forward = types.MethodType(_folded_training_forward, layer)
+            # An instance attribute shadows the class's forward; popping it restores PEFT's.
+            layer.forward = types.MethodType(_folded_training_forward, layer)  # type: ignore[method-assign]  # on purpose, per instance
         else:
             layer.__dict__.pop("forward", None)
     return len(layers)

@@ -71,11 +71,16 @@ def evaluate(
     """Candidate (the actor as last synced) vs ``stable`` on held-out ``conversations``."""
     prompt_ids = render_prompts(models.tokenizer, conversations)
     seed = ppo.seed + 99_991  # the same draws for both policies, unlike any training seed
-    kwargs = {"max_new_tokens": ppo.max_new_tokens, "temperature": ppo.temperature, "seed": seed}
     out: dict[str, Any] = {"prompts": len(conversations), "stable": str(stable)}
     rewards = {}
     for name, which in (("candidate", "current"), ("stable", stable)):
-        samples = sampler.sample(prompt_ids, which=which, **kwargs)
+        samples = sampler.sample(
+            prompt_ids,
+            which=which,
+            max_new_tokens=ppo.max_new_tokens,
+            temperature=ppo.temperature,
+            seed=seed,
+        )
         texts = models.tokenizer.batch_decode(samples.response_ids, skip_special_tokens=True)
         rewards[name] = reward_fn(conversations, texts)["total"].float()
         out[name] = _answer_stats(samples.response_ids, texts, rewards[name])

@@ -50,6 +50,7 @@ from trainer.reward.model import (
     attach_reward_model,
     load_base_model,
     lora_config,
+    transformer_of,
 )
 
 POLICY, CRITIC, REWARD = "policy", "critic", "reward"
@@ -238,7 +239,7 @@ class PolicyModels:
         self.tokenizer = tokenizer
         self.reward = reward
         self.base_model_path = base_model_path
-        hf_model = peft_model.get_base_model()
+        hf_model = transformer_of(peft_model)
         self._backbone = getattr(hf_model, hf_model.base_model_prefix)
         self._lm_head = hf_model.get_output_embeddings()
         self.actor_critic = ActorCritic(self, value_head, temperature)

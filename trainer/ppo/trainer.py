@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from trainer.common.distributed import Dist
 from trainer.ppo import core as pm
@@ -112,9 +113,7 @@ class PPOTrainer:
         )
         self.module: torch.nn.Module = models.actor_critic
         if self.dist.enabled:
-            self.module = torch.nn.parallel.DistributedDataParallel(
-                models.actor_critic, find_unused_parameters=True
-            )
+            self.module = DistributedDataParallel(models.actor_critic, find_unused_parameters=True)
         tokenizer = models.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.ptx_examples = list(ptx_examples) if config.ptx_coef > 0 else []
@@ -189,7 +188,7 @@ class PPOTrainer:
             )
         else:
             norm_scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
-        kl = pm.kl_penalty(old_logprobs, rollout.ref_logprobs, cfg.kl_estimator)  # type: ignore[arg-type]
+        kl = pm.kl_penalty(old_logprobs, rollout.ref_logprobs, cfg.kl_estimator)
         beta = self.kl_controller.value
         rewards = pm.shaped_rewards(norm_scores, kl, beta, mask)
 
@@ -303,13 +302,15 @@ class PPOTrainer:
             raise RuntimeError(f"the sampler answered {len(scored)} of {n} prompts")
 
         batch = TokenBatch.build(prompt_ids, responses, self.pad_id)
-        per_token = [torch.zeros(batch.mask.shape) for _ in range(3)]
+        old_logprobs, values, ref_logprobs = (torch.zeros(batch.mask.shape) for _ in range(3))
         for i, row in scored.items():
-            for target, values in zip(per_token, row, strict=True):
-                target[i, : values.shape[0]] = values
+            for target, row_values in zip((old_logprobs, values, ref_logprobs), row, strict=True):
+                target[i, : row_values.shape[0]] = row_values
         return ScoredRollout(
             batch,
-            *per_token,
+            old_logprobs,
+            values,
+            ref_logprobs,
             sampler_logprobs=_padded(sampler_logprobs, batch.response_width),
             reward_parts=parts,
             tokens=sum(len(r) for r in responses),
@@ -372,7 +373,8 @@ class PPOTrainer:
             share = float(mb_mask.sum()) / total_tokens
             last = k == len(pieces) - 1
             # DDP all-reduces the gradients once, after the last micro-batch's backward.
-            no_sync = self.module.no_sync() if self.dist.enabled and not last else None
+            ddp = self.module if isinstance(self.module, DistributedDataParallel) else None
+            no_sync = ddp.no_sync() if ddp is not None and not last else None
             with no_sync or contextlib.nullcontext():
                 logprobs, values, entropy, ptx_nll = self.module(
                     mb, ptx if k == 0 else None, entropy_grad=cfg.entropy_coef > 0

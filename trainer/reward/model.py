@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
@@ -51,13 +51,23 @@ ADAPTER_NAME = "reward"
 Messages = Sequence[dict[str, Any]]
 
 
+def transformer_of(peft_model: PeftModel) -> PreTrainedModel:
+    """The ``transformers`` model under a PEFT wrapper. PEFT annotates
+    ``get_base_model()`` as a bare ``torch.nn.Module``; every model here is a
+    ``PreTrainedModel`` (loaded by :func:`load_base_model`), and saying so once lets the
+    type checker see its ``config`` and ``base_model_prefix``."""
+    return cast(PreTrainedModel, peft_model.get_base_model())
+
+
 def _conversation_text(tokenizer: PreTrainedTokenizerBase, messages: Messages, answer: str) -> str:
     """The conversation with the answer as the final assistant turn, as the model saw it in
     training (its chat template); a plain ``role: content`` transcript without one."""
     turns = [{"role": m["role"], "content": m["content"]} for m in messages]
     turns.append({"role": "assistant", "content": answer})
     if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(turns, tokenize=False)
+        text = tokenizer.apply_chat_template(turns, tokenize=False)
+        assert isinstance(text, str)  # tokenize=False renders one string
+        return text
     return "\n".join(f"{t['role']}: {t['content']}" for t in turns)
 
 
@@ -155,7 +165,7 @@ class LoraRewardModel(RewardModel):
         self.adapter_name = adapter_name
         self.head = head
         self.base_model_path = base_model_path
-        hf_model = peft_model.get_base_model()
+        hf_model = transformer_of(peft_model)
         # The transformer without its LM head: the reward reads hidden states, not logits.
         self._backbone = getattr(hf_model, hf_model.base_model_prefix)
 
@@ -311,7 +321,7 @@ def new_lora_reward_model(
             peft_model = base
         else:
             peft_model = get_peft_model(base, lora, adapter_name=adapter_name)
-        hidden = peft_model.get_base_model().config.hidden_size
+        hidden = transformer_of(peft_model).config.hidden_size
         head = torch.nn.Linear(hidden, 1)
         torch.nn.init.normal_(head.weight, std=1 / (hidden + 1) ** 0.5)
         torch.nn.init.zeros_(head.bias)
@@ -348,7 +358,7 @@ def attach_reward_model(
         peft_model = base
     else:
         peft_model = PeftModel.from_pretrained(base, str(version_dir), adapter_name=adapter_name)
-    hidden = peft_model.get_base_model().config.hidden_size
+    hidden = transformer_of(peft_model).config.hidden_size
     if card.get("hidden_size") not in (None, hidden):
         raise ValueError(
             f"reward head expects hidden size {card['hidden_size']}, base has {hidden}"

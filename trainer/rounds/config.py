@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal
 
 from schemas.config import ConfigBase
 from trainer.ppo.config import PPOConfig
+from trainer.ppo.rollout.vllm import VllmDtype
 
 RolloutBackend = Literal["auto", "vllm", "hf"]
 CriticInit = Literal["reward", "fresh"]
@@ -126,7 +127,7 @@ class RoundConfig(ConfigBase):
             "'auto': vllm with a GPU, hf on CPU (why: docs/benchmarks.md, rollouts on CPU)."
         },
     )
-    vllm_dtype: str = field(
+    vllm_dtype: VllmDtype = field(
         default="auto", metadata={"help": "Rollout engine dtype; auto = bfloat16 on CPU."}
     )
     sync_timeout_s: float = field(

@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -29,12 +29,15 @@ from trainer.ppo.rollout.placement import CorePlacement, pin_process, split_cpus
 
 log = logging.getLogger(__name__)
 
+VllmDtype = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
+"""The dtypes vLLM's engine accepts (its ``ModelDType``)."""
+
 
 @dataclass(frozen=True)
 class VllmOptions:
     """How the rollout engine is started (see :class:`trainer.rounds.config.RoundConfig`)."""
 
-    dtype: str = "auto"
+    dtype: VllmDtype = "auto"
     max_model_len: int = 512
     max_lora_rank: int = 8
     kv_cache_mib: int = 256
@@ -110,7 +113,7 @@ class VllmSampler(Sampler):
         shutil.rmtree(self.sync_dir, ignore_errors=True)
         self.sync_dir.mkdir(parents=True)
         gpu = torch.cuda.is_available()
-        dtype = options.dtype
+        dtype: VllmDtype = options.dtype
         if dtype == "auto" and not gpu:
             dtype = "bfloat16"
         extra: dict[str, Any] = {}
