@@ -103,13 +103,8 @@ def create_app(settings: Settings, model_dir: Path, publisher: EventPublisher) -
     watcher = None
     if settings.database_url:
         watcher = RoutingWatcher(settings.database_url, router.apply, settings.routing_refresh_s)
-    if settings.response_id_secret is not None:
-        secret = settings.response_id_secret.get_secret_value().encode()
-    else:
-        secret = load_or_create_secret(settings.state_dir / "secrets" / "response_id.key")
-    signer = ResponseIdSigner(secret)
+    signer = ResponseIdSigner(_response_id_secret(settings))
     chat = ChatService(settings, engine, router, signer, publisher)
-    started_at = int(time.time())
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -117,8 +112,8 @@ def create_app(settings: Settings, model_dir: Path, publisher: EventPublisher) -
         engine.start()
         if watcher is not None:
             watcher.start()
-        # The engine, torch and transformers leave millions of long-lived objects; every
-        # full collection walked all of them (about 0.4 s each, several a second under
+        # The engine, torch and transformers leave millions of long-lived objects that
+        # every full collection would walk again (often several times a second under
         # feedback load). Park the startup heap outside the collector, as vLLM's own
         # server does; objects made from here on are collected as usual.
         gc.collect()
@@ -141,6 +136,27 @@ def create_app(settings: Settings, model_dir: Path, publisher: EventPublisher) -
     app.add_middleware(FeedbackEndpoints, settings=settings, signer=signer, publisher=publisher)
     app.state.chat = chat
     install_error_handlers(app)
+    _add_routes(app, settings, chat, router, publisher, model_dir)
+    return app
+
+
+def _response_id_secret(settings: Settings) -> bytes:
+    """The key response ids are signed with: configured, or made once under the state dir."""
+    if settings.response_id_secret is not None:
+        return settings.response_id_secret.get_secret_value().encode()
+    return load_or_create_secret(settings.state_dir / "secrets" / "response_id.key")
+
+
+def _add_routes(
+    app: FastAPI,
+    settings: Settings,
+    chat: ChatService,
+    router: PolicyRouter,
+    publisher: EventPublisher,
+    model_dir: Path,
+) -> None:
+    """The chat, models, health and metrics endpoints (feedback is a middleware)."""
+    started_at = int(time.time())
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -186,5 +202,3 @@ def create_app(settings: Settings, model_dir: Path, publisher: EventPublisher) -
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
-
-    return app

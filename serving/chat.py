@@ -46,7 +46,7 @@ from serving.publisher import PRODUCER, EventPublisher
 from serving.response_ids import ResponseIdSigner
 
 if TYPE_CHECKING:
-    from vllm import SamplingParams
+    from vllm import RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -110,48 +110,10 @@ class ChatService:
                 param="n",
                 code="invalid_value",
             )
-        try:
-            policy = await self.router.resolve(req.model, user_key)
-        except UnknownModel:
-            raise APIError(
-                404,
-                f"The model '{req.model}' does not exist. Available: "
-                f"{', '.join(self.router.model_names())}.",
-                param="model",
-                code="model_not_found",
-            ) from None
-        except PolicyUnavailable as e:
-            raise APIError(
-                503,
-                f"{e}. Try again later, or use model '{self.settings.served_model_name}'.",
-                type="server_error",
-                param="model",
-                code="policy_unavailable",
-            ) from None
-
+        policy = await self._resolve(req.model, user_key)
         prompt_ids = self.engine.prompt_token_ids(req.messages)
-        limit = self.engine.max_model_len
-        if len(prompt_ids) >= limit:
-            raise APIError(
-                400,
-                f"This model's maximum context length is {limit} tokens, but the "
-                f"messages use {len(prompt_ids)} tokens. Shorten the messages.",
-                param="messages",
-                code="context_length_exceeded",
-            )
-        room = limit - len(prompt_ids)
         asked = req.requested_max_tokens()
-        if asked is not None and asked > room:
-            param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
-            raise APIError(
-                400,
-                f"This model's maximum context length is {limit} tokens. However, you "
-                f"requested {len(prompt_ids) + asked} tokens ({len(prompt_ids)} in the "
-                f"messages, {asked} in the completion). Reduce the length of the messages "
-                f"or the completion.",
-                param=param,
-                code="context_length_exceeded",
-            )
+        room = self._room(len(prompt_ids), asked, bool(req.max_completion_tokens))
         sampling = SamplingRecord(
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
@@ -169,6 +131,53 @@ class ChatService:
             sampling=sampling,
             user=user,
         )
+
+    async def _resolve(self, model: str, user_key: str) -> PolicyTarget:
+        """The policy serving ``user_key`` under ``model``, or the 404/503 that says why not."""
+        try:
+            return await self.router.resolve(model, user_key)
+        except UnknownModel:
+            raise APIError(
+                404,
+                f"The model '{model}' does not exist. Available: "
+                f"{', '.join(self.router.model_names())}.",
+                param="model",
+                code="model_not_found",
+            ) from None
+        except PolicyUnavailable as e:
+            raise APIError(
+                503,
+                f"{e}. Try again later, or use model '{self.settings.served_model_name}'.",
+                type="server_error",
+                param="model",
+                code="policy_unavailable",
+            ) from None
+
+    def _room(self, n_prompt: int, asked: int | None, completion_param: bool) -> int:
+        """Tokens left for the answer, or the 400 when the prompt (and the asked maximum)
+        do not fit the context window."""
+        limit = self.engine.max_model_len
+        if n_prompt >= limit:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {limit} tokens, but the "
+                f"messages use {n_prompt} tokens. Shorten the messages.",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        room = limit - n_prompt
+        if asked is not None and asked > room:
+            param = "max_completion_tokens" if completion_param else "max_tokens"
+            raise APIError(
+                400,
+                f"This model's maximum context length is {limit} tokens. However, you "
+                f"requested {n_prompt + asked} tokens ({n_prompt} in the "
+                f"messages, {asked} in the completion). Reduce the length of the messages "
+                f"or the completion.",
+                param=param,
+                code="context_length_exceeded",
+            )
+        return room
 
     def _sampling_params(self, p: Prepared, stream: bool) -> SamplingParams:
         from vllm import SamplingParams
@@ -231,21 +240,13 @@ class ChatService:
 
     # -- 2b. server-sent events ----------------------------------------------------------
     async def stream(self, p: Prepared) -> AsyncIterator[str]:
-        req, version = p.request, p.policy.version
+        req = p.request
         states = {i: _ChoiceState() for i in range(req.n)}
         ttft: float | None = None
         finished = False
 
         def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
-            body = ChatCompletionChunk(
-                id=p.response_id,
-                created=p.created,
-                model=req.model,
-                choices=choices,
-                usage=usage,
-                policy_version=version,
-            )
-            return f"data: {body.model_dump_json()}\n\n"
+            return _sse_chunk(p, choices, usage)
 
         metrics.IN_FLIGHT.inc()
         try:
@@ -261,24 +262,9 @@ class ChatService:
                 p.response_id,
                 p.policy.adapter,
             ):
-                pieces = []
-                for o in out.outputs:
-                    st = states[o.index]
-                    st.tokens += len(o.token_ids)
-                    if o.text:
-                        st.text.append(o.text)
-                    if ttft is None and o.token_ids:
-                        ttft = time.perf_counter() - p.started
-                    reason = _finish_reason(o.finish_reason)
-                    if o.text or reason:
-                        st.finish_reason = reason
-                        pieces.append(
-                            ChunkChoice(
-                                index=o.index,
-                                delta=Delta(content=o.text or None),
-                                finish_reason=reason,
-                            )
-                        )
+                if ttft is None and any(o.token_ids for o in out.outputs):
+                    ttft = time.perf_counter() - p.started
+                pieces = _deltas(out, states)
                 if pieces:
                     yield chunk(pieces)
             finished = True
@@ -373,3 +359,36 @@ class ChatService:
 def sse_error(message: str) -> str:
     body = {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
     return f"data: {json.dumps(body)}\n\n"
+
+
+def _sse_chunk(p: Prepared, choices: list[ChunkChoice], usage: Usage | None = None) -> str:
+    """One ``chat.completion.chunk`` server-sent event."""
+    body = ChatCompletionChunk(
+        id=p.response_id,
+        created=p.created,
+        model=p.request.model,
+        choices=choices,
+        usage=usage,
+        policy_version=p.policy.version,
+    )
+    return f"data: {body.model_dump_json()}\n\n"
+
+
+def _deltas(out: RequestOutput, states: dict[int, _ChoiceState]) -> list[ChunkChoice]:
+    """The new text (and finish reasons) of one engine output as chunk choices, recorded
+    in each choice's state."""
+    pieces = []
+    for o in out.outputs:
+        st = states[o.index]
+        st.tokens += len(o.token_ids)
+        if o.text:
+            st.text.append(o.text)
+        reason = _finish_reason(o.finish_reason)
+        if o.text or reason:
+            st.finish_reason = reason
+            pieces.append(
+                ChunkChoice(
+                    index=o.index, delta=Delta(content=o.text or None), finish_reason=reason
+                )
+            )
+    return pieces

@@ -54,9 +54,9 @@ unknown (the broker wrote a batch but its ack was lost) or when the process dies
 replay ack and the cursor update; consumers dedupe by ``event_id``.
 
 **The client** is confluent-kafka (librdkafka): it batches, checksums and talks to the
-broker in C threads that do not hold the GIL, so producing costs the serving process about
-5 us of CPU per event instead of the 30-90 us of the pure-Python kafka-python producer
-(whose sender thread also competed with the request handlers for the GIL). Delivery
+broker in C threads that do not hold the GIL, so producing costs the serving process a
+fraction of the CPU of the pure-Python kafka-python producer (whose sender thread also
+competed with the request handlers for the GIL; figures: docs/benchmarks.md). Delivery
 reports are served in this worker thread by ``flush()``.
 """
 
@@ -202,6 +202,7 @@ class EventPublisher:
     Thread-safe: ``publish()`` may be called from any thread, including an asyncio loop.
     """
 
+    # Long only in lines: the producer's settings and the publisher's state, one per line.
     def __init__(
         self,
         bootstrap: str,

@@ -34,6 +34,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
+from schemas.durable import fsync_dir
+
 log = logging.getLogger(__name__)
 
 _MAGIC = b"\xa1\x5b"
@@ -103,15 +105,6 @@ def _read_one(f: BinaryIO) -> tuple[bytes, int] | None:
     if len(payload) < length or zlib.crc32(payload) != crc:
         return None
     return payload, _HEADER.size + length
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a file creation/rename/deletion in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class DiskSpool:
@@ -277,7 +270,7 @@ class DiskSpool:
             created = not path.exists()
             self._writer = open(path, "ab")  # noqa: SIM115 - kept open across appends
             if created:
-                _fsync_dir(self.directory)
+                fsync_dir(self.directory)
         self._writer.write(b"".join(frames))
         self._writer.flush()
         if fsync:
@@ -306,7 +299,7 @@ class DiskSpool:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.directory / _CURSOR_FILE)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         self._cursor = (seg, off)
 
     def _load_cursor(self) -> tuple[int, int] | None:
@@ -329,7 +322,7 @@ class DiskSpool:
                 self._segment_path(s).unlink(missing_ok=True)
                 deleted = True
         if deleted:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
 
     def _recover(self) -> None:
         """Rebuild counters from disk; truncate a torn tail; drop consumed segments."""

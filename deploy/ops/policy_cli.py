@@ -174,55 +174,69 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(conn, args: argparse.Namespace, actor: str) -> int:
-    cmd = args.command
-    if cmd == "list":
-        versions = registry.list_versions(conn)
-        routing = registry.routing_table(conn)
-        live = policy_counts(conn, [v.version for v in versions])
-        if args.json:
-            rows = [{"version": v.version, "state": v.state, "adapter": v.adapter_uri,
-                     "created_at": v.created_at.isoformat(),
-                     "live": live[v.version].to_dict()} for v in versions]  # fmt: skip
-            print(json.dumps({"versions": rows, "routing": _routing_dict(routing)}))
-            return 0
+    if args.command == "list":
+        return _list(conn, args)
+    if args.command == "show":
+        return _show(conn, args)
+    return _change(conn, args, actor)
+
+
+def _list(conn, args: argparse.Namespace) -> int:
+    versions = registry.list_versions(conn)
+    routing = registry.routing_table(conn)
+    live = policy_counts(conn, [v.version for v in versions])
+    if args.json:
+        rows = [{"version": v.version, "state": v.state, "adapter": v.adapter_uri,
+                 "created_at": v.created_at.isoformat(),
+                 "live": live[v.version].to_dict()} for v in versions]  # fmt: skip
+        print(json.dumps({"versions": rows, "routing": _routing_dict(routing)}))
+        return 0
+    print(
+        f"{'VERSION':24} {'STATE':12} {'ROUND':>5}  {'CREATED':19}"
+        f"  {'SERVED':>7} {'UP':>6} {'DOWN':>6}  ADAPTER"
+    )
+    for v in versions:
+        rnd = "" if v.training_round is None else str(v.training_round)
+        created = v.created_at.strftime("%Y-%m-%d %H:%M:%S")
+        c = live[v.version]
         print(
-            f"{'VERSION':24} {'STATE':12} {'ROUND':>5}  {'CREATED':19}"
-            f"  {'SERVED':>7} {'UP':>6} {'DOWN':>6}  ADAPTER"
+            f"{v.version:24} {v.state:12} {rnd:>5}  {created}"
+            f"  {c.served:>7} {c.ups:>6} {c.downs:>6}  {v.adapter_uri or '-'}"
         )
-        for v in versions:
-            rnd = "" if v.training_round is None else str(v.training_round)
-            created = v.created_at.strftime("%Y-%m-%d %H:%M:%S")
-            c = live[v.version]
-            print(
-                f"{v.version:24} {v.state:12} {rnd:>5}  {created}"
-                f"  {c.served:>7} {c.ups:>6} {c.downs:>6}  {v.adapter_uri or '-'}"
-            )
-        _print_routing(routing)
+    _print_routing(routing)
+    return 0
+
+
+def _show(conn, args: argparse.Namespace) -> int:
+    v = registry.get(conn, args.version)
+    trail = registry.audit_log(conn, args.version)
+    counts = policy_counts(conn, [args.version])[args.version]
+    if args.json:
+        info = {k: (val.isoformat() if hasattr(val, "isoformat") else val)
+                for k, val in v.__dict__.items()}  # fmt: skip
+        info["live"] = counts.to_dict()
+        info["audit"] = [{"at": a.at.isoformat(), "actor": a.actor, "action": a.action,
+                          "from": a.from_state, "to": a.to_state, "reason": a.reason,
+                          "statistics": a.statistics} for a in trail]  # fmt: skip
+        print(json.dumps(info))
         return 0
-    if cmd == "show":
-        v = registry.get(conn, args.version)
-        trail = registry.audit_log(conn, args.version)
-        counts = policy_counts(conn, [args.version])[args.version]
-        if args.json:
-            info = {k: (val.isoformat() if hasattr(val, "isoformat") else val)
-                    for k, val in v.__dict__.items()}  # fmt: skip
-            info["live"] = counts.to_dict()
-            info["audit"] = [{"at": a.at.isoformat(), "actor": a.actor, "action": a.action,
-                              "from": a.from_state, "to": a.to_state, "reason": a.reason,
-                              "statistics": a.statistics} for a in trail]  # fmt: skip
-            print(json.dumps(info))
-            return 0
-        for key, val in v.__dict__.items():
-            if key != "metrics":
-                print(f"{key:22} {val}")
-        print()
-        print("\n".join(comparison_lines(v, trail)))
-        print(live_counts_line(counts))
-        print("\naudit:")
-        for a in trail:
-            move = f"{a.from_state or '-'} -> {a.to_state or '-'}"
-            print(f"  {a.at:%Y-%m-%d %H:%M:%S} {a.actor:12} {a.action:18} {move:24} {a.reason}")
-        return 0
+    for key, val in v.__dict__.items():
+        if key != "metrics":
+            print(f"{key:22} {val}")
+    print()
+    print("\n".join(comparison_lines(v, trail)))
+    print(live_counts_line(counts))
+    print("\naudit:")
+    for a in trail:
+        move = f"{a.from_state or '-'} -> {a.to_state or '-'}"
+        print(f"  {a.at:%Y-%m-%d %H:%M:%S} {a.actor:12} {a.action:18} {move:24} {a.reason}")
+    return 0
+
+
+def _change(conn, args: argparse.Namespace, actor: str) -> int:
+    """promote, rollback, canary, reject, hold, resume: one registry command, then the
+    routing it left."""
+    cmd = args.command
     if cmd == "promote":
         r = registry.promote(
             conn, args.version, actor=actor, reason=args.reason, expect_state=args.expect

@@ -232,6 +232,7 @@ def _first(events: list[RegistryEvent], kind: str) -> RegistryEvent | None:
     return next((e for e in sorted(events, key=lambda e: e.t) if e.event == kind), None)
 
 
+# Long only in lines: one Summary field per line.
 def build_summary(
     recorder: Recorder,
     registry: RegistryFacts,

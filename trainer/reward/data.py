@@ -22,7 +22,7 @@ from array import array
 from collections import Counter as Tally
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import psycopg
@@ -196,25 +196,9 @@ def load_data(
     ``replay_ratio`` times as many older ones (a second pass, as of the parent's watermark,
     remembers those as 8-byte digests).
     """
-    label_kinds: Tally[str] = Tally()
     with datasets.snapshot(conn) as now:
         mark = watermark or now
-        old_pairs = old_labels = None
-        if parent_watermark is not None:
-            old_pairs, old_labels = _parent_digests(conn, parent_watermark, config)
-        pair_sampler: _Sampler[PreferencePair | datasets.PairRef] = _Sampler(
-            _pair_prompt_hash, _pair_key, old_pairs, config
-        )
-        label_sampler: _Sampler[datasets.LabelRef] = _Sampler(
-            lambda x: x.prompt_hash, _label_key, old_labels, config
-        )
-        stream = _reward_stream(conn, mark, config)
-        while chunk := list(itertools.islice(stream, _CHUNK)):
-            refs = [x for x in chunk if isinstance(x, datasets.LabelRef)]
-            label_kinds.update(x.label for x in refs)
-            label_sampler.add(refs)
-            pair_sampler.add([x for x in chunk if not isinstance(x, datasets.LabelRef)])
-        pair_refs, label_refs = pair_sampler.result(), label_sampler.result()
+        pair_refs, label_refs, label_kinds = _sample_refs(conn, mark, parent_watermark, config)
         # Only the sample's texts are read.
         pairs = _Split(
             datasets.pairs_for(conn, pair_refs.train),
@@ -230,14 +214,59 @@ def load_data(
             label_refs.replayed,
             label_refs.read,
         )
+    _log_sampling(pairs, labels)
+    return RewardData(
+        mark,
+        pairs.train,
+        pairs.heldout,
+        labels.train,
+        labels.heldout,
+        pairs.new + labels.new,
+        pairs.replayed + labels.replayed,
+        _label_warnings(labels.read, label_kinds),
+        pairs.read,
+        labels.read,
+    )
 
-    warnings = []
-    if len(label_kinds) == 1:
-        only = next(iter(label_kinds))
-        warnings.append(
-            f"all {labels.read} thumbs are {only}: they train pointwise only (no rated pairs "
-            "can form), pairs come only from explicit preferences, thumbs AUC is undefined"
-        )
+
+def _sample_refs(
+    conn: psycopg.Connection,
+    mark: Watermark,
+    parent_watermark: Watermark | None,
+    config: RewardConfig,
+) -> tuple[_Split[Any], _Split[datasets.LabelRef], Tally[str]]:
+    """One pass over the ratings as of ``mark``: seeded samples of pair and label refs
+    (split, new vs replayed) and how many labels of each kind were read."""
+    label_kinds: Tally[str] = Tally()
+    old_pairs = old_labels = None
+    if parent_watermark is not None:
+        old_pairs, old_labels = _parent_digests(conn, parent_watermark, config)
+    pair_sampler: _Sampler[PreferencePair | datasets.PairRef] = _Sampler(
+        _pair_prompt_hash, _pair_key, old_pairs, config
+    )
+    label_sampler: _Sampler[datasets.LabelRef] = _Sampler(
+        lambda x: x.prompt_hash, _label_key, old_labels, config
+    )
+    stream = _reward_stream(conn, mark, config)
+    while chunk := list(itertools.islice(stream, _CHUNK)):
+        refs = [x for x in chunk if isinstance(x, datasets.LabelRef)]
+        label_kinds.update(x.label for x in refs)
+        label_sampler.add(refs)
+        pair_sampler.add([x for x in chunk if not isinstance(x, datasets.LabelRef)])
+    return pair_sampler.result(), label_sampler.result(), label_kinds
+
+
+def _label_warnings(read: int, label_kinds: Tally[str]) -> list[str]:
+    if len(label_kinds) != 1:
+        return []
+    only = next(iter(label_kinds))
+    return [
+        f"all {read} thumbs are {only}: they train pointwise only (no rated pairs "
+        "can form), pairs come only from explicit preferences, thumbs AUC is undefined"
+    ]
+
+
+def _log_sampling(pairs: _Split[Any], labels: _Split[Any]) -> None:
     kept_pairs = len(pairs.train) + len(pairs.heldout)
     kept_labels = len(labels.train) + len(labels.heldout)
     if (kept_pairs, kept_labels) != (pairs.read, labels.read):
@@ -249,18 +278,6 @@ def load_data(
             kept_labels,
             labels.read,
         )
-    return RewardData(
-        mark,
-        pairs.train,
-        pairs.heldout,
-        labels.train,
-        labels.heldout,
-        pairs.new + labels.new,
-        pairs.replayed + labels.replayed,
-        warnings,
-        pairs.read,
-        labels.read,
-    )
 
 
 def check_enough(data: RewardData, config: RewardConfig) -> None:

@@ -232,16 +232,7 @@ def _run_reward_round(conn: psycopg.Connection, config: RewardConfig) -> RewardR
     parent = registry.current_version(conn)
     warm = _can_warm_start(config, parent)
 
-    record = None if config.fresh else _run_record(run_dir)
-    if record is not None and (
-        record["fingerprint"] != config.fingerprint()
-        or record["parent_version"] != (parent.version if parent else None)
-    ):
-        log.warning("an unfinished run with another configuration or parent: starting over")
-        record = None
-    if record is None:
-        shutil.rmtree(run_dir, ignore_errors=True)
-
+    record = _resumable_record(config, run_dir, parent)
     watermark = Watermark(**record["watermark"]) if record else None
     parent_mark = Watermark(**parent.watermark) if warm and parent else None
     data = load_data(conn, config, watermark=watermark, parent_watermark=parent_mark)
@@ -267,17 +258,7 @@ def _run_reward_round(conn: psycopg.Connection, config: RewardConfig) -> RewardR
         _write_run_record(run_dir, record)
     parent_metrics = record["parent_metrics"]
 
-    params = model.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    start_step = 0
-    checkpoints = list_checkpoints(run_dir)
-    if checkpoints:
-        state = load_checkpoint(checkpoints[-1])
-        model.load_trainable_state(state["trainable"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_step = int(state["step"])
-        log.info("resuming reward model training at step %d", start_step)
-
+    optimizer, start_step = _optimizer(model, config, run_dir)
     stats = _train_steps(model, optimizer, data, config, run_dir, start_step)
     stats.update(
         resumed_from_step=start_step,
@@ -297,6 +278,25 @@ def _run_reward_round(conn: psycopg.Connection, config: RewardConfig) -> RewardR
             "stopped", None, None, parent_metrics, reason, data.warnings, stats
         )
 
+    result = _evaluate_and_register(
+        conn, state_dir, model, data, parent, parent_metrics, config, stats, started
+    )
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return result
+
+
+def _evaluate_and_register(
+    conn: psycopg.Connection,
+    state_dir: Path,
+    model: RewardModel,
+    data: RewardData,
+    parent: registry.RewardVersion | None,
+    parent_metrics: dict[str, Any] | None,
+    config: RewardConfig,
+    stats: dict[str, Any],
+    started: float,
+) -> RewardRoundResult:
+    """Steps 3 and 4: held-out metrics, the gate, and the version written either way."""
     metrics = evaluate(model, data.heldout_pairs, data.heldout_labels)
     for name in ("pairwise_accuracy", "auc"):
         if metrics[name] is not None:
@@ -317,7 +317,6 @@ def _run_reward_round(conn: psycopg.Connection, config: RewardConfig) -> RewardR
         config={**config.to_json(), "database_url": None},
         train_stats=stats,
     )
-    shutil.rmtree(run_dir, ignore_errors=True)
     outcome: Literal["registered", "rejected"] = "registered" if accepted else "rejected"
     ROUNDS.labels(outcome).inc()
     return RewardRoundResult(
@@ -325,6 +324,41 @@ def _run_reward_round(conn: psycopg.Connection, config: RewardConfig) -> RewardR
     )
 
 
+def _resumable_record(
+    config: RewardConfig, run_dir: Path, parent: registry.RewardVersion | None
+) -> dict[str, Any] | None:
+    """The unfinished run to resume, if its configuration and parent are this round's;
+    otherwise None, with the run directory cleared."""
+    record = None if config.fresh else _run_record(run_dir)
+    if record is not None and (
+        record["fingerprint"] != config.fingerprint()
+        or record["parent_version"] != (parent.version if parent else None)
+    ):
+        log.warning("an unfinished run with another configuration or parent: starting over")
+        record = None
+    if record is None:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return record
+
+
+def _optimizer(
+    model: RewardModel, config: RewardConfig, run_dir: Path
+) -> tuple[torch.optim.Optimizer, int]:
+    """AdamW on the trainable parameters, restored from the newest checkpoint if there is
+    one; returns it and the step to start from."""
+    params = model.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        return optimizer, 0
+    state = load_checkpoint(checkpoints[-1])
+    model.load_trainable_state(state["trainable"])
+    optimizer.load_state_dict(state["optimizer"])
+    log.info("resuming reward model training at step %d", int(state["step"]))
+    return optimizer, int(state["step"])
+
+
+# Long on purpose: the training loop with its checkpoints, metrics and time-box, step by step.
 def _train_steps(
     model: RewardModel,
     optimizer: torch.optim.Optimizer,
