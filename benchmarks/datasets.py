@@ -87,7 +87,7 @@ def fill(url: str, n_ratings: int, n_prompts: int, seed: int) -> dict[str, int]:
         messages = [{"role": "user", "content": text}]
         if p % 4 == 3:
             messages.insert(0, {"role": "system", "content": "Be brief."})
-        phash = prompt_hash([LoggedMessage(**m) for m in messages])  # type: ignore[arg-type]
+        phash = prompt_hash([LoggedMessage.model_validate(m) for m in messages])
         up_rate = 0.55 if p < HOT_PROMPTS else rng.uniform(0.2, 0.8)
         prompts.append((json.dumps(messages), text, phash, up_rate))
     sampling = json.dumps({"temperature": 1.0, "top_p": 1.0, "max_tokens": 128, "n": 1})
@@ -227,7 +227,7 @@ def build(url: str) -> dict[str, object]:
 
     after_imports = rss_mb()
     config, round_config = RewardConfig(), RoundConfig()
-    phases: dict[str, dict[str, object]] = {}
+    phases: dict[str, dict[str, float]] = {}
     with PeakRss() as peak, connect(url, autocommit=True) as conn:
         now = datasets.capture_watermark(conn)
         parent = datasets.Watermark(
@@ -271,7 +271,7 @@ def build(url: str) -> dict[str, object]:
             }
 
     def total(*names: str) -> float:
-        return round(sum(float(phases[n]["seconds"]) for n in names), 2)  # type: ignore[arg-type]
+        return round(sum(float(phases[n]["seconds"]) for n in names), 2)
 
     return {
         "phases": phases,
@@ -322,7 +322,8 @@ def main() -> int:
         filled["fill_seconds"] = round(time.perf_counter() - t0, 1)
     try:
         with connect(url, autocommit=True) as conn:
-            ratings = conn.execute("SELECT count(*) FROM feedback_events").fetchone()[0]  # type: ignore[index]
+            row = conn.execute("SELECT count(*) FROM feedback_events").fetchone()
+            ratings = row[0]  # type: ignore[index]  # count(*) always returns a row
             log(f"{ratings} ratings; building a round's data in a fresh process…")
             load_before = os.getloadavg()[0]
             child = subprocess.run(

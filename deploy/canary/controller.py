@@ -74,7 +74,7 @@ class CanaryController:
             return None
         canary = routing.canary_version
         assert routing.canary_started_at is not None
-        now = conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
+        now = conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]  # always one row
         strata = registry.canary_strata(conn, canary, routing.canary_started_at)
         obs = canary_data.load_observations(
             conn,

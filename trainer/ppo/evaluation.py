@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from trainer.ppo.config import PPOConfig
-from trainer.ppo.core import kl_penalty, masked_mean
+from trainer.ppo.core import KLEstimator, kl_penalty, masked_mean
 from trainer.ppo.models import PolicyModels, TokenBatch
 from trainer.ppo.rollout.base import Sampler, Which, render_prompts
 
@@ -51,11 +51,11 @@ def _answer_stats(tokens: Sequence[Sequence[int]], texts: Sequence[str], rewards
 
 
 @torch.no_grad()
-def sequence_kl(models: PolicyModels, batch: TokenBatch, estimator: str = "k1") -> float:
+def sequence_kl(models: PolicyModels, batch: TokenBatch, estimator: KLEstimator = "k1") -> float:
     """Mean over rows of the summed per-token KL(actor || reference) on ``batch``."""
     logprobs, _ = models.actor_critic.actor(batch)
     ref = models.reference_logprobs(batch)
-    kl = kl_penalty(logprobs, ref, estimator)  # type: ignore[arg-type]
+    kl = kl_penalty(logprobs, ref, estimator)
     kl = torch.where(batch.mask.bool(), kl, torch.zeros_like(kl))
     return float(masked_mean(kl.sum(-1), torch.ones(len(batch))))
 

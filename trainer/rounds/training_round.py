@@ -185,14 +185,16 @@ def _run_training_round(
     sampler: Sampler | None,
 ) -> TrainingRoundResult:
     record = _reward_model_and_watermark(conn, config, record, dist)
-    rm = reward_registry.get_version(conn, record.reward_model_version)  # type: ignore[arg-type]
+    assert record.reward_model_version is not None  # step 1 set it
+    rm = reward_registry.get_version(conn, record.reward_model_version)
     assert rm is not None and record.watermark is not None
     watermark = datasets.Watermark(**record.watermark)
     train_prompts, heldout_prompts = _prompts(conn, config, watermark)
     parent = policy_registry.get(conn, record.parent_version or "base")
 
+    assert config.base_model is not None  # run_round checked it
     models = PolicyModels.load(
-        Path(config.base_model),  # type: ignore[arg-type]
+        Path(config.base_model),
         reward_registry.verified_path(rm),
         policy_init=Path(parent.adapter_uri) if parent.adapter_uri else None,
         critic_init=config.critic_init,
@@ -348,9 +350,13 @@ def make_sampler(config: RoundConfig, models: PolicyModels, sync_dir: Path) -> S
 def shared_sampler(config: RoundConfig, sync_dir: Path | None = None) -> VllmSampler:
     """A vLLM rollout engine on the base model; ``alignloop train loop`` keeps one for
     every round (it takes ~25 s to start), syncing each round's actor into it."""
-    sync_dir = sync_dir or Path(config.state_dir) / RUNS_DIR / "sync"  # type: ignore[arg-type]
+    # Both paths are set: by run_round's check, or by the CLI from the settings.
+    if sync_dir is None:
+        assert config.state_dir is not None
+        sync_dir = Path(config.state_dir) / RUNS_DIR / "sync"
+    assert config.base_model is not None
     return VllmSampler(
-        Path(config.base_model),  # type: ignore[arg-type]
+        Path(config.base_model),
         sync_dir,
         VllmOptions(
             dtype=config.vllm_dtype,
@@ -366,7 +372,8 @@ def shared_sampler(config: RoundConfig, sync_dir: Path | None = None) -> VllmSam
 
 
 def _run_dir(config: RoundConfig, round_id: int) -> Path:
-    return Path(config.state_dir) / RUNS_DIR / f"round-{round_id}"  # type: ignore[arg-type]
+    assert config.state_dir is not None  # run_round checked it
+    return Path(config.state_dir) / RUNS_DIR / f"round-{round_id}"
 
 
 def iteration_prompts(pool: Sequence[Any], iteration: int, n: int, seed: int) -> list[Any]:
@@ -479,7 +486,8 @@ def _gate_and_register(
         return TrainingRoundResult(record.id, "rejected", reason, None, summary, steps)
 
     version = f"ppo-{record.id:04d}"
-    path = Path(config.state_dir) / POLICIES_DIR / version  # type: ignore[arg-type]
+    assert config.state_dir is not None  # run_round checked it
+    path = Path(config.state_dir) / POLICIES_DIR / version
     checksum = artifacts.write_dir_atomically(path, models.save_policy)
     try:
         policy_registry.register_candidate(

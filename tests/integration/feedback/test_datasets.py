@@ -7,6 +7,7 @@ import uuid
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -20,8 +21,8 @@ from tests.fixtures.postgres import make_feedback, make_interaction
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 
 
-def preference(**fields: object) -> PreferenceSubmitted:
-    return PreferenceSubmitted(producer="test", preference_id=uuid.uuid4(), **fields)  # type: ignore[arg-type]
+def preference(**fields: Any) -> PreferenceSubmitted:
+    return PreferenceSubmitted(producer="test", preference_id=uuid.uuid4(), **fields)
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from datetime import timedelta
+from typing import Any
 
 from kafka import KafkaProducer
 
@@ -28,13 +29,13 @@ def _stored(url: str) -> list[tuple]:
         ).fetchall()
 
 
-def _failure(version: str, **kwargs: object) -> AdapterLoadFailed:
+def _failure(version: str, **kwargs: Any) -> AdapterLoadFailed:
     return AdapterLoadFailed(
         producer="serving@test",
         version=version,
         adapter_uri=f"/adapters/{version}",
         error="safetensors: header too large",
-        **kwargs,  # type: ignore[arg-type]
+        **kwargs,
     )
 
 
@@ -76,7 +77,7 @@ def test_adapter_load_failure_is_stored_once_and_rolls_the_canary_back(
     config = CanaryConfig.demo()
     with connect(migrated_url, autocommit=True) as conn:
         routing = registry.routing_table(conn)
-        now = conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
+        now = conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]  # always one row
         strata = registry.canary_strata(conn, "v1", routing.canary_started_at)
         obs = canary_data.load_observations(conn, "v1", "base", strata, now, settle_seconds=0)
         assert obs.health.adapter_load_failures == 1  # not the earlier run's, not v2's

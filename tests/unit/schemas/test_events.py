@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
+from schemas.chat import Role
 from schemas.events import LoggedMessage, PolicyCandidate, parse_event, prompt_hash
 
 
 def candidate(**overrides: object) -> PolicyCandidate:
-    fields: dict[str, object] = {
+    fields: dict[str, Any] = {
         "producer": "trainer@test",
         "version": "ppo-0003",
         "adapter_uri": "/state/policies/ppo-0003",
@@ -24,7 +26,7 @@ def candidate(**overrides: object) -> PolicyCandidate:
         "metrics": {"win_rate": 0.61, "kl": 3.2, "per_prompt": [0.5, 0.7]},
     }
     fields.update(overrides)
-    return PolicyCandidate(**fields)  # type: ignore[arg-type]
+    return PolicyCandidate(**fields)
 
 
 def test_round_trips_through_parse_event() -> None:
@@ -49,7 +51,9 @@ def test_non_finite_metrics_are_sent_as_null() -> None:
     event = candidate(metrics={"kl": math.nan, "loss": [1.0, math.inf]})
     wire = json.loads(event.to_bytes())  # strict JSON: no NaN token
     assert wire["metrics"] == {"kl": None, "loss": [1.0, None]}
-    assert parse_event(event.to_bytes()).metrics == {"kl": None, "loss": [1.0, None]}  # type: ignore[union-attr]
+    parsed = parse_event(event.to_bytes())
+    assert isinstance(parsed, PolicyCandidate)
+    assert parsed.metrics == {"kl": None, "loss": [1.0, None]}
 
 
 @pytest.mark.parametrize("missing", ["version", "adapter_uri", "checksum", "training_round"])
@@ -67,8 +71,8 @@ def test_unknown_fields_are_refused() -> None:
         parse_event(json.dumps(wire))
 
 
-def _msgs(*pairs: tuple[str, str]) -> list[LoggedMessage]:
-    return [LoggedMessage(role=r, content=c) for r, c in pairs]  # type: ignore[arg-type]
+def _msgs(*pairs: tuple[Role, str]) -> list[LoggedMessage]:
+    return [LoggedMessage(role=r, content=c) for r, c in pairs]
 
 
 def test_prompt_hash_identifies_the_whole_conversation() -> None:

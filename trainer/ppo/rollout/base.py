@@ -123,7 +123,8 @@ class Sampler(abc.ABC):
         missing = [i for i, r in enumerate(responses) if r is None]
         if missing:
             raise RuntimeError(f"the sampler returned no response for rows {missing[:10]}")
-        return Samples(responses, logprobs, time.perf_counter() - started)  # type: ignore[arg-type]
+        complete = [r for r in responses if r is not None]  # every row, as checked above
+        return Samples(complete, logprobs, time.perf_counter() - started)
 
 
 def render_prompts(

@@ -137,8 +137,9 @@ class IngestorProcess:
 def spawn(tmp_path: Path) -> Iterator[Callable[..., IngestorProcess]]:
     started: list[IngestorProcess] = []
 
-    def _spawn(*args: object) -> IngestorProcess:
-        p = IngestorProcess(tmp_path / f"ingestor-{len(started)}.log", *args)  # type: ignore[arg-type]
+    def _spawn(bootstrap: str, url: str, topics: Topics, *extra: str) -> IngestorProcess:
+        log_path = tmp_path / f"ingestor-{len(started)}.log"
+        p = IngestorProcess(log_path, bootstrap, url, topics, *extra)
         started.append(p)
         return p
 

@@ -148,9 +148,10 @@ def test_gate_refuses_a_worse_model(trained: tuple[RewardConfig, RewardRoundResu
     assert result.outcome == "rejected"
     assert "worse than rm-0001" in result.reason
     assert result.parent_metrics == first.metrics  # compared on the same held-out data
+    assert result.version is not None  # a rejected round still writes its version
     with connect(config.database_url, autocommit=True) as conn:
         current = registry.current_version(conn)
-        rejected = registry.get_version(conn, result.version.version)  # type: ignore[union-attr]
+        rejected = registry.get_version(conn, result.version.version)
     assert current is not None and current.version == "rm-0001"
     assert rejected is not None and rejected.status == "rejected"
     assert rejected.parent_version == "rm-0001" and rejected.reason == result.reason
@@ -197,8 +198,9 @@ def test_killed_run_resumes_to_the_same_result(
         assert resumed.stats["watermark"] == reference.stats["watermark"]
         assert resumed.outcome == "registered"
         assert resumed.metrics == reference.metrics
-        mine = load_file(str(Path(resumed.version.path) / "head.safetensors"))  # type: ignore[union-attr]
-        theirs = load_file(str(Path(reference.version.path) / "head.safetensors"))  # type: ignore[union-attr]
+        assert resumed.version is not None and reference.version is not None  # both registered
+        mine = load_file(str(Path(resumed.version.path) / "head.safetensors"))
+        theirs = load_file(str(Path(reference.version.path) / "head.safetensors"))
         assert torch.allclose(mine["weight"], theirs["weight"], atol=1e-6)
     finally:
         drop_database(url)
@@ -246,7 +248,7 @@ def test_warm_start_continues_the_current_version(
         0 < result.stats["new_examples"] < first.stats["train_pairs"] + first.stats["train_labels"]
     )
     assert result.stats["replayed_examples"] > 0
-    assert result.metrics["pairwise_accuracy"] >= 0.85  # type: ignore[index]
+    assert result.metrics is not None and result.metrics["pairwise_accuracy"] >= 0.85
     with connect(config.database_url, autocommit=True) as conn:
         current = registry.current_version(conn)
         statuses = {v.version: v.status for v in registry.list_versions(conn)}

@@ -81,7 +81,8 @@ def test_published_candidate_reaches_the_topic_and_the_ingestor_without_dead_let
 
     def stored() -> int:
         with connect(migrated_url, autocommit=True) as c:
-            return c.execute("SELECT count(*) FROM adapter_load_failures").fetchone()[0]  # type: ignore[index]
+            row = c.execute("SELECT count(*) FROM adapter_load_failures").fetchone()
+            return row[0]  # type: ignore[index]  # count(*) always returns a row
 
     with running_ingestor(
         migrated_url,

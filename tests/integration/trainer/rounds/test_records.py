@@ -184,13 +184,13 @@ def test_refusals_for_bad_calls(conn: psycopg.Connection) -> None:
         rr.get_round(conn, 999)
     r = rr.start_round(conn, trigger="t", config={}, parent_version=None)
     with pytest.raises(ValueError, match="not 'running'"):
-        rr.finish_round(conn, r.id, "running", "x")  # type: ignore[arg-type]
+        rr.finish_round(conn, r.id, "running", "x")  # type: ignore[arg-type]  # the refusal tested
     with pytest.raises(ValueError, match="candidate_version"):
         rr.finish_round(conn, r.id, "registered", "x")
     with pytest.raises(psycopg.errors.ForeignKeyViolation):
         rr.update_round(conn, r.id, parent_version="no-such-policy")
     with pytest.raises(ValueError, match="keys interactions, feedback, preferences"):
-        rr.update_round(conn, r.id, watermark={"feedback": 1})  # type: ignore[arg-type]
+        rr.update_round(conn, r.id, watermark={"feedback": 1})
     assert rr.running_round(conn) == r  # still running, unchanged
 
 
@@ -249,4 +249,6 @@ def test_new_ratings_since_counts_ratings_and_preferences(conn: psycopg.Connecti
     interaction = make_interaction()
     store_events(conn, [interaction, make_feedback(interaction.response_id, "down")])
     store_events(conn, [make_feedback(interaction.response_id, "up")])  # a re-rating counts
-    assert datasets.new_ratings_since(conn, rr.last_round(conn).watermark) == 2  # type: ignore[union-attr]
+    last = rr.last_round(conn)
+    assert last is not None
+    assert datasets.new_ratings_since(conn, last.watermark) == 2

@@ -160,6 +160,6 @@ def test_config_checks_its_test_name_and_threshold() -> None:
     assert CanaryConfig().test == "superiority" and CanaryConfig().threshold == 0.0
     assert NONINF.threshold == -NONINF.margin
     with pytest.raises(ValueError, match="superiority"):
-        CanaryConfig(test="better")  # type: ignore[arg-type]
+        CanaryConfig(test="better")  # type: ignore[arg-type]  # the refusal tested
     with pytest.raises(ValueError, match="margin"):
         CanaryConfig(margin=-0.01)

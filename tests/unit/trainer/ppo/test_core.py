@@ -158,6 +158,7 @@ def test_kl_is_zero_when_policies_agree_and_k3_never_negative() -> None:
 
 def test_unknown_kl_estimator_is_rejected() -> None:
     with pytest.raises(ValueError, match="k2"):
+        # the refusal tested: "k2" is not a KLEstimator
         kl_penalty(torch.zeros(1), torch.zeros(1), "k2")  # type: ignore[arg-type]
 
 

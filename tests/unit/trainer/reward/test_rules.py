@@ -40,6 +40,7 @@ class _FixedModel:
 
 def test_composed_reward_adds_rules_to_the_model_score() -> None:
     rules = build_rules([{"name": "length_penalty", "max_words": 1, "per_word": 0.25}])
+    # a stand-in for RewardModel with only score(), all that ComposedReward calls
     reward = ComposedReward(_FixedModel(), rules)  # type: ignore[arg-type]
     parts = reward.components([MSGS, MSGS], ["four", "it is four"])
     assert parts["model"].tolist() == [1.0, 1.0]
