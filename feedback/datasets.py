@@ -643,7 +643,7 @@ def preference_pairs(
 
     **Pairs from ratings are a stratified sample**: each prompt contributes at most
     ``max_pairs_per_prompt`` of them, however popular it is (all ups against all downs
-    would be quadratic: 40,000 ratings of a few prompts once made 18.9 million pairs).
+    would be quadratic in a popular prompt's ratings: docs/benchmarks.md, "Datasets").
     Per prompt, the up-rated and the down-rated answers are each ranked by
     ``md5(seed:response_id:choice_index)`` (a seeded shuffle that Postgres computes, so
     only the first ``max_pairs_per_prompt`` of each side leave the database), then paired

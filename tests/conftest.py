@@ -4,8 +4,9 @@ import os
 
 # The suite runs several torch processes at once on a few cores (pytest, serving's vLLM
 # engine, `alignloop up`'s children). OpenMP workers that spin while they wait starve the
-# others: one PPO iteration took 87 s instead of 3.4 s beside a busy process, 3.9 s with
-# passive waiting. Set before any test module imports torch; subprocesses inherit it.
+# others: beside a busy process one PPO iteration took many times as long as with passive
+# waiting (measured: docs/benchmarks.md, "Figures quoted in code"). Set before any test
+# module imports torch; subprocesses inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 pytest_plugins = [

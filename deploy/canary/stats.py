@@ -289,11 +289,11 @@ class CanaryConfig(ConfigBase):
         """Thresholds for ``alignloop up``: a laptop with a few hundred simulated users and
         a few votes per second in all. Measured with :mod:`tests.fixtures.canary_sim`
         (``python -m benchmarks.canary --quick``: :data:`tests.fixtures.canary_sim.DEMO_SCENARIO`,
-        5 votes/s from 300 users of log-normal activity, a look every 30 s, 400 runs): a
-        canary users prefer by 20 points is promoted in 3–4.5 minutes (median, 90th
-        percentile; 4.5–6 at 3 votes/s), by 15 points in 3.5–5.5; one they like 20 points
-        less is rolled back in 3.5–4.5; one that is no better times out to stable at 15
-        minutes (promoted by mistake in under 1 % of runs)."""
+        5 votes/s from 300 users of log-normal activity, a look every 30 s, 400 runs): how
+        soon a canary users prefer by 20 or 15 points is promoted and one they like 20
+        points less is rolled back, and how rarely one that is no better is promoted by
+        mistake before it times out to stable (``max_duration_s``, 15 minutes): the figures
+        are in docs/benchmarks.md, "Canary decisions (simulated)"."""
         return cls(
             margin=0.05,
             tuning_votes_per_arm=300,

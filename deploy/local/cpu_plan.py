@@ -1,13 +1,14 @@
 """Which cores each process of ``alignloop up`` may use on a CPU-only machine.
 
 Every torch/OpenMP pool assumes it owns the machine: with serving's vLLM engine and the
-trainer both spinning their worker threads on the same two cores, one PPO iteration took 14
-minutes under chat load instead of seconds. So the embedded stack splits the cores: the
-trainer gets ``trainer_cpu_share`` of them (at least one), serving (API process and engine)
-the rest, and the light processes (ingestor, canary controller) float over all cores with
-one thread each. :func:`plan` is pure; the supervisor passes each child its cores in
-``ALIGNLOOP_CPUS`` and :func:`apply` (called first thing by the ``alignloop`` entry point,
-before torch or vLLM start a thread) pins the process and sizes its thread pools.
+trainer both spinning their worker threads on the same two cores, one PPO iteration took
+minutes under chat load instead of seconds (docs/benchmarks.md, "A round idle and under
+load"). So the embedded stack splits the cores: the trainer gets ``trainer_cpu_share`` of
+them (at least one), serving (API process and engine) the rest, and the light processes
+(ingestor, canary controller) float over all cores with one thread each. :func:`plan` is
+pure; the supervisor passes each child its cores in ``ALIGNLOOP_CPUS`` and :func:`apply`
+(called first thing by the ``alignloop`` entry point, before torch or vLLM start a thread)
+pins the process and sizes its thread pools.
 """
 
 from __future__ import annotations

@@ -8,9 +8,9 @@ canaries it, and promotes it because users like it more than the base. The secon
 the same stack, registers an adapter users dislike (as an operator could) and expects the
 controller to roll it back by itself while the promoted stable keeps serving.
 
-Time on 2 CPU cores (see docs/benchmarks.md): about 8 minutes from the first rating to the
-first promotion, 11 minutes for the module. The simulator's summary of each run is printed
-(``-s`` shows it).
+How long it takes on 2 CPU cores, from the first rating to the first promotion and for the
+module: docs/benchmarks.md, "The closed loop". The simulator's summary of each run is
+printed (``-s`` shows it).
 """
 
 from __future__ import annotations

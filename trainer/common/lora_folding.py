@@ -6,13 +6,14 @@ output. Folding the adapter, ``W' = W + s * B A`` (a tiny product), makes each l
 full product instead:
 
 * **no gradient** (scoring a rollout, the reward model, the decode loop): :func:`folded`
-  runs a whole pass on folded copies of the weights; on the demo model that takes a sixth
-  off every such pass;
+  runs a whole pass on folded copies of the weights, faster on the demo model;
 * **with a gradient** (the PPO update): :func:`fold_in_training` makes each LoRA linear
   layer compute ``x W'^T`` through :class:`FoldedLoraLinear`, whose backward gives exactly
   LoRA's gradients (``dA = s (g B)^T x``, ``dB = s g^T (x A^T)``, ``dx = g W'``) with two
   thin products fewer than PEFT's forward + autograd and no elementwise passes over the
-  output: about a tenth off the update on the demo model.
+  output: a faster update on the demo model.
+
+Measured: docs/benchmarks.md, "Figures quoted in code".
 
 PEFT's ``merge_adapter`` / ``unmerge_adapter`` fold in place, and unmerging subtracts
 ``s * B A`` again: each round trip would leave a rounding error in the base weights, and

@@ -5,8 +5,9 @@ threshold (128 KiB at start, adapting up to 32 MiB) with a fresh ``mmap`` and re
 to the OS on ``free``, and trims the heap top above 128 KiB: a training step that
 allocates and frees the same activation-sized tensors again and again pays page faults
 (zeroed pages) for every one of them. Raising both thresholds keeps freed blocks in the
-heap for the next step. Measured on the PPO benchmark: about 5% more episodes/s, with the
-same peak RSS (the peak is what is live at once, not what was freed).
+heap for the next step: more episodes/s on the PPO benchmark at the same peak RSS (the
+peak is what is live at once, not what was freed; measured: docs/benchmarks.md, "Figures
+quoted in code").
 
 Only glibc is tuned; elsewhere (musl, macOS) :func:`keep_freed_memory` does nothing.
 """

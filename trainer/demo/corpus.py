@@ -189,7 +189,7 @@ def make_world(
 ) -> World:
     """Invent countries (with capitals, cities, flag colours) and people (jobs, home cities).
 
-    Small on purpose: a ~1M-parameter model must be able to memorise it in a few minutes.
+    Small on purpose: a ~2M-parameter model must be able to memorise it in a few minutes.
     """
     rng = random.Random(f"world-{seed}")
     taken: list[str] = []

@@ -1,8 +1,9 @@
 """Build the demo base model offline: BPE tokenizer, chat template, a small Llama, pretraining.
 
 No model can be downloaded here, so ``alignloop up`` (and the tests) make their own: a
-Llama-architecture causal LM of about a million parameters, trained for a few minutes on
-2 CPU cores on the synthetic corpus of :mod:`trainer.demo.corpus`. The result is an ordinary
+Llama-architecture causal LM of about two million parameters, trained for minutes on 2
+CPU cores (docs/benchmarks.md, "The demo base model") on the synthetic corpus of
+:mod:`trainer.demo.corpus`. The result is an ordinary
 Hugging Face directory (safetensors, ``tokenizer.json`` with its chat template,
 ``generation_config.json``) that ``transformers`` and vLLM load like any other model, plus
 ``alignloop_model.json``, the manifest that says which recipe built it.
@@ -79,7 +80,8 @@ the template's token ids equal the concatenation the training loop builds by han
 class BootstrapConfig(ConfigBase):
     """Everything that determines the demo model; its hash names the build (``recipe_hash``).
 
-    The defaults build in about three minutes on 2 CPU cores.
+    How long the defaults take to build on 2 CPU cores: docs/benchmarks.md, "The demo base
+    model".
     """
 
     seed: int = field(

@@ -71,8 +71,9 @@ class PPOConfig(ConfigBase):
             "sorted by length and cut into micro-batches, so short rows are not padded to the "
             "longest; each micro-batch's loss is weighted by its share of the mini-batch's "
             "tokens (gradient accumulation). Rollouts are scored (no gradient) as they finish, "
-            "once twice this many are ready, up to mini_batch_size rows a pass. Default 16 "
-            "(the demo model on 2 CPU cores: 8 and 32 are both about 20% slower)."
+            "once twice this many are ready, up to mini_batch_size rows a pass. Default 16, "
+            "faster than 8 or 32 for the demo model on 2 CPU cores (measured: "
+            "docs/benchmarks.md, figures quoted in code)."
         },
     )
     ppo_epochs: int = field(

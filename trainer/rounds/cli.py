@@ -47,15 +47,17 @@ DEMO_PPO = {
     "lr_warmup_iterations": 0,
     "init_kl_coef": 0.1,
 }
-"""``--demo``: a round the 2M-parameter demo model finishes in a minute or two on one CPU
-core. The production defaults are InstructGPT's, far too slow to show a change in 8
-iterations of 64 prompts; at 3e-4 and 2 epochs the policy barely moved on a learned reward
-(KL 0.002, clip fraction 0.001). These rates move it by about 2 nats of KL in a round, well
-inside the gate (docs/benchmarks.md has the measurement)."""
+"""``--demo``: a round small enough for the 2M-parameter demo model on one CPU core
+(timed: docs/benchmarks.md, "A round idle and under load"). The production defaults are
+InstructGPT's, far too slow to show a change in 8 iterations of 64 prompts; at 3e-4 and 2
+epochs the policy barely moved on a learned reward. These rates move it clearly in a round,
+well inside the gate (measured: docs/benchmarks.md, "How far one PPO round moves the
+policy")."""
 DEMO_ROUND = {"iterations": 8, "prompt_pool": 500, "eval_prompts": 64}
 DEMO_TRIGGER = {"min_new_ratings": 150, "max_interval_s": 600.0}
 """The first round waits for 150 ratings: fewer leave a held-out set too small to show the
-reward model better than chance, and the failed reward round costs a minute or two."""
+reward model better than chance, and the failed reward round still costs its time
+(docs/benchmarks.md, "A round idle and under load")."""
 
 
 def _parser(prog: str, description: str, *, loop: bool) -> argparse.ArgumentParser:

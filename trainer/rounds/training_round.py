@@ -124,7 +124,8 @@ def run_round(
     """Run (or resume) one round; see the module docstring.
 
     ``sampler``: a vLLM sampler kept across rounds by ``alignloop train loop`` (the engine
-    takes ~25 s to start); None = start one for this round (and close it after).
+    is slow to start: docs/benchmarks.md, "Figures quoted in code"); None = start one for
+    this round (and close it after).
     """
     dist = dist or Dist.from_env()
     if not config.database_url or not config.state_dir or not config.base_model:
@@ -349,7 +350,7 @@ def make_sampler(config: RoundConfig, models: PolicyModels, sync_dir: Path) -> S
 
 def shared_sampler(config: RoundConfig, sync_dir: Path | None = None) -> VllmSampler:
     """A vLLM rollout engine on the base model; ``alignloop train loop`` keeps one for
-    every round (it takes ~25 s to start), syncing each round's actor into it."""
+    every round (it is slow to start), syncing each round's actor into it."""
     # Both paths are set: by run_round's check, or by the CLI from the settings.
     if sync_dir is None:
         assert config.state_dir is not None

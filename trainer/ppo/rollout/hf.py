@@ -20,7 +20,8 @@ def inverse_cdf_sample(logprobs: torch.Tensor, uniform: torch.Tensor) -> torch.T
     """One token per row of ``logprobs`` ``[B, V]``, given one uniform draw per row
     ``[B]`` in [0, 1): the first token whose cumulative probability passes
     ``uniform * total``. The same distribution as ``torch.multinomial``, which draws one
-    exponential per vocabulary entry (10 ms a step for 256 rows of 2,048 on a CPU core)."""
+    exponential per vocabulary entry, a cost at every step (measured: docs/benchmarks.md,
+    "Figures quoted in code")."""
     cdf = logprobs.exp().cumsum(-1)
     target = uniform.to(cdf.dtype).unsqueeze(-1) * cdf[:, -1:]
     picked = torch.searchsorted(cdf, target, right=True)[:, 0]
@@ -33,9 +34,9 @@ def inverse_cdf_sample(logprobs: torch.Tensor, uniform: torch.Tensor) -> torch.T
 class HFSampler(Sampler):
     """Sampling on the training model itself, with ``transformers``' KV cache (see module
     docstring): a short decode loop rather than ``generate``, because ``generate`` keeps
-    computing every row until the longest one ends (rollouts stop after 15 tokens on
-    average, the longest at 48) and samples by drawing one random number per vocabulary
-    entry. Here finished rows leave the batch, cache included."""
+    computing every row until the longest one ends (most rollouts stop far earlier than
+    the longest: docs/benchmarks.md, "Figures quoted in code") and samples by drawing one
+    random number per vocabulary entry. Here finished rows leave the batch, cache included."""
 
     def __init__(self, models: PolicyModels) -> None:
         self.models = models
