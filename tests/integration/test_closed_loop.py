@@ -130,7 +130,8 @@ def test_a_candidate_users_dislike_is_rolled_back_by_itself(
     assert rollback["actor"] == registry.CONTROLLER
     # Users liked it less when it went (its word salad is also slow: the latency guardrail
     # may fire before the interval closes, so the bound itself is not asserted here; the
-    # statistical rollback is tested in test_canary_controller and canary_sim).
+    # statistical rollback is tested in tests/integration/deploy/canary/test_controller.py
+    # and by tests.fixtures.canary_sim).
     assert rollback["statistics"]["estimate"] < 0, rollback
     assert _admin(stack, "/routing")["stable_version"] == stable_before
     served = summary["versions"]

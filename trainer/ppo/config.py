@@ -48,7 +48,8 @@ class PPOConfig(ConfigBase):
         default=1.0,
         metadata={
             "help": "Sampling temperature of rollouts; log-probs are computed at the same "
-            "temperature (ppo_math.logprobs_from_logits). Default 1.0 (InstructGPT C.4)."
+            "temperature (trainer.ppo.core.logprobs_from_logits). Default 1.0 (InstructGPT "
+            "C.4)."
         },
     )
     seed: int = field(
@@ -157,8 +158,8 @@ class PPOConfig(ConfigBase):
         default=0.1,
         metadata={
             "help": "Early stop: skip the rest of an iteration's epochs once the mean "
-            "approximate KL(pi_old || pi) (k3, ppo_math.policy_loss) of a mini-batch exceeds "
-            "this (the mechanism of Spinning Up PPO and CleanRL's target_kl). Default 0.1 "
+            "approximate KL(pi_old || pi) (k3, trainer.ppo.core.policy_loss) of a mini-batch "
+            "exceeds this (the mechanism of Spinning Up PPO and CleanRL's target_kl). Default 0.1 "
             "nats/token: a safety bound well above a healthy update's. 0 = off."
         },
     )
@@ -199,7 +200,7 @@ class PPOConfig(ConfigBase):
         default=True,
         metadata={
             "help": "Normalise sequence scores by the running mean and std of all scores seen "
-            "(ppo_math.normalize_and_clip_rewards). Default on (PPO-max: reward "
+            "(trainer.ppo.core.normalize_and_clip_rewards). Default on (PPO-max: reward "
             "scaling and normalisation)."
         },
     )

@@ -7,13 +7,15 @@
 2. **evaluate the rollout** (no gradient) - recomputes the actor's log-probs with the
    training model (never the sampler's: their mean absolute gap is logged), the frozen
    reference's log-probs (adapters disabled), the critic's values, and the reward: reward
-   model score plus rule terms, one number per response. This overlaps step 1: the
-   sampler streams finished responses, and each chunk of them (two micro-batches) is scored
-   while the engine (its own process, its own core) still generates the longer ones.
-   Every row's numbers are its own, whichever chunk it landed in;
-3. **reward shaping** - scores normalised by running statistics and clipped (PPO-max),
-   per-token KL penalty ``-beta * kl`` with the score added on the last token;
-4. **advantages** - GAE over response tokens, then whitened;
+   model score plus rule terms, one number per response. With vLLM this overlaps step 1:
+   the sampler streams finished responses, and once two micro-batches of them are ready
+   they are scored, up to a mini-batch a pass, while the engine (its own processes, on its
+   own cores) still generates the longer ones; the ``hf`` decode loop hands over the whole
+   batch at once. Every row's numbers are its own, whichever pass it landed in;
+3. **reward shaping** - scores normalised by running statistics (``normalize_reward``)
+   and clipped (PPO-max), per-token KL penalty ``-beta * kl`` with the score added on the
+   last token;
+4. **advantages** - GAE over response tokens, then whitened (``whiten_advantages``);
 5. **update** - ``ppo_epochs`` passes of shuffled mini-batches: clipped surrogate +
    ``vf_coef`` * clipped value loss - ``entropy_coef`` * entropy (+ PPO-ptx), global
    gradient-norm clip, AdamW step; the epoch loop stops early once the approximate KL to
@@ -62,7 +64,7 @@ class ScoredRollout:
     rollout_s: float
     """From the first request to the last response."""
     score_s: float
-    """Time spent scoring, most of it while the engine was still generating."""
+    """Time spent scoring (with vLLM, most of it while the engine was still generating)."""
 
 
 class TrainingDiverged(RuntimeError):
