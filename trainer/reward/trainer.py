@@ -176,6 +176,8 @@ class _Models:
             )
             self.base = model.peft_model
         model.max_length = config.max_length
+        # self.parent() returns the RewardModel base type; past the seq_cls branch above it
+        # is always a LoRA reward model, which has a peft_model.
         model.peft_model.set_adapter("reward")  # type: ignore[attr-defined]
         return model
 
@@ -227,7 +229,8 @@ def train_reward_model(
 
 def _run_reward_round(conn: psycopg.Connection, config: RewardConfig) -> RewardRoundResult:
     started = time.monotonic()
-    state_dir = Path(config.state_dir)  # type: ignore[arg-type]
+    assert config.state_dir is not None, "the CLI fills state_dir from the settings"
+    state_dir = Path(config.state_dir)
     run_dir = state_dir / RUN_DIR_NAME
     parent = registry.current_version(conn)
     warm = _can_warm_start(config, parent)
