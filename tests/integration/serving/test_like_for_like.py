@@ -34,8 +34,8 @@ QUESTION = [{"role": "user", "content": "What is the capital of Veltoria?"}]
 @pytest.fixture(scope="module")
 def replica(demo_model_dir, tmp_path_factory, broker):
     work = tmp_path_factory.mktemp("like-for-like")
-    # A small random adapter: it answers a little differently, about as long as the base
-    # (a candidate as fast as the stable would be under LoRA).
+    # A small random adapter: it answers a little differently (and, greedily, at greater
+    # length than the base; the latency test caps both arms at the same length).
     adapter = make_adapter(demo_model_dir, work / "v1", seed=1, scale=0.02)
     with routed_replicas(demo_model_dir, broker.bootstrap, work, n=1) as replicas:
         with replicas.db() as conn:
@@ -45,10 +45,12 @@ def replica(demo_model_dir, tmp_path_factory, broker):
         yield replicas
 
 
-def _chat(client: httpx.Client, url: str, user: str, model: str = "alignloop") -> dict:
+def _chat(
+    client: httpx.Client, url: str, user: str, model: str = "alignloop", max_tokens: int = 24
+) -> dict:
     r = client.post(
         f"{url}/v1/chat/completions",
-        json={"model": model, "messages": QUESTION, "max_tokens": 24, "temperature": 0,
+        json={"model": model, "messages": QUESTION, "max_tokens": max_tokens, "temperature": 0,
               "user": user},
     )  # fmt: skip
     assert r.status_code == 200, r.text
@@ -73,17 +75,24 @@ def test_the_stable_arm_runs_through_a_zero_adapter_and_answers_as_the_base(repl
 
 def test_the_latency_guardrail_sees_no_adapter_overhead(replica):
     """Concurrent routed traffic from many users; the guardrail reads the latencies the
-    interaction events carry (what the ingestor stores and the controller queries)."""
+    interaction events carry (what the ingestor stores and the controller queries).
+
+    Both arms answer the same number of tokens (the cap, below every greedy answer's
+    length): the adapter's own answers are longer than the base's, and a canary that
+    really answers at greater length is slower on purpose (the guardrail is meant to see
+    that). Here the question is only whether the LoRA path itself is charged."""
     url = replica.urls[0]
     users = [f"load-{i}" for i in range(120)]
     with httpx.Client(timeout=120) as client, concurrent.futures.ThreadPoolExecutor(8) as pool:
-        ids = {a["id"] for a in pool.map(lambda u: _chat(client, url, u), users * 2)}
+        answers = list(pool.map(lambda u: _chat(client, url, u, max_tokens=4), users * 2))
+    ids = {a["id"] for a in answers}
     events = [
         e
         for e in consume_events(replica.bootstrap, topics.INTERACTIONS, expected=10_000, timeout=20)
         if isinstance(e, InteractionLogged) and e.response_id in ids
     ]
     assert len({e.response_id for e in events}) == len(ids)
+    assert {e.completion_tokens for e in events} == {4}  # the same work on both arms
     per_token: dict[str, list[float]] = defaultdict(list)
     latency: dict[str, list[float]] = defaultdict(list)
     for e in events:
