@@ -23,6 +23,7 @@ dataclass; they are validated, serialised and fingerprinted with their parent.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import types
@@ -30,9 +31,16 @@ import typing
 from typing import Any, ClassVar
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    # Resolving a class's string annotations is the costly part: once per class, not once
+    # per field of every config built.
+    return typing.get_type_hints(cls)
+
+
 def field_type(cls: type, name: str) -> Any:
     """The annotation of ``cls.name``, resolved, with ``| None`` stripped."""
-    kind = typing.get_type_hints(cls)[name]
+    kind = _type_hints(cls)[name]
     if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
         args = [a for a in typing.get_args(kind) if a is not type(None)]
         kind = args[0] if len(args) == 1 else kind
