@@ -42,17 +42,41 @@ class Event(BaseModel):
         return self.model_dump_json().encode()
 
 
+class LoggedToolCall(BaseModel):
+    """A function call an assistant turn made (``arguments``: JSON text, as written)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    id: str
+    name: str
+    arguments: str
+
+
 class LoggedMessage(BaseModel):
+    """One turn of a conversation. Version 2 added tool turns: ``tool_calls`` on assistant
+    turns that called tools, ``tool_call_id`` on tool results."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
     role: Role
     content: str
+    tool_calls: list[LoggedToolCall] | None = None
+    tool_call_id: str | None = None
 
 
-def prompt_hash(messages: Sequence[LoggedMessage]) -> str:
-    """Identity of a prompt: sha256 of the canonical JSON of the conversation sent."""
-    canonical = json.dumps(
-        [[m.role, m.content] for m in messages], ensure_ascii=False, separators=(",", ":")
-    )
+def prompt_hash(messages: Sequence[LoggedMessage], prompt: str | None = None) -> str:
+    """Identity of a prompt: sha256 of the canonical JSON of the conversation sent (of the
+    raw ``prompt`` for a legacy completion). Plain turns hash as they did in version 1."""
+    if prompt is not None and not messages:
+        canonical = json.dumps(["prompt", prompt], ensure_ascii=False, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+    turns: list[list[Any]] = []
+    for m in messages:
+        turn: list[Any] = [m.role, m.content]
+        if m.tool_calls:
+            turn.append([[c.name, c.arguments] for c in m.tool_calls])
+        if m.tool_call_id is not None:
+            turn.append(m.tool_call_id)
+        turns.append(turn)
+    canonical = json.dumps(turns, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -62,6 +86,9 @@ class LoggedChoice(BaseModel):
     text: str
     finish_reason: FinishReason | None
     completion_tokens: int
+    tool_calls: list[LoggedToolCall] = Field(
+        default_factory=list, description="Version 2: the calls this answer made."
+    )
 
 
 class SamplingRecord(BaseModel):
@@ -72,12 +99,35 @@ class SamplingRecord(BaseModel):
     n: int
     seed: int | None = None
     stop: list[str] = Field(default_factory=list)
+    # Version 2: the other parameters a request set (absent: the engine's default).
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    min_tokens: int | None = None
+    logit_bias: dict[str, float] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = Field(None, description="How many top log-probs were asked for.")
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class InteractionLogged(Event):
-    """A chat completion was served (streamed or not)."""
+    """A chat completion (or a legacy text completion) was served, streamed or not.
 
+    Version 2 added ``endpoint`` and ``prompt`` (a legacy completion's raw prompt; its
+    ``messages`` are empty), tool turns and calls, and the other sampling parameters.
+    Consumers read both versions: every version-2 field has a version-1 default.
+    """
+
+    # Widened per event type: only this one has a version 2 (the others refuse it).
+    schema_version: Literal[1, 2] = 2  # type: ignore[assignment]
     event_type: Literal["interaction.logged"] = "interaction.logged"
+    endpoint: Literal["chat", "completions"] = "chat"
+    prompt: str | None = None
     response_id: str
     user: str | None
     policy_version: str

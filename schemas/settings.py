@@ -48,6 +48,18 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(
         128, description="Completion budget when a request names none (capped by context)."
     )
+    tool_call_parser: str = Field(
+        "hermes",
+        description="vLLM's tool-call parser for `tool_choice: auto`: how the model writes "
+        "a call (hermes: <tool_call>{json}</tool_call>, the demo model's and Qwen's format). "
+        "Forced calls (`required`, a named function) need no parser.",
+    )
+    json_compact: bool = Field(
+        True,
+        description="JSON answers (response_format, forced tool calls) are written without "
+        "whitespace between tokens: a small model allowed whitespace can spend its whole "
+        "budget on it. False: any whitespace JSON allows.",
+    )
     response_id_secret: SecretStr | None = Field(
         None,
         description="HMAC key that signs response ids, so any replica can tell a real id "
