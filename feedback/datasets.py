@@ -321,7 +321,9 @@ SELECT i.messages::text, c.text, a.ups, a.downs, i.prompt_hash, a.response_id, a
        i.policy_version
 FROM per_answer a
 JOIN interactions i ON i.response_id = a.response_id AND i.seq <= %(interactions)s
+    AND i.endpoint = 'chat' AND NOT i.tool_turns
 JOIN interaction_choices c ON c.response_id = a.response_id AND c.choice_index = a.choice_index
+    AND c.tool_calls IS NULL
 """
 )
 
@@ -331,7 +333,9 @@ _LABEL_REFS = (
 SELECT i.prompt_hash, a.response_id, a.choice_index, a.ups, a.downs, i.policy_version
 FROM per_answer a
 JOIN interactions i ON i.response_id = a.response_id AND i.seq <= %(interactions)s
+    AND i.endpoint = 'chat' AND NOT i.tool_turns
 JOIN interaction_choices c ON c.response_id = a.response_id AND c.choice_index = a.choice_index
+    AND c.tool_calls IS NULL
 """
 )
 
@@ -361,8 +365,10 @@ _RANKED = (
            AND bool_or(a.ups < a.downs) OVER (PARTITION BY i.prompt_hash) AS both_sides
     FROM per_answer a
     JOIN interactions i ON i.response_id = a.response_id AND i.seq <= %(interactions)s
+        AND i.endpoint = 'chat' AND NOT i.tool_turns
     JOIN interaction_choices c
       ON c.response_id = a.response_id AND c.choice_index = a.choice_index
+      AND c.tool_calls IS NULL
 )
 """
 )
@@ -422,12 +428,14 @@ SELECT p.messages, p.chosen, p.rejected, p.chosen_response_id, p.rejected_respon
 FROM preferences p
 LEFT JOIN interactions ci
        ON ci.response_id = p.chosen_response_id AND ci.seq <= %(interactions)s
+       AND ci.endpoint = 'chat' AND NOT ci.tool_turns
 LEFT JOIN interactions ri
        ON ri.response_id = p.rejected_response_id AND ri.seq <= %(interactions)s
+       AND ri.endpoint = 'chat' AND NOT ri.tool_turns
 LEFT JOIN interaction_choices cc
-       ON cc.response_id = ci.response_id AND cc.choice_index = 0
+       ON cc.response_id = ci.response_id AND cc.choice_index = 0 AND cc.tool_calls IS NULL
 LEFT JOIN interaction_choices rc
-       ON rc.response_id = ri.response_id AND rc.choice_index = 0
+       ON rc.response_id = ri.response_id AND rc.choice_index = 0 AND rc.tool_calls IS NULL
 WHERE p.seq <= %(preferences)s
 ORDER BY p.seq
 """
@@ -519,6 +527,8 @@ def explicit_pairs(conn: psycopg.Connection, watermark: Watermark) -> Iterator[P
         messages, chosen, rejected, chosen_id, rejected_id = row[:5]
         ref_messages, chosen_hash, rejected_hash, chosen_text, rejected_text = row[5:]
         if messages is not None and chosen is not None and rejected is not None:
+            if any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+                continue  # tool turns are not trained on (docs/training.md)
             yield PreferencePair(messages, chosen, rejected, "preference", None, None, None)
         elif chosen_text is not None and rejected_text is not None:
             if chosen_hash != rejected_hash:
@@ -684,7 +694,8 @@ def rollout_prompts(
         """
         SELECT latest.prompt_hash, i.messages FROM (
             SELECT prompt_hash, max(seq) AS seq
-            FROM interactions WHERE seq <= %(interactions)s
+            FROM interactions
+            WHERE seq <= %(interactions)s AND endpoint = 'chat' AND NOT tool_turns
             GROUP BY prompt_hash ORDER BY max(seq) DESC LIMIT %(window)s
         ) latest
         JOIN interactions i ON i.seq = latest.seq

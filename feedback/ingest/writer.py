@@ -59,7 +59,8 @@ CREATE TEMP TABLE IF NOT EXISTS stage_interactions (
     event_id uuid, response_id text, user_id text, policy_version text, model text,
     messages jsonb, prompt_text text, prompt_hash text, prompt_tokens int,
     completion_tokens int, latency_ms double precision, ttft_ms double precision,
-    stream boolean, sampling jsonb, choices jsonb, occurred_at timestamptz
+    stream boolean, sampling jsonb, choices jsonb, occurred_at timestamptz,
+    endpoint text, prompt text, tool_turns boolean
 ) ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS stage_feedback (
     event_id uuid, feedback_id uuid, response_id text, choice_index int, user_id text,
@@ -93,10 +94,10 @@ _INSERT_INTERACTIONS = """
 WITH ins AS (
     INSERT INTO interactions (response_id, event_id, user_id, policy_version, model, messages,
         prompt_text, prompt_hash, prompt_tokens, completion_tokens, latency_ms, ttft_ms,
-        stream, sampling, occurred_at)
+        stream, sampling, occurred_at, endpoint, prompt, tool_turns)
     SELECT DISTINCT ON (response_id) response_id, event_id, user_id, policy_version, model,
         messages, prompt_text, prompt_hash, prompt_tokens, completion_tokens, latency_ms,
-        ttft_ms, stream, sampling, occurred_at
+        ttft_ms, stream, sampling, occurred_at, endpoint, prompt, tool_turns
     FROM stage_interactions
     ORDER BY response_id, occurred_at, event_id
     ON CONFLICT DO NOTHING
@@ -109,9 +110,10 @@ FROM ins JOIN stage_interactions s USING (event_id)
 
 _INSERT_CHOICES = """
 INSERT INTO interaction_choices (response_id, choice_index, text, finish_reason,
-                                 completion_tokens)
+                                 completion_tokens, tool_calls)
 SELECT n.response_id, (c ->> 'index')::int, c ->> 'text', c ->> 'finish_reason',
-       (c ->> 'completion_tokens')::int
+       (c ->> 'completion_tokens')::int,
+       nullif(coalesce(c -> 'tool_calls', '[]'::jsonb), '[]'::jsonb)
 FROM new_interactions n
 JOIN stage_interactions s USING (event_id)
 CROSS JOIN LATERAL jsonb_array_elements(s.choices) AS c
@@ -202,7 +204,9 @@ class BatchResult:
     request_failures: int = 0
 
 
-def _prompt_text(messages: Sequence[LoggedMessage]) -> str:
+def _prompt_text(messages: Sequence[LoggedMessage], prompt: str | None = None) -> str:
+    if prompt is not None and not messages:
+        return prompt
     users = [m.content for m in messages if m.role == "user"]
     return users[-1] if users else (messages[-1].content if messages else "")
 
@@ -210,16 +214,19 @@ def _prompt_text(messages: Sequence[LoggedMessage]) -> str:
 def _messages_json(messages: Sequence[LoggedMessage] | None) -> str | None:
     if messages is None:
         return None
-    return json.dumps([m.model_dump(mode="json") for m in messages], ensure_ascii=False)
+    return json.dumps(
+        [m.model_dump(mode="json", exclude_none=True) for m in messages], ensure_ascii=False
+    )
 
 
 def _interaction_row(e: InteractionLogged) -> tuple[object, ...]:
     return (
         e.event_id, e.response_id, e.user, e.policy_version, e.model,
-        _messages_json(e.messages), _prompt_text(e.messages), prompt_hash(e.messages),
-        e.prompt_tokens, e.completion_tokens, e.latency_ms, e.ttft_ms, e.stream,
-        e.sampling.model_dump_json(),
+        _messages_json(e.messages), _prompt_text(e.messages, e.prompt),
+        prompt_hash(e.messages, e.prompt), e.prompt_tokens, e.completion_tokens,
+        e.latency_ms, e.ttft_ms, e.stream, e.sampling.model_dump_json(),
         json.dumps([c.model_dump(mode="json") for c in e.choices]), e.occurred_at,
+        e.endpoint, e.prompt, any(m.role == "tool" or m.tool_calls for m in e.messages),
     )  # fmt: skip
 
 
@@ -268,7 +275,8 @@ _STAGED = (
         "interactions", InteractionLogged, "stage_interactions",
         ("event_id", "response_id", "user_id", "policy_version", "model", "messages",
          "prompt_text", "prompt_hash", "prompt_tokens", "completion_tokens", "latency_ms",
-         "ttft_ms", "stream", "sampling", "choices", "occurred_at"),
+         "ttft_ms", "stream", "sampling", "choices", "occurred_at", "endpoint", "prompt",
+         "tool_turns"),
         _interaction_row, _INSERT_INTERACTIONS, (_INSERT_CHOICES,),
     ),
     _Staged(

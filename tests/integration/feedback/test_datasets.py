@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from collections import Counter
@@ -15,7 +16,7 @@ import pytest
 from feedback import datasets
 from feedback.cli import export_main
 from feedback.ingest.writer import store_events
-from schemas.events import LoggedMessage, PreferenceSubmitted
+from schemas.events import LoggedMessage, LoggedToolCall, PreferenceSubmitted, parse_event
 from tests.fixtures.postgres import make_feedback, make_interaction
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
@@ -286,3 +287,92 @@ def test_one_pass_gives_the_same_labels_and_pairs_as_the_separate_streams(
     assert sorted(x for x in both if isinstance(x, datasets.LabelRef)) == sorted(labels)
     assert [x for x in both if isinstance(x, datasets.PairRef)] == pairs
     assert len(labels) == len(popular) and len(pairs) == 7 + 7 + 2
+
+
+def test_tool_calls_and_legacy_completions_are_stored_but_not_trained_on(
+    conn: psycopg.Connection,
+) -> None:
+    """Version-2 interactions: a tool-calling answer, a conversation with tool turns and a
+    legacy completion are stored with their calls and endpoint, rated like any answer, and
+    left out of every training dataset; a plain chat answer beside them is kept."""
+    call = LoggedToolCall(id="call_1", name="get_weather", arguments='{"city": "Oslo"}')
+    plain = make_interaction(prompt="W", answers=("plain", "other"))
+    calling = make_interaction(prompt="W", answers=("", "text"))
+    calling = calling.model_copy(
+        update={
+            "choices": [
+                calling.choices[0].model_copy(update={"tool_calls": [call]}),
+                calling.choices[1],
+            ]
+        }
+    )
+    turns = make_interaction(prompt="W", answers=("after the tool",)).model_copy(
+        update={
+            "messages": [
+                LoggedMessage(role="user", content="W"),
+                LoggedMessage(role="assistant", content="", tool_calls=[call]),
+                LoggedMessage(role="tool", content="4 C", tool_call_id="call_1"),
+            ]
+        }
+    )
+    legacy = make_interaction(answers=("raw",)).model_copy(
+        update={"endpoint": "completions", "prompt": "The capital of", "messages": []}
+    )
+    interactions = [plain, calling, turns, legacy]
+    events: list[Any] = list(interactions)
+    for e in interactions:
+        for i in range(len(e.choices)):
+            up = (e is plain and i == 0) or (e is calling and i == 0) or e is turns or e is legacy
+            events.append(make_feedback(e.response_id, "up" if up else "down", choice_index=i))
+    store_events(conn, events)
+
+    stored = {
+        (rid, idx): rest
+        for rid, idx, *rest in conn.execute(
+            "SELECT response_id, c.choice_index, i.endpoint, i.prompt, i.prompt_text, "
+            "i.tool_turns, c.tool_calls "
+            "FROM interactions i JOIN interaction_choices c USING (response_id) "
+            "WHERE response_id = ANY(%s)",
+            [[calling.response_id, turns.response_id, legacy.response_id]],
+        )
+    }
+    assert stored == {
+        (calling.response_id, 0): ["chat", None, "W", False, [call.model_dump()]],
+        (calling.response_id, 1): ["chat", None, "W", False, None],
+        (turns.response_id, 0): ["chat", None, "W", True, None],
+        (legacy.response_id, 0): ["completions", "The capital of", "The capital of", False, None],
+    }
+    with datasets.snapshot(conn) as wm:
+        labels = {(p.answer, p.label) for p in datasets.pointwise_labels(conn, wm)}
+        pairs = {(p.chosen, p.rejected) for p in datasets.preference_pairs(conn, wm)}
+        prompts = [p.messages for p in datasets.rollout_prompts(conn, wm, 10)]
+    assert labels == {("plain", "up"), ("other", "down"), ("text", "down")}
+    assert pairs == {("plain", "other"), ("plain", "text")}
+    assert prompts == [[{"role": "user", "content": "W"}]]
+
+
+def test_a_version_1_interaction_event_is_still_ingested(conn: psycopg.Connection) -> None:
+    """An event as serving wrote it before version 2 (no endpoint, no tool fields)."""
+    raw = {
+        "event_id": str(uuid.uuid4()), "schema_version": 1, "occurred_at": T0.isoformat(),
+        "producer": "serving@old", "event_type": "interaction.logged",
+        "response_id": "chatcmpl-v1", "user": "u1", "policy_version": "base",
+        "model": "alignloop", "messages": [{"role": "user", "content": "hello?"}],
+        "choices": [{"index": 0, "text": "hi!", "finish_reason": "stop", "completion_tokens": 2}],
+        "prompt_tokens": 3, "completion_tokens": 2, "latency_ms": 1.0, "ttft_ms": None,
+        "stream": False,
+        "sampling": {"temperature": 1.0, "top_p": 1.0, "max_tokens": 16, "n": 1, "seed": None,
+                     "stop": []},
+    }  # fmt: skip
+    event = parse_event(json.dumps(raw))
+    assert event.schema_version == 1
+    store_events(conn, [event])
+    row = conn.execute(
+        "SELECT endpoint, tool_turns, messages, prompt_hash FROM interactions "
+        "WHERE response_id = 'chatcmpl-v1'"
+    ).fetchone()
+    assert row[:3] == ("chat", False, [{"role": "user", "content": "hello?"}])
+    # The prompt's identity is what version 1 computed: answers before and after the
+    # upgrade still group under one prompt.
+    legacy_hash = hashlib.sha256(b'[["user","hello?"]]').hexdigest()
+    assert row[3] == legacy_hash
