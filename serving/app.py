@@ -16,24 +16,31 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from schemas.chat import ChatCompletionRequest, ModelCard, ModelList
+from schemas.chat import ChatCompletionRequest, ModelList
+from schemas.completions import CompletionRequest
 from schemas.settings import Settings
-from serving import metrics
+from serving import metrics, tools
 from serving.chat import ChatService
+from serving.completions import CompletionService
 from serving.engine import Engine
 from serving.errors import install_error_handlers, parse_body, read_json
 from serving.feedback_routes import FeedbackEndpoints
+from serving.generation import Generation, Prepared
 from serving.policies import PolicyRouter
 from serving.publisher import EventPublisher
 from serving.response_ids import ResponseIdSigner, load_or_create_secret
 from serving.routing import RoutingWatcher
+
+if TYPE_CHECKING:
+    from vllm import RequestOutput
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +111,10 @@ def create_app(settings: Settings, model_dir: Path, publisher: EventPublisher) -
     if settings.database_url:
         watcher = RoutingWatcher(settings.database_url, router.apply, settings.routing_refresh_s)
     signer = ResponseIdSigner(_response_id_secret(settings))
-    chat = ChatService(settings, engine, router, signer, publisher)
+    tools.parser_class(settings.tool_call_parser)  # a misspelt parser fails at start
+    generation = Generation(settings, engine, router, signer, publisher)
+    chat = ChatService(generation)
+    completions = CompletionService(generation)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -136,7 +146,7 @@ def create_app(settings: Settings, model_dir: Path, publisher: EventPublisher) -
     app.add_middleware(FeedbackEndpoints, settings=settings, signer=signer, publisher=publisher)
     app.state.chat = chat
     install_error_handlers(app)
-    _add_routes(app, settings, chat, router, publisher, model_dir)
+    _add_routes(app, settings, chat, completions, router, publisher, model_dir)
     return app
 
 
@@ -147,10 +157,54 @@ def _response_id_secret(settings: Settings) -> bytes:
     return load_or_create_secret(settings.state_dir / "secrets" / "response_id.key")
 
 
+def _who(request: Request, user: str | None) -> tuple[str | None, str]:
+    """What the event records as the user, and what sticky routing hashes."""
+    user = user or request.headers.get(USER_HEADER)
+    return user, user or routing_key(request)
+
+
+class _Prepared(Protocol):
+    base: Prepared
+
+
+ReqT = TypeVar("ReqT", ChatCompletionRequest, CompletionRequest, contravariant=True)
+PrepT = TypeVar("PrepT", bound=_Prepared)
+
+
+class _Service(Protocol[ReqT, PrepT]):
+    """What `ChatService` and `CompletionService` both do, step by step."""
+
+    async def prepare(self, req: ReqT, user: str | None, user_key: str) -> PrepT: ...
+    async def open(self, p: PrepT) -> tuple[RequestOutput | None, AsyncIterator[RequestOutput]]: ...
+    def stream(
+        self, p: PrepT, first: RequestOutput | None, rest: AsyncIterator[RequestOutput]
+    ) -> AsyncIterator[str]: ...
+    async def complete(
+        self, p: PrepT, first: RequestOutput | None, rest: AsyncIterator[RequestOutput]
+    ) -> BaseModel: ...
+
+
+async def _answer(service: _Service[ReqT, PrepT], req: ReqT, request: Request) -> Response:
+    """Prepare (4xx), start the engine (a refusal is still a 400), then answer whole
+    or stream; the policy version goes out as a header either way."""
+    prepared = await service.prepare(req, *_who(request, req.user))
+    headers = {POLICY_HEADER: prepared.base.policy.version}
+    first, rest = await service.open(prepared)
+    if req.stream:
+        return StreamingResponse(
+            service.stream(prepared, first, rest),
+            media_type="text/event-stream",
+            headers={**headers, "Cache-Control": "no-cache"},
+        )
+    whole = await service.complete(prepared, first, rest)
+    return JSONResponse(whole.model_dump(), headers=headers)
+
+
 def _add_routes(
     app: FastAPI,
     settings: Settings,
     chat: ChatService,
+    completions: CompletionService,
     router: PolicyRouter,
     publisher: EventPublisher,
     model_dir: Path,
@@ -160,29 +214,18 @@ def _add_routes(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        req = parse_body(
-            ChatCompletionRequest, await read_json(request, settings.max_request_bytes)
-        )
-        user = req.user or request.headers.get(USER_HEADER)
-        prepared = await chat.prepare(req, user, user or routing_key(request))
-        headers = {POLICY_HEADER: prepared.policy.version}
-        if req.stream:
-            return StreamingResponse(
-                chat.stream(prepared),
-                media_type="text/event-stream",
-                headers={**headers, "Cache-Control": "no-cache"},
-            )
-        completion = await chat.complete(prepared)
-        return JSONResponse(completion.model_dump(), headers=headers)
+        body = await read_json(request, settings.max_request_bytes)
+        return await _answer(chat, parse_body(ChatCompletionRequest, body, "chat"), request)
+
+    @app.post("/v1/completions")
+    async def text_completions(request: Request) -> Response:
+        body = await read_json(request, settings.max_request_bytes)
+        req = parse_body(CompletionRequest, body, "completions")
+        return await _answer(completions, req, request)
 
     @app.get("/v1/models")
     async def models() -> ModelList:
-        return ModelList(
-            data=[
-                ModelCard(id=name, created=started_at, max_model_len=settings.max_model_len)
-                for name in router.model_names()
-            ]
-        )
+        return ModelList(data=router.model_cards(started_at, settings.max_model_len))
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:

@@ -1,12 +1,14 @@
 """Chat completions: validate against the model's limits, generate, answer, log.
 
 The flow of one request, in order:
-1. `prepare` — route to a policy version, render the chat template, check the prompt
-   and the completion budget against the context window, build sampling parameters;
-   every problem is a 4xx `APIError` before the engine sees anything.
-2. `complete` (whole answer) or `stream` (server-sent events) — run the engine.
-3. `_log` — one `InteractionLogged` event per request, handed to the publisher, which
-   never blocks (it spools to disk while Kafka is away).
+1. `ChatService.prepare` — route to a policy version, plan tool use (`serving.tools`),
+   render the chat template, check the prompt and the completion budget against the
+   context window, build the engine's sampling parameters (structured outputs for
+   ``response_format`` and forced tool calls); every problem is a 4xx before the engine
+   sees anything.
+2. `ChatService.open` — the engine starts; a request it refuses is still a 400 here.
+3. `ChatService.complete` (whole answer) or `ChatService.stream` (server-sent events).
+4. `Generation.finish` — metrics and one `InteractionLogged` event per request.
 """
 
 from __future__ import annotations
@@ -15,240 +17,209 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from schemas import topics
 from schemas.chat import (
     AssistantMessage,
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatMessage,
     Choice,
+    ChoiceLogprobs,
     ChunkChoice,
     Delta,
+    DeltaFunctionCall,
+    DeltaToolCall,
     FinishReason,
+    NamedToolChoice,
     Usage,
 )
-from schemas.events import (
-    InteractionLogged,
-    LoggedChoice,
-    LoggedMessage,
-    RequestFailed,
-    SamplingRecord,
-)
-from schemas.settings import Settings
-from serving import metrics
-from serving.engine import Engine
+from schemas.events import LoggedMessage, LoggedToolCall
+from serving import metrics, tools
 from serving.errors import APIError
-from serving.policies import PolicyRouter, PolicyTarget, PolicyUnavailable, UnknownModel
-from serving.publisher import PRODUCER, EventPublisher
-from serving.response_ids import ResponseIdSigner
+from serving.generation import (
+    ChoiceState,
+    Generation,
+    Prepared,
+    chain,
+    sampling_record,
+    usage_of,
+)
+from serving.logprobs import chat_logprobs
+from serving.sampling import check_logit_bias, sampling_params
 
 if TYPE_CHECKING:
-    from vllm import RequestOutput, SamplingParams
+    from vllm import RequestOutput
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class Prepared:
-    """A validated request, ready for the engine."""
-
+class ChatPrepared:
+    base: Prepared
     request: ChatCompletionRequest
-    response_id: str
-    created: int
-    policy: PolicyTarget
-    prompt_ids: list[int]
-    sampling: SamplingRecord
-    user: str | None
-    started: float = field(default_factory=time.perf_counter)
-
-
-@dataclass
-class _ChoiceState:
-    text: list[str] = field(default_factory=list)
-    tokens: int = 0
-    finish_reason: FinishReason | None = None
-
-
-def _finish_reason(vllm_reason: str | None) -> FinishReason | None:
-    """vLLM's finish reason as the API reports it: stop or length; anything else is None."""
-    if vllm_reason == "stop":
-        return "stop"
-    if vllm_reason == "length":
-        return "length"
-    return None
+    tools: tools.ToolPlan
+    top_logprobs: int | None  # None: no logprobs asked
 
 
 class ChatService:
-    def __init__(
-        self,
-        settings: Settings,
-        engine: Engine,
-        router: PolicyRouter,
-        signer: ResponseIdSigner,
-        publisher: EventPublisher,
-    ) -> None:
-        self.settings = settings
-        self.engine = engine
-        self.router = router
-        self.signer = signer
-        self.publisher = publisher
+    def __init__(self, generation: Generation) -> None:
+        self.gen = generation
+        self.engine = generation.engine
+        self.settings = generation.settings
 
     # -- 1. validate ---------------------------------------------------------------------
     async def prepare(
         self, req: ChatCompletionRequest, user: str | None, user_key: str
-    ) -> Prepared:
+    ) -> ChatPrepared:
         """``user`` is what the event records; ``user_key`` is what routing hashes (the
         user, else a user header, API key or client address)."""
-        s = self.settings
-        if req.n > s.max_n:
-            raise APIError(
-                400,
-                f"n must be between 1 and {s.max_n}; got {req.n}.",
-                param="n",
-                code="invalid_value",
-            )
-        policy = await self._resolve(req.model, user_key)
-        prompt_ids = self.engine.prompt_token_ids(req.messages)
+        g = self.gen
+        g.check_n(req.n)
+        policy = await g.route(req.model, user_key)
+        plan = tools.plan(req)
+        try:
+            prompt_ids = self.engine.prompt_token_ids(req.messages, plan.render_tools())
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages", code="invalid_value") from None
         asked = req.requested_max_tokens()
-        room = self._room(len(prompt_ids), asked, bool(req.max_completion_tokens))
-        sampling = SamplingRecord(
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            max_tokens=asked if asked is not None else min(s.default_max_tokens, room),
-            n=req.n,
-            seed=req.seed,
-            stop=req.stop_list(),
+        param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+        room = g.room(len(prompt_ids), asked, param, "messages")
+        max_tokens = asked if asked is not None else min(self.settings.default_max_tokens, room)
+        check_logit_bias(req, self.engine.vocab_size)
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        params = sampling_params(
+            req,
+            max_tokens=max_tokens,
+            stream=req.stream,
+            logprobs=top,
+            structured=_structured(req, plan),
+            # Tool-call markers may be special tokens; the parser must see them.
+            skip_special_tokens=False if plan.mode == "auto" else None,
         )
-        return Prepared(
+        record = sampling_record(
+            req,
+            max_tokens,
+            logprobs=top,
+            response_format=(
+                req.response_format.model_dump(by_alias=True) if req.response_format else None
+            ),
+            tools=plan.tools or None,
+            tool_choice=_choice_record(req),
+            parallel_tool_calls=req.parallel_tool_calls if req.tools else None,
+        )
+        response_id, created = g.new_id()
+        base = Prepared(
+            endpoint="chat",
             request=req,
-            response_id=self.signer.new_id(),
-            created=int(time.time()),
+            response_id=response_id,
+            created=created,
             policy=policy,
             prompt_ids=prompt_ids,
-            sampling=sampling,
+            params=params,
+            record=record,
             user=user,
+            messages=[_logged(m) for m in req.messages],
         )
+        return ChatPrepared(base, req, plan, top)
 
-    async def _resolve(self, model: str, user_key: str) -> PolicyTarget:
-        """The policy serving ``user_key`` under ``model``, or the 404/503 that says why not."""
-        try:
-            return await self.router.resolve(model, user_key)
-        except UnknownModel:
-            raise APIError(
-                404,
-                f"The model '{model}' does not exist. Available: "
-                f"{', '.join(self.router.model_names())}.",
-                param="model",
-                code="model_not_found",
-            ) from None
-        except PolicyUnavailable as e:
-            raise APIError(
-                503,
-                f"{e}. Try again later, or use model '{self.settings.served_model_name}'.",
-                type="server_error",
-                param="model",
-                code="policy_unavailable",
-            ) from None
-
-    def _room(self, n_prompt: int, asked: int | None, completion_param: bool) -> int:
-        """Tokens left for the answer, or the 400 when the prompt (and the asked maximum)
-        do not fit the context window."""
-        limit = self.engine.max_model_len
-        if n_prompt >= limit:
-            raise APIError(
-                400,
-                f"This model's maximum context length is {limit} tokens, but the "
-                f"messages use {n_prompt} tokens. Shorten the messages.",
-                param="messages",
-                code="context_length_exceeded",
-            )
-        room = limit - n_prompt
-        if asked is not None and asked > room:
-            param = "max_completion_tokens" if completion_param else "max_tokens"
-            raise APIError(
-                400,
-                f"This model's maximum context length is {limit} tokens. However, you "
-                f"requested {n_prompt + asked} tokens ({n_prompt} in the "
-                f"messages, {asked} in the completion). Reduce the length of the messages "
-                f"or the completion.",
-                param=param,
-                code="context_length_exceeded",
-            )
-        return room
-
-    def _sampling_params(self, p: Prepared, stream: bool) -> SamplingParams:
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
-
-        r = p.sampling
-        return SamplingParams(
-            n=r.n,
-            temperature=r.temperature,
-            top_p=r.top_p,
-            max_tokens=r.max_tokens,
-            seed=r.seed,
-            stop=r.stop or None,
-            output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
-        )
-
-    # -- 2a. whole answer ----------------------------------------------------------------
-    async def complete(self, p: Prepared) -> ChatCompletion:
-        version = p.policy.version
+    # -- 2. start ------------------------------------------------------------------------
+    async def open(
+        self, p: ChatPrepared
+    ) -> tuple[RequestOutput | None, AsyncIterator[RequestOutput]]:
+        """Start the engine (a refusal is a 400 here); counts the request in flight until
+        `complete` or `stream` ends it."""
         metrics.IN_FLIGHT.inc()
         try:
-            final = None
-            async for out in self.engine.generate(
-                p.prompt_ids,
-                self._sampling_params(p, stream=False),
-                p.response_id,
-                p.policy.adapter,
-            ):
-                final = out
-        except Exception as exc:
-            self._report_failure(p, exc)
+            return await self.gen.start(p.base)
+        except BaseException:
+            metrics.IN_FLIGHT.dec()
             raise
+
+    # -- 3a. whole answer ----------------------------------------------------------------
+    async def complete(
+        self,
+        p: ChatPrepared,
+        first: RequestOutput | None,
+        rest: AsyncIterator[RequestOutput],
+    ) -> ChatCompletion:
+        states: dict[int, ChoiceState] = {}
+        try:
+            final = first
+            try:
+                async for out in rest:
+                    final = out
+            except Exception as exc:
+                self.gen.report_failure(p.base, exc)
+                raise
         finally:
             metrics.IN_FLIGHT.dec()
-        assert final is not None
-        latency = time.perf_counter() - p.started
-        states = {
-            o.index: _ChoiceState([o.text], len(o.token_ids), _finish_reason(o.finish_reason))
-            for o in final.outputs
-        }
-        usage = self._usage(p, states)
+        for o in final.outputs if final is not None else ():
+            states.setdefault(o.index, ChoiceState()).take(o)
+        choices = [self._choice(p, i, st) for i, st in sorted(states.items())]
         # Without streaming the first token is not observable apart from the last.
-        self._observe(p, latency, ttft=None, usage=usage, stream=False)
-        self._log(p, states, latency, ttft=None, stream=False)
+        usage = self.gen.finish(p.base, states, ttft=None, stream=False)
         return ChatCompletion(
-            id=p.response_id,
-            created=p.created,
+            id=p.base.response_id,
+            created=p.base.created,
             model=p.request.model,
-            choices=[
-                Choice(
-                    index=i,
-                    message=AssistantMessage(content="".join(st.text)),
-                    finish_reason=st.finish_reason,
-                )
-                for i, st in sorted(states.items())
-            ],
+            choices=choices,
             usage=usage,
-            policy_version=version,
+            policy_version=p.base.policy.version,
         )
 
-    # -- 2b. server-sent events ----------------------------------------------------------
-    async def stream(self, p: Prepared) -> AsyncIterator[str]:
+    def _choice(self, p: ChatPrepared, index: int, st: ChoiceState) -> Choice:
+        text = st.full_text()
+        content: str | None = text
+        calls = None
+        reason = st.finish_reason
+        if p.tools.mode != "none":
+            parsed = tools.parse(p.tools, text, self.settings.tool_call_parser, self._tok)
+            if parsed.tool_calls:
+                content, calls = parsed.content, parsed.tool_calls
+                st.tool_calls = [_logged_call(c) for c in calls]
+                reason = _tool_finish(p.tools, reason)
+        return Choice(
+            index=index,
+            message=AssistantMessage(content=content, tool_calls=calls),
+            finish_reason=reason,
+            logprobs=self._logprobs(p, st.token_ids, st.logprobs),
+        )
+
+    @property
+    def _tok(self) -> Any:
+        return self.engine.tokenizer
+
+    def _logprobs(
+        self, p: ChatPrepared, ids: list[int], positions: list[Any]
+    ) -> ChoiceLogprobs | None:
+        if p.top_logprobs is None:
+            return None
+        return ChoiceLogprobs(content=chat_logprobs(ids, positions, p.top_logprobs))
+
+    # -- 3b. server-sent events ----------------------------------------------------------
+    # Long: the whole streaming state machine (deltas, holds, tool calls, usage, the
+    # engine fault reported in-band, the log line whatever happens) reads best in one piece.
+    async def stream(
+        self,
+        p: ChatPrepared,
+        first: RequestOutput | None,
+        rest: AsyncIterator[RequestOutput],
+    ) -> AsyncIterator[str]:
         req = p.request
-        states = {i: _ChoiceState() for i in range(req.n)}
+        states = {i: ChoiceState() for i in range(req.n)}
+        marker = (
+            tools.start_marker(self.settings.tool_call_parser) if p.tools.mode == "auto" else None
+        )
+        holds = {i: tools.StreamHold(p.tools, marker) for i in range(req.n)}
         ttft: float | None = None
         finished = False
 
         def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
             return _sse_chunk(p, choices, usage)
 
-        metrics.IN_FLIGHT.inc()
         try:
             yield chunk(
                 [
@@ -256,104 +227,124 @@ class ChatService:
                     for i in range(req.n)
                 ]
             )
-            async for out in self.engine.generate(
-                p.prompt_ids,
-                self._sampling_params(p, stream=True),
-                p.response_id,
-                p.policy.adapter,
-            ):
+            async for out in chain(first, rest):
                 if ttft is None and any(o.token_ids for o in out.outputs):
-                    ttft = time.perf_counter() - p.started
-                pieces = _deltas(out, states)
-                if pieces:
-                    yield chunk(pieces)
+                    ttft = time.perf_counter() - p.base.started
+                pieces = [self._delta(p, o, states[o.index], holds[o.index]) for o in out.outputs]
+                kept = [c for c in pieces if c is not None]
+                if kept:
+                    usage = usage_of(p.base, states) if req.continuous_usage() else None
+                    yield chunk(kept, usage)
             finished = True
-            usage = self._usage(p, states)
-            if req.stream_options and req.stream_options.include_usage:
-                yield chunk([], usage)
+            if req.include_usage():
+                yield chunk([], usage_of(p.base, states))
             yield "data: [DONE]\n\n"
         except Exception as exc:
             # Headers (200) are already sent: report in-band, as OpenAI's server does.
-            log.exception("stream %s failed", p.response_id)
-            self._report_failure(p, exc)
+            log.exception("stream %s failed", p.base.response_id)
+            self.gen.report_failure(p.base, exc)
             yield sse_error("The engine failed while generating this response.")
             yield "data: [DONE]\n\n"
         finally:
             metrics.IN_FLIGHT.dec()
-            latency = time.perf_counter() - p.started
-            usage = self._usage(p, states)
-            self._observe(p, latency, ttft, usage, stream=True)
             if not finished:
-                log.info("stream %s ended early (client went away)", p.response_id)
-            self._log(p, states, latency, ttft, stream=True)
+                log.info("stream %s ended early (client went away)", p.base.response_id)
+            self.gen.finish(p.base, states, ttft, stream=True)
 
-    # -- 3. measure and log --------------------------------------------------------------
-    def _report_failure(self, p: Prepared, exc: BaseException) -> None:
-        """A server-side failure, counted against the version (the canary guardrail)."""
-        event = RequestFailed(
-            producer=PRODUCER,
-            version=p.policy.version,
-            status=500,
-            error=f"{type(exc).__name__}: {exc}"[:1000],
+    def _delta(
+        self, p: ChatPrepared, o: Any, st: ChoiceState, hold: tools.StreamHold
+    ) -> ChunkChoice | None:
+        """One choice's part of an engine output as a chunk choice (None: nothing to send)."""
+        new_ids, new_positions = list(o.token_ids), list(o.logprobs or [])
+        st.take(o)
+        if p.tools.mode == "none":
+            content = o.text or None
+        else:
+            content = hold.sendable(st.full_text()) or None
+        calls = None
+        reason = st.finish_reason if o.finish_reason is not None else None
+        if reason is not None and p.tools.mode != "none":
+            text = st.full_text()
+            parsed = tools.parse(p.tools, text, self.settings.tool_call_parser, self._tok)
+            if parsed.tool_calls:
+                st.tool_calls = [_logged_call(c) for c in parsed.tool_calls]
+                calls = [
+                    DeltaToolCall(
+                        index=k,
+                        id=c.id,
+                        type="function",
+                        function=DeltaFunctionCall(
+                            name=c.function.name, arguments=c.function.arguments
+                        ),
+                    )
+                    for k, c in enumerate(parsed.tool_calls)
+                ]
+                reason = _tool_finish(p.tools, reason)
+            else:  # no call after all: what was held back is content
+                content = (content or "") + text[hold.sent :] or None
+                hold.sent = len(text)
+        logprobs = None
+        if p.top_logprobs is not None and new_ids:
+            logprobs = ChoiceLogprobs(content=chat_logprobs(new_ids, new_positions, p.top_logprobs))
+        if content is None and calls is None and reason is None and logprobs is None:
+            return None
+        return ChunkChoice(
+            index=o.index,
+            delta=Delta(content=content, tool_calls=calls),
+            finish_reason=reason,
+            logprobs=logprobs,
         )
-        try:
-            self.publisher.publish(topics.POLICY, event)
-        except Exception:
-            log.exception("could not report the failure of %s", p.response_id)
 
-    def _usage(self, p: Prepared, states: dict[int, _ChoiceState]) -> Usage:
-        completion = sum(st.tokens for st in states.values())
-        return Usage(
-            prompt_tokens=len(p.prompt_ids),
-            completion_tokens=completion,
-            total_tokens=len(p.prompt_ids) + completion,
-        )
 
-    def _observe(
-        self, p: Prepared, latency: float, ttft: float | None, usage: Usage, stream: bool
-    ) -> None:
-        v, s = p.policy.version, str(stream).lower()
-        metrics.LATENCY.labels(v, s).observe(latency)
-        if ttft is not None:
-            metrics.TTFT.labels(v, s).observe(ttft)
-        metrics.COMPLETION_TOKENS.labels(v).inc(usage.completion_tokens)
-        metrics.PROMPT_TOKENS.labels(v).inc(usage.prompt_tokens)
+def _structured(req: ChatCompletionRequest, plan: tools.ToolPlan) -> dict[str, Any] | None:
+    """The structured-outputs constraint of the answer, if any (one at most: the request
+    model refuses ``response_format`` beside tools). Whether JSON may hold whitespace
+    is the engine's setting (`Settings.json_compact`)."""
+    forced = plan.constrained_json()
+    if forced is not None:
+        return {"json": forced}
+    fmt = req.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return {"json_object": True}
+    return {"json": fmt.json_schema.schema_}
 
-    def _log(
-        self,
-        p: Prepared,
-        states: dict[int, _ChoiceState],
-        latency: float,
-        ttft: float | None,
-        stream: bool,
-    ) -> None:
-        event = InteractionLogged(
-            producer=PRODUCER,
-            response_id=p.response_id,
-            user=p.user,
-            policy_version=p.policy.version,
-            model=p.request.model,
-            messages=[LoggedMessage(role=m.role, content=m.text()) for m in p.request.messages],
-            choices=[
-                LoggedChoice(
-                    index=i,
-                    text="".join(st.text),
-                    finish_reason=st.finish_reason,
-                    completion_tokens=st.tokens,
-                )
-                for i, st in sorted(states.items())
-            ],
-            prompt_tokens=len(p.prompt_ids),
-            completion_tokens=sum(st.tokens for st in states.values()),
-            latency_ms=latency * 1000.0,
-            ttft_ms=None if ttft is None else ttft * 1000.0,
-            stream=stream,
-            sampling=p.sampling,
-        )
-        try:
-            self.publisher.publish(topics.INTERACTIONS, event)
-        except Exception:  # the answer matters more than its log line; the publisher counts drops
-            log.exception("could not hand interaction %s to the publisher", p.response_id)
+
+def _tool_finish(plan: tools.ToolPlan, reason: FinishReason | None) -> FinishReason | None:
+    """OpenAI's finish reason for an answer that called tools: ``tool_calls``, except
+    ``stop`` for a named function, and ``length`` stays ``length``."""
+    if reason == "length":
+        return reason
+    return "stop" if plan.mode == "named" else "tool_calls"
+
+
+def _choice_record(req: ChatCompletionRequest) -> str | dict[str, Any] | None:
+    if req.tool_choice is None:
+        return None
+    if isinstance(req.tool_choice, NamedToolChoice):
+        return req.tool_choice.model_dump()
+    return req.tool_choice
+
+
+def _logged(m: ChatMessage) -> LoggedMessage:
+    return LoggedMessage(
+        role=m.role,
+        content=m.text(),
+        tool_calls=(
+            [
+                LoggedToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments)
+                for c in m.tool_calls
+            ]
+            if m.tool_calls
+            else None
+        ),
+        tool_call_id=m.tool_call_id,
+    )
+
+
+def _logged_call(c: Any) -> LoggedToolCall:
+    return LoggedToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments)
 
 
 def sse_error(message: str) -> str:
@@ -361,34 +352,14 @@ def sse_error(message: str) -> str:
     return f"data: {json.dumps(body)}\n\n"
 
 
-def _sse_chunk(p: Prepared, choices: list[ChunkChoice], usage: Usage | None = None) -> str:
+def _sse_chunk(p: ChatPrepared, choices: list[ChunkChoice], usage: Usage | None = None) -> str:
     """One ``chat.completion.chunk`` server-sent event."""
     body = ChatCompletionChunk(
-        id=p.response_id,
-        created=p.created,
+        id=p.base.response_id,
+        created=p.base.created,
         model=p.request.model,
         choices=choices,
         usage=usage,
-        policy_version=p.policy.version,
+        policy_version=p.base.policy.version,
     )
-    return f"data: {body.model_dump_json()}\n\n"
-
-
-def _deltas(out: RequestOutput, states: dict[int, _ChoiceState]) -> list[ChunkChoice]:
-    """The new text (and finish reasons) of one engine output as chunk choices, recorded
-    in each choice's state."""
-    pieces = []
-    for o in out.outputs:
-        st = states[o.index]
-        st.tokens += len(o.token_ids)
-        if o.text:
-            st.text.append(o.text)
-        reason = _finish_reason(o.finish_reason)
-        if o.text or reason:
-            st.finish_reason = reason
-            pieces.append(
-                ChunkChoice(
-                    index=o.index, delta=Delta(content=o.text or None), finish_reason=reason
-                )
-            )
-    return pieces
+    return f"data: {body.model_dump_json(exclude_none=False)}\n\n"

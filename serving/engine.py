@@ -8,12 +8,13 @@ over-long prompts before anything reaches the engine.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from schemas.chat import ChatMessage
 from schemas.settings import Settings
@@ -57,6 +58,7 @@ class Engine:
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
 
     def start(self) -> None:
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -77,6 +79,10 @@ class Engine:
             max_loras=self.settings.max_loras,
             max_cpu_loras=max(self.settings.max_cpu_loras, self.settings.max_loras),
             disable_log_stats=True,
+            # xgrammar: vLLM's default backend, and one that can forbid whitespace.
+            structured_outputs_config=StructuredOutputsConfig(
+                backend="xgrammar", disable_any_whitespace=self.settings.json_compact
+            ),
         )
         log.info("starting vLLM engine on %s (%s)", self.model_dir, "cuda" if gpu else "cpu")
         self._llm = AsyncLLM.from_engine_args(args)
@@ -94,13 +100,34 @@ class Engine:
         assert self._llm is not None, "engine not started"
         await self._llm.add_lora(LoRARequest(adapter.name, adapter.int_id, str(adapter.path)))
 
-    def prompt_token_ids(self, messages: list[ChatMessage]) -> list[int]:
-        """Render the model's chat template and tokenize, as the engine will see it."""
-        conversation = [{"role": m.role, "content": m.text()} for m in messages]
-        text = self.tokenizer.apply_chat_template(
-            conversation, add_generation_prompt=True, tokenize=False
-        )
+    def prompt_token_ids(
+        self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        """Render the model's chat template (with ``tools``, when given) and tokenize, as
+        the engine will see it. ``ValueError`` when the template cannot render the
+        conversation (a role or tool format the model does not know)."""
+        from jinja2 import TemplateError
+
+        conversation = [_template_message(m) for m in messages]
+        try:
+            text = self.tokenizer.apply_chat_template(
+                conversation,
+                tools=cast("list[dict[Any, Any] | Callable[..., Any]] | None", tools),
+                add_generation_prompt=True,
+                tokenize=False,
+            )
+        except TemplateError as e:
+            raise ValueError(f"the model's chat template cannot render this: {e}") from None
         return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def text_token_ids(self, prompt: str) -> list[int]:
+        """A raw prompt (legacy completions) tokenized as the model's tokenizer does by
+        default (with its BOS token, where it adds one)."""
+        return list(self.tokenizer.encode(prompt))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
 
     async def generate(
         self,
@@ -124,3 +151,33 @@ class Engine:
             lora_request=lora,
         ):
             yield output
+
+
+def _template_message(m: ChatMessage) -> dict[str, Any]:
+    """One message as Hugging Face chat templates take it: tool call arguments as a
+    mapping (templates serialise them; a string that is not JSON stays a string)."""
+    out: dict[str, Any] = {"role": m.role, "content": m.text()}
+    if m.tool_calls:
+        out["tool_calls"] = [
+            {
+                "id": c.id,
+                "type": "function",
+                "function": {
+                    "name": c.function.name,
+                    "arguments": _json_or_text(c.function.arguments),
+                },
+            }
+            for c in m.tool_calls
+        ]
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    if m.name is not None:
+        out["name"] = m.name
+    return out
+
+
+def _json_or_text(arguments: str) -> Any:
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments

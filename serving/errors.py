@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from schemas.errors import error_body
+from schemas.parity import Endpoint, refusal_message
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +55,15 @@ _UNION_TAGS = {"str", "int", "float", "bool", "none", "dict"}
 
 def _loc_to_param(loc: tuple[int | str, ...]) -> str:
     """('messages', 0, 'role') -> 'messages[0].role'. Drops the body/query prefix and the
-    type tags pydantic adds for union members (('content', 'list[TextPart]') -> 'content')."""
+    tags pydantic adds for union members (('content', 'list[TextPart]') -> 'content',
+    ('tool_choice', 'NamedToolChoice', 'function') -> 'tool_choice.function')."""
     out = ""
     for part in loc:
         if part in ("body", "query") and not out:
             continue
-        if isinstance(part, str) and (part in _UNION_TAGS or "[" in part):
+        # Union members appear in locations by type or class name, never snake_case
+        # like a field: skip them.
+        if isinstance(part, str) and (part in _UNION_TAGS or "[" in part or part[:1].isupper()):
             continue
         if isinstance(part, int):
             out += f"[{part}]"
@@ -68,10 +72,25 @@ def _loc_to_param(loc: tuple[int | str, ...]) -> str:
     return out
 
 
-def validation_error(exc: ValidationError | RequestValidationError) -> APIError:
-    """The first problem, named by the field it is about."""
-    first = exc.errors()[0]
+def validation_error(
+    exc: ValidationError | RequestValidationError, endpoint: Endpoint | None = None
+) -> APIError:
+    """The first problem, named by the field it is about. A field the request model does
+    not declare is ``unsupported_parameter``, with the parity table's reason."""
+    errors = exc.errors()
+    # A refused top-level field is the clearest thing to report, whatever else is wrong.
+    first = next(
+        (e for e in errors if e.get("type") == "extra_forbidden" and len(e["loc"]) == 1),
+        errors[0],
+    )
     param = _loc_to_param(tuple(first.get("loc", ())))
+    if first.get("type") == "extra_forbidden":
+        message = (
+            refusal_message(endpoint, param)
+            if endpoint is not None and "." not in param and "[" not in param
+            else f"Unsupported parameter: '{param}' is not supported by this server."
+        )
+        return APIError(400, message, param=param, code="unsupported_parameter")
     msg = first.get("msg", "invalid value")
     message = f"Invalid value for '{param}': {msg}" if param else msg
     return APIError(400, message, param=param or None, code="invalid_value")
@@ -103,19 +122,22 @@ def parse_json(body: bytes | bytearray) -> object:
         )
     try:
         return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    # ValueError: an integer past Python's digit limit; RecursionError: absurd nesting.
+    except (ValueError, RecursionError) as e:
         raise APIError(
             400, f"The request body is not valid JSON: {e}", code="invalid_json"
         ) from None
 
 
-def parse_body(model: type[ModelT], payload: object) -> ModelT:
+def parse_body(model: type[ModelT], payload: object, endpoint: Endpoint | None = None) -> ModelT:
+    """Validate a JSON body against ``model``; ``endpoint`` names the parity table whose
+    reasons a refused field's message quotes."""
     if not isinstance(payload, dict):
         raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
     try:
         return model.model_validate(payload)
     except ValidationError as e:
-        raise validation_error(e) from None
+        raise validation_error(e, endpoint) from None
 
 
 def too_large(max_bytes: int) -> APIError:

@@ -32,6 +32,7 @@ from pathlib import Path
 from prometheus_client import Counter
 
 from schemas import topics
+from schemas.chat import ModelCard
 from schemas.events import AdapterLoadFailed
 from serving.engine import Adapter, Engine
 from serving.publisher import PRODUCER, EventPublisher
@@ -119,6 +120,33 @@ class PolicyRouter:
         """What GET /v1/models lists: the routed name, then every servable version."""
         versions = sorted(v for v in self.table.adapters if v not in self._failed)
         return [self.served_model_name, *versions]
+
+    def model_cards(self, created: int, max_model_len: int) -> list[ModelCard]:
+        """`model_names` as `/v1/models` entries, each with its state: ``routed`` (the
+        name that follows the routing table), ``stable``, ``canary``, or ``available``
+        (a version a request may name, e.g. a candidate or a retired stable)."""
+        table = self.table
+
+        def state(name: str) -> str:
+            if name == self.served_model_name:
+                return "routed"
+            if name == table.stable:
+                return "stable"
+            if name == table.canary:
+                return "canary"
+            return "base" if name == BASE_VERSION else "available"
+
+        return [
+            ModelCard(
+                id=name,
+                created=created,
+                owned_by="alignloop",
+                max_model_len=max_model_len,
+                state=state(name),
+                parent=None if name == self.served_model_name else self.served_model_name,
+            )
+            for name in self.model_names()
+        ]
 
     # -- one request ------------------------------------------------------------------
     async def resolve(self, model: str, user_key: str) -> PolicyTarget:

@@ -53,17 +53,33 @@ SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end
 SPECIAL_TOKENS = (PAD, BOS, EOS, SYSTEM, USER, ASSISTANT, END)
 """Ids 0..6, in this order. ``<|end|>`` closes every turn and is what generation stops on."""
 
+TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"
+
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% if tools %}{{ '<|system|>' }}"
+    "You may call these functions. To call one, write "
+    '<tool_call>{"name": <name>, "arguments": <object>}</tool_call>.'
+    "<tools>{% for tool in tools %}{{ tool | tojson }}{% endfor %}</tools>"
+    "{{ '<|end|>' }}{% endif %}"
     "{% for message in messages %}"
     "{% if message['role'] in ['system', 'developer'] %}{{ '<|system|>' }}"
-    "{% elif message['role'] == 'user' %}{{ '<|user|>' }}"
+    "{% elif message['role'] in ['user', 'tool'] %}{{ '<|user|>' }}"
     "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>' }}"
     "{% else %}{{ raise_exception('unsupported role: ' + message['role']) }}"
     "{% endif %}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% if message['role'] == 'tool' %}{{ '<tool_response>' }}{% endif %}"
+    "{% if message['content'] is none %}"
+    "{% elif message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}{{ part['text'] }}{% endfor %}"
     "{% endif %}"
+    "{% if message['role'] == 'tool' %}{{ '</tool_response>' }}{% endif %}"
+    "{% for call in message.get('tool_calls') or [] %}"
+    "{{ '<tool_call>{\"name\": ' }}{{ call.function.name | tojson }}{{ ', \"arguments\": ' }}"
+    "{% if call.function.arguments is string %}{{ call.function.arguments }}"
+    "{% else %}{{ call.function.arguments | tojson }}{% endif %}"
+    "{{ '}</tool_call>' }}"
+    "{% endfor %}"
     "{{ '<|end|>' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
@@ -73,6 +89,12 @@ CHAT_TEMPLATE = (
 Developer messages render as system turns (OpenAI's newer name for the same thing); content
 may be a string or a list of text parts. No whitespace is added around the role tokens, so
 the template's token ids equal the concatenation the training loop builds by hand.
+
+Tools use the Hermes format (vLLM's ``hermes`` tool-call parser reads it): the offered
+functions as JSON in a system turn, each call an assistant writes as
+``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, and each tool result as a user
+turn wrapped in ``<tool_response>``. The corpus has no tool turns, so the demo model rarely
+calls a tool by itself; forced calls (``tool_choice`` required or named) always work.
 """
 
 
@@ -179,6 +201,7 @@ def recipe_hash(config: BootstrapConfig) -> str:
         "config": asdict(config),
         "corpus_generator": corpus.GENERATOR_VERSION,
         "recipe": RECIPE_VERSION,
+        "chat_template": hashlib.sha256(CHAT_TEMPLATE.encode()).hexdigest()[:16],
     }
     blob = json.dumps(payload, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

@@ -39,7 +39,41 @@ def test_chat_template_renders_every_role(tokenizer) -> None:
 
 def test_chat_template_rejects_unknown_roles(tokenizer) -> None:
     with pytest.raises(Exception, match="unsupported role"):
-        tokenizer.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
+        tokenizer.apply_chat_template([{"role": "wizard", "content": "x"}], tokenize=False)
+
+
+def test_chat_template_renders_tools_calls_and_results_in_hermes_format(tokenizer) -> None:
+    tool = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
+    messages = [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}
+            ],
+        },
+        {"role": "tool", "content": "4 C", "tool_call_id": "call_1"},
+    ]
+    rendered = tokenizer.apply_chat_template(
+        messages, tools=[tool], tokenize=False, add_generation_prompt=True
+    )
+    assert rendered.startswith("<|bos|><|system|>You may call these functions.")
+    assert '<tools>{"type": "function", "function": {"name": "weather"' in rendered
+    assert rendered.endswith(
+        "<|user|>Weather in Oslo?<|end|>"
+        '<|assistant|><tool_call>{"name": "weather", "arguments": {"city": "Oslo"}}</tool_call>'
+        "<|end|><|user|><tool_response>4 C</tool_response><|end|><|assistant|>"
+    )
+    # What the template writes for a call is what vLLM's hermes parser reads back.
+    from vllm.tool_parsers import ToolParserManager
+
+    parser = ToolParserManager.get_tool_parser("hermes")(tokenizer)
+    call_text = rendered.split("<|assistant|>")[1].removesuffix("<|end|><|user|>")
+    info = parser.extract_tool_calls(call_text.split("<|end|>")[0], None)
+    assert info.tools_called
+    assert info.tool_calls[0].function.name == "weather"
+    assert info.tool_calls[0].function.arguments == '{"city": "Oslo"}'
 
 
 def test_special_tokens_are_single_ids_and_text_round_trips(tokenizer) -> None:

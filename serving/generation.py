@@ -1,0 +1,284 @@
+"""What chat completions and legacy completions share: a prepared request, the engine
+run, and what every answered request leaves behind (metrics, one interaction event).
+
+The contract of each step:
+- `Generation.route` — the policy serving this caller under ``model``, or the 404/503.
+- `Generation.room` — tokens left for the answer, or the 400 when they do not fit.
+- `Generation.start` — hands the request to the engine and waits for its first output,
+  so a request the engine refuses is a 400 before any byte of the answer is sent (a
+  refusal never counts as a server fault); an engine fault is reported (`RequestFailed`,
+  the canary's guardrail) and re-raised.
+- `Generation.finish` — metrics and the `InteractionLogged` event; never raises (the
+  answer matters more than its log line; the publisher counts what it drops).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from schemas import topics
+from schemas.chat import FinishReason, Usage
+from schemas.events import (
+    InteractionLogged,
+    LoggedChoice,
+    LoggedMessage,
+    LoggedToolCall,
+    RequestFailed,
+    SamplingRecord,
+)
+from schemas.sampling import SamplingFields, sampling_record_fields
+from schemas.settings import Settings
+from serving import metrics
+from serving.engine import Engine
+from serving.errors import APIError
+from serving.policies import PolicyRouter, PolicyTarget, PolicyUnavailable, UnknownModel
+from serving.publisher import PRODUCER, EventPublisher
+from serving.response_ids import ResponseIdSigner
+
+if TYPE_CHECKING:
+    from vllm import RequestOutput, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    """A validated request, ready for the engine."""
+
+    endpoint: Literal["chat", "completions"]
+    request: SamplingFields
+    response_id: str
+    created: int
+    policy: PolicyTarget
+    prompt_ids: list[int]
+    params: SamplingParams
+    record: SamplingRecord
+    user: str | None
+    messages: list[LoggedMessage]
+    prompt: str | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class ChoiceState:
+    """What one choice has produced so far."""
+
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[Any] = field(default_factory=list)  # one position dict per token
+    finish_reason: FinishReason | None = None
+    tool_calls: list[LoggedToolCall] = field(default_factory=list)
+
+    def full_text(self) -> str:
+        return "".join(self.text)
+
+    def take(self, out: Any) -> None:
+        """Record one engine ``CompletionOutput`` (a delta, or the whole final one)."""
+        self.token_ids.extend(out.token_ids)
+        if out.text:
+            self.text.append(out.text)
+        if out.logprobs:
+            self.logprobs.extend(out.logprobs)
+        if out.finish_reason is not None:
+            self.finish_reason = finish_reason(out.finish_reason)
+
+
+def finish_reason(vllm_reason: str | None) -> FinishReason | None:
+    """vLLM's finish reason as the API reports it: stop or length; anything else is None."""
+    if vllm_reason == "stop":
+        return "stop"
+    if vllm_reason == "length":
+        return "length"
+    return None
+
+
+def usage_of(p: Prepared, states: dict[int, ChoiceState]) -> Usage:
+    completion = sum(len(st.token_ids) for st in states.values())
+    return Usage(
+        prompt_tokens=len(p.prompt_ids),
+        completion_tokens=completion,
+        total_tokens=len(p.prompt_ids) + completion,
+    )
+
+
+class Generation:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        router: PolicyRouter,
+        signer: ResponseIdSigner,
+        publisher: EventPublisher,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.router = router
+        self.signer = signer
+        self.publisher = publisher
+
+    # -- before the engine -----------------------------------------------------------
+    def check_n(self, n: int) -> None:
+        if n > self.settings.max_n:
+            raise APIError(
+                400,
+                f"n must be between 1 and {self.settings.max_n}; got {n}.",
+                param="n",
+                code="invalid_value",
+            )
+
+    async def route(self, model: str, user_key: str) -> PolicyTarget:
+        """The policy serving ``user_key`` under ``model``, or the 404/503 that says why not."""
+        try:
+            return await self.router.resolve(model, user_key)
+        except UnknownModel:
+            raise APIError(
+                404,
+                f"The model '{model}' does not exist. Available: "
+                f"{', '.join(self.router.model_names())}.",
+                param="model",
+                code="model_not_found",
+            ) from None
+        except PolicyUnavailable as e:
+            raise APIError(
+                503,
+                f"{e}. Try again later, or use model '{self.settings.served_model_name}'.",
+                type="server_error",
+                param="model",
+                code="policy_unavailable",
+            ) from None
+
+    def room(self, n_prompt: int, asked: int | None, param: str, prompt_param: str) -> int:
+        """Tokens left for the answer, or the 400 when the prompt (and the asked maximum)
+        do not fit the context window."""
+        limit = self.engine.max_model_len
+        if n_prompt >= limit:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {limit} tokens, but the "
+                f"{prompt_param} use {n_prompt} tokens. Shorten the {prompt_param}.",
+                param=prompt_param,
+                code="context_length_exceeded",
+            )
+        room = limit - n_prompt
+        if asked is not None and asked > room:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {limit} tokens. However, you "
+                f"requested {n_prompt + asked} tokens ({n_prompt} in the "
+                f"{prompt_param}, {asked} in the completion). Reduce the length of the "
+                f"{prompt_param} or the completion.",
+                param=param,
+                code="context_length_exceeded",
+            )
+        return room
+
+    def new_id(self) -> tuple[str, int]:
+        return self.signer.new_id(), int(time.time())
+
+    # -- the engine ------------------------------------------------------------------
+    async def start(self, p: Prepared) -> tuple[RequestOutput | None, AsyncIterator[RequestOutput]]:
+        """The engine's first output (None if it produced none) and the rest of them."""
+        from vllm.exceptions import VLLMClientError
+
+        outputs = self.engine.generate(p.prompt_ids, p.params, p.response_id, p.policy.adapter)
+        try:
+            first = await outputs.__anext__()
+        except StopAsyncIteration:
+            return None, outputs
+        except (VLLMClientError, ValueError) as e:  # vLLM's own request validation
+            await outputs.aclose()  # type: ignore[attr-defined]
+            raise APIError(400, f"The request was refused by the engine: {e}") from None
+        except Exception as exc:
+            self.report_failure(p, exc)
+            raise
+        return first, outputs
+
+    def report_failure(self, p: Prepared, exc: BaseException) -> None:
+        """A server-side failure, counted against the version (the canary guardrail)."""
+        event = RequestFailed(
+            producer=PRODUCER,
+            version=p.policy.version,
+            status=500,
+            error=f"{type(exc).__name__}: {exc}"[:1000],
+        )
+        try:
+            self.publisher.publish(topics.POLICY, event)
+        except Exception:
+            log.exception("could not report the failure of %s", p.response_id)
+
+    # -- after the engine ------------------------------------------------------------
+    def finish(
+        self,
+        p: Prepared,
+        states: dict[int, ChoiceState],
+        ttft: float | None,
+        stream: bool,
+    ) -> Usage:
+        """Observe the request's metrics and log its interaction; returns its usage."""
+        latency = time.perf_counter() - p.started
+        usage = usage_of(p, states)
+        v, s = p.policy.version, str(stream).lower()
+        metrics.LATENCY.labels(v, s).observe(latency)
+        if ttft is not None:
+            metrics.TTFT.labels(v, s).observe(ttft)
+        metrics.COMPLETION_TOKENS.labels(v).inc(usage.completion_tokens)
+        metrics.PROMPT_TOKENS.labels(v).inc(usage.prompt_tokens)
+        try:
+            event = InteractionLogged(
+                producer=PRODUCER,
+                endpoint=p.endpoint,
+                prompt=p.prompt,
+                response_id=p.response_id,
+                user=p.user,
+                policy_version=p.policy.version,
+                model=p.request.model,
+                messages=p.messages,
+                choices=[
+                    LoggedChoice(
+                        index=i,
+                        text=st.full_text(),
+                        finish_reason=st.finish_reason,
+                        completion_tokens=len(st.token_ids),
+                        tool_calls=st.tool_calls,
+                    )
+                    for i, st in sorted(states.items())
+                ],
+                prompt_tokens=len(p.prompt_ids),
+                completion_tokens=usage.completion_tokens,
+                latency_ms=latency * 1000.0,
+                ttft_ms=None if ttft is None else ttft * 1000.0,
+                stream=stream,
+                sampling=p.record,
+            )
+            self.publisher.publish(topics.INTERACTIONS, event)
+        except Exception:
+            log.exception("could not hand interaction %s to the publisher", p.response_id)
+        return usage
+
+
+async def chain(
+    first: RequestOutput | None, rest: AsyncIterator[RequestOutput]
+) -> AsyncIterator[RequestOutput]:
+    """The engine's outputs again, the first one (taken by `Generation.start`) included."""
+    if first is not None:
+        yield first
+    async for out in rest:
+        yield out
+
+
+def sampling_record(req: SamplingFields, max_tokens: int, **v2: Any) -> SamplingRecord:
+    """The event's record of how the answer was sampled."""
+    return SamplingRecord(
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        max_tokens=max_tokens,
+        n=req.n,
+        seed=req.seed,
+        stop=req.stop_list(),
+        **sampling_record_fields(req),
+        **{k: v for k, v in v2.items() if v is not None},
+    )
