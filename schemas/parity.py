@@ -80,7 +80,7 @@ SAMPLING: tuple[Parameter, ...] = (
         "stream_options",
         "honoured",
         "`include_usage`; vLLM's `continuous_usage_stats`",
-        _API + "test_streaming_round_trip_with_usage",
+        _CHAT + "test_continuous_usage_counts_tokens_as_they_stream",
     ),
     Parameter("store", "ignored", "every interaction is logged for training anyway"),
     Parameter("metadata", "ignored", "not stored"),
@@ -239,7 +239,7 @@ def markdown() -> str:
         lines += [f"**{titles[endpoint]}**", "", "| field | from | support | notes | proof |",
                   "|---|---|---|---|---|"]  # fmt: skip
         for p in table:
-            proof = f"`{p.proof.rpartition('::')[2]}`" if p.proof else ""
+            proof = f"`{p.proof.rpartition('/')[2]}`" if p.proof else ""
             note = p.note.replace("|", "\\|")
             lines.append(f"| `{p.name}` | {p.source} | {p.support} | {note} | {proof} |")
         lines.append("")

@@ -58,8 +58,11 @@ class CompletionService:
         prompt_ids = self.engine.text_token_ids(prompt)
         if not prompt_ids:
             raise APIError(400, "The prompt is empty.", param="prompt", code="invalid_value")
-        room = g.room(len(prompt_ids), req.max_tokens, "max_tokens", "prompt")
-        max_tokens = req.max_tokens if req.max_tokens is not None else room
+        # OpenAI's default of 16 is capped by the room left; only an asked-for maximum
+        # that does not fit is an error.
+        asked = req.max_tokens if "max_tokens" in req.model_fields_set else None
+        room = g.room(len(prompt_ids), asked, "max_tokens", "prompt")
+        max_tokens = asked if asked is not None else min(req.max_tokens or room, room)
         check_logit_bias(req, self.engine.vocab_size)
         params = sampling_params(
             req, max_tokens=max_tokens, stream=req.stream, logprobs=req.logprobs

@@ -19,9 +19,16 @@ def client(serving) -> OpenAI:
 
 
 def test_models_lists_routed_name_and_base(client):
-    ids = [m.id for m in client.models.list().data]
-    assert ids[0] == "alignloop"
-    assert "base" in ids
+    models = client.models.list().data
+    assert [m.id for m in models][0] == "alignloop"
+    by_id = {m.id: m for m in models}
+    # Without a database the base is the stable version; the routed name follows it.
+    assert by_id["alignloop"].model_extra["state"] == "routed"
+    assert by_id["base"].model_extra["state"] == "stable"
+    assert by_id["base"].model_extra["parent"] == "alignloop"
+    for m in models:
+        assert m.owned_by == "alignloop" and m.created > 1_700_000_000
+        assert m.model_extra["max_model_len"] == 512
 
 
 def test_sync_round_trip(client):

@@ -320,3 +320,40 @@ def test_n_choices_stream_like_the_whole_answer(client):
                 reasons[ch.index] = ch.finish_reason
     assert texts == {c.index: c.message.content for c in whole.choices}
     assert reasons == {c.index: c.finish_reason for c in whole.choices}
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"presence_penalty": 1.5},
+        {"frequency_penalty": 1.5},
+        {"logit_bias": {"5": 5.0, "9": -5.0}},
+        {"max_completion_tokens": 5},
+        {"stop": ["e", "a"]},
+        {"response_format": {"type": "json_object"}},
+        {"extra_body": {"top_k": 3, "min_p": 0.05, "repetition_penalty": 1.3, "min_tokens": 4}},
+    ],
+    ids=lambda f: ",".join(f.get("extra_body", f)),
+)
+def test_streamed_and_whole_answers_agree_for_each_parameter(client, fields):
+    """Under one seed, a parameter shapes the streamed answer exactly as the whole one."""
+    kw = {"temperature": 1.0, "seed": 123, "max_tokens": 24, **fields}
+    whole = ask(client, **kw).choices[0]
+    streamed = list(ask(client, stream=True, **kw))
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    reason = next(c.choices[0].finish_reason for c in reversed(streamed) if c.choices)
+    assert (text, reason) == (whole.message.content, whole.finish_reason)
+
+
+def test_continuous_usage_counts_tokens_as_they_stream(client):
+    chunks = list(
+        ask(
+            client,
+            stream=True,
+            max_tokens=12,
+            stream_options={"include_usage": True, "continuous_usage_stats": True},
+        )
+    )
+    counts = [c.usage.completion_tokens for c in chunks if c.choices and c.usage]
+    assert counts == sorted(counts) and counts[-1] == chunks[-1].usage.completion_tokens
+    assert len(counts) >= 2
