@@ -96,8 +96,13 @@ class ChatService:
             stream=req.stream,
             logprobs=top,
             structured=_structured(req, plan),
-            # Tool-call markers may be special tokens; the parser must see them.
-            skip_special_tokens=False if plan.mode == "auto" else None,
+            # A tool-call marker that is a special token must reach the parser.
+            skip_special_tokens=(
+                False
+                if plan.mode == "auto"
+                and tools.marker_is_special(self.settings.tool_call_parser, self.engine.tokenizer)
+                else None
+            ),
         )
         record = sampling_record(
             req,

@@ -156,6 +156,13 @@ def _complete_items(text: str) -> list[dict[str, Any]]:
             items.append(item)
 
 
+def marker_is_special(parser_name: str, tokenizer: Any) -> bool:
+    """Whether the model writes the start of a call as a special token (Qwen-style models
+    may), which decoding would otherwise drop before the parser sees it."""
+    marker = start_marker(parser_name)
+    return marker is not None and marker in getattr(tokenizer, "all_special_tokens", ())
+
+
 def _as_json_text(text: str) -> str:
     try:
         return json.dumps(json.loads(text), ensure_ascii=False)

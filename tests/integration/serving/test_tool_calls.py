@@ -188,3 +188,15 @@ def test_inconsistent_tool_requests_are_a_400(client, fields, words):
     with pytest.raises(BadRequestError) as e:
         client.chat.completions.create(**body)
     assert words in e.value.body["message"]
+
+
+def test_auto_streams_text_through_the_hold(client):
+    """With tools offered and no call made, the streamed text (held back only where it
+    could begin a call) ends up equal to the whole answer."""
+    kw = dict(model="alignloop", messages=ASK, tools=[WEATHER], max_tokens=30, temperature=0)
+    whole = client.chat.completions.create(**kw).choices[0]
+    calls, content, reason = _streamed_calls(client.chat.completions.create(**kw, stream=True))
+    if whole.message.tool_calls:
+        assert [c["name"] for c in calls] == [c.function.name for c in whole.message.tool_calls]
+    else:
+        assert (calls, content, reason) == ([], whole.message.content, whole.finish_reason)

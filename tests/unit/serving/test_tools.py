@@ -92,3 +92,12 @@ def test_stream_hold_keeps_back_what_could_start_a_call():
     assert hold.sent == len("Hello ")
     forced = tools.StreamHold(plan_of(tools=[WEATHER], tool_choice="required"), None)
     assert forced.sendable('[{"name"') == ""
+
+
+def test_special_tokens_are_kept_only_when_the_call_marker_is_one():
+    class Tokenizer:
+        def __init__(self, special: list[str]) -> None:
+            self.all_special_tokens = special
+
+    assert not tools.marker_is_special("hermes", Tokenizer(["<|end|>"]))
+    assert tools.marker_is_special("hermes", Tokenizer(["<|end|>", "<tool_call>"]))
