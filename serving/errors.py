@@ -121,12 +121,43 @@ def parse_json(body: bytes | bytearray) -> object:
             400, "The request body is empty; expected a JSON object.", code="invalid_json"
         )
     try:
-        return json.loads(body)
+        payload = json.loads(body)
     # ValueError: an integer past Python's digit limit; RecursionError: absurd nesting.
     except (ValueError, RecursionError) as e:
         raise APIError(
             400, f"The request body is not valid JSON: {e}", code="invalid_json"
         ) from None
+    _refuse_unstorable_text(payload)
+    return payload
+
+
+def _refuse_unstorable_text(payload: object) -> None:
+    """A 400 for text nothing downstream can keep: NUL (Postgres text refuses it, so the
+    event would end in the dead-letter topic) and lone surrogates (not encodable as
+    UTF-8, so the event could not be produced at all). Valid JSON can carry both as
+    ``\\u`` escapes; refused here, nothing is lost later."""
+    stack = [payload]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str) and not item.isascii():
+            try:
+                item.encode()
+            except UnicodeEncodeError:
+                raise APIError(
+                    400,
+                    "The request contains a lone UTF-16 surrogate (an unpaired \\ud800-"
+                    "\\udfff escape); send valid Unicode text.",
+                    code="invalid_text",
+                ) from None
+        if isinstance(item, str) and "\x00" in item:
+            raise APIError(
+                400, "The request contains a NUL character (\\u0000).", code="invalid_text"
+            )
 
 
 def parse_body(model: type[ModelT], payload: object, endpoint: Endpoint | None = None) -> ModelT:

@@ -36,7 +36,9 @@ class ResponseIdSigner:
         if not isinstance(response_id, str) or not response_id.startswith(PREFIX):
             return False
         body = response_id[len(PREFIX) :]
-        if len(body) != _NONCE_HEX + _MAC_HEX:
+        # ASCII only: compare_digest refuses other text (and a lone surrogate cannot
+        # even be encoded); anything else is simply not an id this service issued.
+        if len(body) != _NONCE_HEX + _MAC_HEX or not body.isascii():
             return False
         nonce, mac = body[:_NONCE_HEX], body[_NONCE_HEX:]
         return hmac.compare_digest(mac, self._mac(nonce))

@@ -213,6 +213,15 @@ CASES = [
         "not valid JSON",
         None,
     ),
+    # Text nothing downstream could store: refused, not lost later.
+    ("NUL in content", body(messages=[{"role": "user", "content": "a\u0000b"}]), 400, "NUL", None),
+    (
+        "lone surrogate",
+        b'{"model": "alignloop", "messages": [{"role": "user", "content": "\\ud800"}]}',
+        400,
+        "surrogate",
+        None,
+    ),
     (
         "oversized body",
         body(messages=[{"role": "user", "content": "x" * 2_000_000}]),

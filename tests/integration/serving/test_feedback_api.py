@@ -196,3 +196,23 @@ def test_feedback_routes_keep_the_http_contract(serving):
             f'alignloop_http_requests_total{{policy_version="-",route="/v1/feedback"'
             f',status="{status}"}}' in text
         ), status
+
+
+@pytest.mark.parametrize("text", ["a\u0000b", "\ud800"])
+def test_unstorable_text_is_refused_before_it_is_accepted(serving, text):
+    """A comment no downstream store could keep is a 400, never a 202 that is lost later."""
+    rid = "chatcmpl-" + "0" * 40
+    raw = json.dumps({"response_id": rid, "rating": "up", "comment": text}).encode()
+    r = httpx.post(
+        f"{serving.base_url}/v1/feedback",
+        content=raw,
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "invalid_text"
+
+
+def test_a_non_ascii_id_of_the_right_length_is_404(serving):
+    r = post(serving, "/v1/feedback", {"response_id": "chatcmpl-" + "é" * 40, "rating": "up"})
+    assert r.status_code == 404

@@ -21,6 +21,8 @@ def test_issued_ids_verify_and_are_unique():
         lambda i: i[:-1],  # too short
         lambda i: i.replace(PREFIX, "cmpl-"),  # wrong prefix
         lambda i: "",
+        lambda i: i[:-1] + "é",  # right length, not ASCII (compare_digest would raise)
+        lambda i: i[:-1] + "\ud800",  # a lone surrogate (cannot even be encoded)
     ],
 )
 def test_tampered_ids_are_rejected(mutate):
