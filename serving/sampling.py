@@ -36,7 +36,32 @@ def sampling_params(
 ) -> SamplingParams:
     """``structured``: one `StructuredOutputsParams` constraint, e.g. ``{"json": schema}``
     or ``{"json_object": True}``. ``skip_special_tokens``: overrides the request's (tool
-    calls may be written with special tokens the parser must see)."""
+    calls may be written with special tokens the parser must see). A combination vLLM
+    refuses is a 400 (its checks are the client's mistakes, not the server's)."""
+    from vllm.exceptions import VLLMClientError
+
+    if req.min_tokens is not None and req.min_tokens > max_tokens:
+        raise APIError(
+            400,
+            f"min_tokens ({req.min_tokens}) must not exceed the completion's maximum "
+            f"({max_tokens} tokens).",
+            param="min_tokens",
+            code="invalid_value",
+        )
+    try:
+        return _build(req, max_tokens, stream, logprobs, structured, skip_special_tokens)
+    except (VLLMClientError, ValueError) as e:
+        raise APIError(400, f"Invalid sampling parameters: {e}", code="invalid_value") from None
+
+
+def _build(
+    req: SamplingFields,
+    max_tokens: int,
+    stream: bool,
+    logprobs: int | None,
+    structured: dict[str, Any] | None,
+    skip_special_tokens: bool | None,
+) -> SamplingParams:
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 

@@ -188,6 +188,13 @@ CASES = [
         "only assistant",
         "messages[0]",
     ),
+    (
+        "min_tokens beyond max_tokens",
+        body(min_tokens=50, max_tokens=3),
+        400,
+        "min_tokens",
+        "min_tokens",
+    ),
     ("top_k below -1", body(top_k=-2), 400, "top_k", "top_k"),
     ("min_p above 1", body(min_p=2), 400, "min_p", "min_p"),
     (
