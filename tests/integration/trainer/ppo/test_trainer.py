@@ -11,6 +11,7 @@ what it checks is what that reward model's adapter and head give the critic."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import pytest
@@ -71,15 +72,33 @@ def test_the_learned_reward_model_prefers_what_the_users_like(
     assert accuracy >= 0.8
 
 
-def test_a_critic_from_the_learned_reward_model_starts_explaining_the_returns(
+def test_a_critic_from_the_learned_reward_model_starts_as_that_reward_model(
     demo_model_dir: Path, learned_reward: LearnedReward
 ):
-    """InstructGPT initialises the value function from the reward model: on the first
-    rollout its values explain more of the returns' variance than a fresh critic's (a zero
-    head: explained variance exactly 0). Both see the same rollout (same seed, and a fresh
-    policy adapter is the base), scored by the learned model alone; the answers end within
-    48 tokens, as in the learning rounds. (Measured: 0.11-0.17 over six prompt seeds, with
-    the head rescaled to normalised scores at the first rollout; unscaled it was about -5.)"""
+    """InstructGPT initialises the value function from the reward model. Checked exactly:
+    the critic's value at an answer's last token is the reward model's score of that
+    answer (its adapter and head were copied, not re-initialised).
+
+    Then both critics see one first rollout (same seed; a fresh policy adapter is the
+    base), scored by the learned model alone: the same rewards, a fresh critic (a zero
+    head) explains none of the returns' variance, and the reward-initialised one's share
+    is printed, not asserted. It depends on the learned reward model, not on this code:
+    over six prompt seeds it was 0.11-0.17 on the machine this was first measured on and
+    -0.04-0.01 on another (2026-12-02), where the same reward model scored held-out pairs
+    with accuracy 1.0. Its values away from the last token carry little signal there."""
+    models = PolicyModels.load(demo_model_dir, learned_reward.path, critic_init="reward")
+    conversations = [[{"role": "user", "content": p.text}] for p in sample_prompts(2, 8)]
+    answers = ["I don't know.", "The capital is Mozoton.", "Blue.", "It is 12."] * 2
+    with torch.no_grad():
+        scores = models.reward.score(conversations, answers)
+        ids, attention = models.reward.encode(conversations, answers)
+        rows = [ids[i, : int(attention[i].sum())].tolist() for i in range(len(answers))]
+        # A one-token response after each whole row: its value is read at the row's end.
+        batch = TokenBatch.build(rows, [[0]] * len(rows), pad_id=0)
+        values = models.actor_critic.critic(batch)[:, 0]
+    assert torch.allclose(values, scores, atol=1e-4), (values, scores)
+    assert scores.std() > 1.0  # the premise: the scores differ, so equality means something
+
     config = dataclasses.replace(
         CONFIG, rollout_batch_size=64, mini_batch_size=16, max_new_tokens=48
     )
@@ -95,7 +114,7 @@ def test_a_critic_from_the_learned_reward_model_starts_explaining_the_returns(
     (reward_ev, reward_raw), (fresh_ev, fresh_raw) = variance["reward"], variance["fresh"]
     assert reward_raw == fresh_raw, variance  # the same rollout, scored the same
     assert fresh_ev == 0.0, variance
-    assert reward_ev > fresh_ev + 0.05, variance
+    assert math.isfinite(reward_ev), variance
 
 
 def _snapshot(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
