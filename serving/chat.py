@@ -134,14 +134,9 @@ class ChatService:
     async def open(
         self, p: ChatPrepared
     ) -> tuple[RequestOutput | None, AsyncIterator[RequestOutput]]:
-        """Start the engine (a refusal is a 400 here); counts the request in flight until
-        `complete` or `stream` ends it."""
-        metrics.IN_FLIGHT.inc()
-        try:
-            return await self.gen.start(p.base)
-        except BaseException:
-            metrics.IN_FLIGHT.dec()
-            raise
+        """Start the engine (a refusal is a 400 here); the request counts as in flight
+        until `complete` or `stream` ends it."""
+        return await self.gen.start(p.base)
 
     # -- 3a. whole answer ----------------------------------------------------------------
     async def complete(
@@ -150,19 +145,7 @@ class ChatService:
         first: RequestOutput | None,
         rest: AsyncIterator[RequestOutput],
     ) -> ChatCompletion:
-        states: dict[int, ChoiceState] = {}
-        try:
-            final = first
-            try:
-                async for out in rest:
-                    final = out
-            except Exception as exc:
-                self.gen.report_failure(p.base, exc)
-                raise
-        finally:
-            metrics.IN_FLIGHT.dec()
-        for o in final.outputs if final is not None else ():
-            states.setdefault(o.index, ChoiceState()).take(o)
+        states = await self.gen.collect(p.base, first, rest)
         choices = [self._choice(p, i, st) for i, st in sorted(states.items())]
         # Without streaming the first token is not observable apart from the last.
         usage = self.gen.finish(p.base, states, ttft=None, stream=False)

@@ -86,12 +86,9 @@ class CompletionService:
     async def open(
         self, p: CompletionPrepared
     ) -> tuple[RequestOutput | None, AsyncIterator[RequestOutput]]:
-        metrics.IN_FLIGHT.inc()
-        try:
-            return await self.gen.start(p.base)
-        except BaseException:
-            metrics.IN_FLIGHT.dec()
-            raise
+        """Start the engine (a refusal is a 400 here); the request counts as in flight
+        until `complete` or `stream` ends it."""
+        return await self.gen.start(p.base)
 
     async def complete(
         self,
@@ -99,19 +96,7 @@ class CompletionService:
         first: RequestOutput | None,
         rest: AsyncIterator[RequestOutput],
     ) -> Completion:
-        states: dict[int, ChoiceState] = {}
-        try:
-            final = first
-            try:
-                async for out in rest:
-                    final = out
-            except Exception as exc:
-                self.gen.report_failure(p.base, exc)
-                raise
-        finally:
-            metrics.IN_FLIGHT.dec()
-        for o in final.outputs if final is not None else ():
-            states.setdefault(o.index, ChoiceState()).take(o)
+        states = await self.gen.collect(p.base, first, rest)
         usage = self.gen.finish(p.base, states, ttft=None, stream=False)
         return Completion(
             id=p.base.response_id,

@@ -7,7 +7,8 @@ The contract of each step:
 - `Generation.start` — hands the request to the engine and waits for its first output,
   so a request the engine refuses is a 400 before any byte of the answer is sent (a
   refusal never counts as a server fault); an engine fault is reported (`RequestFailed`,
-  the canary's guardrail) and re-raised.
+  the canary's guardrail) and re-raised. From here the request counts as in flight until
+  `Generation.collect` (a whole answer) or the stream's end.
 - `Generation.finish` — metrics and the `InteractionLogged` event; never raises (the
   answer matters more than its log line; the publisher counts what it drops).
 """
@@ -184,18 +185,41 @@ class Generation:
         """The engine's first output (None if it produced none) and the rest of them."""
         from vllm.exceptions import VLLMClientError
 
+        metrics.IN_FLIGHT.inc()
         outputs = self.engine.generate(p.prompt_ids, p.params, p.response_id, p.policy.adapter)
         try:
             first = await outputs.__anext__()
         except StopAsyncIteration:
             return None, outputs
         except (VLLMClientError, ValueError) as e:  # vLLM's own request validation
+            metrics.IN_FLIGHT.dec()
             await outputs.aclose()  # type: ignore[attr-defined]
             raise APIError(400, f"The request was refused by the engine: {e}") from None
+        except BaseException as exc:
+            metrics.IN_FLIGHT.dec()
+            if isinstance(exc, Exception):
+                self.report_failure(p, exc)
+            raise
+        return first, outputs
+
+    async def collect(
+        self, p: Prepared, first: RequestOutput | None, rest: AsyncIterator[RequestOutput]
+    ) -> dict[int, ChoiceState]:
+        """A whole answer: every choice's final state (an engine fault is reported and
+        re-raised); the request stops counting as in flight."""
+        final = first
+        try:
+            async for out in rest:
+                final = out
         except Exception as exc:
             self.report_failure(p, exc)
             raise
-        return first, outputs
+        finally:
+            metrics.IN_FLIGHT.dec()
+        states: dict[int, ChoiceState] = {}
+        for o in final.outputs if final is not None else ():
+            states.setdefault(o.index, ChoiceState()).take(o)
+        return states
 
     def report_failure(self, p: Prepared, exc: BaseException) -> None:
         """A server-side failure, counted against the version (the canary guardrail)."""
