@@ -29,6 +29,7 @@ from typing import Any
 from schemas.config_flags import add_config_flags, config_from_namespace
 from trainer.common.malloc_tuning import keep_freed_memory
 from trainer.rounds import records as round_records
+from trainer.rounds import requests as round_requests
 from trainer.rounds.config import RoundConfig
 from trainer.rounds.trigger import TriggerConfig, should_start
 
@@ -180,12 +181,15 @@ def loop_main(argv: list[str]) -> int:
         while True:
             with connect(config.database_url, autocommit=True) as conn:
                 migrate(conn)
-                reason = _due(conn, trigger)
+                reason, request = _next_round(conn, trigger)
             if reason is not None:
                 if sampler is None and config.rollouts == "vllm":
                     sampler = shared_sampler(config)
                 result = run_round(config, trigger=reason, sampler=sampler)
                 log.info("round %d %s: %s", result.round_id, result.outcome, result.reason)
+                if request is not None:
+                    with connect(config.database_url, autocommit=True) as conn:
+                        round_requests.link(conn, request.id, result.round_id)
                 if sampler is not None and sampler.broken:  # a new engine for the next round
                     sampler.close()
                     sampler = None
@@ -197,6 +201,19 @@ def loop_main(argv: list[str]) -> int:
     finally:
         if sampler is not None:
             sampler.close()
+
+
+def _next_round(
+    conn, trigger: TriggerConfig
+) -> tuple[str | None, round_requests.RoundRequest | None]:
+    """Why a round should start now and the operator's request it answers, if any. Order:
+    resume an interrupted round; an operator's request (taken here, so it starts one round
+    only; it does not wait for a canary's decision: the operator asked now); the trigger."""
+    if round_records.running_round(conn) is None:
+        request = round_requests.open_request(conn)
+        if request is not None and round_requests.take(conn, request.id):
+            return request.trigger, request
+    return _due(conn, trigger), None
 
 
 def _due(conn, trigger: TriggerConfig) -> str | None:
