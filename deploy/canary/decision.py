@@ -24,6 +24,7 @@ from deploy.canary.stats import (
     STABLE,
     CanaryConfig,
     Estimate,
+    Health,
     Observations,
     confidence_sequence,
     guardrail_breaches,
@@ -121,7 +122,12 @@ def decide(
     )
     breaches = guardrail_breaches(config, obs.health)
     stats = _statistics(config, obs, est, stage, stage_votes, elapsed, stage_elapsed)
-    stats.update(srm_p_value=p_srm, guardrail_breaches=breaches)
+    stats.update(
+        srm_p_value=p_srm,
+        srm_threshold=config.srm_p_value,
+        guardrail_breaches=breaches,
+        health=_health(obs.health),
+    )
     summary = _summary(config, est)
     if breaches and (config.guardrails_override_hold or not held):
         return Decision("rollback", "guardrail: " + "; ".join(breaches) + "; " + summary, stats)
@@ -179,6 +185,20 @@ def _statistics(
             "stable": [int(n) for n in obs.new_users[STABLE]],
             "canary": [int(n) for n in obs.new_users[CANARY]],
         },
+    }
+
+
+def _health(health: Health) -> dict[str, Any]:
+    """The guardrails' inputs per arm, as the audit log (and the console) shows them."""
+
+    def arms(pair: tuple[Any, Any] | None) -> dict[str, Any] | None:
+        return None if pair is None else {"stable": pair[STABLE], "canary": pair[CANARY]}
+
+    return {
+        "requests": arms(health.requests),
+        "errors_5xx": arms(health.errors_5xx),
+        "latency_p95_ms": arms(health.latency_p95_ms),
+        "adapter_load_failures": health.adapter_load_failures,
     }
 
 

@@ -60,6 +60,29 @@ def sequence_kl(models: PolicyModels, batch: TokenBatch, estimator: KLEstimator 
     return float(masked_mean(kl.sum(-1), torch.ones(len(batch))))
 
 
+EXAMPLES = 8  # held-out prompts shown side by side (the console's Training page)
+
+
+def side_by_side(
+    conversations: Sequence[Any],
+    answers: dict[str, list[str]],
+    rewards: dict[str, torch.Tensor],
+    limit: int = EXAMPLES,
+) -> list[dict[str, Any]]:
+    """The first ``limit`` held-out prompts with the stable and the candidate answer and
+    the reward model's score of each: what an operator reads before promoting."""
+    return [
+        {
+            "prompt": conversation[-1]["content"],
+            "stable": answers["stable"][i],
+            "candidate": answers["candidate"][i],
+            "stable_reward": float(rewards["stable"][i]),
+            "candidate_reward": float(rewards["candidate"][i]),
+        }
+        for i, conversation in enumerate(conversations[:limit])
+    ]
+
+
 def evaluate(
     models: PolicyModels,
     sampler: Sampler,
@@ -72,7 +95,8 @@ def evaluate(
     prompt_ids = render_prompts(models.tokenizer, conversations)
     seed = ppo.seed + 99_991  # the same draws for both policies, unlike any training seed
     out: dict[str, Any] = {"prompts": len(conversations), "stable": str(stable)}
-    rewards = {}
+    rewards: dict[str, torch.Tensor] = {}
+    answers: dict[str, list[str]] = {}
     for name, which in (("candidate", "current"), ("stable", stable)):
         samples = sampler.sample(
             prompt_ids,
@@ -88,10 +112,8 @@ def evaluate(
             pad = models.tokenizer.pad_token_id or 0
             batch = TokenBatch.build(prompt_ids, samples.response_ids, pad)
             out["kl_to_reference"] = sequence_kl(models, batch, ppo.kl_estimator)
-            out["examples"] = [
-                {"prompt": c[-1]["content"], "answer": t}
-                for c, t in zip(conversations[:5], texts[:5], strict=False)
-            ]
+        answers[name] = texts
+    out["examples"] = side_by_side(conversations, answers, rewards)
     out["win_rate"] = win_rate(rewards["candidate"], rewards["stable"])
     out["reward_gain"] = out["candidate"]["reward"] - out["stable"]["reward"]
     stable_d2 = out["stable"]["distinct_2"]
