@@ -22,8 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "canary": ("deploy.canary.cli:main", "Run the canary controller (sequential A/B test)."),
     "admin": (
-        "deploy.ops.admin_api:main",
-        "Run the admin HTTP API alone (the canary serves it too).",
+        "deploy.console.app:main",
+        "Run the admin API and the console alone (the canary serves them too).",
     ),
     "train": ("trainer.rounds.cli:train_main", "Train: train reward | ppo | loop [--help]."),
     "reward": ("trainer.reward.cli:reward_main", "Reward model versions: reward list | show V."),

@@ -118,7 +118,15 @@ class Settings(BaseSettings):
         "interfaces by default so Prometheus can scrape it, /admin needs the token.",
     )
     admin_port: int = Field(
-        9103, description="The canary controller's HTTP port (/metrics and /admin); 0 = off."
+        9103,
+        description="The canary controller's HTTP port (/metrics, /admin and the operator "
+        "console at /console/); 0 = off.",
+    )
+    console_metrics_urls: str = Field(
+        "",
+        description="Comma-separated /metrics URLs of the serving replicas and ingestors whose "
+        "live numbers (spool depth, publisher queue, Kafka reachable, dead letters, consumer "
+        "lag) the console's Traffic page shows. `alignloop up` sets them; empty: not shown.",
     )
 
     # --- the embedded stack (`alignloop up`) -----------------------------------------

@@ -8,9 +8,12 @@ The layers, bottom to top (a module belongs to the most specific component namin
 2. ``serving``, ``feedback``, ``deploy.policies``: the chat API, the feedback store, the
    policy registry. None of them knows the others.
 3. ``trainer``, ``deploy.ops``: the training rounds; the operators' CLI and admin API.
-4. ``deploy.canary``: the canary controller (it hosts the admin API).
-5. ``deploy.local``, ``deploy.simulator``: the embedded stack and the simulated users.
-6. ``deploy.cli``: the one ``alignloop`` entry point (it names commands as strings).
+4. ``deploy.console``: the operator console (pages over the registry, the feedback store
+   and the training rounds) on top of the admin API.
+5. ``deploy.canary``: the canary controller (it hosts the admin API and the console).
+6. ``deploy.local``, ``deploy.simulator``, ``deploy.observability``: the embedded stack, the
+   simulated users, the Grafana dashboards' generator.
+7. ``deploy.cli``: the one ``alignloop`` entry point (it names commands as strings).
 
 Inside ``trainer`` the sub-packages are layered too: ``common`` < ``demo``, ``reward`` <
 ``ppo`` < ``rounds``.
@@ -35,10 +38,12 @@ SYSTEM: Mapping[str, int] = {
     "deploy.policies": 2,
     "trainer": 3,
     "deploy.ops": 3,
-    "deploy.canary": 4,
-    "deploy.local": 5,
-    "deploy.simulator": 5,
-    "deploy.cli": 6,
+    "deploy.console": 4,
+    "deploy.canary": 5,
+    "deploy.local": 6,
+    "deploy.simulator": 6,
+    "deploy.observability": 6,
+    "deploy.cli": 7,
 }
 TRAINER: Mapping[str, int] = {
     "trainer.common": 0,

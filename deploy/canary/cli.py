@@ -5,9 +5,10 @@ per field, applied over the production defaults or ``--demo``'s; an explicit 0 c
 the process's own flags (database, poll interval, HTTP port, the routed model name, which
 defaults to the served model name of the settings).
 
-One HTTP port (``--port``, ``ALIGNLOOP_ADMIN_PORT``, default 9103) serves ``/metrics`` and
+One HTTP port (``--port``, ``ALIGNLOOP_ADMIN_PORT``, default 9103) serves ``/metrics``,
 the admin API ``/admin/...`` (:mod:`deploy.ops.admin_api`; disabled without
-``ALIGNLOOP_ADMIN_TOKEN``), from a uvicorn thread beside the control loop.
+``ALIGNLOOP_ADMIN_TOKEN``) and the operator console ``/console/`` (:mod:`deploy.console`),
+from a uvicorn thread beside the control loop.
 """
 
 from __future__ import annotations
@@ -95,11 +96,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     http = None
     if args.port:
-        from deploy.ops.admin_api import create_app, serve_in_thread
+        from deploy.console.app import create_app, metrics_urls
+        from deploy.ops.admin_api import serve_in_thread
 
-        app = create_app(args.database_url, settings.admin_token)
+        urls = metrics_urls(settings.console_metrics_urls)
+        app = create_app(args.database_url, settings.admin_token, urls)
         http = serve_in_thread(app, args.host, args.port)
-        log.info("/metrics and /admin on http://%s:%d", args.host, args.port)
+        log.info("/metrics, /admin and the console on http://%s:%d", args.host, args.port)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

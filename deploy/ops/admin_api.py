@@ -13,9 +13,9 @@ A version's ``live`` object holds its live A/B counts from the ``policy_stats`` 
     POST /admin/rollback                     {"reason", "to"?, "expect_canary"?, ...}
     POST /admin/hold | /admin/resume         {"reason"}
 
-Served by the canary controller on its HTTP port beside ``/metrics`` (one place for
-operators), or alone by ``alignloop admin``. Each request runs on its own autocommit
-connection, so every command is one registry transaction.
+Served by the canary controller on its HTTP port beside ``/metrics`` and the console (one
+place for operators: :mod:`deploy.console.app`), or alone by ``alignloop admin``. Each
+request runs on its own autocommit connection, so every command is one registry transaction.
 
 Auth: ``Authorization: Bearer <ALIGNLOOP_ADMIN_TOKEN>``, compared in constant time. No
 header (or not Bearer) → 401 with ``WWW-Authenticate: Bearer``; a wrong token → 403. With
@@ -38,11 +38,9 @@ registry since you looked (``expect_*`` failed, or a concurrent command won) 409
 
 from __future__ import annotations
 
-import argparse
 import hmac
 import logging
 import re
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -366,27 +364,3 @@ def serve_in_thread(app: FastAPI, host: str, port: int) -> tuple[uvicorn.Server,
             raise RuntimeError(f"the HTTP server did not start on {host}:{port}")
         time.sleep(0.02)
     return server, thread
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``alignloop admin``: the admin API (and /metrics) alone, without the controller."""
-    from feedback.db import migrate
-    from schemas.settings import Settings
-
-    settings = Settings()
-    ap = argparse.ArgumentParser(prog="alignloop admin", description=main.__doc__)
-    ap.add_argument("--database-url", default=settings.database_url)
-    ap.add_argument("--host", default=settings.admin_host)
-    ap.add_argument("--port", type=int, default=settings.admin_port)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    if not args.database_url:
-        print("alignloop admin: set ALIGNLOOP_DATABASE_URL or --database-url", file=sys.stderr)
-        return 2
-    if settings.admin_token is None or not settings.admin_token.get_secret_value():
-        log.warning("ALIGNLOOP_ADMIN_TOKEN is not set: every /admin route answers 503")
-    with connect(args.database_url, autocommit=True) as conn:
-        migrate(conn)
-    app = create_app(args.database_url, settings.admin_token)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
-    return 0
