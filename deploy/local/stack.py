@@ -176,8 +176,9 @@ def _banner(settings: Settings, infra: _Infrastructure, envs: dict[str, dict[str
                 http://127.0.0.1:{settings.ingest_metrics_port}/metrics (ingestor)
                 http://127.0.0.1:{settings.admin_port}/metrics (canary controller, /admin)
                 http://127.0.0.1:{settings.trainer_metrics_port}/metrics (trainer: PPO rounds)
-  admin API     http://127.0.0.1:{settings.admin_port}/admin
-                (bearer token in {state / ADMIN_TOKEN_FILE})
+  console       http://127.0.0.1:{settings.admin_port}/console/
+                token {envs["canary"]["ALIGNLOOP_ADMIN_TOKEN"]}  (kept in {state / ADMIN_TOKEN_FILE})
+  admin API     http://127.0.0.1:{settings.admin_port}/admin  (the same bearer token)
   cores         {_cores_line(envs)}
   Postgres      {infra.database_url}
   Kafka         {infra.bootstrap}
@@ -205,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
             "ALIGNLOOP_KAFKA_BOOTSTRAP": infra.bootstrap,
             "ALIGNLOOP_BASE_MODEL": str(model_dir),
             "ALIGNLOOP_ADMIN_TOKEN": admin_token(settings, settings.state_dir),
+            # The console's live numbers: serving's spool and queue, the ingestor's lag.
+            "ALIGNLOOP_CONSOLE_METRICS_URLS": settings.console_metrics_urls
+            or f"http://{settings.host}:{settings.port}/metrics,"
+            f"http://127.0.0.1:{settings.ingest_metrics_port}/metrics",
         }
         envs = child_envs(settings, env)
         children = _children(settings, envs)

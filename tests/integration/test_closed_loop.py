@@ -23,10 +23,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from deploy.console.views import MAX_POINTS
 from deploy.policies import registry
 from deploy.simulator import PopulationConfig, SimConfig, Until, run_sync
 from feedback.db import connect
 from tests.fixtures.adapters import make_adapter
+from tests.fixtures.browser import CHROMIUM, browser_page, login, screenshot, screenshot_dir
 from tests.fixtures.stack import Stack, running_stack
 
 pytestmark = pytest.mark.slow
@@ -80,7 +82,9 @@ def _database_url(stack: Stack) -> str:
     return f"postgresql://postgres:@/postgres?host={stack.state_dir / 'postgres'}"
 
 
-def test_a_candidate_users_prefer_is_trained_canaried_and_promoted_by_itself(stack: Stack):
+def test_a_candidate_users_prefer_is_trained_canaried_and_promoted_by_itself(
+    stack: Stack, tmp_path: Path
+):
     summary = _simulate(stack, "promotion", minutes=30, seed=1)
     assert summary["stopped_by"] == "until promotion", stack.child_log_tail("trainer")
     assert summary["time_to_first_promotion_s"] is not None
@@ -109,6 +113,39 @@ def test_a_candidate_users_prefer_is_trained_canaried_and_promoted_by_itself(sta
             (version["reward_model_version"],),
         ).fetchone()
     assert trained_on is not None and trained_on[0] > 0
+    _console_shows_the_loop(stack, stable, version["training_round"], tmp_path)
+
+
+def _console_shows_the_loop(stack: Stack, stable: str, round_id: int, tmp_path: Path) -> None:
+    """The console draws this experiment as the controller saw it (one point per decision,
+    ending in the promotion) and the round that trained it (its curves, side by side
+    answers); with Chromium here, the live pages are photographed (the README's picture)."""
+    canary = _admin(stack, f"/console/canary?version={stable}")
+    with connect(_database_url(stack), autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM policy_audit WHERE version = %s AND action LIKE 'decision:%%'",
+            (stable,),
+        ).fetchone()
+        recorded = conn.execute(
+            "SELECT count(*) FROM training_steps WHERE round_id = %s", (round_id,)
+        ).fetchone()
+    assert row is not None and recorded is not None
+    assert canary["experiment"]["version"] == stable
+    assert canary["ticks"] == row[0] and len(canary["points"]) == min(row[0], MAX_POINTS)
+    assert canary["outcome"]["action"] == "promote"
+    training = _admin(stack, f"/console/training?round={round_id}")
+    assert len(training["curves"]["iteration"]) == recorded[0] > 0
+    example = training["round"]["evaluation"]["examples"][0]
+    assert example["stable"] != example["candidate"] or example["stable_reward"] is not None
+    if CHROMIUM is None:
+        return
+    where = screenshot_dir(tmp_path / "screenshots")
+    with browser_page() as page:
+        login(page, stack.admin_url, stack.admin_token or "", operator="closed-loop-test")
+        for name in ("canary", "training", "policies", "traffic"):
+            page.goto(f"{stack.admin_url}/console/#{name}")
+            page.wait_for_selector(f"#page[data-page={name}]")
+            screenshot(page, where, f"loop-{name}")
 
 
 def test_a_candidate_users_dislike_is_rolled_back_by_itself(

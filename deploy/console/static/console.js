@@ -53,15 +53,27 @@ function empty(message, ...more) {
   return el("div", { class: "empty" }, el("p", {}, message), ...more);
 }
 
+// plotly.js 3 takes titles as {text}: accept plain strings here.
+function titled(layout) {
+  const out = Object.assign({}, layout);
+  for (const [key, value] of Object.entries(out)) {
+    if (key === "title" && typeof value === "string") out.title = { text: value, font: { size: 13 } };
+    else if (/^[xy]axis\d*$/.test(key) && value && typeof value.title === "string") {
+      out[key] = Object.assign({}, value, { title: { text: value.title } });
+    }
+  }
+  return out;
+}
+
 function chart(id, traces, layout, small) {
   const div = el("div", { id, class: small ? "chart small" : "chart" });
   // Plotly measures the element: draw once the page is attached (drawCharts).
   pendingCharts.push(() => {
     if (!window.Plotly || !div.isConnected) return;
     Plotly.react(div, traces, Object.assign({
-      margin: { l: 55, r: 20, t: 30, b: 40 }, legend: { orientation: "h", y: -0.2 },
+      margin: { l: 55, r: 45, t: 40, b: 40 }, legend: { orientation: "h", y: -0.2 },
       font: { size: 12 }, paper_bgcolor: "#fff", plot_bgcolor: "#fff",
-    }, layout), { displaylogo: false, responsive: true });
+    }, titled(layout)), { displaylogo: false, responsive: true });
     div.dataset.drawn = "true";
   });
   div.dataset.traces = traces.length;
@@ -502,7 +514,7 @@ function evaluationPart(ev) {
   const examples = (ev.examples || []).filter((x) => x.stable !== undefined);
   return el("div", {}, el("h2", {}, "Offline evaluation against stable"), tiles, metrics,
     el("h2", {}, "The same held-out prompts, side by side"),
-    examples.length ? table(["prompt", `stable (${ev.stable_version || "stable"})`, "candidate"],
+    examples.length ? table(["prompt", "stable", "candidate"],
       examples.map((x) => [el("div", { class: "answer" }, x.prompt),
         el("div", { class: "answer" }, x.stable, el("div", { class: "muted" }, `reward ${fmtNum(x.stable_reward)}`)),
         el("div", { class: "answer" }, x.candidate, el("div", { class: "muted" }, `reward ${fmtNum(x.candidate_reward)}`))]))
@@ -539,7 +551,10 @@ async function renderTraffic() {
       ...byPolicy(data.answers, (r) => r.ingest_lag_s).map((s) => ({ ...s, name: s.name + " answers" })),
       ...byPolicy(data.ratings, (r) => r.ingest_lag_s).map((s) => ({ ...s, name: s.name + " ratings" })),
     ], { ...t, title: "Ingest lag (s, event to row)" }, true),
-    chart("traffic-failures", byPolicy(data.failures, (r) => r.failures), { ...t, title: "Server errors per minute" }, true)));
+    data.failures.length
+      ? chart("traffic-failures", byPolicy(data.failures, (r) => r.failures), { ...t, title: "Server errors per minute" }, true)
+      : el("div", { class: "card" }, el("strong", {}, "Server errors per minute"),
+        el("p", { class: "muted", id: "no-failures" }, `No server-side failure in the last ${data.minutes} minutes.`))));
   return el("div", {}, parts);
 }
 
