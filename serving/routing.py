@@ -40,6 +40,11 @@ ROUTING_GENERATION = Gauge(
 ROUTING_RELOADS = Counter(
     "alignloop_routing_reloads_total", "Routing table reads, by trigger.", ["trigger"]
 )
+ROUTING_LOADED_AT = Gauge(
+    "alignloop_routing_table_loaded_timestamp_seconds",
+    "Unix time of this replica's last successful read of the routing table from Postgres "
+    "(on start, on each NOTIFY and every routing_refresh_s); 0 if never read.",
+)
 
 
 @dataclass(frozen=True)
@@ -146,5 +151,6 @@ class RoutingWatcher:
     def _reload(self, conn: Connection[TupleRow], trigger: str) -> None:
         table = read_table(conn)
         ROUTING_RELOADS.labels(trigger).inc()
+        ROUTING_LOADED_AT.set_to_current_time()  # read succeeded: the snapshot is current
         self.apply(table)
         self.ready.set()
