@@ -177,7 +177,8 @@ def _banner(settings: Settings, infra: _Infrastructure, envs: dict[str, dict[str
                 http://127.0.0.1:{settings.admin_port}/metrics (canary controller, /admin)
                 http://127.0.0.1:{settings.trainer_metrics_port}/metrics (trainer: PPO rounds)
   console       http://127.0.0.1:{settings.admin_port}/console/
-                token {envs["canary"]["ALIGNLOOP_ADMIN_TOKEN"]}  (kept in {state / ADMIN_TOKEN_FILE})
+                token {envs["canary"]["ALIGNLOOP_ADMIN_TOKEN"]}
+                (kept in {state / ADMIN_TOKEN_FILE})
   admin API     http://127.0.0.1:{settings.admin_port}/admin  (the same bearer token)
   cores         {_cores_line(envs)}
   Postgres      {infra.database_url}
