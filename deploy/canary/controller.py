@@ -46,6 +46,10 @@ SRM_P = Gauge("alignloop_canary_srm_p_value", "Sample-ratio-mismatch test p-valu
 CONFLICTS = Counter(
     "alignloop_canary_conflicts_total", "Decisions not applied: the registry changed meanwhile."
 )
+# Before the first tick: no canary, no evidence of a mismatch (0 would read as "first
+# stage" and "mismatch certain" on dashboards and alerts).
+STAGE.set(-1)
+SRM_P.set(1.0)
 
 
 class CanaryController:
