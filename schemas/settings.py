@@ -129,6 +129,17 @@ class Settings(BaseSettings):
         "lag) the console's Traffic page shows. `alignloop up` sets them; empty: not shown.",
     )
 
+    # --- one of each: the canary controller's and the trainer's leases ----------------
+    lease_heartbeat_s: float = Field(
+        5.0,
+        gt=0,
+        description="How often the canary controller and the trainer bump their lease's "
+        "heartbeat (table `leases`). The lease itself is a Postgres advisory lock held on the "
+        "holder's connection: a second `alignloop canary`, `train loop` or `train ppo` "
+        "against the same database is refused (exit 7); a holder whose heartbeat fails "
+        "stops (exit 8).",
+    )
+
     # --- the embedded stack (`alignloop up`) -----------------------------------------
     trainer_metrics_port: int = Field(
         9104, description="The training loop's /metrics port under `alignloop up`; 0 = off."

@@ -9,6 +9,11 @@ One HTTP port (``--port``, ``ALIGNLOOP_ADMIN_PORT``, default 9103) serves ``/met
 the admin API ``/admin/...`` (:mod:`deploy.ops.admin_api`; disabled without
 ``ALIGNLOOP_ADMIN_TOKEN``) and the operator console ``/console/`` (:mod:`deploy.console`),
 from a uvicorn thread beside the control loop.
+
+One controller per database: the process holds the ``canary-controller`` lease
+(:mod:`deploy.policies.leases`) for its whole life, ``--once`` included. A second one
+prints who holds it and exits 7; a controller whose lease heartbeat fails ends its loop and
+exits 8.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 
 from deploy.canary.controller import CanaryController
 from deploy.canary.stats import CanaryConfig
+from deploy.policies import leases
 from schemas.config_flags import add_config_flags, overrides_from_namespace
 
 log = logging.getLogger(__name__)
@@ -85,6 +91,39 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"alignloop canary: {exc}", file=sys.stderr)
         return 2
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        lease = leases.acquire_waiting(
+            args.database_url,
+            leases.CONTROLLER,
+            stop,
+            heartbeat_s=settings.lease_heartbeat_s,
+            on_lost=stop.set,
+        )
+    except leases.LeaseHeld as exc:
+        print(f"alignloop canary: not started: {exc}", file=sys.stderr)
+        return leases.EXIT_LEASE_HELD
+    if lease is None:  # stopped while waiting for Postgres
+        return 0
+    with lease:
+        code = _run(args, settings, config, stop)
+    if lease.lost.is_set():
+        print(
+            f"alignloop canary: stopped: lost the {leases.CONTROLLER!r} lease (its heartbeat "
+            "failed); another controller may hold it now",
+            file=sys.stderr,
+        )
+        return leases.EXIT_LEASE_LOST
+    return code
+
+
+def _run(
+    args: argparse.Namespace, settings: Any, config: CanaryConfig, stop: threading.Event
+) -> int:
+    """The controller under its lease: one tick (``--once``), or the loop with the HTTP
+    port beside it until ``stop`` is set."""
     controller = CanaryController(config, model_name=args.model_name)
     if args.once:
         from feedback.db import connect, migrate
@@ -103,9 +142,6 @@ def main(argv: list[str] | None = None) -> int:
         app = create_app(args.database_url, settings.admin_token, urls)
         http = serve_in_thread(app, args.host, args.port)
         log.info("/metrics, /admin and the console on http://%s:%d", args.host, args.port)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
     started = time.monotonic()
     try:
         controller.run(args.database_url, stop, args.poll_seconds)

@@ -13,6 +13,10 @@ broker default to the settings (``ALIGNLOOP_*``).
 4 rejected by the gate, 3 failed (no reward model, too few prompts...), 6 aborted (NaN/inf,
 runaway KL), 5 stopped by ``--stop-after-iterations`` (run again to resume), 2 bad usage.
 Under ``torchrun --nproc-per-node N`` it runs data-parallel (see trainer/common/distributed.py).
+
+One trainer per database: ``train ppo`` (rank 0) and ``train loop`` hold the ``trainer``
+lease (:mod:`deploy.policies.leases`) while they run. A second one prints who holds it and
+exits 7; a holder whose lease heartbeat fails stops its round (resumable) and exits 8.
 """
 
 from __future__ import annotations
@@ -20,12 +24,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from deploy.policies import leases
 from schemas.config_flags import add_config_flags, config_from_namespace
 from trainer.common.malloc_tuning import keep_freed_memory
 from trainer.rounds import records as round_records
@@ -128,6 +135,11 @@ def ppo_main(argv: list[str]) -> int:
     config = _round_config(_parse(parser, argv))
     if config is None:
         return EXIT_USAGE
+    # Rank 0 alone holds the lease, before the ranks meet: refused, it exits and torchrun
+    # ends the others.
+    lease = _take_lease(config) if int(os.environ.get("RANK", "0")) == 0 else None
+    if isinstance(lease, int):
+        return lease
     torch.set_num_threads(config.torch_threads())
     keep_freed_memory()
     dist = Dist.from_env()
@@ -135,8 +147,14 @@ def ppo_main(argv: list[str]) -> int:
         if config.metrics_port and dist.is_main:
             start_http_server(config.metrics_port)
         result = run_round(config, dist=dist)
+    except KeyboardInterrupt:
+        if lease is None or not lease.lost.is_set():
+            raise
+        return _lost()
     finally:
         dist.close()
+        if lease is not None:
+            lease.release()
     if dist.is_main:
         print(json.dumps(result.to_json(), indent=2, default=str))
         print(f"round {result.round_id} {result.outcome}: {result.reason}", file=sys.stderr)
@@ -153,18 +171,27 @@ def _raise_stop(signum, frame) -> None:
 
 def loop_main(argv: list[str]) -> int:
     """``alignloop train loop``: watch the feedback; run a round when the trigger says so."""
-    import torch
-    from prometheus_client import start_http_server
-
-    from feedback.db import connect, migrate
-    from trainer.rounds.training_round import run_round, shared_sampler
-
     parser = _parser("alignloop train loop", __doc__ or "", loop=True)
     values = _parse(parser, argv)
     config = _round_config(values)
     if config is None:
         return EXIT_USAGE
     trigger = config_from_namespace(TriggerConfig, values)
+    lease = _take_lease(config)
+    if isinstance(lease, int):
+        return lease
+    with lease:
+        return _loop(config, trigger, values["poll_s"], lease)
+
+
+def _loop(config: RoundConfig, trigger: TriggerConfig, poll_s: float, lease: leases.Lease) -> int:
+    """The training loop under its lease (:func:`loop_main`)."""
+    import torch
+    from prometheus_client import start_http_server
+
+    from feedback.db import connect, migrate
+    from trainer.rounds.training_round import run_round, shared_sampler
+
     torch.set_num_threads(config.torch_threads())
     keep_freed_memory()
     if config.metrics_port:
@@ -175,7 +202,7 @@ def loop_main(argv: list[str]) -> int:
         "training loop: a round after %d new ratings or %.0f s (poll every %.0f s)",
         trigger.min_new_ratings,
         trigger.max_interval_s,
-        values["poll_s"],
+        poll_s,
     )
     try:
         while True:
@@ -194,13 +221,45 @@ def loop_main(argv: list[str]) -> int:
                     sampler.close()
                     sampler = None
                 continue
-            time.sleep(values["poll_s"])
+            time.sleep(poll_s)
     except (_Stop, KeyboardInterrupt):
+        if lease.lost.is_set():
+            return _lost()
         log.info("training loop stopped")
         return 0
     finally:
         if sampler is not None:
             sampler.close()
+
+
+def _take_lease(config: RoundConfig) -> leases.Lease | int:
+    """The ``trainer`` lease (:mod:`deploy.policies.leases`), or the exit status when
+    another trainer holds it. Should its heartbeat fail, the main thread gets a SIGINT:
+    the round stops at its next step (it resumes under the next holder) and the command
+    exits :data:`~deploy.policies.leases.EXIT_LEASE_LOST`."""
+    from schemas.settings import Settings
+
+    main_thread = threading.main_thread().ident
+    assert main_thread is not None and config.database_url
+    try:
+        return leases.Lease.acquire(
+            config.database_url,
+            leases.TRAINER,
+            heartbeat_s=Settings().lease_heartbeat_s,
+            on_lost=lambda: signal.pthread_kill(main_thread, signal.SIGINT),
+        )
+    except leases.LeaseHeld as exc:
+        print(f"alignloop train: not started: {exc}", file=sys.stderr)
+        return leases.EXIT_LEASE_HELD
+
+
+def _lost() -> int:
+    print(
+        f"alignloop train: stopped: lost the {leases.TRAINER!r} lease (its heartbeat failed); "
+        "the round resumes under the next holder",
+        file=sys.stderr,
+    )
+    return leases.EXIT_LEASE_LOST
 
 
 def _next_round(
