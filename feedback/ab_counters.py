@@ -14,6 +14,9 @@ the ingestor's batch transaction, from what that batch actually changed (the scr
   rating that flips (up → down) moves one count from ``ups`` to ``downs``;
 * ``rated``   += 1 when an answer gets its first counted rating.
 
+Erasure and the retention purge (:mod:`feedback.erasure`) take rows away; they subtract
+exactly what they removed (:func:`subtract_removed`), in their own transaction.
+
 :func:`recount_policy_counts` recomputes the same numbers from scratch; tests compare the
 two, and an operator can use it to check a live database.
 """
@@ -161,3 +164,36 @@ def apply_batch_changes(conn: psycopg.Connection) -> None:
     conn.execute(_SERVED)
     conn.execute(_FLIPS)
     conn.execute(_ATTRIBUTE)
+
+
+# What erasure or the retention purge removed (the scratch tables ``removed_answers``: the
+# answers of each deleted interaction per policy, and ``removed_ratings``: the deleted
+# ``feedback_current`` rows), subtracted. Run after the deletes: an answer stops counting as
+# rated only when no counted rating of it is left.
+_REMOVED = (
+    """
+    WITH unrated AS (
+        SELECT DISTINCT r.counted_policy, r.response_id, r.choice_index
+        FROM removed_ratings r
+        WHERE r.counted_policy IS NOT NULL AND NOT EXISTS (
+            SELECT 1 FROM feedback_current fc
+            WHERE fc.response_id = r.response_id AND fc.choice_index = r.choice_index
+              AND fc.counted_policy IS NOT NULL)
+    ), deltas AS (
+        SELECT policy_version, -answers AS served, 0 AS rated, 0 AS ups, 0 AS downs
+        FROM removed_answers
+        UNION ALL
+        SELECT counted_policy, 0, 0, -(rating = 'up')::int, -(rating = 'down')::int
+        FROM removed_ratings WHERE counted_policy IS NOT NULL
+        UNION ALL
+        SELECT counted_policy, 0, -1, 0, 0 FROM unrated
+    )"""
+    + _ADD_DELTAS
+)
+
+
+def subtract_removed(conn: psycopg.Connection) -> None:
+    """Take removed rows out of ``policy_stats``; call inside the removing transaction,
+    after :mod:`feedback.erasure` filled ``removed_answers`` and ``removed_ratings`` and
+    deleted the rows."""
+    conn.execute(_REMOVED)

@@ -1,5 +1,5 @@
-"""Entry points: ``alignloop ingest`` (:func:`main`) and ``alignloop data export``
-(:func:`export_main`).
+"""Entry points: ``alignloop ingest`` (:func:`main`) and ``alignloop data`` (:func:`data_main`:
+``export``, ``delete`` a user, ``purge`` old rows).
 
 Defaults come from the environment (``ALIGNLOOP_DATABASE_URL``, ``ALIGNLOOP_KAFKA_BOOTSTRAP``
 through :class:`schemas.settings.Settings`, plus the ``ALIGNLOOP_INGEST_*`` names listed on
@@ -9,8 +9,10 @@ through :class:`schemas.settings.Settings`, plus the ``ALIGNLOOP_INGEST_*`` name
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -47,6 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--max-batch", type=int, default=settings.ingest_max_batch)
     ap.add_argument("--client-id", default="alignloop-ingestor")
+    ap.add_argument(
+        "--retention-days",
+        type=float,
+        default=settings.retention_days,
+        help="purge rows older than this, at start and hourly (default: keep everything)",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)  # its INFO is per-connection chatter
@@ -69,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics_port=args.metrics_port or None,
             max_batch=args.max_batch,
             client_id=args.client_id,
+            retention_days=args.retention_days,
         )
     )
 
@@ -122,16 +131,84 @@ def export_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _actor(explicit: str | None) -> str:
+    if explicit:
+        return explicit
+    try:
+        return os.environ.get("USER") or getpass.getuser()
+    except Exception:  # no passwd entry in some containers
+        return "unknown-operator"
+
+
+def delete_main(argv: list[str] | None = None) -> int:
+    """``alignloop data delete --user U --reason R``: erase one user's interactions,
+    ratings and preferences (other users' ratings of the user's answers too), fix the A/B
+    counters and keep a tombstone so the ingestor drops the user's late or redelivered
+    events. Prints the rows deleted per table as JSON."""
+    from feedback.db import connect, migrate
+    from feedback.erasure import erase_user
+
+    ap = argparse.ArgumentParser(prog="alignloop data delete", description=delete_main.__doc__)
+    ap.add_argument("--user", required=True, help="the user id as the API received it")
+    ap.add_argument("--reason", required=True, help="kept with the tombstone")
+    ap.add_argument("--actor", help="who is acting, kept with the tombstone (default: $USER)")
+    ap.add_argument("--database-url", default=_settings().database_url)
+    args = ap.parse_args(argv)
+    if not args.database_url:
+        print("alignloop data delete: set ALIGNLOOP_DATABASE_URL or --database-url",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    if not args.user or not args.reason.strip():
+        print("alignloop data delete: --user and a non-empty --reason are required",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    with connect(args.database_url, autocommit=True) as conn:
+        migrate(conn)
+        counts = erase_user(conn, args.user, actor=_actor(args.actor), reason=args.reason)
+    print(json.dumps({"user": args.user, "deleted": counts}))
+    return 0
+
+
+def purge_main(argv: list[str] | None = None) -> int:
+    """``alignloop data purge --older-than-days N``: delete interactions, ratings and
+    preferences that occurred more than N days ago (what ``ALIGNLOOP_RETENTION_DAYS`` makes
+    every ingestor do hourly). Prints the rows deleted per table as JSON."""
+    from feedback.db import connect, migrate
+    from feedback.erasure import purge_older_than
+
+    ap = argparse.ArgumentParser(prog="alignloop data purge", description=purge_main.__doc__)
+    ap.add_argument("--older-than-days", type=float, required=True)
+    ap.add_argument("--database-url", default=_settings().database_url)
+    args = ap.parse_args(argv)
+    if not args.database_url:
+        print("alignloop data purge: set ALIGNLOOP_DATABASE_URL or --database-url",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    if args.older_than_days <= 0:
+        print("alignloop data purge: --older-than-days must be positive", file=sys.stderr)
+        return 2
+    with connect(args.database_url, autocommit=True) as conn:
+        migrate(conn)
+        counts = purge_older_than(conn, args.older_than_days)
+    print(json.dumps({"older_than_days": args.older_than_days, "deleted": counts}))
+    return 0
+
+
+_DATA_COMMANDS = {"export": export_main, "delete": delete_main, "purge": purge_main}
+
+
 def data_main(argv: list[str] | None = None) -> int:
-    """``alignloop data SUBCOMMAND``: today only ``export``."""
+    """``alignloop data {export,delete,purge} ...``."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] != "export":
+    if not args or args[0] not in _DATA_COMMANDS:
         print(
-            "usage: alignloop data export {pairs,pointwise,prompts} --out FILE.jsonl",
+            "usage: alignloop data export {pairs,pointwise,prompts} --out FILE.jsonl\n"
+            "       alignloop data delete --user U --reason R [--actor A]\n"
+            "       alignloop data purge --older-than-days N",
             file=sys.stderr,
         )
         return 2
-    return export_main(args[1:])
+    return _DATA_COMMANDS[args[0]](args[1:])
 
 
 if __name__ == "__main__":

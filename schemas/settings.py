@@ -105,6 +105,15 @@ class Settings(BaseSettings):
     ingest_max_batch: int = Field(
         2000, description="Most events written to Postgres in one transaction."
     )
+    retention_days: float | None = Field(
+        None,
+        gt=0,
+        description="Interactions, ratings and preferences that occurred longer ago than "
+        "this are deleted: by every ingestor, once at start and then hourly, and by `alignloop "
+        "data purge`. Unset: kept forever. Keep it longer than a canary's maximum duration and "
+        "the training data window; dead letters live in Kafka, under the dead-letter topic's "
+        "own retention.",
+    )
 
     # --- admin API (served by the canary controller, or alone: `alignloop admin`) ------
     admin_token: SecretStr | None = Field(

@@ -23,7 +23,9 @@ stay where they are. If that outlasts ``max_poll_interval_ms`` the group rebalan
 offset commit fails: harmless, the batch is redelivered and deduplicated.
 
 Between batches it publishes each held partition's lag (highwater − committed offset) on
-``/metrics``; on a rebalance it forgets the partitions it gave away.
+``/metrics``; on a rebalance it forgets the partitions it gave away. With
+``retention_days`` set, a thread of its own purges older rows every hour
+(:func:`feedback.erasure.purge_older_than`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 from pydantic import ValidationError
 
 from feedback.db import connect, migrate
+from feedback.erasure import purge_older_than
 from feedback.ingest.dead_letters import DeadLetter, Message, rejection_reason
 from feedback.ingest.writer import BatchResult, prepare_session, store_events, write_batch
 from schemas import topics
@@ -71,6 +74,15 @@ DEAD_LETTERS = Counter(
     "alignloop_ingest_dead_letters_total", "Messages sent to the dead-letter topic.", ["kind"]
 )
 DB_RETRIES = Counter("alignloop_ingest_db_retries_total", "Batch writes retried after DB errors.")
+ERASED_DROPPED = Counter(
+    "alignloop_ingest_erased_events_total",
+    "Events dropped because their user (or the answer they name) was erased.",
+)
+PURGED = Counter(
+    "alignloop_ingest_purged_rows_total",
+    "Rows deleted by the retention purge (ALIGNLOOP_RETENTION_DAYS).",
+    ["table"],
+)
 
 
 @dataclass
@@ -95,6 +107,10 @@ class IngestConfig:
     retry_max_s: float = 5.0
     client_id: str = "alignloop-ingestor"
     consumer_overrides: dict[str, object] = field(default_factory=dict)
+    retention_days: float | None = None
+    """``ALIGNLOOP_RETENTION_DAYS``: purge rows older than this (:mod:`feedback.erasure`)
+    right after start and then every ``purge_interval_s``; None keeps everything."""
+    purge_interval_s: float = 3600.0
 
 
 class _Stopping(Exception):
@@ -142,6 +158,10 @@ class Ingestor:
             self._conn = self._retry_db(self._open_connection)
         except _Stopping:
             return
+        purger = None
+        if cfg.retention_days is not None:
+            purger = threading.Thread(target=self._purge_loop, name="retention", daemon=True)
+            purger.start()
         consumer = KafkaConsumer(
             bootstrap_servers=cfg.bootstrap,
             group_id=cfg.group_id,
@@ -180,6 +200,8 @@ class Ingestor:
             producer.close(timeout=5)
             if self._conn is not None:
                 self._conn.close()
+            if purger is not None:
+                purger.join(30)
             log.info("ingestor stopped")
 
     def _process(self, consumer: KafkaConsumer, producer: KafkaProducer, polled: dict) -> None:
@@ -208,6 +230,7 @@ class Ingestor:
         STORED.labels("preferences").inc(result.preferences)
         STORED.labels("adapter_load_failures").inc(result.adapter_load_failures)
         STORED.labels("request_failures").inc(result.request_failures)
+        ERASED_DROPPED.inc(result.erased)
         if dead:
             self._send_dead_letters(producer, dead)
         try:
@@ -218,6 +241,27 @@ class Ingestor:
             # else's now. The batch is in Postgres; its redelivery will insert nothing.
             log.warning("offset commit failed (%s); the batch will be redelivered", exc)
         BATCH_SECONDS.observe(time.perf_counter() - started)
+
+    def _purge_loop(self) -> None:
+        """The retention purge, on its own thread and connection so that polling goes on
+        (a first purge of a large backlog may take longer than the poll interval allows);
+        batches wait only while one purge chunk holds the write lock. Errors are logged and
+        the purge is tried again at the next interval."""
+        cfg = self.config
+        assert cfg.retention_days is not None
+        while not self._stop.is_set():
+            try:
+                with connect(cfg.database_url, autocommit=True) as conn:
+                    counts = purge_older_than(conn, cfg.retention_days)
+                for table, n in counts.items():
+                    PURGED.labels(table).inc(n)
+                if any(counts.values()):
+                    log.info("retention purge (%s days): %s", cfg.retention_days, counts)
+            except psycopg.Error as exc:
+                log.warning("retention purge failed (%s); next try in %.0f s", exc,
+                            cfg.purge_interval_s)  # fmt: skip
+            if self._stop.wait(cfg.purge_interval_s):
+                return
 
     # --- Postgres with retries -----------------------------------------------------------
 
@@ -261,6 +305,7 @@ class Ingestor:
             sum(r.preferences for r in written),
             sum(r.adapter_load_failures for r in written),
             sum(r.request_failures for r in written),
+            sum(r.erased for r in written),
         )
         return total, rejected
 

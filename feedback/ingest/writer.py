@@ -10,11 +10,14 @@ exactly once in effect.
 1. take the transaction-level advisory lock :data:`WRITE_LOCK_KEY`, so batch transactions
    of all ingestors are serialised (the counters can read "the row before this batch"
    without races, and ``seq`` columns become commit-ordered, which the dataset watermark
-   relies on); empty the session's scratch tables;
+   relies on; so are erasures, :mod:`feedback.erasure`, which take the same lock); empty
+   the session's scratch tables;
 2. deduplicate the batch by ``event_id``;
 3. per event type in :data:`_STAGED` (interactions, feedback, preferences): COPY its events
-   into a session scratch table ``stage_*``, then ``INSERT … SELECT … ON CONFLICT DO
-   NOTHING`` into the real table; the rows actually inserted (none for a redelivery) are
+   into a session scratch table ``stage_*``; if any user was ever erased, delete from it the
+   events of erased users and the ratings and preferences naming an erased answer (so a
+   redelivered or late event cannot bring erased rows back); then ``INSERT … SELECT … ON
+   CONFLICT DO NOTHING`` into the real table; the rows actually inserted (none for a redelivery) are
    the new ones, and the follow-up statements (answer choices, the current rating) see
    only those;
 4. per event type in :data:`_UNNESTED` (adapter load failures, request failures): one
@@ -25,8 +28,10 @@ exactly once in effect.
 
 ``PolicyCandidate`` events are valid and accepted but not stored: the registry row is their
 record. Commit (or rollback) is the caller's; :func:`store_events` is the one-transaction
-wrapper. A connection must be prepared once with :func:`prepare_session` (its scratch
-tables).
+wrapper. The transaction must be READ COMMITTED (the default): its statements after the
+lock must see an erasure that committed while it waited, which a REPEATABLE READ snapshot
+taken at the lock statement would not. A connection must be prepared once with
+:func:`prepare_session` (its scratch tables).
 """
 
 from __future__ import annotations
@@ -176,6 +181,57 @@ ORDER BY occurred_at, event_id
 ON CONFLICT (event_id) DO NOTHING
 """
 
+# Erased users (migration 0010, feedback/erasure.py): before the INSERTs, the staged events
+# of a tombstoned user, and ratings and preferences naming an erased answer, are deleted
+# from the scratch tables. Checked only when some tombstone exists (one cheap query per
+# batch otherwise). Each statement's result is how many staged events it dropped.
+_ANY_TOMBSTONE = "SELECT EXISTS (SELECT 1 FROM user_tombstones)"
+_TOMBSTONED = (
+    "encode(sha256(convert_to({}, 'UTF8')), 'hex') IN (SELECT user_hash FROM user_tombstones)"
+)
+_ERASED_RESPONSE = "{} IN (SELECT response_id FROM erased_responses)"
+
+# An erased user's interaction arriving late: remembered as erased, and ratings or
+# preferences of it that arrived before it (other users', pending) are deleted with it.
+_DROP_INTERACTIONS = f"""
+WITH dropped AS (
+    DELETE FROM stage_interactions s
+    WHERE s.user_id IS NOT NULL AND {_TOMBSTONED.format("s.user_id")}
+    RETURNING s.response_id
+), remembered AS (
+    INSERT INTO erased_responses (response_id) SELECT DISTINCT response_id FROM dropped
+    ON CONFLICT DO NOTHING
+), events AS (
+    DELETE FROM feedback_events f USING dropped d WHERE f.response_id = d.response_id
+), pending AS (
+    DELETE FROM feedback_current f USING dropped d WHERE f.response_id = d.response_id
+), compared AS (
+    DELETE FROM preferences p USING dropped d
+    WHERE d.response_id IN (p.chosen_response_id, p.rejected_response_id)
+)
+SELECT count(*) FROM dropped
+"""
+
+_DROP_FEEDBACK = f"""
+WITH dropped AS (
+    DELETE FROM stage_feedback s
+    WHERE {_TOMBSTONED.format("s.user_key")} OR {_ERASED_RESPONSE.format("s.response_id")}
+    RETURNING 1
+)
+SELECT count(*) FROM dropped
+"""
+
+_DROP_PREFERENCES = f"""
+WITH dropped AS (
+    DELETE FROM stage_preferences s
+    WHERE (s.user_id IS NOT NULL AND {_TOMBSTONED.format("s.user_id")})
+       OR {_ERASED_RESPONSE.format("s.chosen_response_id")}
+       OR {_ERASED_RESPONSE.format("s.rejected_response_id")}
+    RETURNING 1
+)
+SELECT count(*) FROM dropped
+"""
+
 _INSERT_REQUEST_FAILURES = """
 INSERT INTO request_failures (event_id, version, status, error, producer, occurred_at)
 SELECT * FROM unnest(%s::uuid[], %s::text[], %s::int[], %s::text[], %s::text[],
@@ -202,6 +258,8 @@ class BatchResult:
     preferences: int
     adapter_load_failures: int = 0
     request_failures: int = 0
+    erased: int = 0
+    """Events dropped because their user, or the answer they name, was erased."""
 
 
 def _prompt_text(messages: Sequence[LoggedMessage], prompt: str | None = None) -> str:
@@ -249,7 +307,8 @@ class _Staged:
     """An event type stored through a scratch table: its events are COPYed into ``stage``
     (``columns``, one ``row(event)`` each); ``insert`` moves the new ones into the real
     table, its row count being how many were new (the :class:`BatchResult` field
-    ``result``); ``then`` runs after it, on what was new."""
+    ``result``); ``drop`` runs before it when some user was erased (it removes their staged
+    events and returns how many); ``then`` runs after it, on what was new."""
 
     result: str
     event: type[Any]
@@ -257,6 +316,7 @@ class _Staged:
     columns: tuple[str, ...]
     row: Callable[[Any], tuple[object, ...]]
     insert: str
+    drop: str
     then: tuple[str, ...] = ()
 
 
@@ -277,19 +337,19 @@ _STAGED = (
          "prompt_text", "prompt_hash", "prompt_tokens", "completion_tokens", "latency_ms",
          "ttft_ms", "stream", "sampling", "choices", "occurred_at", "endpoint", "prompt",
          "tool_turns"),
-        _interaction_row, _INSERT_INTERACTIONS, (_INSERT_CHOICES,),
+        _interaction_row, _INSERT_INTERACTIONS, _DROP_INTERACTIONS, (_INSERT_CHOICES,),
     ),
     _Staged(
         "feedback", FeedbackSubmitted, "stage_feedback",
         ("event_id", "feedback_id", "response_id", "choice_index", "user_id", "user_key",
          "rating", "comment", "occurred_at"),
-        _feedback_row, _INSERT_FEEDBACK, (_UPSERT_CURRENT,),
+        _feedback_row, _INSERT_FEEDBACK, _DROP_FEEDBACK, (_UPSERT_CURRENT,),
     ),
     _Staged(
         "preferences", PreferenceSubmitted, "stage_preferences",
         ("event_id", "preference_id", "user_id", "chosen_response_id",
          "rejected_response_id", "messages", "chosen", "rejected", "occurred_at"),
-        _preference_row, _INSERT_PREFERENCES,
+        _preference_row, _INSERT_PREFERENCES, _DROP_PREFERENCES,
     ),
 )  # fmt: skip
 
@@ -316,8 +376,11 @@ def write_batch(conn: psycopg.Connection, events: Sequence[AnyEvent]) -> BatchRe
     :func:`prepare_session`; commit is the caller's."""
     conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK_KEY,))
     conn.execute(f"TRUNCATE {_SCRATCH_TABLES}".encode())  # leftovers of a failed savepoint
+    # After the lock: an erasure that committed before it is seen (READ COMMITTED).
+    erasures = conn.execute(_ANY_TOMBSTONE).fetchone()
+    check_erased = bool(erasures and erasures[0])
     unique = list({e.event_id: e for e in events}.values())
-    new: dict[str, int] = {}
+    new: dict[str, int] = {"erased": 0}
     with conn.cursor() as cur:
         for staged in _STAGED:
             batch = [e for e in unique if isinstance(e, staged.event)]
@@ -328,6 +391,9 @@ def write_batch(conn: psycopg.Connection, events: Sequence[AnyEvent]) -> BatchRe
             with cur.copy(f"COPY {staged.stage} ({columns}) FROM STDIN") as copy:
                 for e in batch:
                     copy.write_row(staged.row(e))
+            if check_erased:
+                dropped = cur.execute(staged.drop).fetchone()
+                new["erased"] += int(dropped[0]) if dropped else 0
             cur.execute(staged.insert)
             new[staged.result] = max(cur.rowcount, 0)
             for statement in staged.then:
