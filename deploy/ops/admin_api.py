@@ -12,6 +12,9 @@ A version's ``live`` object holds its live A/B counts from the ``policy_stats`` 
     POST /admin/policies/{v}/reject          {"reason", "expect_state"?}
     POST /admin/rollback                     {"reason", "to"?, "expect_canary"?, ...}
     POST /admin/hold | /admin/resume         {"reason"}
+    DELETE /admin/users/{user}               {"reason"}: erase the user's interactions,
+                                             ratings and preferences, tombstone the user;
+                                             200 {"user", "deleted": rows per table}
 
 Served by the canary controller on its HTTP port beside ``/metrics`` and the console (one
 place for operators: :mod:`deploy.console.app`), or alone by ``alignloop admin``. Each
@@ -59,6 +62,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from deploy.policies import registry
+from feedback import erasure
 from feedback.ab_counters import policy_counts
 from feedback.db import connect
 from schemas.errors import error_body
@@ -330,6 +334,15 @@ def hold(conn: Conn, actor: Operator, body: ReasonBody) -> dict[str, Any]:
 def resume(conn: Conn, actor: Operator, body: ReasonBody) -> dict[str, Any]:
     changed = registry.resume(conn, actor=actor, reason=body.reason)
     return {"changed": changed, "routing": _routing(conn)}
+
+
+@router.delete("/users/{user:path}")
+def erase_user(conn: Conn, actor: Operator, user: str, body: ReasonBody) -> Any:
+    """Erase one user's data and tombstone the user (:func:`feedback.erasure.erase_user`)."""
+    if not body.reason.strip():
+        return _error(400, "The reason must not be blank.", param="reason", code="invalid_value")
+    deleted = erasure.erase_user(conn, user, actor=actor, reason=body.reason)
+    return {"user": user, "deleted": deleted}
 
 
 # --- the app -------------------------------------------------------------------------------
