@@ -9,7 +9,9 @@ restarted with backoff. Ctrl-C (or SIGTERM) stops everything, children first.
 On a CPU-only machine the cores are split (:mod:`deploy.local.cpu_plan`): the trainer gets its
 share, serving the rest, so training rounds finish in bounded time under chat load. The
 admin API (served by the canary controller) gets a token, made once and kept in
-``state_dir/admin_token`` unless ``ALIGNLOOP_ADMIN_TOKEN`` is set.
+``state_dir/admin_token`` unless ``ALIGNLOOP_ADMIN_TOKEN`` is set. The state directory
+holds users' prompts and ratings as well as the secrets, so it is private: 0700, every file
+in it 0600 (:func:`private_state_dir`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
 ADMIN_TOKEN_FILE = "admin_token"
+# Keys kept under the state directory by the processes `up` starts (serving's response id
+# key: serving/app.py); tightened to 0600 on start if an older version left them readable.
+SECRET_FILES = ("secrets/response_id.key",)
 
 
 def admin_token(settings: Settings, state: Path) -> str:
@@ -99,8 +104,26 @@ def _settings(argv: list[str] | None) -> Settings:
     }
     settings = Settings(**overrides)
     state = settings.state_dir.resolve()
-    state.mkdir(parents=True, exist_ok=True)
+    private_state_dir(state)
     return settings.model_copy(update={"state_dir": state})
+
+
+def private_state_dir(state: Path) -> None:
+    """Make ``state`` private to this user: the directory 0700 (created so, or tightened),
+    the secrets already in it 0600, and the umask 077, so every file this process and its
+    children create under it (logs, spool, Postgres data, keys) is 0600 and every
+    directory 0700. The state holds user prompts and ratings as well as the secrets. (Run
+    as root, the embedded Postgres's own user must pass through: see
+    :func:`_start_infrastructure`.)"""
+    os.umask(0o077)
+    state.mkdir(mode=0o700, parents=True, exist_ok=True)
+    state.chmod(0o700)
+    for secret in (ADMIN_TOKEN_FILE, *SECRET_FILES):
+        path = state / secret
+        if path.is_file():
+            path.chmod(0o600)
+    (state / "secrets").mkdir(mode=0o700, exist_ok=True)
+    (state / "secrets").chmod(0o700)
 
 
 @dataclass
@@ -128,6 +151,11 @@ def _start_infrastructure(settings: Settings, infra: _Infrastructure) -> None:
         with console.status("starting embedded Postgres…"):
             infra.postgres = EmbeddedPostgres(state / "postgres")
             infra.database_url = infra.postgres.start()
+        if os.geteuid() == 0:
+            # As root, pgserver runs Postgres as its own user and opens every directory
+            # above the data to it (g+rx, o+rx). That user needs to pass through the state
+            # directory, not to list it: 0711, and the umask keeps every file in it 0600.
+            state.chmod(0o711)
     if not infra.bootstrap:
         from deploy.local.broker import EmbeddedBroker
 

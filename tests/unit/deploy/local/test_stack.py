@@ -1,0 +1,73 @@
+"""`alignloop up` keeps its state private: the state directory 0700, the secrets in it 0600
+(also when an older version left them readable), and everything it and its children
+create there private through the umask. Run in a child process: the umask is per process."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[4]
+
+# What `up` does first (deploy.local.stack.main: the settings, then the admin token), then
+# what its children do: serving makes its response id key, a log file, a directory.
+SCRIPT = """
+import sys
+from deploy.local.stack import _settings, admin_token
+from serving.response_ids import load_or_create_secret
+
+settings = _settings(["--state-dir", sys.argv[1]])
+state = settings.state_dir
+admin_token(settings, state)
+load_or_create_secret(state / "secrets" / "response_id.key")
+(state / "logs").mkdir(exist_ok=True)
+(state / "logs" / "serving.log").write_text("started")
+"""
+
+
+def _up(state: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ALIGNLOOP_")}
+    subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(state)], cwd=REPO, env=env, check=True, timeout=120
+    )
+
+
+def _modes(state: Path) -> dict[str, int]:
+    paths = [state, *sorted(state.rglob("*"))]
+    return {str(p.relative_to(state)): stat.S_IMODE(p.stat().st_mode) for p in paths}
+
+
+EXPECTED = {
+    ".": 0o700,
+    "admin_token": 0o600,
+    "logs": 0o700,
+    "logs/serving.log": 0o600,
+    "secrets": 0o700,
+    "secrets/response_id.key": 0o600,
+}
+
+
+def test_a_new_state_dir_is_private(tmp_path: Path) -> None:
+    state = tmp_path / "fresh" / ".alignloop"
+    _up(state)
+    assert _modes(state) == EXPECTED
+
+
+def test_an_old_readable_state_dir_is_made_private(tmp_path: Path) -> None:
+    state = tmp_path / ".alignloop"
+    (state / "secrets").mkdir(parents=True)
+    (state / "admin_token").write_text("old-token")
+    (state / "secrets" / "response_id.key").write_text("k" * 64)
+    for path, mode in [
+        (state, 0o755),
+        (state / "secrets", 0o755),
+        (state / "admin_token", 0o644),
+        (state / "secrets" / "response_id.key", 0o644),
+    ]:
+        path.chmod(mode)
+    _up(state)
+    assert _modes(state) == EXPECTED
+    assert (state / "admin_token").read_text() == "old-token"  # kept, only tightened
