@@ -87,6 +87,14 @@ class Settings(BaseSettings):
     routing_refresh_s: float = Field(
         5.0, description="Re-read the routing table this often even without a notification."
     )
+    routing_stale_after_s: float = Field(
+        60.0,
+        gt=0,
+        description="A replica whose last successful read of the routing table is older than "
+        "this (Postgres unreachable) answers 503 on /readyz and says `stale` on /healthz "
+        "(which stays 200); it keeps serving its last table. Keep it well above "
+        "routing_refresh_s. Before the first read and without a database: never stale.",
+    )
 
     # --- event producing ----------------------------------------------------------
     spool_dir: Path | None = Field(

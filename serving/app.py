@@ -147,6 +147,7 @@ def create_app(settings: Settings, model_dir: Path, publisher: EventPublisher) -
     app.state.chat = chat
     install_error_handlers(app)
     _add_routes(app, settings, chat, completions, router, publisher, model_dir)
+    add_health_routes(app, settings, router, watcher, publisher, model_dir)
     return app
 
 
@@ -227,21 +228,55 @@ def _add_routes(
     async def models() -> ModelList:
         return ModelList(data=router.model_cards(started_at, settings.max_model_len))
 
-    @app.get("/healthz")
-    async def healthz() -> dict[str, Any]:
-        table = router.table
-        return {
-            "status": "ok",
-            "model_dir": str(model_dir),
-            "routing": {
-                "generation": table.generation,
-                "stable": table.stable,
-                "canary": table.canary,
-                "canary_weight": table.canary_weight,
-            },
-            "events": publisher.snapshot(),
-        }
-
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+def routing_health(
+    router: PolicyRouter, watcher: RoutingWatcher | None, stale_after_s: float
+) -> dict[str, Any]:
+    """The routing part of /healthz and /readyz: the table in force, the version actually
+    serving the stable arm, and the table's age (None: never read, or no database)."""
+    table = router.table
+    age = watcher.age_s() if watcher is not None else None
+    return {
+        "generation": table.generation,
+        "stable": table.stable,
+        "serving_stable": router.serving_stable(),
+        "canary": table.canary,
+        "canary_weight": table.canary_weight,
+        "age_s": None if age is None else round(age, 3),
+        "stale_after_s": stale_after_s,
+        "stale": age is not None and age > stale_after_s,
+    }
+
+
+def add_health_routes(
+    app: FastAPI,
+    settings: Settings,
+    router: PolicyRouter,
+    watcher: RoutingWatcher | None,
+    publisher: EventPublisher,
+    model_dir: Path,
+) -> None:
+    """``/healthz`` (liveness and start-up: always 200 once the app runs, with the state)
+    and ``/readyz`` (503 while the routing table is stale). A replica cut off from Postgres
+    keeps serving its last table; whether to take it out of rotation is the orchestrator's
+    call, so liveness never fails on it (a restart would come back with the base only)."""
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "model_dir": str(model_dir),
+            "routing": routing_health(router, watcher, settings.routing_stale_after_s),
+            "events": publisher.snapshot(),
+        }
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        routing = routing_health(router, watcher, settings.routing_stale_after_s)
+        stale = routing["stale"]
+        body = {"status": "stale_routing_table" if stale else "ready", "routing": routing}
+        return JSONResponse(body, status_code=503 if stale else 200)

@@ -6,9 +6,15 @@ routing watcher), sticky arm assignment, and the adapters already loaded into th
 
 Adapters are loaded on first use with ``engine.add_adapter`` *before* any request uses
 them: vLLM survives a failed ``add_lora`` but dies if a generation names an adapter it
-cannot load. A version whose adapter fails to load is marked failed in this replica, an
-`AdapterLoadFailed` event tells the canary controller (which rolls it back), and its
-routed traffic is served by the stable version meanwhile. Each version keeps one adapter
+cannot load. A version registered with a checksum is first checked against it
+(:func:`schemas.durable.verify_checksum`: the manifest's sha256, then every file's); a
+mismatch is refused like any load failure. A version registered without one (``base``, an
+operator's adapter registered with no checksum) loads unverified. A version whose adapter
+fails to load is marked failed in this replica, an `AdapterLoadFailed` event tells the
+canary controller (which rolls a canary back), and its routed traffic is served by the
+stable version meanwhile; when the stable itself cannot load, by the newest earlier stable
+that does (``previous_stable`` in ``alignloop_routed_requests_total``, ``serving_stable``
+on ``/healthz``), not a 503 for everyone. Each version keeps one adapter
 name and id for the life of the process: versions are immutable, so a name never has to be
 reloaded with new content (vLLM could reuse a stale prefix cache for it).
 
@@ -33,6 +39,7 @@ from prometheus_client import Counter
 
 from schemas import topics
 from schemas.chat import ModelCard
+from schemas.durable import CorruptedDirectory, verify_checksum
 from schemas.events import AdapterLoadFailed
 from serving.engine import Adapter, Engine
 from serving.publisher import PRODUCER, EventPublisher
@@ -53,7 +60,8 @@ ADAPTER_LOADS = Counter(
 )
 ROUTED = Counter(
     "alignloop_routed_requests_total",
-    "Requests by how they were routed (stable, canary, pinned, fallback).",
+    "Requests by how they were routed (stable, canary, pinned, fallback: a canary user "
+    "served by stable, previous_stable: a stable user served by an earlier stable).",
     ["arm"],
 )
 
@@ -94,6 +102,8 @@ class PolicyRouter:
         self._loaded: dict[str, Adapter] = {}
         self._failed: dict[str, str] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        # stable version -> the version serving its arm (itself, or an earlier stable)
+        self.served_stable: dict[str, str] = {}
 
     # -- the routing table ------------------------------------------------------------
     def apply(self, table: RoutingTable) -> None:
@@ -161,16 +171,47 @@ class PolicyRouter:
         try:
             target = await self._target(table, version)
         except PolicyUnavailable:
-            if arm != "canary":
+            if arm == "pinned":
                 raise
-            arm = "fallback"  # the canary cannot load here: its users get stable
-            target = await self._target(table, table.stable)
+            # The canary cannot load here: its users get the stable. The stable cannot: an
+            # earlier stable, not a 503 for everyone.
+            arm = "fallback" if arm == "canary" else "previous_stable"
+            target = await self._stable(table)
         if arm == "stable" and target.adapter is None and table.canary is not None:
             zero = await self._zero_copy(table, table.canary)
             if zero is not None:
                 target = PolicyTarget(target.version, zero)
         ROUTED.labels(arm).inc()
         return target
+
+    async def _stable(self, table: RoutingTable) -> PolicyTarget:
+        """The stable version, or, when its adapter cannot load here, the newest earlier
+        stable that does (``table.previous_stables``: most recently retired first)."""
+        for version in (table.stable, *table.previous_stables):
+            try:
+                target = await self._target(table, version)
+            except PolicyUnavailable:
+                continue
+            if version != table.stable and self.served_stable.get(table.stable) != version:
+                log.error(
+                    "stable %s cannot load here (%s); its traffic is served by %s, the "
+                    "newest earlier stable that loads",
+                    table.stable,
+                    self._failed.get(table.stable),
+                    version,
+                )
+            self.served_stable[table.stable] = version
+            return target
+        raise PolicyUnavailable(
+            f"policy version {table.stable} (stable) failed to load, and so did every earlier "
+            "stable"
+        )
+
+    def serving_stable(self) -> str:
+        """The version that serves the stable arm now: the stable, or the earlier stable
+        standing in for it while its adapter cannot load (for /healthz)."""
+        stable = self.table.stable
+        return stable if stable not in self._failed else self.served_stable.get(stable, stable)
 
     async def _zero_copy(self, table: RoutingTable, canary: str) -> Adapter | None:
         """The loaded zero copy of the canary's adapter (see the module docstring), or None
@@ -185,7 +226,10 @@ class PolicyRouter:
             if name in self._loaded or name in self._failed:
                 return self._loaded.get(name)
             target = self.like_for_like_dir / f"{canary}-zero"
+            checksum = table.checksums.get(canary)
             try:
+                if checksum is not None:  # shapes from a tampered adapter: no copy either
+                    await asyncio.to_thread(_verify, canary, path, checksum)
                 zero_path = await asyncio.to_thread(write_zero_adapter, path, target)
                 return await self._load(name, str(zero_path), report=False)
             except Exception as exc:  # any failure: serve the base, as without like for like
@@ -205,9 +249,11 @@ class PolicyRouter:
         path = table.adapters.get(version)
         if path is None:
             return PolicyTarget(version, None)
-        return PolicyTarget(version, await self._load(version, path))
+        return PolicyTarget(version, await self._load(version, path, table.checksums.get(version)))
 
-    async def _load(self, version: str, path: str, *, report: bool = True) -> Adapter:
+    async def _load(
+        self, version: str, path: str, checksum: str | None = None, *, report: bool = True
+    ) -> Adapter:
         if version in self._loaded:
             return self._loaded[version]
         lock = self._locks.setdefault(version, asyncio.Lock())
@@ -220,6 +266,8 @@ class PolicyRouter:
             try:
                 if not os.path.isdir(path):
                     raise FileNotFoundError(f"no adapter directory at {path}")
+                if checksum is not None:
+                    await asyncio.to_thread(_verify, version, path, checksum)
                 assert self.engine is not None
                 await asyncio.wait_for(self.engine.add_adapter(adapter), self.load_timeout_s)
             except Exception as exc:
@@ -249,6 +297,17 @@ class PolicyRouter:
                     error=error,
                 ),
             )
+
+
+def _verify(version: str, path: str, checksum: str) -> None:
+    """Check an adapter directory against its registered checksum before the engine sees
+    it; :class:`CorruptedDirectory` names the version and both checksums that differ."""
+    try:
+        verify_checksum(Path(path), checksum)
+    except CorruptedDirectory as exc:
+        raise CorruptedDirectory(
+            f"refused the adapter of policy version {version}: {exc}"
+        ) from None
 
 
 __all__ = ["BASE_VERSION", "PolicyRouter", "PolicyTarget", "PolicyUnavailable", "UnknownModel"]

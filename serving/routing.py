@@ -12,6 +12,10 @@ Arm assignment is sticky: ``bucket(user) = sha256(salt, user) / 2**64`` is a fix
 in [0, 1) per user, and a user is in the canary arm while ``bucket < canary_weight``. Raising
 the weight (5 % → 50 %) moves only users from stable to canary, never back, and a user
 keeps their arm for as long as the weight does not cross their bucket.
+
+A replica cut off from Postgres keeps serving its last snapshot, and says how old it is:
+the gauge ``alignloop_routing_table_loaded_timestamp_seconds``, and the age on ``/healthz``
+and ``/readyz`` (503 once older than ``routing_stale_after_s``; see ``serving/app.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -58,6 +63,13 @@ class RoutingTable:
     # Every version a request may name explicitly -> its adapter directory (None: the base
     # weights). Rejected versions are absent.
     adapters: Mapping[str, str | None] = field(default_factory=dict)
+    # Version -> the registered checksum of its adapter directory (the sha256 of its
+    # MANIFEST.json, schemas.durable); None: registered without one, loaded unverified.
+    checksums: Mapping[str, str | None] = field(default_factory=dict)
+    # The versions that were stable before (retired), most recently retired first: where
+    # the stable arm goes when the stable's adapter cannot load (the registry's rollback
+    # goes to the first of them too).
+    previous_stables: tuple[str, ...] = ()
 
     @classmethod
     def base_only(cls) -> RoutingTable:
@@ -82,7 +94,10 @@ _TABLE_SQL = """
 SELECT r.generation, r.stable_version, r.canary_version, r.canary_weight
 FROM policy_routing r
 """
-_VERSIONS_SQL = "SELECT version, adapter_uri FROM policy_versions WHERE state <> 'rejected'"
+_VERSIONS_SQL = """
+SELECT version, adapter_uri, checksum, state FROM policy_versions WHERE state <> 'rejected'
+ORDER BY state_changed_at DESC, version DESC
+"""
 
 
 def read_table(conn: Connection[TupleRow]) -> RoutingTable:
@@ -91,8 +106,16 @@ def read_table(conn: Connection[TupleRow]) -> RoutingTable:
         row = conn.execute(_TABLE_SQL).fetchone()
         assert row is not None, "policy_routing has one row, never deleted (migration 0003)"
         generation, stable, canary, weight = row
-        adapters: dict[str, str | None] = dict(conn.execute(_VERSIONS_SQL).fetchall())
-    return RoutingTable(int(generation), stable, canary, float(weight), adapters)
+        versions = conn.execute(_VERSIONS_SQL).fetchall()
+    return RoutingTable(
+        int(generation),
+        stable,
+        canary,
+        float(weight),
+        adapters={v: uri for v, uri, _, _ in versions},
+        checksums={v: checksum for v, _, checksum, _ in versions},
+        previous_stables=tuple(v for v, _, _, state in versions if state == "retired"),
+    )
 
 
 class RoutingWatcher:
@@ -109,6 +132,7 @@ class RoutingWatcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.ready = threading.Event()  # set after the first successful read
+        self.loaded_at: float | None = None  # time.time() of the last successful read
 
     def start(self, wait_s: float = 10.0) -> None:
         self._thread = threading.Thread(target=self._run, name="routing-watcher", daemon=True)
@@ -119,6 +143,11 @@ class RoutingWatcher:
                 "Postgres answers",
                 wait_s,
             )
+
+    def age_s(self) -> float | None:
+        """Seconds since the last successful read of the table; None before the first."""
+        loaded_at = self.loaded_at
+        return None if loaded_at is None else max(0.0, time.time() - loaded_at)
 
     def stop(self) -> None:
         self._stop.set()
@@ -152,5 +181,6 @@ class RoutingWatcher:
         table = read_table(conn)
         ROUTING_RELOADS.labels(trigger).inc()
         ROUTING_LOADED_AT.set_to_current_time()  # read succeeded: the snapshot is current
+        self.loaded_at = time.time()
         self.apply(table)
         self.ready.set()

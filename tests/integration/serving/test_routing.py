@@ -3,12 +3,16 @@
 Two serving processes (each with its own vLLM engine) watch the same Postgres registry.
 Tests drive the registry directly (as the canary controller and operators do) and check
 what the replicas serve: sticky canary arms, promotion reaching every replica within a
-second, flips under load without failed requests, and a broken adapter contained.
+second, flips under load without failed requests, a broken adapter contained, a tampered
+adapter refused by its checksum and rolled back by the controller, an unloadable stable
+served by the previous stable, and the routing table's age on /healthz and /readyz.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import shutil
 import threading
 import time
 from collections import defaultdict
@@ -16,11 +20,16 @@ from collections import defaultdict
 import httpx
 import pytest
 
+from deploy.canary.controller import CanaryController
+from deploy.canary.stats import CanaryConfig
 from deploy.policies import registry
 from schemas import topics
+from schemas.durable import sha256_file, write_dir_atomically
 from schemas.events import AdapterLoadFailed
 from tests.fixtures.adapters import corrupt_copy, make_adapter
-from tests.fixtures.broker import consume_events
+from tests.fixtures.broker import consume_events, unique_topic
+from tests.fixtures.ingestor import running_ingestor
+from tests.fixtures.polling import wait_until
 from tests.fixtures.replicas import routed_replicas
 
 pytestmark = pytest.mark.slow
@@ -34,8 +43,24 @@ def replicas(demo_model_dir, tmp_path_factory, broker):
         "v2": make_adapter(demo_model_dir, work / "v2", seed=2),
     }
     adapters["broken"] = corrupt_copy(adapters["v2"], work / "broken")
+    # Written the trainer's way (manifest, checksum), then one weight byte flipped: vLLM
+    # would load it happily, only the checksum tells.
+    checksum = write_dir_atomically(
+        work / "tampered",
+        lambda d: [shutil.copy(f, d / f.name) for f in sorted(adapters["v2"].iterdir())],
+    )
+    weights = work / "tampered" / "adapter_model.safetensors"
+    good = sha256_file(weights)
+    with open(weights, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 0x01]))
+    adapters["tampered"] = work / "tampered"
+    signed = {"checksum": checksum, "good": good, "bad": sha256_file(weights)}
     with routed_replicas(demo_model_dir, broker.bootstrap, work) as replicas:
         replicas.adapters.update(adapters)
+        replicas.signed = signed  # type: ignore[attr-defined]  # the tampered adapter's sums
         yield replicas
 
 
@@ -133,3 +158,75 @@ def test_broken_adapter_is_contained(replicas):
     events = consume_events(replicas.bootstrap, topics.POLICY, expected=1, timeout=30)
     failures = [e for e in events if isinstance(e, AdapterLoadFailed)]
     assert any(e.version == "broken" for e in failures), events
+
+
+def _load_failures(replicas, version: str) -> list[str]:
+    with replicas.db() as conn:
+        rows = conn.execute(
+            "SELECT error FROM adapter_load_failures WHERE version = %s", (version,)
+        ).fetchall()
+    return [r[0] for r in rows]
+
+
+def test_a_tampered_adapter_is_refused_reported_and_rolled_back(replicas):
+    signed = replicas.signed
+    with replicas.db() as conn:
+        if registry.routing_table(conn).canary_version is not None:
+            registry.rollback(conn, actor="test", reason="end the broken canary")
+        registry.register_candidate(
+            conn, "tampered", str(replicas.adapters["tampered"]), actor="trainer",
+            checksum=signed["checksum"],
+        )  # fmt: skip
+        routing = registry.start_canary(conn, "tampered", 0.5, actor="controller")
+    replicas.wait_generation(routing.generation)
+    served = {replicas.ask(replicas.urls[0], f"t-{i}") for i in range(10)}
+    assert {(r.status_code, r.json()["policy_version"]) for r in served} == {(200, "v1")}
+    pinned = replicas.ask(replicas.urls[0], "x", model="tampered")
+    assert pinned.status_code == 503 and "tampered failed to load" in pinned.text
+
+    # The report reaches Postgres through Kafka and the ingestor; the controller's
+    # guardrail on adapter load failures rolls the canary back.
+    with running_ingestor(
+        replicas.db_url,
+        replicas.bootstrap,
+        interactions_topic=unique_topic("tampered-interactions"),
+        feedback_topic=unique_topic("tampered-feedback"),
+        policy_topic=topics.POLICY,
+        dead_letter_topic=unique_topic("tampered-dlq"),
+    ):
+        wait_until(lambda: _load_failures(replicas, "tampered"), 60, "the failure report")
+    (error, *_) = _load_failures(replicas, "tampered")
+    assert "refused the adapter of policy version tampered" in error
+    assert f"(manifest {signed['good']}, file {signed['bad']})" in error
+    with replicas.db() as conn:
+        decision = CanaryController(CanaryConfig.demo(), settle_seconds=0).tick(conn)
+        assert decision is not None and decision.action == "rollback", decision
+        assert any("adapter load failures" in b for b in decision.statistics["guardrail_breaches"])
+        assert registry.get(conn, "tampered").state == "rolled_back"
+
+
+def test_an_unloadable_stable_is_served_by_the_previous_stable(replicas):
+    with replicas.db() as conn:  # v1 retires; the tampered version becomes the stable
+        routing = registry.promote(conn, "tampered", actor="test", reason="force it")
+    replicas.wait_generation(routing.generation)
+    for url in replicas.urls:  # replica 1 never tried it: it checks it now
+        answers = [replicas.ask(url, f"s-{i}") for i in range(5)]
+        assert {(r.status_code, r.json()["policy_version"]) for r in answers} == {(200, "v1")}
+        routing_state = httpx.get(f"{url}/healthz").json()["routing"]
+        assert (routing_state["stable"], routing_state["serving_stable"]) == ("tampered", "v1")
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'alignloop_routed_requests_total{arm="previous_stable"}' in metrics
+    with replicas.db() as conn:
+        routing = registry.rollback(conn, actor="test", reason="back to v1")
+    replicas.wait_generation(routing.generation)
+    assert httpx.get(f"{replicas.urls[0]}/healthz").json()["routing"]["serving_stable"] == "v1"
+
+
+def test_replicas_report_their_routing_tables_age(replicas):
+    for url in replicas.urls:
+        ready = httpx.get(f"{url}/readyz")
+        assert ready.status_code == 200, ready.text
+        routing_state = ready.json()["routing"]
+        # read at start and on every change; re-read every 30 s here (routed_replicas)
+        assert 0 <= routing_state["age_s"] < 35 and not routing_state["stale"]
+        assert routing_state["stale_after_s"] == 60
