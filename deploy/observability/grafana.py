@@ -616,6 +616,21 @@ def feedback_canary_dashboard() -> dict[str, Any]:
         ),
         w=8,
     )
+    g.add(
+        timeseries(
+            "Erasure and retention",
+            [
+                (f"sum(increase(alignloop_ingest_erased_events_total[{RATE}]))", "erased dropped"),
+                (
+                    f"sum by (table) (increase(alignloop_ingest_purged_rows_total[{RATE}]))",
+                    "purged {{table}}",
+                ),
+            ],
+            description="Events dropped because their user (or the answer they name) was "
+            "erased, and rows the retention purge deleted (ALIGNLOOP_RETENTION_DAYS).",
+        ),
+        w=8,
+    )
 
     g.row("Canary")
     g.add(
