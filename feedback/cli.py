@@ -26,11 +26,7 @@ def _settings():
     return Settings()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``alignloop ingest``: run the feedback ingestor until SIGTERM / Ctrl-C."""
-    from feedback.ingest.consumer import IngestConfig, Ingestor
-
-    settings = _settings()
+def _ingest_parser(settings) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="alignloop ingest", description=main.__doc__)
     ap.add_argument("--database-url", default=settings.database_url)
     ap.add_argument("--bootstrap", default=settings.kafka_bootstrap)
@@ -55,7 +51,17 @@ def main(argv: list[str] | None = None) -> int:
         default=settings.retention_days,
         help="purge rows older than this, at start and hourly (default: keep everything)",
     )
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``alignloop ingest``: run the feedback ingestor until SIGTERM / Ctrl-C."""
+    from feedback import user_ids
+    from feedback.ingest.consumer import IngestConfig, Ingestor
+    from feedback.user_ids import KeyMismatch
+
+    settings = _settings()
+    args = _ingest_parser(settings).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)  # its INFO is per-connection chatter
     if not args.database_url or not args.bootstrap:
@@ -78,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             max_batch=args.max_batch,
             client_id=args.client_id,
             retention_days=args.retention_days,
+            user_id_key=user_ids.configured(settings).key,
         )
     )
 
@@ -86,7 +93,11 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _graceful)
     signal.signal(signal.SIGINT, _graceful)
-    ingestor.run()
+    try:
+        ingestor.run()
+    except KeyMismatch as exc:
+        print(f"alignloop ingest: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -147,12 +158,14 @@ def delete_main(argv: list[str] | None = None) -> int:
     events. Prints the rows deleted per table as JSON."""
     from feedback.db import connect, migrate
     from feedback.erasure import erase_user
+    from feedback.user_ids import KeyMismatch, configured
 
     ap = argparse.ArgumentParser(prog="alignloop data delete", description=delete_main.__doc__)
     ap.add_argument("--user", required=True, help="the user id as the API received it")
     ap.add_argument("--reason", required=True, help="kept with the tombstone")
     ap.add_argument("--actor", help="who is acting, kept with the tombstone (default: $USER)")
-    ap.add_argument("--database-url", default=_settings().database_url)
+    settings = _settings()
+    ap.add_argument("--database-url", default=settings.database_url)
     args = ap.parse_args(argv)
     if not args.database_url:
         print("alignloop data delete: set ALIGNLOOP_DATABASE_URL or --database-url",
@@ -162,9 +175,16 @@ def delete_main(argv: list[str] | None = None) -> int:
         print("alignloop data delete: --user and a non-empty --reason are required",
               file=sys.stderr)  # fmt: skip
         return 2
+    user_ids = configured(settings)
     with connect(args.database_url, autocommit=True) as conn:
         migrate(conn)
-        counts = erase_user(conn, args.user, actor=_actor(args.actor), reason=args.reason)
+        try:
+            counts = erase_user(
+                conn, args.user, actor=_actor(args.actor), reason=args.reason, user_ids=user_ids
+            )
+        except KeyMismatch as exc:
+            print(f"alignloop data delete: {exc}", file=sys.stderr)
+            return 2
     print(json.dumps({"user": args.user, "deleted": counts}))
     return 0
 

@@ -19,9 +19,13 @@ in ONE transaction:
 3. the user's own ratings of other answers and the user's own preferences;
 4. ``policy_stats`` minus exactly what was removed
    (:func:`feedback.ab_counters.subtract_removed`);
-5. a tombstone (``user_tombstones``: the sha256 of the user id, when, by whom, why) and the
-   erased answers' response ids (``erased_responses``), which the writer checks in every
-   later batch.
+5. a tombstone (``user_tombstones``: the sha256 of the stored user id, when, by whom, why)
+   and the erased answers' response ids (``erased_responses``), which the writer checks in
+   every later batch.
+
+User ids may be stored as keyed hashes (:mod:`feedback.user_ids`): the operator still types
+the id serving received; erasure hashes it with the same key (and also looks for the raw id,
+for rows stored before the key was configured).
 
 It returns how many rows it deleted per table. Datasets are computed from the tables as of a
 watermark (:mod:`feedback.datasets`), so no later export or training round can contain the
@@ -45,6 +49,7 @@ import psycopg
 
 from feedback import ab_counters
 from feedback.ingest.writer import WRITE_LOCK_KEY
+from feedback.user_ids import UserIds
 
 TABLES = (
     "interactions",
@@ -127,29 +132,42 @@ def _remove(conn: psycopg.Connection, also: _Also, params: dict[str, object]) ->
 
 
 _USER_ROWS = _Also(
-    current="fc.user_key = %(user)s",
-    events="fe.user_key = %(user)s",
-    preferences="p.user_id = %(user)s",
+    current="fc.user_key = ANY(%(users)s)",
+    events="fe.user_key = ANY(%(users)s)",
+    preferences="p.user_id = ANY(%(users)s)",
 )
 
+RAW_USER_IDS = UserIds()
 
-def erase_user(conn: psycopg.Connection, user: str, *, actor: str, reason: str) -> dict[str, int]:
-    """Erase ``user`` (the id as serving received it) and tombstone it; returns the rows
+
+def erase_user(
+    conn: psycopg.Connection,
+    user: str,
+    *,
+    actor: str,
+    reason: str,
+    user_ids: UserIds = RAW_USER_IDS,
+) -> dict[str, int]:
+    """Erase ``user`` (the id as serving received it: under a key, its rows are found by
+    hashing it the way the ingestor did, ``user_ids``) and tombstone it; returns the rows
     deleted per table (:data:`TABLES`). One transaction (the caller's, if one is open).
     Erasing an already erased user deletes what may have slipped in before its tombstone
-    (nothing, normally) and keeps the first tombstone."""
+    (nothing, normally) and keeps the first tombstone. Raises
+    :class:`feedback.user_ids.KeyMismatch` rather than look for the wrong ids."""
     if not user:
         raise ValueError("a user id is required (anonymous rows cannot be told apart)")
     if not reason.strip():
         raise ValueError("a reason is required (it is kept with the tombstone)")
     if not actor.strip():
         raise ValueError("an actor is required (it is kept with the tombstone)")
-    params: dict[str, object] = {"user": user}
+    forms = user_ids.forms(user)
+    params: dict[str, object] = {"users": forms}
     with conn.transaction():
+        user_ids.check(conn)
         _begin(conn)
         conn.execute(
             "INSERT INTO doomed_responses SELECT response_id FROM interactions"
-            " WHERE user_id = %(user)s",
+            " WHERE user_id = ANY(%(users)s)",
             params,
         )
         counts = _remove(conn, _USER_ROWS, params)
@@ -157,26 +175,27 @@ def erase_user(conn: psycopg.Connection, user: str, *, actor: str, reason: str) 
             "INSERT INTO erased_responses (response_id) SELECT response_id"
             " FROM doomed_responses ON CONFLICT DO NOTHING"
         )
-        conn.execute(
-            "INSERT INTO user_tombstones (user_hash, actor, reason) VALUES (%s, %s, %s)"
-            " ON CONFLICT DO NOTHING",
-            (user_hash(user), actor.strip(), reason.strip()),
-        )
+        for form in forms:
+            conn.execute(
+                "INSERT INTO user_tombstones (user_hash, actor, reason) VALUES (%s, %s, %s)"
+                " ON CONFLICT DO NOTHING",
+                (user_hash(form), actor.strip(), reason.strip()),
+            )
     return counts
 
 
-def is_erased(conn: psycopg.Connection, user: str) -> bool:
+def is_erased(conn: psycopg.Connection, user: str, user_ids: UserIds = RAW_USER_IDS) -> bool:
     """Whether ``user`` has a tombstone."""
+    hashes = [user_hash(form) for form in user_ids.forms(user)]
     row = conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM user_tombstones WHERE user_hash = %s)", (user_hash(user),)
+        "SELECT EXISTS (SELECT 1 FROM user_tombstones WHERE user_hash = ANY(%s))", (hashes,)
     ).fetchone()
     return bool(row and row[0])
 
 
 def _aged(table: str, alias: str) -> str:
-    return (
-        f"{alias}.ctid IN (SELECT ctid FROM {table} WHERE occurred_at < %(cutoff)s LIMIT %(chunk)s)"
-    )
+    cond = "WHERE occurred_at < %(cutoff)s LIMIT %(chunk)s"
+    return f"{alias}.ctid IN (SELECT ctid FROM {table} {cond})"
 
 
 _AGED_ROWS = _Also(

@@ -113,6 +113,14 @@ class Settings(BaseSettings):
     ingest_max_batch: int = Field(
         2000, description="Most events written to Postgres in one transaction."
     )
+    user_id_key: SecretStr | None = Field(
+        None,
+        description="HMAC key under which user ids are stored (as `uh1:` + hex HMAC-SHA256) "
+        "by the ingestor and looked up by erasure; events keep the raw id. Every ingestor and "
+        "every process that erases must have the same key (the database records its "
+        "fingerprint and refuses another). Unset: state_dir/secrets/user_id.key if it exists "
+        "(`alignloop up` makes one), else user ids are stored as received.",
+    )
     retention_days: float | None = Field(
         None,
         gt=0,

@@ -32,9 +32,9 @@ from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
 ADMIN_TOKEN_FILE = "admin_token"
-# Keys kept under the state directory by the processes `up` starts (serving's response id
-# key: serving/app.py); tightened to 0600 on start if an older version left them readable.
-SECRET_FILES = ("secrets/response_id.key",)
+# Keys kept under the state directory (serving's response id key: serving/app.py; the user
+# id key: user_id_key_file); tightened to 0600 on start if an older version left them readable.
+SECRET_FILES = ("secrets/response_id.key", "secrets/user_id.key")
 
 
 def admin_token(settings: Settings, state: Path) -> str:
@@ -48,6 +48,24 @@ def admin_token(settings: Settings, state: Path) -> str:
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_urlsafe(32))
     return path.read_text().strip()
+
+
+def user_id_key_file(settings: Settings, state: Path) -> None:
+    """Unless ``ALIGNLOOP_USER_ID_KEY`` is set, make the key under which the ingestor stores
+    user ids as keyed hashes (:mod:`feedback.user_ids`) once, mode 0600, in
+    ``state/secrets/user_id.key``, where the ingestor, the admin API and ``alignloop data
+    delete`` find it."""
+    from feedback.user_ids import KEY_FILE, new_key
+
+    if settings.user_id_key is not None and settings.user_id_key.get_secret_value():
+        return
+    path = state / KEY_FILE
+    if path.exists():
+        return
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(new_key())
 
 
 def child_envs(settings: Settings, base: dict[str, str]) -> dict[str, dict[str, str]]:
@@ -228,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _start_infrastructure(settings, infra)
         model_dir = _base_model(settings)
+        user_id_key_file(settings, settings.state_dir)
         env = {
             **os.environ,
             "ALIGNLOOP_STATE_DIR": str(settings.state_dir),

@@ -65,6 +65,8 @@ from deploy.policies import registry
 from feedback import erasure
 from feedback.ab_counters import policy_counts
 from feedback.db import connect
+from feedback.user_ids import KeyMismatch, UserIds
+from feedback.user_ids import configured as user_ids_from
 from schemas.errors import error_body
 
 log = logging.getLogger(__name__)
@@ -337,22 +339,32 @@ def resume(conn: Conn, actor: Operator, body: ReasonBody) -> dict[str, Any]:
 
 
 @router.delete("/users/{user:path}")
-def erase_user(conn: Conn, actor: Operator, user: str, body: ReasonBody) -> Any:
+def erase_user(request: Request, conn: Conn, actor: Operator, user: str, body: ReasonBody) -> Any:
     """Erase one user's data and tombstone the user (:func:`feedback.erasure.erase_user`)."""
     if not body.reason.strip():
         return _error(400, "The reason must not be blank.", param="reason", code="invalid_value")
-    deleted = erasure.erase_user(conn, user, actor=actor, reason=body.reason)
+    try:
+        deleted = erasure.erase_user(
+            conn, user, actor=actor, reason=body.reason, user_ids=request.app.state.user_ids
+        )
+    except KeyMismatch as exc:
+        log.error("erasure refused: %s", exc)
+        return _error(500, str(exc), type="server_error", code="user_id_key_mismatch")
     return {"user": user, "deleted": deleted}
 
 
 # --- the app -------------------------------------------------------------------------------
 
 
-def create_app(database_url: str, token: SecretStr | str | None) -> FastAPI:
+def create_app(
+    database_url: str, token: SecretStr | str | None, user_ids: UserIds | None = None
+) -> FastAPI:
     """``/admin/...`` (guarded by :class:`AdminAuth`) and ``/metrics`` (this process's
-    Prometheus registry, unauthenticated as before)."""
+    Prometheus registry, unauthenticated as before). ``user_ids``: how the ingestors store
+    user ids, for erasure; None: from the settings (:mod:`feedback.user_ids`)."""
     app = FastAPI(title="alignloop admin", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.database_url = database_url
+    app.state.user_ids = user_ids if user_ids is not None else _configured_user_ids()
     app.include_router(router)
     app.add_middleware(AdminAuth, token=token)
     _install_error_handlers(app)
@@ -362,6 +374,12 @@ def create_app(database_url: str, token: SecretStr | str | None) -> FastAPI:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _configured_user_ids() -> UserIds:
+    from schemas.settings import Settings
+
+    return user_ids_from(Settings())
 
 
 def serve_in_thread(app: FastAPI, host: str, port: int) -> tuple[uvicorn.Server, threading.Thread]:

@@ -48,6 +48,7 @@ from feedback.db import connect, migrate
 from feedback.erasure import purge_older_than
 from feedback.ingest.dead_letters import DeadLetter, Message, rejection_reason
 from feedback.ingest.writer import BatchResult, prepare_session, store_events, write_batch
+from feedback.user_ids import UserIds
 from schemas import topics
 from schemas.events import AnyEvent, parse_event
 
@@ -111,6 +112,9 @@ class IngestConfig:
     """``ALIGNLOOP_RETENTION_DAYS``: purge rows older than this (:mod:`feedback.erasure`)
     right after start and then every ``purge_interval_s``; None keeps everything."""
     purge_interval_s: float = 3600.0
+    user_id_key: bytes | None = None
+    """Store user ids as keyed hashes under this key (:mod:`feedback.user_ids`); None: as
+    received. The ingestor refuses to start on a database keyed differently."""
 
 
 class _Stopping(Exception):
@@ -144,6 +148,7 @@ class Ingestor:
         self._conn: psycopg.Connection | None = None
         self._committed: dict[TopicPartition, int] = {}
         self._lag_labels: set[tuple[str, str]] = set()
+        self._user_ids = UserIds(config.user_id_key)
 
     def stop(self) -> None:
         self._stop.set()
@@ -269,6 +274,7 @@ class Ingestor:
         conn = connect(self.config.database_url, autocommit=True)
         try:
             migrate(conn)
+            self._user_ids.check(conn)
             prepare_session(conn)
         except BaseException:
             conn.close()
@@ -283,7 +289,7 @@ class Ingestor:
         conn = self._conn
         events = [e for e, _ in parsed]
         try:
-            return store_events(conn, events), []
+            return store_events(conn, events, self._user_ids), []
         except (psycopg.DataError, psycopg.IntegrityError) as exc:
             # Valid for pydantic but not for Postgres (e.g. a NUL character in a text).
             # Find the culprits one savepoint per event, still in one transaction.
@@ -294,7 +300,7 @@ class Ingestor:
             for event, msg in parsed:
                 try:
                     with conn.transaction():
-                        one = write_batch(conn, [event])
+                        one = write_batch(conn, [event], self._user_ids)
                 except (psycopg.DataError, psycopg.IntegrityError) as exc:
                     rejected.append(DeadLetter(msg, "db_rejected", rejection_reason(exc)))
                     continue

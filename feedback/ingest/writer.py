@@ -44,6 +44,7 @@ from typing import Any
 import psycopg
 
 from feedback import ab_counters
+from feedback.user_ids import UserIds
 from schemas.events import (
     AdapterLoadFailed,
     AnyEvent,
@@ -55,6 +56,7 @@ from schemas.events import (
     prompt_hash,
 )
 
+RAW_USER_IDS = UserIds()  # user ids stored as received (no key configured)
 WRITE_LOCK_KEY = 0x616C_696E  # "alin": serialises batch transactions of all ingestors
 
 # Session-private scratch tables, emptied at every commit. stage_*: the batch as received;
@@ -277,9 +279,9 @@ def _messages_json(messages: Sequence[LoggedMessage] | None) -> str | None:
     )
 
 
-def _interaction_row(e: InteractionLogged) -> tuple[object, ...]:
+def _interaction_row(e: InteractionLogged, user: str | None) -> tuple[object, ...]:
     return (
-        e.event_id, e.response_id, e.user, e.policy_version, e.model,
+        e.event_id, e.response_id, user, e.policy_version, e.model,
         _messages_json(e.messages), _prompt_text(e.messages, e.prompt),
         prompt_hash(e.messages, e.prompt), e.prompt_tokens, e.completion_tokens,
         e.latency_ms, e.ttft_ms, e.stream, e.sampling.model_dump_json(),
@@ -288,16 +290,16 @@ def _interaction_row(e: InteractionLogged) -> tuple[object, ...]:
     )  # fmt: skip
 
 
-def _feedback_row(e: FeedbackSubmitted) -> tuple[object, ...]:
+def _feedback_row(e: FeedbackSubmitted, user: str | None) -> tuple[object, ...]:
     return (
-        e.event_id, e.feedback_id, e.response_id, e.choice_index, e.user, e.user or "",
+        e.event_id, e.feedback_id, e.response_id, e.choice_index, user, user or "",
         e.rating, e.comment, e.occurred_at,
     )  # fmt: skip
 
 
-def _preference_row(e: PreferenceSubmitted) -> tuple[object, ...]:
+def _preference_row(e: PreferenceSubmitted, user: str | None) -> tuple[object, ...]:
     return (
-        e.event_id, e.preference_id, e.user, e.chosen_response_id, e.rejected_response_id,
+        e.event_id, e.preference_id, user, e.chosen_response_id, e.rejected_response_id,
         _messages_json(e.messages), e.chosen, e.rejected, e.occurred_at,
     )  # fmt: skip
 
@@ -305,8 +307,8 @@ def _preference_row(e: PreferenceSubmitted) -> tuple[object, ...]:
 @dataclass(frozen=True)
 class _Staged:
     """An event type stored through a scratch table: its events are COPYed into ``stage``
-    (``columns``, one ``row(event)`` each); ``insert`` moves the new ones into the real
-    table, its row count being how many were new (the :class:`BatchResult` field
+    (``columns``, one ``row(event, stored user id)`` each); ``insert`` moves the new ones
+    into the real table, its row count being how many were new (the :class:`BatchResult` field
     ``result``); ``drop`` runs before it when some user was erased (it removes their staged
     events and returns how many); ``then`` runs after it, on what was new."""
 
@@ -314,7 +316,7 @@ class _Staged:
     event: type[Any]
     stage: str
     columns: tuple[str, ...]
-    row: Callable[[Any], tuple[object, ...]]
+    row: Callable[[Any, str | None], tuple[object, ...]]
     insert: str
     drop: str
     then: tuple[str, ...] = ()
@@ -370,10 +372,13 @@ def prepare_session(conn: psycopg.Connection) -> None:
     conn.execute(_SCRATCH.encode())
 
 
-def write_batch(conn: psycopg.Connection, events: Sequence[AnyEvent]) -> BatchResult:
+def write_batch(
+    conn: psycopg.Connection, events: Sequence[AnyEvent], user_ids: UserIds = RAW_USER_IDS
+) -> BatchResult:
     """Store one batch idempotently and update the counters (steps 1-6 of the module
-    docstring). Call inside a transaction on a connection prepared with
-    :func:`prepare_session`; commit is the caller's."""
+    docstring), user ids stored as ``user_ids`` says (:mod:`feedback.user_ids`). Call
+    inside a transaction on a connection prepared with :func:`prepare_session`; commit is
+    the caller's."""
     conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK_KEY,))
     conn.execute(f"TRUNCATE {_SCRATCH_TABLES}".encode())  # leftovers of a failed savepoint
     # After the lock: an erasure that committed before it is seen (READ COMMITTED).
@@ -390,7 +395,7 @@ def write_batch(conn: psycopg.Connection, events: Sequence[AnyEvent]) -> BatchRe
             columns = ", ".join(staged.columns)
             with cur.copy(f"COPY {staged.stage} ({columns}) FROM STDIN") as copy:
                 for e in batch:
-                    copy.write_row(staged.row(e))
+                    copy.write_row(staged.row(e, user_ids.stored(e.user)))
             if check_erased:
                 dropped = cur.execute(staged.drop).fetchone()
                 new["erased"] += int(dropped[0]) if dropped else 0
@@ -409,7 +414,9 @@ def write_batch(conn: psycopg.Connection, events: Sequence[AnyEvent]) -> BatchRe
     return BatchResult(**new)
 
 
-def store_events(conn: psycopg.Connection, events: Sequence[AnyEvent]) -> BatchResult:
+def store_events(
+    conn: psycopg.Connection, events: Sequence[AnyEvent], user_ids: UserIds = RAW_USER_IDS
+) -> BatchResult:
     """One committed batch: ``write_batch`` in its own transaction (tests, backfills)."""
     with conn.transaction():
-        return write_batch(conn, events)
+        return write_batch(conn, events, user_ids)

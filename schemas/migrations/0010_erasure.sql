@@ -9,6 +9,9 @@
 -- erased_responses  the response ids of the erased users' answers (random ids, no user in
 --                   them): ratings and preferences by *other* users that name an erased
 --                   answer are dropped too, now and when they arrive later.
+-- user_id_keying    at most one row: the fingerprint of the key user ids are stored under
+--                   (keyed hashes, feedback/user_ids.py); no row while ids are stored as
+--                   received. A process with another key, or none, is refused.
 --
 -- The indexes let erasure find a user's rows, and the retention purge old rows, without
 -- scanning the tables.
@@ -23,6 +26,12 @@ CREATE TABLE user_tombstones (
 CREATE TABLE erased_responses (
     response_id text PRIMARY KEY,
     erased_at   timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE user_id_keying (
+    only_row    boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+    fingerprint text NOT NULL,
+    since       timestamptz NOT NULL DEFAULT now()
 );
 
 CREATE INDEX interactions_user_id ON interactions (user_id);

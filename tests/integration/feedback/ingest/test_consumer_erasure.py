@@ -1,7 +1,7 @@
 """Erasure and retention through the real ingestor and a real broker: a user erased after
 ingestion stays erased when a consumer group reads the topics again from the start (the
-redelivery Kafka may do at any time), and an ingestor with a retention period purges old
-rows on its own."""
+redelivery Kafka may do at any time), with user ids stored raw or as keyed hashes, and an
+ingestor with a retention period purges old rows on its own."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
 
@@ -16,6 +17,7 @@ from feedback.ab_counters import policy_counts, recount_policy_counts
 from feedback.db import connect
 from feedback.erasure import erase_user
 from feedback.ingest.writer import prepare_session, store_events
+from feedback.user_ids import UserIds
 from schemas.events import AnyEvent, PreferenceSubmitted
 from tests.fixtures.broker import unique_topic
 from tests.fixtures.ingestor import running_ingestor
@@ -79,25 +81,29 @@ def markers() -> list[AnyEvent]:
     return [i, make_feedback(i.response_id, "up", user="marker")]
 
 
-def ada_rows(url: str, ada_answers: list[str]) -> int:
-    return count(
-        url,
-        "SELECT (SELECT count(*) FROM interactions WHERE user_id = 'ada')"
-        " + (SELECT count(*) FROM feedback_events WHERE user_key = 'ada'"
-        "    OR response_id = ANY(%s))"
-        " + (SELECT count(*) FROM feedback_current WHERE user_key = 'ada'"
-        "    OR response_id = ANY(%s))"
-        " + (SELECT count(*) FROM preferences WHERE user_id = 'ada'"
-        "    OR chosen_response_id = ANY(%s))",
-        ada_answers,
-        ada_answers,
-        ada_answers,
-    )
+def ada_rows(url: str, ada_answers: list[str], ada: str) -> int:
+    """Rows naming ``ada`` (her stored id) or one of her answers."""
+    with connect(url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT (SELECT count(*) FROM interactions WHERE user_id = %(u)s)"
+            " + (SELECT count(*) FROM feedback_events WHERE user_key = %(u)s"
+            "    OR response_id = ANY(%(r)s))"
+            " + (SELECT count(*) FROM feedback_current WHERE user_key = %(u)s"
+            "    OR response_id = ANY(%(r)s))"
+            " + (SELECT count(*) FROM preferences WHERE user_id = %(u)s"
+            "    OR chosen_response_id = ANY(%(r)s))",
+            {"u": ada, "r": ada_answers},
+        ).fetchone()
+    return int(row[0]) if row else 0
 
 
+@pytest.mark.parametrize("key", [None, b"a-user-id-key-for-the-ingestor!!"], ids=["raw", "keyed"])
 def test_delete_user_then_redeliver_through_the_broker_rows_stay_gone(
-    broker, migrated_url: str
+    broker, migrated_url: str, key: bytes | None
 ) -> None:
+    user_ids = UserIds(key)
+    ada_stored = user_ids.stored("ada")
+    assert ada_stored is not None
     topics = Topics(broker.bootstrap)
     ada = make_interaction(user="ada", answers=("x", "y"))
     bob = make_interaction(user="bob")
@@ -118,24 +124,26 @@ def test_delete_user_then_redeliver_through_the_broker_rows_stay_gone(
     ]
     first = markers()
     produce(broker.bootstrap, topics, [*events, *first])
-    with running_ingestor(migrated_url, broker.bootstrap, **topics.config()):
+    config = {**topics.config(), "user_id_key": key}
+    with running_ingestor(migrated_url, broker.bootstrap, **config):
         ids = [first[0].event_id, first[1].event_id]
         wait_until(lambda: stored(migrated_url, ids) == 2, 60, "the first ingestion")
-    assert ada_rows(migrated_url, [ada.response_id]) > 0
+    assert ada_rows(migrated_url, [ada.response_id], ada_stored) > 0
 
     with connect(migrated_url, autocommit=True) as conn:
-        erase_user(conn, "ada", actor="ops", reason="erasure request")
-    assert ada_rows(migrated_url, [ada.response_id]) == 0
+        erase_user(conn, "ada", actor="ops", reason="erasure request", user_ids=user_ids)
+    assert ada_rows(migrated_url, [ada.response_id], ada_stored) == 0
 
     # A new consumer group reads both topics from the start: every event of ada's is
     # delivered again, the markers after them.
     second = markers()
     produce(broker.bootstrap, topics, second)
-    with running_ingestor(migrated_url, broker.bootstrap, **topics.config()):
+    with running_ingestor(migrated_url, broker.bootstrap, **config):
         ids = [second[0].event_id, second[1].event_id]
         wait_until(lambda: stored(migrated_url, ids) == 2, 60, "the redelivery")
-    assert ada_rows(migrated_url, [ada.response_id]) == 0
-    assert count(migrated_url, "SELECT count(*) FROM feedback_events WHERE user_key = 'bob'") == 1
+    assert ada_rows(migrated_url, [ada.response_id], ada_stored) == 0
+    bob_events = "SELECT count(*) FROM feedback_events WHERE user_key = %s"
+    assert count(migrated_url, bob_events, user_ids.stored("bob")) == 1
     with connect(migrated_url, autocommit=True) as conn:
         live = {v: c for v, c in policy_counts(conn).items() if c.served}
         assert live == recount_policy_counts(conn)

@@ -12,16 +12,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[4]
 
-# What `up` does first (deploy.local.stack.main: the settings, then the admin token), then
-# what its children do: serving makes its response id key, a log file, a directory.
+# What `up` does first (deploy.local.stack.main: the settings, the admin token, the user id
+# key), then what its children do: serving makes its response id key, a log file, a directory.
 SCRIPT = """
 import sys
-from deploy.local.stack import _settings, admin_token
+from deploy.local.stack import _settings, admin_token, user_id_key_file
 from serving.response_ids import load_or_create_secret
 
 settings = _settings(["--state-dir", sys.argv[1]])
 state = settings.state_dir
 admin_token(settings, state)
+user_id_key_file(settings, state)
 load_or_create_secret(state / "secrets" / "response_id.key")
 (state / "logs").mkdir(exist_ok=True)
 (state / "logs" / "serving.log").write_text("started")
@@ -47,6 +48,7 @@ EXPECTED = {
     "logs/serving.log": 0o600,
     "secrets": 0o700,
     "secrets/response_id.key": 0o600,
+    "secrets/user_id.key": 0o600,
 }
 
 
@@ -61,13 +63,16 @@ def test_an_old_readable_state_dir_is_made_private(tmp_path: Path) -> None:
     (state / "secrets").mkdir(parents=True)
     (state / "admin_token").write_text("old-token")
     (state / "secrets" / "response_id.key").write_text("k" * 64)
+    (state / "secrets" / "user_id.key").write_text("u" * 64)
     for path, mode in [
         (state, 0o755),
         (state / "secrets", 0o755),
         (state / "admin_token", 0o644),
         (state / "secrets" / "response_id.key", 0o644),
+        (state / "secrets" / "user_id.key", 0o644),
     ]:
         path.chmod(mode)
     _up(state)
     assert _modes(state) == EXPECTED
     assert (state / "admin_token").read_text() == "old-token"  # kept, only tightened
+    assert (state / "secrets" / "user_id.key").read_text() == "u" * 64
