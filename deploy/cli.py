@@ -14,7 +14,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("deploy.local.stack:main", "Start the whole loop on embedded defaults."),
     "serve": ("serving.server:main", "Run the OpenAI-compatible chat API (one replica)."),
     "ingest": ("feedback.cli:main", "Consume interactions and feedback into Postgres."),
-    "data": ("feedback.cli:data_main", "Export training datasets: data export KIND --out F."),
+    "data": (
+        "feedback.cli:data_main",
+        "Datasets and privacy: data export KIND --out F | delete --user U | purge.",
+    ),
     "bootstrap-model": ("trainer.demo.cli:main", "Build the small demo base model."),
     "policy": (
         "deploy.ops.policy_cli:main",
