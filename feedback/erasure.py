@@ -163,7 +163,7 @@ def erase_user(
     forms = user_ids.forms(user)
     params: dict[str, object] = {"users": forms}
     with conn.transaction():
-        user_ids.check(conn)
+        user_ids.check(conn, record=False)
         _begin(conn)
         conn.execute(
             "INSERT INTO doomed_responses SELECT response_id FROM interactions"

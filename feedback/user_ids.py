@@ -70,18 +70,21 @@ class UserIds:
             return None
         return hmac.new(self.key, b"alignloop user id key", hashlib.sha256).hexdigest()[:16]
 
-    def check(self, conn: psycopg.Connection) -> None:
-        """Refuse (:class:`KeyMismatch`) to work on a database keyed differently; the first
-        keyed process records its key's fingerprint."""
+    def check(self, conn: psycopg.Connection, *, record: bool = True) -> None:
+        """Refuse (:class:`KeyMismatch`) to work on a database keyed differently. With
+        ``record`` (writers: the ingestor), the first keyed process records its key's
+        fingerprint; without (erasure), a keyed process on a database with no fingerprint
+        yet is let through and records nothing (its rows are raw, and erasure looks for
+        raw ids too)."""
         mine = self.fingerprint
-        if mine is not None:
+        if mine is not None and record:
             conn.execute(
                 "INSERT INTO user_id_keying (fingerprint) VALUES (%s) ON CONFLICT DO NOTHING",
                 (mine,),
             )
         row = conn.execute("SELECT fingerprint FROM user_id_keying").fetchone()
         recorded = row[0] if row else None
-        if recorded == mine:
+        if recorded == mine or (recorded is None and not record):
             return
         if mine is None:
             raise KeyMismatch(

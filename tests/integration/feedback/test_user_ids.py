@@ -113,6 +113,12 @@ def test_erase_by_typed_id_under_a_key_then_redeliver(conn: psycopg.Connection) 
 
 def test_a_process_with_another_key_or_none_is_refused(conn: psycopg.Connection) -> None:
     UserIds().check(conn)  # nothing recorded yet: fine without a key
+    # An erasure with a key on a database of raw ids finds the raw rows and records nothing
+    # (else the ingestors, keyless, would be refused from then on).
+    store_events(conn, [make_interaction(user="eve")])
+    assert erase_user(conn, "eve", actor="ops", reason="r", user_ids=KEYED)["interactions"] == 1
+    assert conn.execute("SELECT count(*) FROM user_id_keying").fetchone() == (0,)
+    UserIds().check(conn)
     KEYED.check(conn)  # the first keyed process records its fingerprint
     KEYED.check(conn)
     store_events(conn, [make_interaction(user="ada")], KEYED)
@@ -123,7 +129,7 @@ def test_a_process_with_another_key_or_none_is_refused(conn: psycopg.Connection)
     with pytest.raises(KeyMismatch):
         erase_user(conn, "ada", actor="ops", reason="wrong key", user_ids=UserIds())
     assert conn.execute("SELECT count(*) FROM interactions").fetchone() == (1,)
-    assert conn.execute("SELECT count(*) FROM user_tombstones").fetchone() == (0,)
+    assert conn.execute("SELECT count(*) FROM user_tombstones").fetchone() == (2,)  # eve's
 
 
 def test_key_from_the_setting_else_the_state_file(tmp_path: Path) -> None:
