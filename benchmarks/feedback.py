@@ -32,7 +32,7 @@ from feedback.db import connect_and_migrate
 from serving.response_ids import ResponseIdSigner
 from tests.fixtures.load import post_all
 from tests.fixtures.postgres import create_database, drop_database
-from tests.fixtures.server import RESPONSE_ID_SECRET, start_serving, wait_healthy
+from tests.fixtures.server import AUTH, RESPONSE_ID_SECRET, start_serving, wait_healthy
 
 
 def log(msg: str) -> None:
@@ -97,19 +97,24 @@ def main() -> int:
             url,
             "/v1/feedback",
             [
-                {"response_id": signer.new_id(), "rating": "up", "user": "warmup"}
+                {"response_id": signer.new_id("ops", "warmup", 1), "rating": "up", "user": "warmup"}
                 for _ in range(200)
             ],
             8,
+            headers=AUTH,
         )
         user = f"bench-{uuid.uuid4().hex[:8]}"
         payloads = [
-            {"response_id": signer.new_id(), "rating": "up" if i % 2 else "down", "user": user}
+            {
+                "response_id": signer.new_id("ops", user, 1),
+                "rating": "up" if i % 2 else "down",
+                "user": user,
+            }
             for i in range(args.events)
         ]
         log(f"sending {args.events} ratings from {args.clients} clients…")
         started = time.time()
-        result = post_all(url, "/v1/feedback", payloads, args.clients)
+        result = post_all(url, "/v1/feedback", payloads, args.clients, headers=AUTH)
         log(
             f"accepted {result.accepted} in {result.seconds:.1f} s "
             f"({result.accepted / result.seconds:.0f}/s); waiting for Postgres…"

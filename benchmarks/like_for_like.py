@@ -37,7 +37,7 @@ from deploy.policies import registry
 from feedback.db import connect, connect_and_migrate
 from tests.fixtures.adapters import make_adapter
 from tests.fixtures.postgres import create_database, drop_database
-from tests.fixtures.server import start_serving, wait_healthy
+from tests.fixtures.server import AUTH, start_serving, wait_healthy
 
 QUESTION = [{"role": "user", "content": "What is the capital of Veltoria?"}]
 
@@ -56,7 +56,7 @@ def _ask(client: httpx.Client, url: str, user: str) -> tuple[str, float, int]:
 
 def _one_pass(url: str, users: list[str], concurrency: int) -> list[tuple[str, float, int]]:
     with (
-        httpx.Client(timeout=300) as client,
+        httpx.Client(timeout=300, headers=AUTH) as client,
         concurrent.futures.ThreadPoolExecutor(concurrency) as pool,
     ):
         return list(pool.map(lambda u: _ask(client, url, u), users))

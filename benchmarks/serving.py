@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 
 from deploy.local.broker import EmbeddedBroker
-from tests.fixtures.server import free_port, start_serving, wait_healthy
+from tests.fixtures.server import AUTH, free_port, start_serving, wait_healthy
 
 PROMPTS = [
     "What is the capital of Fenwick?",
@@ -103,7 +103,8 @@ async def run_load(url: str, model: str, clients: int, per_client: int, max_toke
             total_tokens += toks
 
     limits = httpx.Limits(max_connections=clients * 2)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+    # The API key goes to both servers (vLLM's, started without --api-key, ignores it).
+    async with httpx.AsyncClient(timeout=120, limits=limits, headers=AUTH) as client:
         start = time.perf_counter()
         await asyncio.gather(*(client_loop(c, client) for c in range(clients)))
         wall = time.perf_counter() - start

@@ -13,6 +13,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("deploy.local.stack:main", "Start the whole loop on embedded defaults."),
     "serve": ("serving.server:main", "Run the OpenAI-compatible chat API (one replica)."),
+    "keys": ("serving.keys_cli:main", "Chat API keys: keys create NAME | list | revoke NAME."),
     "ingest": ("feedback.cli:main", "Consume interactions and feedback into Postgres."),
     "data": (
         "feedback.cli:data_main",

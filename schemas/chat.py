@@ -5,7 +5,8 @@ naming the field, and never reaches the engine. A field this server does not hon
 refused (400 ``unsupported_parameter``), never dropped; `schemas.parity` lists every field
 of OpenAI's API and what happens to it. Responses carry one extension field,
 ``policy_version``: which policy produced the answer (also sent as the
-``X-Alignloop-Policy`` header). Clients that do not know it ignore it.
+``X-Alignloop-Policy`` header), given only to an API key with the ``pin`` scope (null
+otherwise, so a caller cannot learn its canary arm). Clients that do not know it ignore it.
 """
 
 from __future__ import annotations
@@ -278,7 +279,7 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[Choice]
     usage: Usage
-    policy_version: str
+    policy_version: str | None = None
     system_fingerprint: str | None = None
     service_tier: str | None = None
 
@@ -315,7 +316,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChunkChoice]
     usage: Usage | None = None
-    policy_version: str
+    policy_version: str | None = None
 
 
 class ModelCard(BaseModel):

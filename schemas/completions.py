@@ -76,5 +76,5 @@ class Completion(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None
-    policy_version: str
+    policy_version: str | None = None
     system_fingerprint: str | None = None

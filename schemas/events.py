@@ -130,6 +130,9 @@ class InteractionLogged(Event):
     prompt: str | None = None
     response_id: str
     user: str | None
+    principal: str | None = Field(
+        None, description="The API key's name the answer was served to (None: before keys)."
+    )
     policy_version: str
     model: str = Field(description="The `model` the client asked for.")
     messages: list[LoggedMessage]
@@ -163,6 +166,7 @@ class FeedbackSubmitted(Event):
     choice_index: int = Field(0, ge=0, description="Which of the response's n choices.")
     rating: Rating
     user: str | None = None
+    principal: str | None = Field(None, description="The API key's name that rated.")
     comment: str | None = None
     idempotency_key: str | None = None
 
@@ -181,6 +185,7 @@ class PreferenceSubmitted(Event):
     event_type: Literal["preference.submitted"] = "preference.submitted"
     preference_id: uuid.UUID
     user: str | None = None
+    principal: str | None = Field(None, description="The API key's name that compared.")
     idempotency_key: str | None = None
     chosen_response_id: str | None = None
     rejected_response_id: str | None = None

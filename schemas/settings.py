@@ -73,10 +73,12 @@ class Settings(BaseSettings):
     max_cpu_loras: int = Field(
         16, description="Adapters kept loaded in host memory (LRU beyond this bound)."
     )
-    routing_salt: str = Field(
-        "alignloop",
-        description="Salt of the sticky user → arm hash. Changing it reshuffles "
-        "which users see a canary.",
+    routing_salt: SecretStr | None = Field(
+        None,
+        description="Secret salt of the sticky (key, user) → arm hash, so no caller can "
+        "choose its arm by choosing its user id. Every replica needs the same one; changing "
+        "it reshuffles which users see a canary. Unset: a random salt is made once and kept "
+        "in state_dir/secrets/routing_salt.key.",
     )
     canary_like_for_like: bool = Field(
         True,
@@ -96,12 +98,48 @@ class Settings(BaseSettings):
         "routing_refresh_s. Before the first read and without a database: never stale.",
     )
 
+    # --- who may call -------------------------------------------------------------
+    api_keys_file: Path | None = Field(
+        None,
+        description="The API key file (one JSON line per key: name, SHA-256, scopes; made "
+        "with `alignloop keys create`), re-read when it changes. Unset: "
+        "state_dir/secrets/api_keys.jsonl. Serving refuses to start without a key unless "
+        "insecure_no_auth is set.",
+    )
+    insecure_no_auth: bool = Field(
+        False,
+        description="Development only: no API keys, every caller is the principal "
+        "`anonymous` with every scope. Refused unless the chat API binds a loopback address.",
+    )
+    feedback_max_age_days: float = Field(
+        30.0,
+        gt=0,
+        description="Answers older than this can no longer be rated (the response id carries "
+        "its issue time); such feedback gets 422 response_expired.",
+    )
+
     # --- event producing ----------------------------------------------------------
     spool_dir: Path | None = Field(
         None, description="Where events wait while Kafka is away. Unset: state_dir/spool."
     )
     spool_max_bytes: int = Field(
         256 * 1024 * 1024, description="Spool bound; beyond it new events are dropped."
+    )
+    spool_feedback_reserve: float = Field(
+        0.25,
+        ge=0.0,
+        lt=1.0,
+        description="Share of spool_max_bytes kept for feedback (ratings, preferences): "
+        "interaction and policy events are dropped once together they would fill the rest, "
+        "so chat traffic during a Kafka outage never makes feedback 503.",
+    )
+    max_event_bytes: int = Field(
+        900_000,
+        gt=0,
+        description="Largest event (serialised key + value) sent to Kafka; keep it below the "
+        "broker's message.max.bytes (1 MB by default) and the topics' max.message.bytes. A "
+        "larger event, or one Kafka refuses for good, is quarantined (written to "
+        "quarantine.jsonl in the replica's spool directory, counted, not retried).",
     )
     kafka_client_id: str = "alignloop"
 
@@ -180,6 +218,9 @@ class Settings(BaseSettings):
 
     def resolved_spool_dir(self) -> Path:
         return self.spool_dir or self.state_dir / "spool"
+
+    def resolved_api_keys_file(self) -> Path:
+        return self.api_keys_file or self.state_dir / "secrets" / "api_keys.jsonl"
 
     def demo_model_dir(self) -> Path:
         return self.state_dir / "models" / "demo"

@@ -8,7 +8,6 @@ last).
 from __future__ import annotations
 
 import gc
-import hashlib
 import logging
 import shutil
 import tempfile
@@ -28,15 +27,17 @@ from schemas.chat import ChatCompletionRequest, ModelList
 from schemas.completions import CompletionRequest
 from schemas.settings import Settings
 from serving import metrics, tools
+from serving.api_keys import KeyRing
+from serving.auth import Authenticate, principal_of
 from serving.chat import ChatService
 from serving.completions import CompletionService
 from serving.engine import Engine
 from serving.errors import install_error_handlers, parse_body, read_json
 from serving.feedback_routes import FeedbackEndpoints
-from serving.generation import Generation, Prepared
+from serving.generation import Caller, Generation, Prepared
 from serving.policies import PolicyRouter
 from serving.publisher import EventPublisher
-from serving.response_ids import ResponseIdSigner, load_or_create_secret
+from serving.response_ids import ResponseIdSigner, load_or_create_secret, parse_secrets
 from serving.routing import RoutingWatcher
 
 if TYPE_CHECKING:
@@ -50,7 +51,8 @@ _POLICY_HEADER_RAW = POLICY_HEADER.lower().encode()  # as ASGI carries header na
 
 
 class RequestCounter:
-    """Counts answered requests by route, status and policy version.
+    """Counts answered requests by route, status and policy version, and takes the
+    policy header off answers to callers without the ``pin`` scope (it is counted first).
 
     A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware`` runs every request in an
     extra task group and costs more CPU than the feedback endpoint itself.
@@ -64,13 +66,19 @@ class RequestCounter:
             await self.app(scope, receive, send)
             return
         seen: dict[str, str] = {}
+        reveal = principal_of(scope).may("pin")
 
         async def capture(message: Message) -> None:
             if message["type"] == "http.response.start":
                 seen["status"] = str(message["status"])
+                headers = []
                 for name, value in message.get("headers", ()):
                     if name.lower() == _POLICY_HEADER_RAW:
                         seen["policy"] = value.decode()
+                        if not reveal:
+                            continue
+                    headers.append((name, value))
+                message = {**message, "headers": headers}
             await send(message)
 
         try:
@@ -84,14 +92,18 @@ class RequestCounter:
             ).inc()
 
 
-def routing_key(request: Request) -> str:
-    """Who a request is, for sticky routing, when it names no user: its API key (hashed,
-    never kept), else the client address."""
-    auth = request.headers.get("authorization", "")
-    if auth.lower().startswith("bearer ") and len(auth) > 7:
-        return "key:" + hashlib.sha256(auth[7:].encode()).hexdigest()[:32]
-    client = request.client
-    return f"addr:{client.host if client else 'unknown'}"
+def caller(request: Request, user: str | None) -> Caller:
+    """Who asked: the key's principal, the end user (the request's ``user``, else the
+    user header) and the sticky routing identity: principal and end user, or, when the
+    product names no user, principal and client address."""
+    principal = principal_of(request.scope)
+    user = user or request.headers.get(USER_HEADER)
+    if user is None:
+        client = request.client
+        who = f"addr:{client.host if client else 'unknown'}"
+    else:
+        who = f"user:{user}"
+    return Caller(principal, user, f"{principal.name}\0{who}")
 
 
 def create_app(settings: Settings, model_dir: Path, publisher: EventPublisher) -> FastAPI:
@@ -102,7 +114,7 @@ def create_app(settings: Settings, model_dir: Path, publisher: EventPublisher) -
         like_for_like_dir = Path(tempfile.mkdtemp(prefix="alignloop-zero-adapters-"))
     router = PolicyRouter(
         settings.served_model_name,
-        settings.routing_salt,
+        _routing_salt(settings),
         engine,
         publisher,
         like_for_like_dir=like_for_like_dir,
@@ -110,7 +122,8 @@ def create_app(settings: Settings, model_dir: Path, publisher: EventPublisher) -
     watcher = None
     if settings.database_url:
         watcher = RoutingWatcher(settings.database_url, router.apply, settings.routing_refresh_s)
-    signer = ResponseIdSigner(_response_id_secret(settings))
+    signer = ResponseIdSigner(*_response_id_secrets(settings))
+    keys = None if settings.insecure_no_auth else KeyRing(settings.resolved_api_keys_file())
     tools.parser_class(settings.tool_call_parser)  # a misspelt parser fails at start
     generation = Generation(settings, engine, router, signer, publisher)
     chat = ChatService(generation)
@@ -144,6 +157,8 @@ def create_app(settings: Settings, model_dir: Path, publisher: EventPublisher) -
     # Outermost of ours: the feedback routes answer before routing and RequestCounter
     # (they count themselves); see serving.feedback_routes.
     app.add_middleware(FeedbackEndpoints, settings=settings, signer=signer, publisher=publisher)
+    # Outermost: nothing under /v1 runs, is counted by policy or is published without a key.
+    app.add_middleware(Authenticate, keys=keys)
     app.state.chat = chat
     install_error_handlers(app)
     _add_routes(app, settings, chat, completions, router, publisher, model_dir)
@@ -151,17 +166,19 @@ def create_app(settings: Settings, model_dir: Path, publisher: EventPublisher) -
     return app
 
 
-def _response_id_secret(settings: Settings) -> bytes:
-    """The key response ids are signed with: configured, or made once under the state dir."""
+def _response_id_secrets(settings: Settings) -> list[bytes]:
+    """The keys response ids are signed with (the first signs, all verify): configured,
+    or one made once under the state dir."""
     if settings.response_id_secret is not None:
-        return settings.response_id_secret.get_secret_value().encode()
-    return load_or_create_secret(settings.state_dir / "secrets" / "response_id.key")
+        return parse_secrets(settings.response_id_secret.get_secret_value())
+    return [load_or_create_secret(settings.state_dir / "secrets" / "response_id.key")]
 
 
-def _who(request: Request, user: str | None) -> tuple[str | None, str]:
-    """What the event records as the user, and what sticky routing hashes."""
-    user = user or request.headers.get(USER_HEADER)
-    return user, user or routing_key(request)
+def _routing_salt(settings: Settings) -> str:
+    """The secret salt of sticky routing: configured, or made once under the state dir."""
+    if settings.routing_salt is not None:
+        return settings.routing_salt.get_secret_value()
+    return load_or_create_secret(settings.state_dir / "secrets" / "routing_salt.key").decode()
 
 
 class _Prepared(Protocol):
@@ -175,7 +192,7 @@ PrepT = TypeVar("PrepT", bound=_Prepared)
 class _Service(Protocol[ReqT, PrepT]):
     """What `ChatService` and `CompletionService` both do, step by step."""
 
-    async def prepare(self, req: ReqT, user: str | None, user_key: str) -> PrepT: ...
+    async def prepare(self, req: ReqT, caller: Caller) -> PrepT: ...
     async def open(self, p: PrepT) -> tuple[RequestOutput | None, AsyncIterator[RequestOutput]]: ...
     def stream(
         self, p: PrepT, first: RequestOutput | None, rest: AsyncIterator[RequestOutput]
@@ -188,7 +205,7 @@ class _Service(Protocol[ReqT, PrepT]):
 async def _answer(service: _Service[ReqT, PrepT], req: ReqT, request: Request) -> Response:
     """Prepare (4xx), start the engine (a refusal is still a 400), then answer whole
     or stream; the policy version goes out as a header either way."""
-    prepared = await service.prepare(req, *_who(request, req.user))
+    prepared = await service.prepare(req, caller(request, req.user))
     headers = {POLICY_HEADER: prepared.base.policy.version}
     first, rest = await service.open(prepared)
     if req.stream:
@@ -225,8 +242,11 @@ def _add_routes(
         return await _answer(completions, req, request)
 
     @app.get("/v1/models")
-    async def models() -> ModelList:
-        return ModelList(data=router.model_cards(started_at, settings.max_model_len))
+    async def models(request: Request) -> ModelList:
+        cards = router.model_cards(started_at, settings.max_model_len)
+        if not principal_of(request.scope).may("pin"):  # versions are only for pinning
+            cards = [c for c in cards if c.id == settings.served_model_name]
+        return ModelList(data=cards)
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -40,6 +40,7 @@ from schemas.events import LoggedMessage, LoggedToolCall
 from serving import metrics, tools
 from serving.errors import APIError
 from serving.generation import (
+    Caller,
     ChoiceState,
     Generation,
     Prepared,
@@ -71,14 +72,10 @@ class ChatService:
         self.settings = generation.settings
 
     # -- 1. validate ---------------------------------------------------------------------
-    async def prepare(
-        self, req: ChatCompletionRequest, user: str | None, user_key: str
-    ) -> ChatPrepared:
-        """``user`` is what the event records; ``user_key`` is what routing hashes (the
-        user, else a user header, API key or client address)."""
+    async def prepare(self, req: ChatCompletionRequest, caller: Caller) -> ChatPrepared:
         g = self.gen
         g.check_n(req.n)
-        policy = await g.route(req.model, user_key)
+        policy = await g.route(req.model, caller)
         plan = tools.plan(req)
         try:
             prompt_ids = self.engine.prompt_token_ids(req.messages, plan.render_tools())
@@ -115,7 +112,7 @@ class ChatService:
             tool_choice=_choice_record(req),
             parallel_tool_calls=req.parallel_tool_calls if req.tools else None,
         )
-        response_id, created = g.new_id()
+        response_id, created = g.new_id(caller, req.n)
         base = Prepared(
             endpoint="chat",
             request=req,
@@ -125,7 +122,7 @@ class ChatService:
             prompt_ids=prompt_ids,
             params=params,
             record=record,
-            user=user,
+            caller=caller,
             messages=[_logged(m) for m in req.messages],
         )
         return ChatPrepared(base, req, plan, top)
@@ -155,7 +152,7 @@ class ChatService:
             model=p.request.model,
             choices=choices,
             usage=usage,
-            policy_version=p.base.policy.version,
+            policy_version=p.base.visible_version,
         )
 
     def _choice(self, p: ChatPrepared, index: int, st: ChoiceState) -> Choice:
@@ -348,6 +345,6 @@ def _sse_chunk(p: ChatPrepared, choices: list[ChunkChoice], usage: Usage | None 
         model=p.request.model,
         choices=choices,
         usage=usage,
-        policy_version=p.base.policy.version,
+        policy_version=p.base.visible_version,
     )
     return f"data: {body.model_dump_json(exclude_none=False)}\n\n"

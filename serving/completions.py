@@ -20,6 +20,7 @@ from serving import metrics
 from serving.chat import sse_error
 from serving.errors import APIError
 from serving.generation import (
+    Caller,
     ChoiceState,
     Generation,
     Prepared,
@@ -48,12 +49,10 @@ class CompletionService:
         self.engine = generation.engine
         self.settings = generation.settings
 
-    async def prepare(
-        self, req: CompletionRequest, user: str | None, user_key: str
-    ) -> CompletionPrepared:
+    async def prepare(self, req: CompletionRequest, caller: Caller) -> CompletionPrepared:
         g = self.gen
         g.check_n(req.n)
-        policy = await g.route(req.model, user_key)
+        policy = await g.route(req.model, caller)
         prompt = req.prompt_text()
         prompt_ids = self.engine.text_token_ids(prompt)
         if not prompt_ids:
@@ -67,7 +66,7 @@ class CompletionService:
         params = sampling_params(
             req, max_tokens=max_tokens, stream=req.stream, logprobs=req.logprobs
         )
-        response_id, created = g.new_id()
+        response_id, created = g.new_id(caller, req.n)
         base = Prepared(
             endpoint="completions",
             request=req,
@@ -77,7 +76,7 @@ class CompletionService:
             prompt_ids=prompt_ids,
             params=params,
             record=sampling_record(req, max_tokens, logprobs=req.logprobs),
-            user=user,
+            caller=caller,
             messages=[],
             prompt=prompt,
         )
@@ -107,7 +106,7 @@ class CompletionService:
                 for i, st in sorted(states.items())
             ],
             usage=usage,
-            policy_version=p.base.policy.version,
+            policy_version=p.base.visible_version,
         )
 
     def _choice(
@@ -191,6 +190,6 @@ def _sse(p: CompletionPrepared, choices: list[CompletionChoice], usage: Usage | 
         model=p.request.model,
         choices=choices,
         usage=usage,
-        policy_version=p.base.policy.version,
+        policy_version=p.base.visible_version,
     )
     return f"data: {body.model_dump_json()}\n\n"

@@ -6,6 +6,13 @@ signature, so an id this service never issued is refused (404) on any replica wi
 database round trip. A real id whose interaction has not been ingested yet is fine: the
 ingestor joins them later.
 
+A vote belongs to the one who was served: the id is signed for the API key's principal
+and the end user the product named (`serving.response_ids`), so rating an answer served to
+another key, or as another user than the one served, is the same 404 as a forged id. The
+choice rated must be one the answer has (``choice_index`` below its ``n``), and the answer
+no older than ``feedback_max_age_days``. Text preferences (texts the caller wrote, which
+training takes as given) need the ``annotate`` scope.
+
 These two routes are a plain ASGI middleware in front of the FastAPI app rather than
 FastAPI routes: they are the highest-rate endpoints (thousands of ratings a second per
 replica), and FastAPI's request/dependency machinery and the middleware stack around it
@@ -18,6 +25,7 @@ app's 500 handler (this middleware sits inside Starlette's ServerErrorMiddleware
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -36,9 +44,11 @@ from schemas.feedback_api import (
 )
 from schemas.settings import Settings
 from serving import metrics
+from serving.api_keys import Principal
+from serving.auth import principal_of
 from serving.errors import APIError, parse_body, parse_json, too_large
 from serving.publisher import PRODUCER, EventPublisher
-from serving.response_ids import ResponseIdSigner
+from serving.response_ids import IssuedResponse, ResponseIdSigner
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 _IDEMPOTENCY_HEADER_RAW = IDEMPOTENCY_HEADER.lower().encode()  # as ASGI carries header names
@@ -62,10 +72,11 @@ class FeedbackEndpoints:
     ) -> None:
         self.app = app
         self.max_bytes = settings.max_request_bytes
+        self.max_age_s = settings.feedback_max_age_days * 86400.0
         self.signer = signer
         self.publisher = publisher
-        # handler(parsed JSON body, Idempotency-Key header) -> the 202 body
-        self.routes: dict[str, Callable[[object, str | None], Awaitable[bytes]]] = {
+        # handler(parsed JSON body, Idempotency-Key header, principal) -> the 202 body
+        self.routes: dict[str, Callable[[object, str | None, Principal], Awaitable[bytes]]] = {
             FEEDBACK_PATH: self.submit_feedback,
             PREFERENCES_PATH: self.submit_preference,
         }
@@ -82,7 +93,9 @@ class FeedbackEndpoints:
             body = await self.read_body(scope, receive)
             if body is None:
                 return  # the client went away before sending its body: nobody to answer
-            status, content = 202, await handler(parse_json(body), _idempotency_header(scope))
+            principal = principal_of(scope)
+            status = 202
+            content = await handler(parse_json(body), _idempotency_header(scope), principal)
         except APIError as e:
             status = e.status
             content = _json(error_body(e.message, e.type, e.param, e.code))
@@ -114,15 +127,32 @@ class FeedbackEndpoints:
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    def check_issued(self, response_id: str, param: str) -> None:
-        if not self.signer.is_valid(response_id):
+    def check_issued(
+        self, response_id: str, param: str, principal: Principal, user: str | None
+    ) -> IssuedResponse:
+        """What the id says, if it was issued to this key for this user, recently enough;
+        else 404 (not issued, or not to this caller: the same answer, so an id reveals
+        nothing to anyone else) or 422 (too old to rate)."""
+        issued = self.signer.verify(response_id, principal.name, user)
+        if issued is None:
+            whom = f"for the user '{user}'" if user is not None else "without a user"
             raise APIError(
                 404,
-                f"No response with id '{response_id}' was issued by this service.",
+                f"No response with id '{response_id}' was issued by this service to this "
+                f"API key {whom}.",
                 type="not_found",
                 param=param,
                 code="response_not_found",
             )
+        if time.time() - issued.issued_at > self.max_age_s:
+            raise APIError(
+                422,
+                f"The response '{response_id}' is too old to rate (older than "
+                f"{self.max_age_s / 86400.0:g} days).",
+                param=param,
+                code="response_expired",
+            )
+        return issued
 
     async def accept(self, event: Event, kind: AcceptedKind, event_id: uuid.UUID) -> bytes:
         """Hand the event over (Kafka ack or fsync'd spool); the 202 body."""
@@ -138,11 +168,20 @@ class FeedbackEndpoints:
             ) from None
         return Accepted(id=event_id, object=kind, delivered_to=where).model_dump_json().encode()
 
-    async def submit_feedback(self, payload: object, header_key: str | None) -> bytes:
+    async def submit_feedback(
+        self, payload: object, header_key: str | None, principal: Principal
+    ) -> bytes:
         req = parse_body(FeedbackRequest, payload)
-        self.check_issued(req.response_id, "response_id")
+        issued = self.check_issued(req.response_id, "response_id", principal, req.user)
+        if req.choice_index >= issued.n:
+            raise APIError(
+                400,
+                f"choice_index must be below the answer's n ({issued.n}); got {req.choice_index}.",
+                param="choice_index",
+                code="invalid_value",
+            )
         key = req.idempotency_key or header_key
-        feedback_id = idempotent_id("feedback", key)
+        feedback_id = idempotent_id("feedback", _scoped(principal, key))
         event = FeedbackSubmitted(
             event_id=feedback_id,
             producer=PRODUCER,
@@ -151,23 +190,39 @@ class FeedbackEndpoints:
             choice_index=req.choice_index,
             rating=req.rating,
             user=req.user,
+            principal=principal.name,
             comment=req.comment,
             idempotency_key=key,
         )
         return await self.accept(event, "feedback", feedback_id)
 
-    async def submit_preference(self, payload: object, header_key: str | None) -> bytes:
+    async def submit_preference(
+        self, payload: object, header_key: str | None, principal: Principal
+    ) -> bytes:
         req = parse_body(PreferenceRequest, payload)
         if req.chosen_response_id is not None:
-            self.check_issued(req.chosen_response_id, "chosen_response_id")
-            self.check_issued(req.rejected_response_id or "", "rejected_response_id")
+            self.check_issued(req.chosen_response_id, "chosen_response_id", principal, req.user)
+            self.check_issued(
+                req.rejected_response_id or "", "rejected_response_id", principal, req.user
+            )
+        elif not principal.may("annotate"):
+            raise APIError(
+                403,
+                f"The key '{principal.name}' lacks the 'annotate' scope: text preferences "
+                "(chosen/rejected written by the caller) are trained on as given. Compare two "
+                "served answers by their response ids instead.",
+                type="permission_error",
+                param="chosen",
+                code="insufficient_scope",
+            )
         key = req.idempotency_key or header_key
-        preference_id = idempotent_id("preference", key)
+        preference_id = idempotent_id("preference", _scoped(principal, key))
         event = PreferenceSubmitted(
             event_id=preference_id,
             producer=PRODUCER,
             preference_id=preference_id,
             user=req.user,
+            principal=principal.name,
             idempotency_key=key,
             chosen_response_id=req.chosen_response_id,
             rejected_response_id=req.rejected_response_id,
@@ -178,6 +233,12 @@ class FeedbackEndpoints:
             rejected=req.rejected,
         )
         return await self.accept(event, "preference", preference_id)
+
+
+def _scoped(principal: Principal, key: str | None) -> str | None:
+    """An idempotency key within its principal: two keys choosing the same idempotency key
+    make two events, never one overwriting the other."""
+    return None if key is None else f"{principal.name}\0{key}"
 
 
 def _idempotency_header(scope: Scope) -> str | None:

@@ -34,6 +34,7 @@ from schemas.events import (
 from schemas.sampling import SamplingFields, sampling_record_fields
 from schemas.settings import Settings
 from serving import metrics
+from serving.api_keys import Principal
 from serving.engine import Engine
 from serving.errors import APIError
 from serving.policies import PolicyRouter, PolicyTarget, PolicyUnavailable, UnknownModel
@@ -44,6 +45,20 @@ if TYPE_CHECKING:
     from vllm import RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who asked: the API key's principal, the end user the product named (recorded on
+    the event and bound into the response id), and what sticky routing hashes."""
+
+    principal: Principal
+    user: str | None
+    routing_key: str
+
+    @property
+    def may_pin(self) -> bool:
+        return self.principal.may("pin")
 
 
 @dataclass
@@ -58,10 +73,15 @@ class Prepared:
     prompt_ids: list[int]
     params: SamplingParams
     record: SamplingRecord
-    user: str | None
+    caller: Caller
     messages: list[LoggedMessage]
     prompt: str | None = None
     started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def visible_version(self) -> str | None:
+        """The policy version as the caller may see it: only a ``pin`` key learns its arm."""
+        return self.policy.version if self.caller.may_pin else None
 
 
 @dataclass
@@ -131,10 +151,20 @@ class Generation:
                 code="invalid_value",
             )
 
-    async def route(self, model: str, user_key: str) -> PolicyTarget:
-        """The policy serving ``user_key`` under ``model``, or the 404/503 that says why not."""
+    async def route(self, model: str, caller: Caller) -> PolicyTarget:
+        """The policy serving ``caller`` under ``model``, or the 403/404/503 that says why
+        not. Naming a version rather than the served model needs the ``pin`` scope."""
+        if model != self.settings.served_model_name and not caller.may_pin:
+            raise APIError(
+                403,
+                f"Only the model '{self.settings.served_model_name}' is served to the key "
+                f"'{caller.principal.name}'; naming a policy version needs the 'pin' scope.",
+                type="permission_error",
+                param="model",
+                code="insufficient_scope",
+            )
         try:
-            return await self.router.resolve(model, user_key)
+            return await self.router.resolve(model, caller.routing_key)
         except UnknownModel:
             raise APIError(
                 404,
@@ -177,8 +207,9 @@ class Generation:
             )
         return room
 
-    def new_id(self) -> tuple[str, int]:
-        return self.signer.new_id(), int(time.time())
+    def new_id(self, caller: Caller, n: int) -> tuple[str, int]:
+        now = time.time()
+        return self.signer.new_id(caller.principal.name, caller.user, n, now), int(now)
 
     # -- the engine ------------------------------------------------------------------
     async def start(self, p: Prepared) -> tuple[RequestOutput | None, AsyncIterator[RequestOutput]]:
@@ -257,7 +288,8 @@ class Generation:
                 endpoint=p.endpoint,
                 prompt=p.prompt,
                 response_id=p.response_id,
-                user=p.user,
+                user=p.caller.user,
+                principal=p.caller.principal.name,
                 policy_version=p.policy.version,
                 model=p.request.model,
                 messages=p.messages,

@@ -14,12 +14,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", help="bind address (default: ALIGNLOOP_HOST or 127.0.0.1)")
     ap.add_argument("--port", type=int, help="port (default: ALIGNLOOP_PORT or 8000)")
     ap.add_argument("--log-level", default="info")
+    ap.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="development only: no API keys (refused unless the bind address is loopback)",
+    )
     args = ap.parse_args(argv)
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     settings = Settings()
+    if args.insecure_no_auth:
+        settings = settings.model_copy(update={"insecure_no_auth": True})
     host = args.host or settings.host
     port = args.port or settings.port
     model_dir = settings.base_model or settings.demo_model_dir()
@@ -38,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
 
+    problem = _auth_problem(settings, host)
+    if problem:
+        print(f"alignloop serve: {problem}", file=sys.stderr)
+        return 2
+
     import uvicorn
 
     from serving.app import create_app
@@ -50,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         spool_dir,
         settings.spool_max_bytes,
         client_id=f"{settings.kafka_client_id}-serving-{port}",
+        max_event_bytes=settings.max_event_bytes,
+        reserved_share=settings.spool_feedback_reserve,  # for topics.FEEDBACK
     )
     app = create_app(settings, model_dir, publisher)
     uvicorn.run(
@@ -61,3 +75,40 @@ def main(argv: list[str] | None = None) -> int:
         access_log=False,
     )
     return 0
+
+
+def _auth_problem(settings: Settings, host: str) -> str | None:
+    """Why this replica must not start as configured (None: it may): no key to let anyone
+    in, or no-auth mode on an address other machines can reach."""
+    from serving.api_keys import read_entries
+
+    if settings.insecure_no_auth:
+        if not _is_loopback(host):
+            return (
+                f"ALIGNLOOP_INSECURE_NO_AUTH lets anyone who reaches {host} act with every "
+                "scope; it is allowed on a loopback address only (127.0.0.1, ::1, localhost)."
+            )
+        return None
+    path = settings.resolved_api_keys_file()
+    try:
+        entries = read_entries(path)
+    except ValueError as e:
+        return str(e)
+    if not entries:
+        return (
+            f"no API key in {path}. Make one with `alignloop keys create NAME` (or run "
+            "`alignloop up`, which makes one), or set ALIGNLOOP_INSECURE_NO_AUTH=true for "
+            "development on a loopback address."
+        )
+    return None
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

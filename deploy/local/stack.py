@@ -32,9 +32,17 @@ from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
 ADMIN_TOKEN_FILE = "admin_token"
-# Keys kept under the state directory (serving's response id key: serving/app.py; the user
-# id key: user_id_key_file); tightened to 0600 on start if an older version left them readable.
-SECRET_FILES = ("secrets/response_id.key", "secrets/user_id.key")
+API_KEY_FILE = "api_key"
+DEFAULT_KEY_NAME = "default"
+# Keys kept under the state directory (serving's response id key and routing salt:
+# serving/app.py; the key ring: serving/api_keys.py; the user id key: user_id_key_file);
+# tightened to 0600 on start if an older version left them readable.
+SECRET_FILES = (
+    "secrets/response_id.key",
+    "secrets/routing_salt.key",
+    "secrets/api_keys.jsonl",
+    "secrets/user_id.key",
+)
 
 
 def admin_token(settings: Settings, state: Path) -> str:
@@ -48,6 +56,31 @@ def admin_token(settings: Settings, state: Path) -> str:
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_urlsafe(32))
     return path.read_text().strip()
+
+
+def api_key(settings: Settings, state: Path) -> str | None:
+    """The newcomer's chat API key: on the first start (an empty key ring) a key named
+    ``default`` with every scope is made, and kept in clear, mode 0600, in
+    ``state/api_key`` so the banner (and a later start) can show it; the ring itself holds
+    only its hash. A ring someone else filled (``alignloop keys create``) is left alone
+    (None: no key to show). ``ALIGNLOOP_INSECURE_NO_AUTH``: no key at all."""
+    from serving.api_keys import SCOPES, create_key, read_entries
+
+    if settings.insecure_no_auth:
+        return None
+    ring = settings.resolved_api_keys_file()
+    kept = state / API_KEY_FILE
+    names = {e.name for e in read_entries(ring)}
+    if kept.exists() and DEFAULT_KEY_NAME in names:
+        return kept.read_text().strip()
+    if names:
+        return None
+    key = create_key(ring, DEFAULT_KEY_NAME, SCOPES)
+    kept.unlink(missing_ok=True)
+    fd = os.open(kept, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key)
+    return key
 
 
 def user_id_key_file(settings: Settings, state: Path) -> None:
@@ -114,12 +147,19 @@ def _settings(argv: list[str] | None) -> Settings:
     ap.add_argument("--state-dir", type=Path, help="default: ALIGNLOOP_STATE_DIR or ./.alignloop")
     ap.add_argument("--host", help="chat API bind address (default 127.0.0.1)")
     ap.add_argument("--port", type=int, help="chat API port (default 8000)")
+    ap.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="development only: no API keys on the chat API (refused unless it binds loopback)",
+    )
     args = ap.parse_args(argv)
-    overrides = {
+    overrides: dict[str, object] = {
         k: v
         for k, v in {"state_dir": args.state_dir, "host": args.host, "port": args.port}.items()
         if v is not None
     }
+    if args.insecure_no_auth:
+        overrides["insecure_no_auth"] = True
     settings = Settings(**overrides)
     state = settings.state_dir.resolve()
     private_state_dir(state)
@@ -211,11 +251,29 @@ def _children(settings: Settings, envs: dict[str, dict[str, str]]) -> list[Child
     ]
 
 
-def _banner(settings: Settings, infra: _Infrastructure, envs: dict[str, dict[str, str]]) -> str:
+def _key_line(settings: Settings, key: str | None) -> str:
+    if settings.insecure_no_auth:
+        return "none: ALIGNLOOP_INSECURE_NO_AUTH (every caller is `anonymous`)"
+    if key is None:
+        return f"the keys in {settings.resolved_api_keys_file()} (alignloop keys list)"
+    return (
+        f"{key}\n                (key `{DEFAULT_KEY_NAME}`, every scope; kept in "
+        + str(settings.state_dir / API_KEY_FILE)
+        + ")"
+    )
+
+
+def _banner(
+    settings: Settings,
+    infra: _Infrastructure,
+    envs: dict[str, dict[str, str]],
+    key: str | None,
+) -> str:
     api = f"http://{settings.host}:{settings.port}"
     state = settings.state_dir
     return f"""[bold green]alignloop is up[/bold green]
   chat API      {api}/v1/chat/completions  (model "{settings.served_model_name}")
+  API key       {_key_line(settings, key)}
   feedback      {api}/v1/feedback
                 {api}/v1/preferences
   metrics       {api}/metrics (serving)
@@ -247,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         _start_infrastructure(settings, infra)
         model_dir = _base_model(settings)
         user_id_key_file(settings, settings.state_dir)
+        key = api_key(settings, settings.state_dir)
         env = {
             **os.environ,
             "ALIGNLOOP_STATE_DIR": str(settings.state_dir),
@@ -254,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             "ALIGNLOOP_KAFKA_BOOTSTRAP": infra.bootstrap,
             "ALIGNLOOP_BASE_MODEL": str(model_dir),
             "ALIGNLOOP_ADMIN_TOKEN": admin_token(settings, settings.state_dir),
+            "ALIGNLOOP_INSECURE_NO_AUTH": str(settings.insecure_no_auth).lower(),
             # The console's live numbers: serving's spool and queue, the ingestor's lag.
             "ALIGNLOOP_CONSOLE_METRICS_URLS": settings.console_metrics_urls
             or f"http://{settings.host}:{settings.port}/metrics,"
@@ -271,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{serve.log_path}:\n{serve.log_tail()}"
                 )
                 return 1
-        console.print(_banner(settings, infra, envs), soft_wrap=True)
+        console.print(_banner(settings, infra, envs, key), soft_wrap=True)
         supervise(children)
         return 0
     except _Stop:

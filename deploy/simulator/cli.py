@@ -39,7 +39,10 @@ def add_arguments(ap: argparse.ArgumentParser, *, with_target: bool = True) -> N
     if with_target:
         target = ap.add_argument_group("the alignloop to drive")
         target.add_argument("--base-url", default=d.base_url, help="chat API (default %(default)s)")
-        target.add_argument("--api-key", help="bearer key sent with every request")
+        target.add_argument(
+            "--api-key",
+            help="chat API key (default: ALIGNLOOP_API_KEY, else STATE_DIR/api_key)",
+        )
         target.add_argument(
             "--admin-url",
             default=DEFAULT_ADMIN_URL,
@@ -51,7 +54,8 @@ def add_arguments(ap: argparse.ArgumentParser, *, with_target: bool = True) -> N
         )
         target.add_argument(
             "--state-dir",
-            help="where to find admin_token (default: ALIGNLOOP_STATE_DIR or ./.alignloop)",
+            help="where to find admin_token and api_key (default: ALIGNLOOP_STATE_DIR or "
+            "./.alignloop)",
         )
     g = ap.add_argument_group("traffic")
     g.add_argument("--users", type=int, default=p.users, help="simulated users (%(default)s)")

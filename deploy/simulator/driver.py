@@ -94,6 +94,9 @@ class Until:
 class SimConfig:
     base_url: str = "http://127.0.0.1:8000"
     api_key: str | None = None
+    """The chat API key; None: ALIGNLOOP_API_KEY, else the file ``state_dir/api_key`` that
+    ``alignloop up`` keeps (its ``default`` key has every scope, ``pin`` included, which the
+    per-version counts need: only a pin key sees which version answered)."""
     model: str = "alignloop"
     minutes: float = 10.0
     rate: float = 2.0
@@ -142,14 +145,23 @@ class SimConfig:
 
 def resolve_admin_token(explicit: str | None, state_dir: str | None) -> str | None:
     """The admin token: given, else ALIGNLOOP_ADMIN_TOKEN, else STATE_DIR/admin_token."""
+    return _resolve(explicit, "ALIGNLOOP_ADMIN_TOKEN", state_dir, "admin_token")
+
+
+def resolve_api_key(explicit: str | None, state_dir: str | None) -> str | None:
+    """The chat API key: given, else ALIGNLOOP_API_KEY, else STATE_DIR/api_key."""
+    return _resolve(explicit, "ALIGNLOOP_API_KEY", state_dir, "api_key")
+
+
+def _resolve(explicit: str | None, env_name: str, state_dir: str | None, file: str) -> str | None:
     if explicit:
         return explicit
-    env = os.environ.get("ALIGNLOOP_ADMIN_TOKEN", "").strip()
+    env = os.environ.get(env_name, "").strip()
     if env:
         return env
     root = Path(state_dir or os.environ.get("ALIGNLOOP_STATE_DIR") or ".alignloop")
     try:
-        token = (root / "admin_token").read_text().strip()
+        token = (root / file).read_text().strip()
     except OSError:
         return None
     return token or None
@@ -412,7 +424,8 @@ async def run(
         source = make_source(config.prompts_file, answerable_share=config.answerable_share)
     except ValueError as e:
         raise SimulationError(str(e)) from None
-    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    api_key = resolve_api_key(config.api_key, config.state_dir)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     client = httpx.AsyncClient(
         base_url=config.base_url.rstrip("/"),
         headers=headers,

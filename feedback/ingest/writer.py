@@ -67,16 +67,16 @@ CREATE TEMP TABLE IF NOT EXISTS stage_interactions (
     messages jsonb, prompt_text text, prompt_hash text, prompt_tokens int,
     completion_tokens int, latency_ms double precision, ttft_ms double precision,
     stream boolean, sampling jsonb, choices jsonb, occurred_at timestamptz,
-    endpoint text, prompt text, tool_turns boolean
+    endpoint text, prompt text, tool_turns boolean, principal text
 ) ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS stage_feedback (
     event_id uuid, feedback_id uuid, response_id text, choice_index int, user_id text,
-    user_key text, rating text, comment text, occurred_at timestamptz
+    user_key text, rating text, comment text, occurred_at timestamptz, principal text
 ) ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS stage_preferences (
     event_id uuid, preference_id uuid, user_id text, chosen_response_id text,
     rejected_response_id text, messages jsonb, chosen text, rejected text,
-    occurred_at timestamptz
+    occurred_at timestamptz, principal text
 ) ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS new_interactions (
     response_id text, event_id uuid, policy_version text, answers int
@@ -101,10 +101,10 @@ _INSERT_INTERACTIONS = """
 WITH ins AS (
     INSERT INTO interactions (response_id, event_id, user_id, policy_version, model, messages,
         prompt_text, prompt_hash, prompt_tokens, completion_tokens, latency_ms, ttft_ms,
-        stream, sampling, occurred_at, endpoint, prompt, tool_turns)
+        stream, sampling, occurred_at, endpoint, prompt, tool_turns, principal)
     SELECT DISTINCT ON (response_id) response_id, event_id, user_id, policy_version, model,
         messages, prompt_text, prompt_hash, prompt_tokens, completion_tokens, latency_ms,
-        ttft_ms, stream, sampling, occurred_at, endpoint, prompt, tool_turns
+        ttft_ms, stream, sampling, occurred_at, endpoint, prompt, tool_turns, principal
     FROM stage_interactions
     ORDER BY response_id, occurred_at, event_id
     ON CONFLICT DO NOTHING
@@ -131,9 +131,9 @@ ON CONFLICT DO NOTHING
 _INSERT_FEEDBACK = """
 WITH ins AS (
     INSERT INTO feedback_events (event_id, feedback_id, response_id, choice_index, user_id,
-                                 user_key, rating, comment, occurred_at)
+                                 user_key, rating, comment, occurred_at, principal)
     SELECT event_id, feedback_id, response_id, choice_index, user_id, user_key, rating,
-           comment, occurred_at
+           comment, occurred_at, principal
     FROM stage_feedback
     ORDER BY occurred_at, event_id
     ON CONFLICT (event_id) DO NOTHING
@@ -175,9 +175,10 @@ FROM upserted u LEFT JOIN before b USING (response_id, choice_index, user_key)
 
 _INSERT_PREFERENCES = """
 INSERT INTO preferences (event_id, preference_id, user_id, chosen_response_id,
-                         rejected_response_id, messages, chosen, rejected, occurred_at)
+                         rejected_response_id, messages, chosen, rejected, occurred_at,
+                         principal)
 SELECT event_id, preference_id, user_id, chosen_response_id, rejected_response_id, messages,
-       chosen, rejected, occurred_at
+       chosen, rejected, occurred_at, principal
 FROM stage_preferences
 ORDER BY occurred_at, event_id
 ON CONFLICT (event_id) DO NOTHING
@@ -287,20 +288,21 @@ def _interaction_row(e: InteractionLogged, user: str | None) -> tuple[object, ..
         e.latency_ms, e.ttft_ms, e.stream, e.sampling.model_dump_json(),
         json.dumps([c.model_dump(mode="json") for c in e.choices]), e.occurred_at,
         e.endpoint, e.prompt, any(m.role == "tool" or m.tool_calls for m in e.messages),
+        e.principal,
     )  # fmt: skip
 
 
 def _feedback_row(e: FeedbackSubmitted, user: str | None) -> tuple[object, ...]:
     return (
         e.event_id, e.feedback_id, e.response_id, e.choice_index, user, user or "",
-        e.rating, e.comment, e.occurred_at,
+        e.rating, e.comment, e.occurred_at, e.principal,
     )  # fmt: skip
 
 
 def _preference_row(e: PreferenceSubmitted, user: str | None) -> tuple[object, ...]:
     return (
         e.event_id, e.preference_id, user, e.chosen_response_id, e.rejected_response_id,
-        _messages_json(e.messages), e.chosen, e.rejected, e.occurred_at,
+        _messages_json(e.messages), e.chosen, e.rejected, e.occurred_at, e.principal,
     )  # fmt: skip
 
 
@@ -338,19 +340,20 @@ _STAGED = (
         ("event_id", "response_id", "user_id", "policy_version", "model", "messages",
          "prompt_text", "prompt_hash", "prompt_tokens", "completion_tokens", "latency_ms",
          "ttft_ms", "stream", "sampling", "choices", "occurred_at", "endpoint", "prompt",
-         "tool_turns"),
+         "tool_turns", "principal"),
         _interaction_row, _INSERT_INTERACTIONS, _DROP_INTERACTIONS, (_INSERT_CHOICES,),
     ),
     _Staged(
         "feedback", FeedbackSubmitted, "stage_feedback",
         ("event_id", "feedback_id", "response_id", "choice_index", "user_id", "user_key",
-         "rating", "comment", "occurred_at"),
+         "rating", "comment", "occurred_at", "principal"),
         _feedback_row, _INSERT_FEEDBACK, _DROP_FEEDBACK, (_UPSERT_CURRENT,),
     ),
     _Staged(
         "preferences", PreferenceSubmitted, "stage_preferences",
         ("event_id", "preference_id", "user_id", "chosen_response_id",
-         "rejected_response_id", "messages", "chosen", "rejected", "occurred_at"),
+         "rejected_response_id", "messages", "chosen", "rejected", "occurred_at",
+         "principal"),
         _preference_row, _INSERT_PREFERENCES, _DROP_PREFERENCES,
     ),
 )  # fmt: skip

@@ -49,6 +49,7 @@ def _simulate(stack: Stack, until: str, minutes: float, seed: int) -> dict:
     out = io.StringIO()
     config = SimConfig(
         base_url=stack.base_url,
+        api_key=stack.api_key,
         admin_url=stack.admin_url,
         admin_token=stack.admin_token,
         minutes=minutes,

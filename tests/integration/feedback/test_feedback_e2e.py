@@ -12,7 +12,7 @@ from feedback.ab_counters import policy_counts
 from serving.response_ids import ResponseIdSigner
 from tests.fixtures.ingestor import running_ingestor
 from tests.fixtures.load import post_all
-from tests.fixtures.server import RESPONSE_ID_SECRET
+from tests.fixtures.server import AUTH, RESPONSE_ID_SECRET
 
 pytestmark = pytest.mark.slow
 
@@ -35,10 +35,14 @@ def test_ten_thousand_ratings_become_ten_thousand_rows(serving, ingestor, migrat
     signer = ResponseIdSigner(RESPONSE_ID_SECRET.encode())
     user = f"load-{uuid.uuid4().hex[:8]}"
     payloads = [
-        {"response_id": signer.new_id(), "rating": "up" if i % 3 else "down", "user": user}
+        {
+            "response_id": signer.new_id("ops", user, 1),
+            "rating": "up" if i % 3 else "down",
+            "user": user,
+        }
         for i in range(N)
     ]
-    result = post_all(serving.base_url, "/v1/feedback", payloads, concurrency=32)
+    result = post_all(serving.base_url, "/v1/feedback", payloads, concurrency=32, headers=AUTH)
     assert result.statuses == {202: N}, result.statuses
     assert len(set(result.accepted_ids)) == N
 
@@ -75,6 +79,7 @@ def test_rating_a_served_answer_counts_for_its_policy(serving, ingestor, migrate
             "max_tokens": 8,
             "user": "counter-check",
         },
+        headers=AUTH,
     )
     rid = r.json()["id"]
     for rating in ("up", "down"):  # re-rating: the latest wins
@@ -82,6 +87,7 @@ def test_rating_a_served_answer_counts_for_its_policy(serving, ingestor, migrate
             f"{serving.base_url}/v1/feedback",
             timeout=30,
             json={"response_id": rid, "rating": rating, "user": "counter-check"},
+            headers=AUTH,
         )
         assert f.status_code == 202
         time.sleep(0.05)

@@ -8,6 +8,8 @@ import json
 import httpx
 import pytest
 
+from tests.fixtures.server import AUTH
+
 pytestmark = pytest.mark.slow
 
 OK_MESSAGES = [{"role": "user", "content": "hi"}]
@@ -246,7 +248,7 @@ def test_bad_request_table(serving, raw, status, words, param):
     r = httpx.post(
         f"{serving.base_url}/v1/chat/completions",
         content=raw,
-        headers={"content-type": "application/json"},
+        headers={"content-type": "application/json", **AUTH},
         timeout=30,
     )
     assert r.status_code == status, r.text
@@ -261,7 +263,7 @@ def test_streaming_request_with_bad_input_is_rejected_before_streaming(serving):
     r = httpx.post(
         f"{serving.base_url}/v1/chat/completions",
         content=body(stream=True, max_tokens=100_000),
-        headers={"content-type": "application/json"},
+        headers={"content-type": "application/json", **AUTH},
         timeout=30,
     )
     assert r.status_code == 400
@@ -286,7 +288,7 @@ def test_server_still_serves_after_the_bad_inputs(serving):
     r = httpx.post(
         f"{serving.base_url}/v1/chat/completions",
         content=body(max_tokens=4),
-        headers={"content-type": "application/json"},
+        headers={"content-type": "application/json", **AUTH},
         timeout=60,
     )
     assert r.status_code == 200

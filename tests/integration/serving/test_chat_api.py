@@ -15,7 +15,7 @@ HELLO = [{"role": "user", "content": "What is the capital of Fenwick?"}]
 
 @pytest.fixture(scope="module")
 def client(serving) -> OpenAI:
-    return OpenAI(base_url=f"{serving.base_url}/v1", api_key="unused", max_retries=0)
+    return OpenAI(base_url=f"{serving.base_url}/v1", api_key=serving.api_key, max_retries=0)
 
 
 def test_models_lists_routed_name_and_base(client):

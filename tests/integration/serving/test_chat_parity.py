@@ -16,6 +16,7 @@ from openai import BadRequestError, OpenAI
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from schemas import parity
+from tests.fixtures.server import AUTH
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +26,7 @@ ASK = [{"role": "user", "content": "What is the capital of Fenwick?"}]
 
 @pytest.fixture(scope="module")
 def client(serving) -> OpenAI:
-    return OpenAI(base_url=f"{serving.base_url}/v1", api_key="unused", max_retries=0)
+    return OpenAI(base_url=f"{serving.base_url}/v1", api_key=serving.api_key, max_retries=0)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,9 @@ IGNORED_VALUES = {
 )
 def test_refused_fields_are_a_400_naming_them(serving, endpoint, name):
     path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
-    r = httpx.post(serving.base_url + path, json={**_minimal(endpoint), name: 1}, timeout=60)
+    r = httpx.post(
+        serving.base_url + path, json={**_minimal(endpoint), name: 1}, timeout=60, headers=AUTH
+    )
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["code"] == "unsupported_parameter"
@@ -80,9 +83,9 @@ def test_refused_fields_are_a_400_naming_them(serving, endpoint, name):
 def test_ignored_fields_are_accepted_and_change_nothing(serving, endpoint, name):
     path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
     body = {**_minimal(endpoint), "temperature": 0, "max_tokens": 6}
-    plain = httpx.post(serving.base_url + path, json=body, timeout=60)
+    plain = httpx.post(serving.base_url + path, json=body, timeout=60, headers=AUTH)
     with_it = httpx.post(
-        serving.base_url + path, json={**body, name: IGNORED_VALUES[name]}, timeout=60
+        serving.base_url + path, json={**body, name: IGNORED_VALUES[name]}, timeout=60, headers=AUTH
     )
     assert plain.status_code == with_it.status_code == 200, with_it.text
 
@@ -110,6 +113,7 @@ def test_a_field_in_no_table_is_refused_too(serving):
         serving.base_url + "/v1/chat/completions",
         json={**_minimal("chat"), "frobnicate": True},
         timeout=60,
+        headers=AUTH,
     )
     assert r.status_code == 400
     assert r.json()["error"]["code"] == "unsupported_parameter"

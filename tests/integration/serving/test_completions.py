@@ -11,6 +11,7 @@ from schemas import topics
 from schemas.events import InteractionLogged
 from serving.response_ids import PREFIX
 from tests.fixtures.events import wait_for_events
+from tests.fixtures.server import AUTH
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +20,7 @@ PROMPT = "<|bos|><|user|>What is the capital of Fenwick?<|end|><|assistant|>"
 
 @pytest.fixture(scope="module")
 def client(serving) -> OpenAI:
-    return OpenAI(base_url=f"{serving.base_url}/v1", api_key="unused", max_retries=0)
+    return OpenAI(base_url=f"{serving.base_url}/v1", api_key=serving.api_key, max_retries=0)
 
 
 def test_completion_round_trip_and_feedback(serving, client):
@@ -67,6 +68,7 @@ def test_completion_round_trip_and_feedback(serving, client):
         f"{serving.base_url}/v1/feedback",
         json={"response_id": r.id, "rating": "down", "user": "carol"},
         timeout=30,
+        headers=AUTH,
     )
     assert ok.status_code == 202, ok.text
 

@@ -10,22 +10,21 @@ import pytest
 from schemas import topics
 from schemas.events import FeedbackSubmitted, PreferenceSubmitted
 from tests.fixtures.events import wait_for_events
-from tests.fixtures.server import RESPONSE_ID_SECRET
+from tests.fixtures.server import AUTH, RESPONSE_ID_SECRET
 
 pytestmark = pytest.mark.slow
 
 
-def chat(serving, user: str = "rater") -> str:
-    r = httpx.post(
-        f"{serving.base_url}/v1/chat/completions",
-        timeout=60,
-        json={
-            "model": "alignloop",
-            "messages": [{"role": "user", "content": "What is 2 plus 3?"}],
-            "max_tokens": 8,
-            "user": user,
-        },
-    )
+def chat(serving, user: str | None = None) -> str:
+    """A served answer's id (served to the `ops` test key, for ``user``)."""
+    body = {
+        "model": "alignloop",
+        "messages": [{"role": "user", "content": "What is 2 plus 3?"}],
+        "max_tokens": 8,
+    }
+    if user is not None:
+        body["user"] = user
+    r = httpx.post(f"{serving.base_url}/v1/chat/completions", timeout=60, json=body, headers=AUTH)
     assert r.status_code == 200
     return r.json()["id"]
 
@@ -36,7 +35,7 @@ def post(serving, path: str, payload, headers=None) -> httpx.Response:
         f"{serving.base_url}{path}",
         content=raw,
         timeout=30,
-        headers={"content-type": "application/json", **(headers or {})},
+        headers={"content-type": "application/json", **AUTH, **(headers or {})},
     )
 
 
@@ -49,7 +48,7 @@ def feedback_id_of(event) -> str:
 
 
 def test_thumbs_accepted_and_produced(serving):
-    rid = chat(serving)
+    rid = chat(serving, "ann")
     r = post(
         serving,
         "/v1/feedback",
@@ -62,7 +61,7 @@ def test_thumbs_accepted_and_produced(serving):
         serving.broker.bootstrap, topics.FEEDBACK, feedback_id_of, {body["id"]}, timeout=60
     )
     assert event.response_id == rid and event.rating == "up" and event.user == "ann"
-    assert event.comment == "good"
+    assert event.comment == "good" and event.principal == "ops"
 
 
 def test_idempotency_key_returns_the_same_id(serving):
@@ -91,18 +90,18 @@ def test_idempotency_key_returns_the_same_id(serving):
 def test_forged_response_id_is_404(serving):
     from serving.response_ids import ResponseIdSigner
 
-    forged = ResponseIdSigner(b"not-the-server-secret-at-all").new_id()
+    forged = ResponseIdSigner(b"not-the-server-secret-at-all").new_id("ops", None, 1)
     r = post(serving, "/v1/feedback", {"response_id": forged, "rating": "up"})
     assert r.status_code == 404
     assert r.json()["error"]["code"] == "response_not_found"
     # A real id of this server (signed with its secret) that was never served is accepted:
     # feedback can outrun its interaction event; the ingestor joins them later.
-    unseen = ResponseIdSigner(RESPONSE_ID_SECRET.encode()).new_id()
+    unseen = ResponseIdSigner(RESPONSE_ID_SECRET.encode()).new_id("ops", None, 1)
     assert post(serving, "/v1/feedback", {"response_id": unseen, "rating": "up"}).status_code == 202
 
 
 def test_preferences_by_ids_and_by_texts(serving):
-    a, b = chat(serving), chat(serving)
+    a, b = chat(serving, "ann"), chat(serving, "ann")
     by_ids = post(
         serving,
         "/v1/preferences",
@@ -173,7 +172,7 @@ def test_malformed_json_feedback(serving, raw):
 def test_feedback_routes_keep_the_http_contract(serving):
     """The feedback routes answer ahead of FastAPI: the same error shapes, body limit and
     request counting as every other route."""
-    r = httpx.get(f"{serving.base_url}/v1/feedback", timeout=10)
+    r = httpx.get(f"{serving.base_url}/v1/feedback", timeout=10, headers=AUTH)
     assert r.status_code == 405 and r.headers["allow"] == "POST"
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}
 
@@ -185,7 +184,9 @@ def test_feedback_routes_keep_the_http_contract(serving):
         for _ in range(40):
             yield b"x" * 65_536
 
-    r = httpx.post(f"{serving.base_url}/v1/preferences", content=chunked(), timeout=30)
+    r = httpx.post(
+        f"{serving.base_url}/v1/preferences", content=chunked(), timeout=30, headers=AUTH
+    )
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
 
     rid = chat(serving)
@@ -206,7 +207,7 @@ def test_unstorable_text_is_refused_before_it_is_accepted(serving, text):
     r = httpx.post(
         f"{serving.base_url}/v1/feedback",
         content=raw,
-        headers={"content-type": "application/json"},
+        headers={"content-type": "application/json", **AUTH},
         timeout=30,
     )
     assert r.status_code == 400

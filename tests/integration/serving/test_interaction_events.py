@@ -13,6 +13,7 @@ from openai import OpenAI
 from schemas import topics
 from schemas.events import InteractionLogged
 from tests.fixtures.events import wait_for_events
+from tests.fixtures.server import AUTH
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +26,7 @@ def response_id_of(event) -> str:
 
 @pytest.fixture(scope="module")
 def client(serving) -> OpenAI:
-    return OpenAI(base_url=f"{serving.base_url}/v1", api_key="unused", max_retries=0)
+    return OpenAI(base_url=f"{serving.base_url}/v1", api_key=serving.api_key, max_retries=0)
 
 
 def test_each_completion_yields_one_matching_event(serving, client):
@@ -88,6 +89,7 @@ def test_broker_outage_loses_nothing(serving):
                     "seed": i,
                     "user": f"outage-{i}",
                 },
+                headers=AUTH,
             )
             assert r.status_code == 200, r.text
             return r.json()["id"]

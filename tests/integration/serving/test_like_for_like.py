@@ -25,6 +25,7 @@ from schemas.events import InteractionLogged
 from tests.fixtures.adapters import make_adapter
 from tests.fixtures.broker import consume_events
 from tests.fixtures.replicas import routed_replicas
+from tests.fixtures.server import AUTH
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +60,7 @@ def _chat(
 
 def test_the_stable_arm_runs_through_a_zero_adapter_and_answers_as_the_base(replica):
     url = replica.urls[0]
-    with httpx.Client(timeout=120) as client:
+    with httpx.Client(timeout=120, headers=AUTH) as client:
         answers = {u: _chat(client, url, f"user-{u}") for u in range(12)}
         stable = [a for a in answers.values() if a["policy_version"] == "base"]
         canary = [a for a in answers.values() if a["policy_version"] == "v1"]
@@ -83,7 +84,10 @@ def test_the_latency_guardrail_sees_no_adapter_overhead(replica):
     that). Here the question is only whether the LoRA path itself is charged."""
     url = replica.urls[0]
     users = [f"load-{i}" for i in range(120)]
-    with httpx.Client(timeout=120) as client, concurrent.futures.ThreadPoolExecutor(8) as pool:
+    with (
+        httpx.Client(timeout=120, headers=AUTH) as client,
+        concurrent.futures.ThreadPoolExecutor(8) as pool,
+    ):
         answers = list(pool.map(lambda u: _chat(client, url, u, max_tokens=4), users * 2))
     ids = {a["id"] for a in answers}
     events = [

@@ -13,6 +13,8 @@ import random
 import httpx
 import pytest
 
+from tests.fixtures.server import AUTH
+
 pytestmark = pytest.mark.slow
 
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
@@ -110,7 +112,7 @@ def test_random_parameter_combinations_never_answer_5xx(serving, endpoint):
     path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
     rng = random.Random(17 if endpoint == "chat" else 18)
     statuses = []
-    with httpx.Client(base_url=serving.base_url, timeout=120) as client:
+    with httpx.Client(base_url=serving.base_url, timeout=120, headers=AUTH) as client:
         for _ in range(120):
             body = _body(rng, endpoint)
             if body.get("stream") is True:

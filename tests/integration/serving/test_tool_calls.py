@@ -14,6 +14,7 @@ from openai import BadRequestError, OpenAI
 from schemas import topics
 from schemas.events import InteractionLogged
 from tests.fixtures.events import wait_for_events
+from tests.fixtures.server import AUTH
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +47,7 @@ ASK = [{"role": "user", "content": "What is the weather in Oslo?"}]
 
 @pytest.fixture(scope="module")
 def client(serving) -> OpenAI:
-    return OpenAI(base_url=f"{serving.base_url}/v1", api_key="unused", max_retries=0)
+    return OpenAI(base_url=f"{serving.base_url}/v1", api_key=serving.api_key, max_retries=0)
 
 
 def _schema(name: str) -> dict:
@@ -157,8 +158,9 @@ def test_auto_tool_call_round_trip(serving, client):
     # Feedback on a tool-calling answer is accepted like any other.
     r = httpx.post(
         f"{serving.base_url}/v1/feedback",
-        json={"response_id": called.id, "rating": "up", "user": "tool-user"},
+        json={"response_id": called.id, "rating": "up"},
         timeout=30,
+        headers=AUTH,
     )
     assert r.status_code == 202, r.text
 

@@ -121,6 +121,7 @@ def test_watch_explains_why_it_cannot_track(admin: Admin, migrated_url: str) -> 
 def _quick_config(serving, **overrides) -> SimConfig:
     values = {
         "base_url": serving.base_url,
+        "api_key": serving.api_key,
         "minutes": 8 / 60,
         "rate": 3.0,
         "concurrency": 3,
