@@ -8,7 +8,8 @@ resolves to where the event was *safely handed over*:
 * ``"kafka"``: acknowledged by the broker (``acks=all``, idempotent producer);
 * ``"spool"``: fsync'd into the local disk spool, to be replayed to Kafka later;
 * or it fails with :class:`~serving.spool.SpoolFull` (the event was dropped: the spool is
-  at its bound) or :class:`PublisherClosed`.
+  at its bound, or at the share of it that the event's topic may fill),
+  :class:`EventRejected` (the event was quarantined, see below) or :class:`PublisherClosed`.
 
 One background thread owns the Kafka producer and runs this state machine::
 
@@ -43,6 +44,36 @@ even across an overflow, at the price of a disk append on the caller's thread wh
 overflowing (no fsync there; the worker fsyncs). The bound ``spool_max_bytes`` applies to
 both spools together.
 
+**Quarantine: refused for good is not an outage.** Some events can never be delivered, and
+retrying them would stall everything behind them (into the spool, until the spool is full).
+Those are *quarantined*: written to a bounded, fsync'd, 0600 JSON-lines file
+(``spool_dir/quarantine.jsonl``, :mod:`serving.quarantine`), counted in
+``alignloop_events_quarantined_total{topic,reason}``, logged, and delivery moves on; a
+``publish_and_wait`` caller gets :class:`EventRejected` (its ``reason`` says why). Reasons:
+
+* ``too_large``: key + value exceed ``max_event_bytes`` (keep it below the broker's
+  ``message.max.bytes`` and the topics' ``max.message.bytes``). Checked in ``publish()``
+  and again before a spooled record is replayed (a spool from a process with a larger
+  bound); such an event never reaches Kafka nor the spool.
+* ``serialization``: ``event.to_bytes()`` failed (a lone surrogate in a string, ...).
+* the Kafka error's name in lower case (``msg_size_too_large``, ``record_list_too_large``,
+  ``invalid_record``, ...): the client or the broker refused that record for good
+  (:data:`PERMANENT_ERRORS`). A broker refuses a whole batch, so a refused record that was
+  sent with others is first sent again alone; only a record refused alone is quarantined
+  (that retry may put it behind later records of its key). Every other error, including
+  topic-wide ones such as authorization failures, still counts as an outage: the records
+  are spooled and retried, since an operator can fix the cause.
+
+**Feedback's reserve.** Ratings must not get 503 because chat traffic filled the spool
+during an outage. ``reserved_share`` of ``spool_max_bytes`` is kept for
+``reserved_topics`` (the feedback topic): events of every other topic (interactions, policy
+events) are dropped with :class:`SpoolFull` once together they would fill more than
+``(1 - reserved_share) * spool_max_bytes``, while feedback may fill the whole bound. The
+split is counted per topic by the spools themselves (rebuilt from disk at start), so it
+holds across restarts; it is one FIFO, so replay order is unchanged. The alternative, a
+second spool for feedback, would need a second replay cursor and state machine for no
+better guarantee.
+
 **Outage detection** happens on the next send: its batch fails after at most
 ``delivery_timeout_ms`` (default 5 s), so during the first seconds of an outage a
 ``publish_and_wait`` can take that long before resolving "spool". An idle publisher keeps
@@ -73,16 +104,18 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from prometheus_client import Counter, Gauge, Histogram
 
+from schemas import topics
 from schemas.events import Event
+from serving.quarantine import Quarantine
 from serving.spool import DiskSpool, SpoolFull, SpoolRecord, encoded_size
 
 log = logging.getLogger(__name__)
@@ -94,7 +127,9 @@ Handover = Literal["kafka", "spool"]
 """Where a published event was safely handed over (what its future resolves to)."""
 
 __all__ = [
+    "PERMANENT_ERRORS",
     "EventPublisher",
+    "EventRejected",
     "Handover",
     "PublisherClosed",
     "PublisherState",
@@ -105,9 +140,23 @@ __all__ = [
 PUBLISHED = Counter(
     "alignloop_events_published_total",
     "Events handed over, by topic and outcome (kafka: acked; spool: fsync'd to the local "
-    "spool for later replay; dropped: spool full or publisher closed).",
+    "spool for later replay; dropped: spool full or publisher closed; quarantined: refused "
+    "for good, see alignloop_events_quarantined_total).",
     ["topic", "outcome"],
 )
+QUARANTINED = Counter(
+    "alignloop_events_quarantined_total",
+    "Events that can never be delivered (too large, not serialisable, refused by Kafka for "
+    "good), moved to the quarantine file instead of being retried, by topic and reason.",
+    ["topic", "reason"],
+)
+QUARANTINE_UNWRITTEN = Counter(
+    "alignloop_events_quarantine_unwritten_total",
+    "Quarantined events whose line could not be written (the quarantine file at its bound, "
+    "a disk error, too many waiting): they are lost.",
+    ["topic"],
+)
+QUARANTINE_BYTES = Gauge("alignloop_events_quarantine_bytes", "Size of the quarantine file.")
 REPLAYED = Counter(
     "alignloop_events_replayed_total",
     "Spooled events acknowledged by Kafka during a replay.",
@@ -168,6 +217,39 @@ class PublisherClosed(RuntimeError):
     """publish() after close(): the event was not accepted."""
 
 
+class EventRejected(Exception):
+    """The event can never be delivered; it was quarantined, not retried.
+
+    ``reason``: ``too_large`` (over ``max_event_bytes``), ``serialization``, or the Kafka
+    error's name in lower case (``msg_size_too_large``, ...); ``topic``: where it was going.
+    """
+
+    def __init__(self, topic: str, reason: str, detail: str) -> None:
+        super().__init__(f"event for {topic} rejected ({reason}): {detail}")
+        self.topic = topic
+        self.reason = reason
+        self.detail = detail
+
+
+PERMANENT_ERRORS = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE,
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.INVALID_MSG_SIZE,
+        KafkaError.INVALID_RECORD,
+        KafkaError._KEY_SERIALIZATION,
+        KafkaError._VALUE_SERIALIZATION,
+    }
+)
+"""Error codes that refuse one record for good: it is quarantined, not retried. librdkafka
+reports a record over its own ``message.max.bytes`` with the broker's code (raised by
+``produce()``), so one code covers both."""
+
+_PENDING_REJECTS_MAX = 64
+"""Rejected events waiting for the worker to write their quarantine line; beyond this they
+are counted and logged without a line (a flood of oversized events must not hold memory)."""
+
+
 class PublisherState(enum.StrEnum):
     NEW = "new"
     DIRECT = "direct"
@@ -186,6 +268,33 @@ class _Pending:
 
     def record(self) -> SpoolRecord:
         return SpoolRecord(self.topic, self.key, self.value)
+
+
+@dataclass(slots=True, frozen=True)
+class _Refusal:
+    """Why a record can never be delivered (the metric's reason label, and details)."""
+
+    reason: str
+    detail: str
+
+
+_Outcome = bool | _Refusal
+"""Of one send: True acked, False not acked (an outage: retry), or refused for good."""
+
+
+@dataclass(slots=True)
+class _Rejected:
+    """An event refused in publish(), waiting for the worker to quarantine it."""
+
+    item: _Pending
+    refusal: _Refusal
+    serialised: bool  # False: item.value is empty, the event could not be serialised
+    event_type: str | None
+    event_id: str | None
+
+
+def _refusal(err: KafkaError) -> _Refusal:
+    return _Refusal(err.name().lstrip("_").lower(), str(err))
 
 
 def _parse_bootstrap(bootstrap: str) -> list[tuple[str, int]]:
@@ -219,7 +328,15 @@ class EventPublisher:
         probe_interval: float = 1.0,
         replay_chunk: int = 500,
         spool_segment_bytes: int = 16 * 1024 * 1024,
+        max_event_bytes: int = 900_000,
+        reserved_topics: Collection[str] = (topics.FEEDBACK,),
+        reserved_share: float = 0.0,
+        quarantine_path: Path | None = None,
+        quarantine_max_bytes: int | None = None,
+        producer_config: Mapping[str, Any] | None = None,
     ) -> None:
+        if not 0.0 <= reserved_share < 1.0:
+            raise ValueError(f"reserved_share must be in [0, 1), not {reserved_share}")
         self.bootstrap = bootstrap
         self.spool_dir = Path(spool_dir)
         self.spool_max_bytes = spool_max_bytes
@@ -227,6 +344,10 @@ class EventPublisher:
         self.batch_size = batch_size
         self.probe_interval = probe_interval
         self.replay_chunk = replay_chunk
+        self.max_event_bytes = max_event_bytes
+        self.reserved_topics = frozenset(reserved_topics)
+        # What events of the other topics may fill, together (see "Feedback's reserve").
+        self.unreserved_max_bytes = int(spool_max_bytes * (1.0 - reserved_share))
         delivery_timeout_ms = max(delivery_timeout_ms, linger_ms + request_timeout_ms)
         self._producer_config: dict[str, Any] = {
             "bootstrap.servers": ",".join(b.strip() for b in bootstrap.split(",")),
@@ -239,6 +360,9 @@ class EventPublisher:
             "reconnect.backoff.max.ms": 1_000,
             "error_cb": self._on_client_error,
             "logger": logging.getLogger(f"{__name__}.librdkafka"),
+            # librdkafka refuses records over this itself; never below what we let through.
+            "message.max.bytes": max(1_000_000, max_event_bytes + 4096),
+            **(producer_config or {}),
         }
         # How long connecting (the probe's metadata request) may take.
         self._connect_timeout = max_block_ms / 1000
@@ -253,8 +377,14 @@ class EventPublisher:
         self._overflow = DiskSpool(
             self.spool_dir / "overflow", 2 * spool_max_bytes, segment_bytes=spool_segment_bytes
         )
+        self._quarantine = Quarantine(
+            quarantine_path or self.spool_dir / "quarantine.jsonl",
+            spool_max_bytes if quarantine_max_bytes is None else quarantine_max_bytes,
+        )
+        self._rejects: deque[_Rejected] = deque()  # guarded by _lock
         self._queue: queue.Queue[_Pending] = queue.Queue(maxsize=queue_size)
-        self._lock = threading.Lock()  # guards _overflowing, _overflow_pending, _closed
+        # guards _overflowing, _overflow_pending, _closed, _rejects
+        self._lock = threading.Lock()
         self._overflowing = False
         self._overflow_pending: deque[_Pending] = deque()
         self._closed = False
@@ -287,10 +417,20 @@ class EventPublisher:
         on the broker, never raises. See the module doc for what the future resolves to."""
         future: Future[Handover] = Future()
         future.set_running_or_notify_cancel()  # a waiter's cancel() must not void delivery
-        item = _Pending(topic, event.key(), event.to_bytes(), future)
+        key = event.key()
+        try:
+            item = _Pending(topic, key, event.to_bytes(), future)
+        except Exception as exc:  # e.g. a lone surrogate in a string
+            item = _Pending(topic, key, b"", future)
+            refusal: _Refusal | None = _Refusal("serialization", repr(exc))
+        else:
+            refusal = self._oversize(item.record())
         with self._lock:
             if self._closed:
                 self._drop(item, PublisherClosed("the event publisher is closed"))
+                return future
+            if refusal is not None:
+                self._reject_later(item, refusal, event)
                 return future
             if not self._overflowing:
                 try:
@@ -300,9 +440,8 @@ class EventPublisher:
                     self._overflowing = True
                     log.warning("event queue full: spilling new events to the overflow spool")
             # Overflow mode: append behind everything older (see module doc).
-            size = encoded_size(item.record())
-            if self._main.bytes + self._overflow.bytes + size > self.spool_max_bytes:
-                self._drop(item, SpoolFull(f"event spool is full ({self.spool_max_bytes} B)"))
+            if encoded_size(item.record()) > self._spool_room(topic):
+                self._drop(item, self._spool_full(topic))
                 return future
             try:
                 self._overflow.append_many([item.record()], fsync=False)
@@ -314,7 +453,8 @@ class EventPublisher:
 
     async def publish_and_wait(self, topic: str, event: Event) -> Handover:
         """Publish and wait until the event is acked by Kafka or fsync'd in the spool.
-        Returns "kafka" or "spool"; raises SpoolFull / PublisherClosed if it was dropped."""
+        Returns "kafka" or "spool"; raises SpoolFull / PublisherClosed if it was dropped,
+        EventRejected if it was quarantined."""
         loop = asyncio.get_running_loop()
         bridge = self._bridges.get(loop)
         if bridge is None:
@@ -349,6 +489,7 @@ class EventPublisher:
             "spool_records": len(self._main) + len(self._overflow),
             "spool_bytes": self._main.bytes + self._overflow.bytes,
             "spool_max_bytes": self.spool_max_bytes,
+            "quarantine_bytes": self._quarantine.size,
             "last_error": self._last_error,
         }
 
@@ -371,6 +512,7 @@ class EventPublisher:
             self._move_overflow(final=False)
             while True:
                 self._settle_overflow()
+                self._settle_rejects()
                 if self._overflowing and self._queue.empty():
                     self._move_overflow(final=True)
                 stopping = self._stop.is_set()
@@ -413,10 +555,12 @@ class EventPublisher:
                 break
             self._spool([item])
         self._settle_overflow()
+        self._settle_rejects()
         self._close_producer(timeout=1.0)
         self._update_gauges()
         self._main.close()
         self._overflow.close()
+        self._quarantine.close()
 
     def _take(self, timeout: float) -> list[_Pending]:
         """Up to batch_size queued events, waiting up to ``timeout`` for the first."""
@@ -434,16 +578,45 @@ class EventPublisher:
 
     # --- Kafka --------------------------------------------------------------------------
 
-    def _send_and_wait(self, records: Sequence[SpoolRecord | _Pending]) -> list[bool]:
-        """Send records and wait for their acks; True per acknowledged record."""
+    def _deliver(self, records: Sequence[SpoolRecord | _Pending]) -> list[_Outcome]:
+        """Send records and wait for their acks: per record True (acked), False (not acked:
+        an outage) or a refusal for good. Records over ``max_event_bytes`` are refused
+        without being sent; a record refused in a batch of several is sent again alone,
+        since a broker refuses a whole batch for one bad record (module doc)."""
+        outcomes: list[_Outcome] = [False] * len(records)
+        to_send: list[int] = []
+        for i, r in enumerate(records):
+            refusal = self._oversize(SpoolRecord(r.topic, r.key, r.value))
+            if refusal is None:
+                to_send.append(i)
+            else:
+                outcomes[i] = refusal
+        sent = self._send_and_wait([records[i] for i in to_send])
+        for i, outcome in zip(to_send, sent, strict=True):
+            outcomes[i] = outcome
+        if len(to_send) > 1:
+            outage = any(o is False for o in sent)
+            for i in to_send:
+                if isinstance(outcomes[i], _Refusal):
+                    # During an outage, keep it (spool): it is sent alone once Kafka is back.
+                    outcomes[i] = False if outage else self._send_and_wait([records[i]])[0]
+                    outage = outage or outcomes[i] is False
+        return outcomes
+
+    def _send_and_wait(self, records: Sequence[SpoolRecord | _Pending]) -> list[_Outcome]:
+        """Send records and wait for their acks (see _deliver for the outcomes)."""
+        if not records:
+            return []
         producer = self._producer
         assert producer is not None
-        acked = [False] * len(records)
+        outcomes: list[_Outcome] = [False] * len(records)
 
         def report(i: int) -> Callable[[KafkaError | None, Message], None]:
             def on_delivery(err: KafkaError | None, _msg: Message) -> None:
                 if err is None:
-                    acked[i] = True
+                    outcomes[i] = True
+                elif err.code() in PERMANENT_ERRORS:
+                    outcomes[i] = _refusal(err)
                 else:
                     self._last_error = f"produce: {err}"
 
@@ -452,8 +625,14 @@ class EventPublisher:
         for i, r in enumerate(records):
             try:
                 producer.produce(r.topic, value=r.value, key=r.key, on_delivery=report(i))
-            except Exception as exc:  # BufferError (local queue full), KafkaException
-                # A later record must not be acked ahead of this one: stop here.
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+                if err is not None and err.code() in PERMANENT_ERRORS:
+                    outcomes[i] = _refusal(err)  # never sent: no order to keep
+                    continue
+                self._last_error = f"send: {exc!r}"
+                break  # a later record must not be acked ahead of this one: stop here
+            except Exception as exc:  # BufferError (local queue full)
                 self._last_error = f"send: {exc!r}"
                 break
         try:
@@ -464,14 +643,16 @@ class EventPublisher:
                 self._last_error = f"flush: {left} messages without a delivery report"
         except Exception as exc:
             self._last_error = f"flush: {exc!r}"
-        return list(acked)  # a report served later cannot change what the caller sees
+        return list(outcomes)  # a report served later cannot change what the caller sees
 
     def _send_direct(self, batch: list[_Pending]) -> None:
-        acked = self._send_and_wait(batch)
+        outcomes = self._deliver(batch)
         failed = []
-        for item, ok in zip(batch, acked, strict=True):
-            if ok:
+        for item, outcome in zip(batch, outcomes, strict=True):
+            if outcome is True:
                 self._resolve(item, "kafka")
+            elif isinstance(outcome, _Refusal):
+                self._reject(item, outcome)
             else:
                 failed.append(item)
         if failed:
@@ -482,13 +663,17 @@ class EventPublisher:
         records = self._main.peek(self.replay_chunk)
         if not records:
             return  # the loop switches to DIRECT (or first moves the overflow records)
-        acked = self._send_and_wait(records)
+        outcomes = self._deliver(records)
         prefix = 0
-        while prefix < len(acked) and acked[prefix]:
+        while prefix < len(outcomes) and outcomes[prefix] is not False:
             prefix += 1
+        for r, outcome in zip(records[:prefix], outcomes[:prefix], strict=True):
+            if isinstance(outcome, _Refusal):  # before advance(): a crash writes it twice
+                self._quarantine_record(r.topic, r.key, r.value, outcome)
         self._main.advance(prefix)
-        for r in records[:prefix]:
-            REPLAYED.labels(r.topic).inc()
+        for r, outcome in zip(records[:prefix], outcomes[:prefix], strict=True):
+            if outcome is True:
+                REPLAYED.labels(r.topic).inc()
         if prefix < len(records):
             self._outage()
 
@@ -559,19 +744,28 @@ class EventPublisher:
 
     def _spool(self, items: list[_Pending]) -> None:
         """Append to the main spool in order (one fsync), resolving "spool"; what does not
-        fit under the bound is dropped (newest first: order of the kept ones is intact)."""
+        fit under the bound (or its topic's share of it) is dropped (newest first: order of
+        the kept ones is intact)."""
         if not items:
             return
-        room = self.spool_max_bytes - self._main.bytes - self._overflow.bytes
+        total = self.spool_max_bytes - self._main.bytes - self._overflow.bytes
+        unreserved = self.unreserved_max_bytes - self._unreserved_bytes()
         kept: list[_Pending] = []
         for item in items:
             size = encoded_size(item.record())
-            if size <= room:
+            reserved = item.topic in self.reserved_topics
+            if size <= total and (reserved or size <= unreserved):
                 kept.append(item)
-                room -= size
+                total -= size
+                if not reserved:
+                    unreserved -= size
             else:
-                self._drop(item, SpoolFull(f"event spool is full ({self.spool_max_bytes} B)"))
-                room = -1  # once one is dropped, drop the rest: no gaps inside a batch
+                self._drop(item, self._spool_full(item.topic))
+                # Once one is dropped, drop the rest of its kind: no gaps inside a batch.
+                if reserved:
+                    total = -1
+                else:
+                    unreserved = -1
         try:
             self._main.append_many([i.record() for i in kept], fsync=True)
         except Exception as exc:
@@ -614,6 +808,125 @@ class EventPublisher:
             if last:
                 return
 
+    def _unreserved_bytes(self) -> int:
+        """What events of the topics without a reserve hold in both spools."""
+        used = self._main.bytes + self._overflow.bytes
+        for topic in self.reserved_topics:
+            used -= self._main.topic_bytes(topic) + self._overflow.topic_bytes(topic)
+        return used
+
+    def _spool_room(self, topic: str) -> int:
+        """Bytes an event of ``topic`` may still add to the spools."""
+        room = self.spool_max_bytes - self._main.bytes - self._overflow.bytes
+        if topic not in self.reserved_topics:
+            room = min(room, self.unreserved_max_bytes - self._unreserved_bytes())
+        return room
+
+    def _spool_full(self, topic: str) -> SpoolFull:
+        if topic in self.reserved_topics:
+            return SpoolFull(f"event spool is full ({self.spool_max_bytes} B)")
+        return SpoolFull(
+            f"event spool is full for {topic} ({self.unreserved_max_bytes} of "
+            f"{self.spool_max_bytes} B; the rest is kept for feedback)"
+        )
+
+    # --- quarantine ------------------------------------------------------------------------
+
+    def _oversize(self, record: SpoolRecord) -> _Refusal | None:
+        size = len(record.value) + len(record.key or b"")
+        if size <= self.max_event_bytes:
+            return None
+        return _Refusal("too_large", f"{size} bytes > max_event_bytes {self.max_event_bytes}")
+
+    def _reject_later(self, item: _Pending, refusal: _Refusal, event: Event) -> None:
+        """(publish(), under _lock) Leave the quarantine line to the worker: it fsyncs,
+        and publish() must not block. Beyond _PENDING_REJECTS_MAX, fail without a line."""
+        serialised = refusal.reason != "serialization"
+        rejected = _Rejected(
+            item, refusal, serialised, event.__class__.__name__, str(event.event_id)
+        )
+        if len(self._rejects) < _PENDING_REJECTS_MAX:
+            self._rejects.append(rejected)
+            return
+        QUARANTINE_UNWRITTEN.labels(item.topic).inc()
+        log.error(
+            "event %s for %s quarantined (%s) without a line: %d already wait to be written",
+            rejected.event_id,
+            item.topic,
+            refusal.reason,
+            len(self._rejects),
+        )
+        self._count_quarantined(item.topic, refusal)
+        PUBLISHED.labels(item.topic, "quarantined").inc()
+        item.future.set_exception(EventRejected(item.topic, refusal.reason, refusal.detail))
+
+    def _settle_rejects(self) -> None:
+        """Quarantine the events publish() refused (worker thread)."""
+        while True:
+            with self._lock:
+                if not self._rejects:
+                    return
+                rejected = self._rejects.popleft()
+            item = rejected.item
+            self._quarantine_record(
+                item.topic,
+                item.key,
+                item.value if rejected.serialised else None,
+                rejected.refusal,
+                event_type=rejected.event_type,
+                event_id=rejected.event_id,
+            )
+            PUBLISHED.labels(item.topic, "quarantined").inc()
+            item.future.set_exception(
+                EventRejected(item.topic, rejected.refusal.reason, rejected.refusal.detail)
+            )
+
+    def _reject(self, item: _Pending, refusal: _Refusal) -> None:
+        """Quarantine an event Kafka refused for good and fail its future."""
+        self._quarantine_record(item.topic, item.key, item.value, refusal)
+        PUBLISHED.labels(item.topic, "quarantined").inc()
+        item.future.set_exception(EventRejected(item.topic, refusal.reason, refusal.detail))
+
+    def _quarantine_record(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        refusal: _Refusal,
+        *,
+        event_type: str | None = None,
+        event_id: str | None = None,
+    ) -> None:
+        """Write the quarantine line (fsync'd), count and log it; never raises."""
+        try:
+            written = self._quarantine.write(
+                topic=topic,
+                reason=refusal.reason,
+                detail=refusal.detail,
+                key=key,
+                value=value,
+                event_type=event_type,
+                event_id=event_id,
+            )
+        except Exception:
+            log.exception("cannot write the quarantine file %s", self._quarantine.path)
+            written = False
+        if not written:
+            QUARANTINE_UNWRITTEN.labels(topic).inc()
+        self._count_quarantined(topic, refusal)
+        log.error(
+            "event for %s (key %r) quarantined: %s: %s%s",
+            topic,
+            key,
+            refusal.reason,
+            refusal.detail,
+            "" if written else " (its line was NOT written: quarantine file full or failing)",
+        )
+
+    def _count_quarantined(self, topic: str, refusal: _Refusal) -> None:
+        QUARANTINED.labels(topic, refusal.reason).inc()
+        QUARANTINE_BYTES.set(self._quarantine.size)
+
     # --- bookkeeping ---------------------------------------------------------------------
 
     def _resolve(self, item: _Pending, outcome: Handover) -> None:
@@ -626,6 +939,7 @@ class EventPublisher:
         item.future.set_exception(exc)
 
     def _update_gauges(self) -> None:
+        QUARANTINE_BYTES.set(self._quarantine.size)
         SPOOL_RECORDS.set(len(self._main) + len(self._overflow))
         SPOOL_BYTES.set(self._main.bytes + self._overflow.bytes)
         QUEUE_DEPTH.set(self._queue.qsize())

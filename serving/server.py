@@ -5,8 +5,27 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 from schemas.settings import Settings
+
+if TYPE_CHECKING:
+    from serving.publisher import EventPublisher
+
+
+def _publisher(settings: Settings, bootstrap: str, host: str, port: int) -> EventPublisher:
+    from serving.publisher import EventPublisher
+
+    # One spool per replica: two processes must never replay the same spool.
+    spool_dir = settings.resolved_spool_dir() / f"serving-{host}-{port}"
+    return EventPublisher(
+        bootstrap,
+        spool_dir,
+        settings.spool_max_bytes,
+        client_id=f"{settings.kafka_client_id}-serving-{port}",
+        max_event_bytes=settings.max_event_bytes,
+        reserved_share=settings.spool_feedback_reserve,  # kept for topics.FEEDBACK
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,19 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from serving.app import create_app
-    from serving.publisher import EventPublisher
 
-    # One spool per replica: two processes must never replay the same spool.
-    spool_dir = settings.resolved_spool_dir() / f"serving-{host}-{port}"
-    publisher = EventPublisher(
-        settings.kafka_bootstrap,
-        spool_dir,
-        settings.spool_max_bytes,
-        client_id=f"{settings.kafka_client_id}-serving-{port}",
-        max_event_bytes=settings.max_event_bytes,
-        reserved_share=settings.spool_feedback_reserve,  # for topics.FEEDBACK
+    app = create_app(
+        settings, model_dir, _publisher(settings, settings.kafka_bootstrap, host, port)
     )
-    app = create_app(settings, model_dir, publisher)
     uvicorn.run(
         app,
         host=host,

@@ -17,6 +17,8 @@ when it returns. The properties that matter, and how they are achieved:
 * **Bounded.** ``bytes`` counts the encoded size of unread records; an append that would
   exceed ``max_bytes`` raises :class:`SpoolFull` and writes nothing. Fully consumed
   segments are deleted, so disk use exceeds ``bytes`` by at most one segment.
+  ``topic_bytes(topic)`` splits ``bytes`` by topic (rebuilt from disk on open), so a user of
+  the spool can give one topic a share of the bound that others cannot take.
 
 Thread-safe: one lock serialises every operation.
 """
@@ -92,6 +94,11 @@ def _decode_payload(payload: bytes) -> SpoolRecord:
     return SpoolRecord(topic, key, payload[pos:])
 
 
+def _payload_topic(payload: bytes) -> str:
+    (topic_len,) = _TOPIC_LEN.unpack_from(payload, 0)
+    return payload[_TOPIC_LEN.size : _TOPIC_LEN.size + topic_len].decode()
+
+
 def _read_one(f: BinaryIO) -> tuple[bytes, int] | None:
     """Read one framed record at the file position: (payload, framed size), or None if the
     bytes there are missing, torn or corrupt. The caller decides what None means."""
@@ -120,6 +127,7 @@ class DiskSpool:
     _tail_size: int
     _count: int
     _bytes: int
+    _topic_bytes: dict[str, int]  # _bytes by topic
 
     def __init__(
         self,
@@ -149,12 +157,17 @@ class DiskSpool:
         """Encoded size of the unread records (what ``max_bytes`` bounds)."""
         return self._bytes
 
+    def topic_bytes(self, topic: str) -> int:
+        """The part of ``bytes`` that records of ``topic`` take."""
+        return self._topic_bytes.get(topic, 0)
+
     def append_many(self, records: Iterable[SpoolRecord], fsync: bool = True) -> None:
         """Append records in order, all or nothing with respect to the bound.
 
         Raises :class:`SpoolFull` (writing none of them) if they would not fit. With
         ``fsync=True`` the records are on disk when this returns.
         """
+        records = list(records)
         frames = [encode_record(r) for r in records]
         if not frames:
             return
@@ -176,6 +189,8 @@ class DiskSpool:
             self._write(pending, fsync)
             self._count += len(frames)
             self._bytes += size
+            for record, frame in zip(records, frames, strict=True):
+                self._add_topic_bytes(record.topic, len(frame))
 
     def sync(self) -> None:
         """fsync whatever was appended with ``fsync=False``."""
@@ -187,7 +202,7 @@ class DiskSpool:
     def peek(self, n: int) -> list[SpoolRecord]:
         """Up to ``n`` records from the cursor, oldest first, without consuming them."""
         with self._lock:
-            return [rec for rec, *_ in self._scan(n, decode=True) if rec is not None]
+            return [_decode_payload(payload) for payload, *_ in self._scan(n)]
 
     def advance(self, n: int) -> None:
         """Consume ``n`` records (they were delivered). Persists the cursor, then deletes
@@ -198,9 +213,12 @@ class DiskSpool:
             if n > self._count:
                 raise ValueError(f"cannot advance {n} records; only {self._count} unread")
             consumed = 0
+            by_topic: dict[str, int] = {}
             seg, off = self._cursor
-            for _, end_seg, end_off, size in self._scan(n, decode=False):
+            for payload, end_seg, end_off, size in self._scan(n):
                 consumed += size
+                topic = _payload_topic(payload)
+                by_topic[topic] = by_topic.get(topic, 0) + size
                 seg, off = end_seg, end_off
             if seg < self._tail and off >= self._segment_path(seg).stat().st_size:
                 seg, off = seg + 1, 0  # finished a sealed segment: let it be deleted now
@@ -213,6 +231,8 @@ class DiskSpool:
             self._save_cursor(seg, off)
             self._count -= n
             self._bytes -= consumed
+            for topic, size in by_topic.items():
+                self._add_topic_bytes(topic, -size)
             self._delete_segments_before(seg)
 
     def close(self) -> None:
@@ -236,9 +256,9 @@ class DiskSpool:
                 continue
         return sorted(found)
 
-    def _scan(self, n: int, *, decode: bool) -> Iterator[tuple[SpoolRecord | None, int, int, int]]:
+    def _scan(self, n: int) -> Iterator[tuple[builtins.bytes, int, int, int]]:
         """Yield up to ``n`` unread records from the cursor, each with the position just
-        after it and its framed size: (record or None, segment, offset, size)."""
+        after it and its framed size: (payload, segment, offset, size)."""
         if self._writer is not None:
             self._writer.flush()
         seg, off = self._cursor
@@ -255,9 +275,16 @@ class DiskSpool:
                         payload, size = got
                         off += size
                         remaining -= 1
-                        yield (_decode_payload(payload) if decode else None), seg, off, size
+                        yield payload, seg, off, size
             if remaining > 0:
                 seg, off = seg + 1, 0
+
+    def _add_topic_bytes(self, topic: str, size: int) -> None:
+        left = self._topic_bytes.get(topic, 0) + size
+        if left:
+            self._topic_bytes[topic] = left
+        else:
+            self._topic_bytes.pop(topic, None)
 
     # --- writing ------------------------------------------------------------------------
 
@@ -337,6 +364,7 @@ class DiskSpool:
         self._tail_size = 0
         self._count = 0
         self._bytes = 0
+        self._topic_bytes = {}
         for seg in segments:
             start = cursor[1] if seg == cursor[0] else 0
             path = self._segment_path(seg)
@@ -348,6 +376,7 @@ class DiskSpool:
                     good_end += got[1]
                     self._count += 1
                     self._bytes += got[1]
+                    self._add_topic_bytes(_payload_topic(got[0]), got[1])
             if good_end < file_size:
                 # A torn/corrupt record. In the newest segment that is the normal trace of
                 # a crash mid-append; anywhere else it means lost data, which we report.

@@ -11,6 +11,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 pytest_plugins = [
     "tests.fixtures.broker",
+    "tests.fixtures.kafka_faults",
     "tests.fixtures.model",
     "tests.fixtures.server",
     "tests.fixtures.postgres",

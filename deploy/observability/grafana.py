@@ -492,8 +492,8 @@ def serving_dashboard() -> dict[str, Any]:
             [("sum by (instance) (alignloop_events_spool_bytes)", "{{instance}}")],
             unit="bytes",
             description="Encoded bytes in each replica's spool (bounded by "
-            "ALIGNLOOP_SPOOL_MAX_BYTES; beyond it interactions are dropped and feedback "
-            "answers 503).",
+            "ALIGNLOOP_SPOOL_MAX_BYTES; interactions are dropped once they fill all but "
+            "ALIGNLOOP_SPOOL_FEEDBACK_RESERVE of it, feedback answers 503 only when it is full).",
         ),
         w=8,
     )
@@ -512,7 +512,8 @@ def serving_dashboard() -> dict[str, Any]:
             ],
             unit="ops",
             description="kafka: acked; spool: fsync'd for replay; dropped: spool full or "
-            "publisher closed; replayed: spooled events acked by Kafka later.",
+            "publisher closed; quarantined: refused for good (see Quarantined events); "
+            "replayed: spooled events acked by Kafka later.",
         ),
         w=12,
     )
@@ -523,6 +524,37 @@ def serving_dashboard() -> dict[str, Any]:
             unit="s",
             description="From publish() to a Kafka ack or a spool fsync (POST /v1/feedback "
             "waits this long).",
+        ),
+        w=12,
+    )
+    g.add(
+        timeseries(
+            "Quarantined events",
+            [
+                (
+                    f"sum by (topic, reason) (rate(alignloop_events_quarantined_total[{RATE}]))",
+                    "{{topic}} {{reason}}",
+                ),
+                (
+                    f"sum by (topic) (rate(alignloop_events_quarantine_unwritten_total[{RATE}]))",
+                    "{{topic}} line not written",
+                ),
+            ],
+            unit="ops",
+            description="Events Kafka will never take (too_large: over "
+            "ALIGNLOOP_MAX_EVENT_BYTES; serialization; or the broker's refusal), written to "
+            "quarantine.jsonl in the replica's spool directory instead of being retried. "
+            "'line not written': the quarantine file was full or failing, the event is lost.",
+        ),
+        w=12,
+    )
+    g.add(
+        timeseries(
+            "Quarantine file size",
+            [("sum by (instance) (alignloop_events_quarantine_bytes)", "{{instance}}")],
+            unit="bytes",
+            description="Size of each replica's quarantine.jsonl (bounded like the spool); "
+            "nothing empties it but an operator.",
         ),
         w=12,
     )

@@ -719,6 +719,39 @@ PROMTOOL_CASES: list[dict[str, Any]] = [
             },
         ],
     },
+    {  # a quarantined event warns at once, per topic and reason; quiet 15 minutes later
+        "interval": "1m",
+        "input_series": [
+            {
+                "series": "alignloop_events_quarantined_total"
+                f'{{{SERVING}, topic="alignloop.feedback", reason="too_large"}}',
+                "values": "0 0 1x30",
+            },
+            {
+                "series": "alignloop_events_quarantined_total"
+                f'{{{SERVING}, topic="alignloop.interactions", reason="too_large"}}',
+                "values": "0x30",
+            },
+        ],
+        "alert_rule_test": [
+            {
+                "eval_time": "5m",
+                "alertname": "AlignloopEventsQuarantined",
+                "exp_alerts": [
+                    {
+                        "exp_labels": {
+                            "severity": "warning",
+                            "job": "alignloop-serving",
+                            "instance": "s1:8000",
+                            "topic": "alignloop.feedback",
+                            "reason": "too_large",
+                        }
+                    }
+                ],
+            },
+            {"eval_time": "25m", "alertname": "AlignloopEventsQuarantined", "exp_alerts": []},
+        ],
+    },
     {  # serving down pages; a component down warns
         "interval": "1m",
         "input_series": [

@@ -158,3 +158,27 @@ def test_record_larger_than_a_segment_still_fits(tmp_path: Path) -> None:
     big = SpoolRecord("t", b"k", b"x" * 500)
     spool.append_many([rec(0), big, rec(1)])
     assert spool.peek(5) == [rec(0), big, rec(1)]
+
+
+def test_topic_bytes_follow_appends_advances_and_reopening(tmp_path: Path) -> None:
+    spool = DiskSpool(tmp_path, max_bytes=1_000_000, segment_bytes=300)
+    records = [rec(i, topic="feedback" if i % 4 == 0 else "interactions") for i in range(20)]
+    spool.append_many(records)
+
+    def expected(rs: list[SpoolRecord], topic: str) -> int:
+        return sum(len(encode_record(r)) for r in rs if r.topic == topic)
+
+    assert spool.topic_bytes("feedback") == expected(records, "feedback") > 0
+    assert spool.topic_bytes("interactions") == expected(records, "interactions") > 0
+    assert spool.topic_bytes("other") == 0
+    spool.advance(7)
+    left = records[7:]
+    assert spool.topic_bytes("feedback") == expected(left, "feedback")
+    assert spool.topic_bytes("interactions") == expected(left, "interactions")
+    spool.close()
+
+    reopened = DiskSpool(tmp_path, max_bytes=1_000_000, segment_bytes=300)
+    assert reopened.topic_bytes("feedback") == expected(left, "feedback")
+    assert reopened.topic_bytes("interactions") == expected(left, "interactions")
+    reopened.advance(len(left))
+    assert (reopened.topic_bytes("feedback"), reopened.topic_bytes("interactions")) == (0, 0)
