@@ -47,7 +47,7 @@ from serving import metrics
 from serving.api_keys import Principal
 from serving.auth import principal_of
 from serving.errors import APIError, parse_body, parse_json, too_large
-from serving.publisher import PRODUCER, EventPublisher
+from serving.publisher import PRODUCER, EventPublisher, EventRejected
 from serving.response_ids import IssuedResponse, ResponseIdSigner
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -158,6 +158,14 @@ class FeedbackEndpoints:
         """Hand the event over (Kafka ack or fsync'd spool); the 202 body."""
         try:
             where = await self.publisher.publish_and_wait(topics.FEEDBACK, event)
+        except EventRejected as e:  # Kafka will never take it: quarantined, not retried
+            if e.reason == "serialization":
+                raise APIError(400, f"The {kind} cannot be stored: {e.detail}") from None
+            raise APIError(
+                413,
+                f"The {kind} is larger than the event bus accepts ({e.reason}); shorten it.",
+                code="request_too_large",
+            ) from None
         except Exception as e:  # spool full, or the publisher is shutting down
             raise APIError(
                 503,

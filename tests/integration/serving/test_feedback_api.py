@@ -217,3 +217,18 @@ def test_unstorable_text_is_refused_before_it_is_accepted(serving, text):
 def test_a_non_ascii_id_of_the_right_length_is_404(serving):
     r = post(serving, "/v1/feedback", {"response_id": "chatcmpl-" + "é" * 40, "rating": "up"})
     assert r.status_code == 404
+
+
+def test_a_preference_too_large_for_the_event_bus_is_413_and_later_ones_pass(serving):
+    """Under the body limit (1 MB) but over the event limit (900 kB): refused, not retried
+    as an outage, and the next rating goes through."""
+    huge = {
+        "messages": [{"role": "user", "content": "x" * 30_000}] * 30,
+        "chosen": "a",
+        "rejected": "b",
+    }
+    r = post(serving, "/v1/preferences", huge)
+    assert r.status_code == 413, r.text
+    assert r.json()["error"]["code"] == "request_too_large"
+    ok = post(serving, "/v1/feedback", {"response_id": chat(serving), "rating": "up"})
+    assert ok.status_code == 202 and ok.json()["delivered_to"] == "kafka", ok.text

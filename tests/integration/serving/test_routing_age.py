@@ -33,7 +33,7 @@ def test_a_replica_cut_off_from_postgres_reports_its_tables_age(
         registry.register_candidate(conn, "v1", "/adapters/v1", actor="test")
         registry.promote(conn, "v1", actor="test")
     settings = Settings(database_url=url, routing_stale_after_s=1.5)
-    router = PolicyRouter(settings.served_model_name, settings.routing_salt)
+    router = PolicyRouter(settings.served_model_name, "test-salt")
     watcher = RoutingWatcher(url, router.apply, refresh_s=0.2)
     publisher = EventPublisher("127.0.0.1:1", tmp_path / "spool", 1 << 20)
     app = FastAPI()

@@ -46,7 +46,13 @@ UID = 10001
 MIN_KUBERNETES = "1.29"
 SCHEMA_VERSIONS = (MIN_KUBERNETES, kubernetes_validate.latest_version())
 PREFIX = str(Settings.model_config.get("env_prefix", ""))
-SECRET_SETTINGS = ("database_url", "kafka_bootstrap", "response_id_secret", "admin_token")
+SECRET_SETTINGS = (
+    "database_url",
+    "kafka_bootstrap",
+    "response_id_secret",
+    "routing_salt",
+    "admin_token",
+)
 """Settings that must come from the Secret, never from a literal value in a manifest."""
 GPU = "nvidia.com/gpu"
 VAR_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
@@ -680,3 +686,22 @@ def test_gpu_overlay_puts_serving_and_the_trainer_on_gpus() -> None:
             threads = int(_flags(argv)["--num-threads"])
             assert threads * int(nproc) <= int(limits["cpu"]), "threads per rank x ranks"
     assert kinds == {("serve",), ("train", "loop"), ("train", "ppo")}
+
+
+def test_serving_reads_the_api_keys_from_their_secret(docs: tuple[Doc, ...]) -> None:
+    """Serving refuses to start without a key file: the file named by
+    ALIGNLOOP_API_KEYS_FILE is the alignloop-api-keys Secret, mounted read-only."""
+    for _, spec, container in containers(docs):
+        if container["name"] != "serving":
+            continue
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        path = Path(env["ALIGNLOOP_API_KEYS_FILE"])
+        [mount] = [m for m in container["volumeMounts"] if m["mountPath"] == str(path.parent)]
+        assert mount.get("readOnly") is True
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        secret = volumes[mount["name"]]["secret"]
+        assert secret["secretName"] == "alignloop-api-keys"
+        assert [i["path"] for i in secret["items"]] == [path.name]
+        break
+    else:
+        raise AssertionError("no serving container")
