@@ -215,14 +215,20 @@ class AdapterLoadFailed(Event):
 
 
 class RequestFailed(Event):
-    """A chat completion failed on the server side (a 5xx, or a stream cut by an engine
-    error) while served by ``version``. The canary controller compares the canary's failure
-    rate with the stable version's (a guardrail). Produced to `schemas.topics.POLICY`."""
+    """A routed chat completion failed on the server side (an engine fault: a 5xx, or a
+    stream cut by an engine error) while served by ``version``. Client mistakes are 400s
+    before the engine runs and never produce one; neither do pinned requests (their caller
+    chose the version) nor a client that went away. The canary controller compares the
+    canary's failure rate with the stable version's (a guardrail), counting only failures
+    of enough distinct principals. Produced to `schemas.topics.POLICY`."""
 
     event_type: Literal["serving.request_failed"] = "serving.request_failed"
     version: str
     status: int = Field(ge=500, le=599)
     error: str
+    model: str | None = Field(None, description="The `model` the client asked for.")
+    arm: str | None = Field(None, description="How it was routed: stable, canary, fallback.")
+    principal: str | None = Field(None, description="The API key's name that asked.")
 
     def key(self) -> bytes:
         return self.version.encode()

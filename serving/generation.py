@@ -253,12 +253,20 @@ class Generation:
         return states
 
     def report_failure(self, p: Prepared, exc: BaseException) -> None:
-        """A server-side failure, counted against the version (the canary guardrail)."""
+        """An engine fault, counted against the version (the canary's 5xx guardrail) with
+        the model, arm and principal; not for a pinned request, whose caller chose the
+        version and could otherwise steer the guardrail."""
+        log.error("engine fault on %s (%s): %s", p.response_id, p.policy.version, exc)
+        if p.policy.arm == "pinned":
+            return
         event = RequestFailed(
             producer=PRODUCER,
             version=p.policy.version,
             status=500,
             error=f"{type(exc).__name__}: {exc}"[:1000],
+            model=p.request.model,
+            arm=p.policy.arm,
+            principal=p.caller.principal.name,
         )
         try:
             self.publisher.publish(topics.POLICY, event)

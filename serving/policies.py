@@ -32,7 +32,7 @@ import asyncio
 import itertools
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from prometheus_client import Counter
@@ -70,6 +70,8 @@ ROUTED = Counter(
 class PolicyTarget:
     version: str
     adapter: Adapter | None  # None = the base weights, no adapter
+    arm: str = "stable"
+    """How the request got here: stable, canary, pinned, fallback or previous_stable."""
 
 
 class UnknownModel(LookupError):
@@ -182,7 +184,7 @@ class PolicyRouter:
             if zero is not None:
                 target = PolicyTarget(target.version, zero)
         ROUTED.labels(arm).inc()
-        return target
+        return replace(target, arm=arm)
 
     async def _stable(self, table: RoutingTable) -> PolicyTarget:
         """The stable version, or, when its adapter cannot load here, the newest earlier

@@ -90,10 +90,14 @@ GROUP BY 1
 """
 
 
+# Pinned requests never produce a failure event (serving leaves them out); rows from
+# before principals were recorded count as one unknown principal.
 _REQUEST_FAILURES = """
-SELECT CASE WHEN version = %(canary)s THEN 1 ELSE 0 END AS arm, count(*)
+SELECT CASE WHEN version = %(canary)s THEN 1 ELSE 0 END AS arm, count(*),
+       count(DISTINCT coalesce(principal, ''))
 FROM request_failures
 WHERE version IN (%(canary)s, %(stable)s) AND occurred_at >= %(since)s
+  AND coalesce(arm, '') <> 'pinned'
 GROUP BY 1
 """
 
@@ -119,7 +123,8 @@ def load_observations(
     ``strata``: the canary's (stratum, stage, weight, started_at) rows in order, as
     :func:`deploy.policies.registry.canary_strata` returns them. Adapter load failures and
     server-side request failures (serving's ``RequestFailed`` events) are counted since the
-    first stratum's start (the canary start); a failed request counts as a request too."""
+    first stratum's start (the canary start), with how many distinct principals they came
+    from; a failed request counts as a request too."""
     if not strata:
         empty = np.zeros((0, 2, 0))
         return Observations(empty, empty, np.zeros((2, 0)), np.zeros(0))
@@ -151,12 +156,14 @@ def load_observations(
     failures = conn.execute(_ADAPTER_FAILURES, params).fetchone()
     assert failures is not None
     errors = [0, 0]
-    for arm, n in conn.execute(_REQUEST_FAILURES, params).fetchall():
-        errors[arm] = int(n)
+    principals = [0, 0]
+    for arm, n, who in conn.execute(_REQUEST_FAILURES, params).fetchall():
+        errors[arm], principals[arm] = int(n), int(who)
     requests = [ok + failed for ok, failed in zip(requests, errors, strict=True)]
     health = Health(
         requests=(requests[0], requests[CANARY]),
         errors_5xx=(errors[0], errors[CANARY]),
+        failing_principals=(principals[0], principals[CANARY]),
         latency_p95_ms=(p95[0], p95[CANARY]) if all(requests) else None,
         adapter_load_failures=int(failures[0]),
     )

@@ -197,6 +197,7 @@ def _health(health: Health) -> dict[str, Any]:
     return {
         "requests": arms(health.requests),
         "errors_5xx": arms(health.errors_5xx),
+        "failing_principals": arms(health.failing_principals),
         "latency_p95_ms": arms(health.latency_p95_ms),
         "adapter_load_failures": health.adapter_load_failures,
     }

@@ -251,6 +251,15 @@ class CanaryConfig(ConfigBase):
         default=0.01,
         metadata={"help": "Roll back when canary 5xx rate − stable 5xx rate exceeds this."},
     )
+    guardrail_min_failing_principals: int = field(
+        default=3,
+        metadata={
+            "help": "The 5xx guardrail fires only when the canary's failures come from at least "
+            "this many API keys (principals), so one caller that found a request which crashes "
+            "the engine cannot roll back any canary it likes. The demo config, with one key, "
+            "uses 1."
+        },
+    )
     max_adapter_load_failures: int = field(
         default=0,
         metadata={"help": "Roll back when the canary adapter failed to load more often than this."},
@@ -310,6 +319,7 @@ class CanaryConfig(ConfigBase):
             srm_min_users=50,
             srm_tuning_users=200,
             guardrail_min_requests=50,
+            guardrail_min_failing_principals=1,
         )
 
     def mixture_variance(self) -> float:
@@ -345,6 +355,8 @@ class Health:
 
     requests: tuple[int, int] | None = None
     errors_5xx: tuple[int, int] | None = None
+    failing_principals: tuple[int, int] | None = None
+    """Distinct principals among the 5xx failures (None: not measured: no floor)."""
     latency_p95_ms: tuple[float, float] | None = None
     adapter_load_failures: int | None = None
 
@@ -571,10 +583,13 @@ def guardrail_breaches(config: CanaryConfig, health: Health) -> list[str]:
         rates = [
             e / r if r else 0.0 for e, r in zip(health.errors_5xx, health.requests, strict=True)
         ]
-        if rates[CANARY] - rates[STABLE] > config.max_5xx_excess:
+        who = health.failing_principals
+        several = who is None or who[CANARY] >= config.guardrail_min_failing_principals
+        if rates[CANARY] - rates[STABLE] > config.max_5xx_excess and several:
             breaches.append(
                 f"5xx rate {rates[CANARY]:.3%} vs stable {rates[STABLE]:.3%}"
                 f" (allowed excess {config.max_5xx_excess:.2%})"
+                + ("" if who is None else f" from {who[CANARY]} principals")
             )
     if enough and health.latency_p95_ms is not None and health.latency_p95_ms[STABLE] > 0:
         ratio = health.latency_p95_ms[CANARY] / health.latency_p95_ms[STABLE]

@@ -236,9 +236,10 @@ SELECT count(*) FROM dropped
 """
 
 _INSERT_REQUEST_FAILURES = """
-INSERT INTO request_failures (event_id, version, status, error, producer, occurred_at)
+INSERT INTO request_failures (event_id, version, status, error, producer, occurred_at,
+                              model, arm, principal)
 SELECT * FROM unnest(%s::uuid[], %s::text[], %s::int[], %s::text[], %s::text[],
-                     %s::timestamptz[])
+                     %s::timestamptz[], %s::text[], %s::text[], %s::text[])
 ORDER BY 6, 1
 ON CONFLICT (event_id) DO NOTHING
 """
@@ -365,7 +366,8 @@ _UNNESTED = (
     ),
     _Unnested(
         "request_failures", RequestFailed, _INSERT_REQUEST_FAILURES,
-        ("event_id", "version", "status", "error", "producer", "occurred_at"),
+        ("event_id", "version", "status", "error", "producer", "occurred_at", "model", "arm",
+         "principal"),
     ),
 )  # fmt: skip
 

@@ -113,9 +113,12 @@ def test_request_failures_feed_the_5xx_guardrail(conn) -> None:
     routing = registry.start_canary(conn, "v1", 0.5, actor="test")
     served = [make_interaction(policy=p) for p in ("v1", "base") for _ in range(60)]
     failed = [
-        RequestFailed(producer="serving@test", version="v1", status=500, error="EngineDeadError")
-        for _ in range(10)
-    ]
+        RequestFailed(
+            producer="serving@test", version="v1", status=500, error="EngineDeadError",
+            model="alignloop", arm="canary", principal=f"key-{i % 2}",
+        )
+        for i in range(10)
+    ]  # fmt: skip
     with conn.transaction():
         result = write_batch(conn, [*served, *failed, failed[0]])  # one redelivered
     assert result.request_failures == 10
@@ -124,7 +127,12 @@ def test_request_failures_feed_the_5xx_guardrail(conn) -> None:
     strata = registry.canary_strata(conn, "v1", routing.canary_started_at)
     obs = canary_data.load_observations(conn, "v1", "base", strata, now, settle_seconds=0)
     assert obs.health.errors_5xx == (0, 10)
+    assert obs.health.failing_principals == (0, 2)
     assert obs.health.requests == (60, 70)
     decision = decide(CanaryConfig.demo(), obs, 0, routing.canary_started_at, now)
     assert decision.action == "rollback"
     assert any("5xx rate" in b for b in decision.statistics["guardrail_breaches"])
+    # The production floor is 3 principals: two keys' failures alone do not roll back.
+    assert CanaryConfig().guardrail_min_failing_principals == 3
+    held = decide(CanaryConfig(guardrail_min_requests=50), obs, 0, routing.canary_started_at, now)
+    assert not any("5xx" in b for b in held.statistics["guardrail_breaches"])

@@ -152,6 +152,16 @@ def test_guardrails() -> None:
     assert "5xx rate" in guardrail_breaches(cfg, errors)[0]
     few = Health(requests=(1000, 10), errors_5xx=(0, 5))  # below the minimum sample
     assert guardrail_breaches(cfg, few) == []
+    # 3% excess, but from one or two API keys: below the floor of 3 principals.
+    for who, fires in ((1, False), (2, False), (3, True)):
+        one = Health(requests=(1000, 1000), errors_5xx=(0, 30), failing_principals=(0, who))
+        assert bool(guardrail_breaches(cfg, one)) is fires, who
+    assert (
+        "from 3 principals"
+        in guardrail_breaches(
+            cfg, Health(requests=(1000, 1000), errors_5xx=(0, 30), failing_principals=(0, 3))
+        )[0]
+    )
     slow = Health(requests=(1000, 1000), latency_p95_ms=(100.0, 180.0))
     assert "latency" in guardrail_breaches(cfg, slow)[0]
 
