@@ -37,6 +37,8 @@ from typing import Any, Generic, Literal, NamedTuple, TypeVar
 import psycopg
 from psycopg.pq import TransactionStatus
 
+from feedback.principal_weights import principal_weights
+
 T = TypeVar("T")
 
 
@@ -293,24 +295,55 @@ class _Conversations:
 
 # Net rating per answer as of the watermark: the latest rating per (answer, user) from the
 # history, summed per answer. (A window rather than DISTINCT ON: the planner then estimates
-# the number of answers from the table's statistics instead of guessing.)
+# the number of answers from the table's statistics instead of guessing.) A principal over
+# its share (`principal_keep`) keeps the ratings of a seeded-hash sample of its answers,
+# the fraction `keep` of them: the same answers in every query of one round.
 _ANSWER_COUNTS = """
 WITH per_answer AS (
     SELECT response_id, choice_index,
            count(*) FILTER (WHERE latest AND rating = 'up') AS ups,
            count(*) FILTER (WHERE latest AND rating = 'down') AS downs
     FROM (
-        SELECT response_id, choice_index, rating,
+        SELECT f.response_id, f.choice_index, f.rating,
                row_number() OVER (
-                   PARTITION BY response_id, choice_index, user_key
-                   ORDER BY occurred_at DESC, event_id DESC
+                   PARTITION BY f.response_id, f.choice_index, f.user_key
+                   ORDER BY f.occurred_at DESC, f.event_id DESC
                ) = 1 AS latest
-        FROM feedback_events
-        WHERE seq <= %(feedback)s
+        FROM feedback_events f
+        LEFT JOIN unnest(%(thin_principals)s::text[], %(thin_keep)s::float8[])
+               AS t(principal, keep) ON t.principal = coalesce(f.principal, '')
+        WHERE f.seq <= %(feedback)s
+          AND (t.keep IS NULL
+               OR ('x' || substr(md5(f.response_id || ':' || f.choice_index), 1, 8))
+                  ::bit(32)::bigint < t.keep * 4294967296.0)
     ) history
     GROUP BY response_id, choice_index
 )
 """
+
+# Answers rated per principal as of the watermark: what `principal_keep` weighs.
+_PRINCIPAL_ANSWERS = """
+SELECT coalesce(principal, ''), count(DISTINCT (response_id, choice_index))
+FROM feedback_events
+WHERE seq <= %(feedback)s
+GROUP BY 1
+"""
+
+
+def principal_keep(conn: psycopg.Connection, watermark: Watermark, cap: float) -> dict[str, float]:
+    """The fraction of its rated answers each principal over ``cap`` keeps in the training
+    data (:mod:`feedback.principal_weights`); principals within the cap are not listed."""
+    if cap >= 1.0:
+        return {}
+    counts = {p: float(n) for p, n in conn.execute(_PRINCIPAL_ANSWERS, asdict(watermark))}
+    return {p: w for p, w in principal_weights(counts, cap).items() if w < 1.0}
+
+
+def _thinned(watermark: Watermark, keep: Mapping[str, float] | None) -> dict[str, Any]:
+    """The watermark's query parameters with the principals' keep fractions."""
+    keep = keep or {}
+    return {**asdict(watermark), "thin_principals": list(keep), "thin_keep": list(keep.values())}
+
 
 # Every rated answer, ties included (the caller skips them: filtering here would make the
 # planner expect a handful of rows and pick per-row index lookups).
@@ -441,14 +474,17 @@ ORDER BY p.seq
 """
 
 
-def pointwise_labels(conn: psycopg.Connection, watermark: Watermark) -> Iterator[PointwiseLabel]:
+def pointwise_labels(
+    conn: psycopg.Connection, watermark: Watermark, *, principal_cap: float = 1.0
+) -> Iterator[PointwiseLabel]:
     """(prompt messages, answer, up/down) for every answer with a net label.
 
     Streamed, in no particular order (a sort of every answer with its texts would cost more
     than the rest of the query): bounded memory, one pass over the ratings. Callers that
     need a subset sample :func:`label_refs` and fetch texts for the sample only."""
     messages = _Conversations()
-    rows = _stream(conn, _LABELS, asdict(watermark), _SCAN_SETTINGS)
+    keep = principal_keep(conn, watermark, principal_cap)
+    rows = _stream(conn, _LABELS, _thinned(watermark, keep), _SCAN_SETTINGS)
     for raw, text, ups, downs, phash, rid, idx, policy in rows:
         if ups == downs:
             continue
@@ -456,12 +492,15 @@ def pointwise_labels(conn: psycopg.Connection, watermark: Watermark) -> Iterator
         yield PointwiseLabel(messages(raw), text, label, ups, downs, phash, rid, idx, policy)
 
 
-def label_refs(conn: psycopg.Connection, watermark: Watermark) -> Iterator[LabelRef]:
+def label_refs(
+    conn: psycopg.Connection, watermark: Watermark, *, principal_cap: float = 1.0
+) -> Iterator[LabelRef]:
     """Every answer with a net label, as :class:`LabelRef` (no texts), in no particular
     order; streamed, one pass over the ratings. Sample these, then fetch the texts of the
     sample with :func:`labels_for`: reading every answer's texts to keep a few costs most
     of a round's data time at a million ratings."""
-    rows = _stream(conn, _LABEL_REFS, asdict(watermark), _SCAN_SETTINGS)
+    keep = principal_keep(conn, watermark, principal_cap)
+    rows = _stream(conn, _LABEL_REFS, _thinned(watermark, keep), _SCAN_SETTINGS)
     for phash, rid, idx, ups, downs, policy in rows:
         if ups != downs:
             yield LabelRef(phash, rid, idx, "up" if ups > downs else "down", ups, downs, policy)
@@ -560,6 +599,7 @@ def rating_pair_refs(
     *,
     max_pairs_per_prompt: int = DEFAULT_MAX_PAIRS_PER_PROMPT,
     seed: int = 0,
+    principal_cap: float = 1.0,
 ) -> Iterator[PairRef]:
     """The pairs formed from ratings (see :func:`preference_pairs`), without texts, by
     prompt hash; streamed."""
@@ -567,7 +607,8 @@ def rating_pair_refs(
         raise ValueError(f"max_pairs_per_prompt must be >= 0, not {max_pairs_per_prompt}")
     if max_pairs_per_prompt == 0:
         return
-    params = {**asdict(watermark), "cap": max_pairs_per_prompt, "salt": f"{seed}:"}
+    keep = principal_keep(conn, watermark, principal_cap)
+    params = {**_thinned(watermark, keep), "cap": max_pairs_per_prompt, "salt": f"{seed}:"}
     rows = _stream(conn, _PAIR_CANDIDATES, params, _SCAN_SETTINGS)
     for phash, group in itertools.groupby(rows, key=lambda row: row[0]):
         ups: list[str] = []
@@ -584,12 +625,16 @@ def rated_refs(
     *,
     max_pairs_per_prompt: int = DEFAULT_MAX_PAIRS_PER_PROMPT,
     seed: int = 0,
+    principal_cap: float = 1.0,
 ) -> Iterator[LabelRef | PairRef]:
     """:func:`label_refs` and :func:`rating_pair_refs` in one pass over the ratings (what a
-    reward round reads): per prompt hash, its labels, then its pairs."""
+    reward round reads): per prompt hash, its labels, then its pairs. A principal whose
+    rated answers are over ``principal_cap`` of all keeps a seeded sample of them
+    (:func:`principal_keep`), so one flooding key cannot dominate a reward model."""
     if max_pairs_per_prompt < 0:
         raise ValueError(f"max_pairs_per_prompt must be >= 0, not {max_pairs_per_prompt}")
-    params = {**asdict(watermark), "cap": max_pairs_per_prompt, "salt": f"{seed}:"}
+    keep = principal_keep(conn, watermark, principal_cap)
+    params = {**_thinned(watermark, keep), "cap": max_pairs_per_prompt, "salt": f"{seed}:"}
     rows = _stream(conn, _RATED_BY_PROMPT, params, _SCAN_SETTINGS)
     for phash, group in itertools.groupby(rows, key=lambda row: row[0]):
         ups: list[str] = []

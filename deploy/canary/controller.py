@@ -88,6 +88,7 @@ class CanaryController:
             now,
             model_name=self.model_name,
             settle_seconds=self.settle_seconds,
+            principal_cap=self.config.max_principal_vote_share,
         )
         stage = min(int(routing.canary_stage or 0), len(self.config.stages) - 1)
         decision = decide(

@@ -18,7 +18,13 @@ Which interactions count:
   first ``settle_seconds`` of each stratum are left out.
 
 A rating's cluster is the served user (``interactions.user_id``), else the rating user,
-else the response itself (an anonymous answer is its own cluster).
+else the response itself (an anonymous answer is its own cluster), within the principal
+(the API key) it was served to: two products' users named alike are two users.
+
+One principal's votes weigh at most ``principal_cap`` of all votes
+(:mod:`feedback.principal_weights`): a key that floods ratings through many user ids has
+its users' votes scaled down together, so it cannot move a decision by itself; the SRM
+test's user counts are not weighted (routing, not voting, is what it checks).
 
 The sample-ratio test counts distinct users, not requests (routing is sticky per user, so
 one heavy user would move thousands of requests into one arm): each user once, in the
@@ -44,22 +50,24 @@ import numpy as np
 import psycopg
 
 from deploy.canary.stats import CANARY, Health, Observations
+from feedback.principal_weights import principal_weights
 
 _VOTES = """
 WITH strata AS (
     SELECT * FROM unnest(%(stratum)s::int[], %(lo)s::timestamptz[], %(hi)s::timestamptz[])
         AS s(stratum, lo, hi)
 ), routed AS (
-    SELECT i.response_id, i.user_id, s.stratum,
+    SELECT i.response_id, i.user_id, i.principal, s.stratum,
            (i.policy_version = %(canary)s)::int AS arm
     FROM interactions i
     JOIN strata s ON i.occurred_at >= s.lo AND i.occurred_at < s.hi
     WHERE i.policy_version IN (%(canary)s, %(stable)s) AND i.model = %(model)s
 )
-SELECT coalesce(r.user_id, nullif(fc.user_key, ''), 'anonymous:' || r.response_id) AS who,
+SELECT coalesce(r.principal, '') AS principal,
+       coalesce(r.user_id, nullif(fc.user_key, ''), 'anonymous:' || r.response_id) AS who,
        r.arm, r.stratum, count(*) AS votes, count(*) FILTER (WHERE fc.rating = 'up') AS ups
 FROM routed r JOIN feedback_current fc USING (response_id)
-GROUP BY 1, 2, 3
+GROUP BY 1, 2, 3, 4
 """
 
 _NEW_USERS = """
@@ -116,6 +124,7 @@ def load_observations(
     *,
     model_name: str = "alignloop",
     settle_seconds: float = 30.0,
+    principal_cap: float = 1.0,
 ) -> Observations:
     """Votes per (user, arm, stratum), distinct users by first appearance (for the SRM
     test), and the guardrails' health of one canary.
@@ -140,12 +149,16 @@ def load_observations(
         "since": starts[0],
     }
     rows = conn.execute(_VOTES, params).fetchall()
-    users = {who: i for i, who in enumerate(sorted({row[0] for row in rows}))}
+    users = {key: i for i, key in enumerate(sorted({(row[0], row[1]) for row in rows}))}
+    per_principal: dict[str, float] = {}
+    for principal, _, _, _, n, _ in rows:
+        per_principal[principal] = per_principal.get(principal, 0.0) + n
+    weight = principal_weights(per_principal, principal_cap)
     votes = np.zeros((len(users), 2, len(strata)))
     ups = np.zeros_like(votes)
-    for who, arm, stratum, n, n_up in rows:
-        votes[users[who], arm, stratum] = n
-        ups[users[who], arm, stratum] = n_up
+    for principal, who, arm, stratum, n, n_up in rows:
+        votes[users[principal, who], arm, stratum] = n * weight[principal]
+        ups[users[principal, who], arm, stratum] = n_up * weight[principal]
     new_users = np.zeros((2, len(strata)))
     for arm, stratum, n in conn.execute(_NEW_USERS, params).fetchall():
         new_users[arm, stratum] = n

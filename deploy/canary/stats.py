@@ -242,6 +242,16 @@ class CanaryConfig(ConfigBase):
         },
     )
 
+    max_principal_vote_share: float = field(
+        default=0.5,
+        metadata={
+            "help": "No API key's votes weigh more than this share of all votes in the "
+            "comparison (its users' votes are scaled down together; feedback/"
+            "principal_weights.py): one flooding key cannot move a decision alone. 1 = no cap. "
+            "With a single key (the demo) nothing is capped."
+        },
+    )
+
     # --- guardrails -------------------------------------------------------------------------
     guardrail_min_requests: int = field(
         default=200,
@@ -281,6 +291,11 @@ class CanaryConfig(ConfigBase):
             (0.0 < self.alpha < 1.0, "alpha", "must lie strictly between 0 and 1"),
             (0.0 < self.srm_p_value < 1.0, "srm_p_value", "must lie strictly between 0 and 1"),
             (self.margin >= 0, "margin", "must be >= 0"),
+            (
+                0.0 < self.max_principal_vote_share <= 1.0,
+                "max_principal_vote_share",
+                "must lie in (0, 1]",
+            ),
             (
                 bool(self.stages) and all(0.0 < w < 1.0 for w in self.stages),
                 "stages",

@@ -146,6 +146,15 @@ class RewardConfig(ConfigBase):
             "feedback.datasets.preference_pairs); 0 pairs explicit preferences only."
         },
     )
+    max_principal_share: float = field(
+        default=0.5,
+        metadata={
+            "help": "No API key's rated answers make up more than this share of the thumbs "
+            "data: a key over it keeps a seeded sample of its answers (feedback/"
+            "principal_weights.py), so one flooding key cannot train the reward model alone. "
+            "1 = no cap; with one key (the demo) nothing is capped."
+        },
+    )
     max_train_examples: int = field(
         default=20_000,
         metadata={
@@ -238,5 +247,6 @@ class RewardConfig(ConfigBase):
             (0 < self.gate_confidence < 1, "gate_confidence", "must be in (0, 1)"),
             (self.replay_ratio >= 0, "replay_ratio", "must be >= 0"),
             (self.max_pairs_per_prompt >= 0, "max_pairs_per_prompt", "must be >= 0"),
+            (0 < self.max_principal_share <= 1, "max_principal_share", "must be in (0, 1]"),
             (self.num_threads >= 0, "num_threads", "must be >= 0"),
         ]

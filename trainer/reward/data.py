@@ -89,7 +89,11 @@ def _reward_stream(
     as refs (no texts yet): one pass over the ratings."""
     yield from datasets.explicit_pairs(conn, watermark)
     yield from datasets.rated_refs(
-        conn, watermark, max_pairs_per_prompt=config.max_pairs_per_prompt, seed=config.seed
+        conn,
+        watermark,
+        max_pairs_per_prompt=config.max_pairs_per_prompt,
+        seed=config.seed,
+        principal_cap=config.max_principal_share,
     )
 
 

@@ -376,3 +376,35 @@ def test_a_version_1_interaction_event_is_still_ingested(conn: psycopg.Connectio
     # upgrade still group under one prompt.
     legacy_hash = hashlib.sha256(b'[["user","hello?"]]').hexdigest()
     assert row[3] == legacy_hash
+
+
+def test_one_key_over_its_share_keeps_a_seeded_sample_of_its_answers(
+    conn: psycopg.Connection,
+) -> None:
+    """`flood` rated 300 answers, `web` 30: capped at half, the flood keeps about as many
+    answers as web has (30 / 300 of them), the same ones every time; web keeps all."""
+    events: list[Any] = []
+    for principal, n in (("flood", 300), ("web", 30)):
+        for i in range(n):
+            answer = make_interaction(prompt=f"{principal} {i}?", user=f"{principal}-{i}")
+            vote = make_feedback(answer.response_id, "up", user=f"{principal}-{i}")
+            events += [
+                answer.model_copy(update={"principal": principal}),
+                vote.model_copy(update={"principal": principal}),
+            ]
+    store_events(conn, events)
+    mark = datasets.capture_watermark(conn)
+    assert datasets.principal_keep(conn, mark, 0.5) == {"flood": pytest.approx(30 / 300)}
+    owner = {e.response_id: e.principal for e in events}
+
+    def kept(cap: float) -> Counter[str]:
+        refs = datasets.rated_refs(conn, mark, principal_cap=cap)
+        return Counter(owner[r.response_id] for r in refs if isinstance(r, datasets.LabelRef))
+
+    assert kept(1.0) == Counter({"flood": 300, "web": 30})
+    capped = kept(0.5)
+    assert capped["web"] == 30
+    assert 12 <= capped["flood"] <= 50  # binomial(300, 0.1): mean 30, sd 5.2
+    assert kept(0.5) == capped
+    labels = list(datasets.label_refs(conn, mark, principal_cap=0.5))
+    assert Counter(owner[r.response_id] for r in labels) == capped
