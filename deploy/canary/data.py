@@ -115,6 +115,24 @@ WHERE version = %(canary)s AND occurred_at >= %(since)s
 """
 
 
+def _weighted_votes(
+    rows: Sequence[tuple[str, str, int, int, int, int]], n_strata: int, principal_cap: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Votes and ups per (user, arm, stratum) from ``_VOTES`` rows, each principal's scaled
+    by its weight (:func:`feedback.principal_weights.principal_weights`)."""
+    users = {key: i for i, key in enumerate(sorted({(row[0], row[1]) for row in rows}))}
+    per_principal: dict[str, float] = {}
+    for principal, _, _, _, n, _ in rows:
+        per_principal[principal] = per_principal.get(principal, 0.0) + n
+    weight = principal_weights(per_principal, principal_cap)
+    votes = np.zeros((len(users), 2, n_strata))
+    ups = np.zeros_like(votes)
+    for principal, who, arm, stratum, n, n_up in rows:
+        votes[users[principal, who], arm, stratum] = n * weight[principal]
+        ups[users[principal, who], arm, stratum] = n_up * weight[principal]
+    return votes, ups
+
+
 def load_observations(
     conn: psycopg.Connection,
     canary: str,
@@ -148,17 +166,9 @@ def load_observations(
         "model": model_name,
         "since": starts[0],
     }
-    rows = conn.execute(_VOTES, params).fetchall()
-    users = {key: i for i, key in enumerate(sorted({(row[0], row[1]) for row in rows}))}
-    per_principal: dict[str, float] = {}
-    for principal, _, _, _, n, _ in rows:
-        per_principal[principal] = per_principal.get(principal, 0.0) + n
-    weight = principal_weights(per_principal, principal_cap)
-    votes = np.zeros((len(users), 2, len(strata)))
-    ups = np.zeros_like(votes)
-    for principal, who, arm, stratum, n, n_up in rows:
-        votes[users[principal, who], arm, stratum] = n * weight[principal]
-        ups[users[principal, who], arm, stratum] = n_up * weight[principal]
+    votes, ups = _weighted_votes(
+        conn.execute(_VOTES, params).fetchall(), len(strata), principal_cap
+    )
     new_users = np.zeros((2, len(strata)))
     for arm, stratum, n in conn.execute(_NEW_USERS, params).fetchall():
         new_users[arm, stratum] = n

@@ -279,9 +279,13 @@ def test_streaming_request_with_bad_input_is_rejected_before_streaming(serving):
     ],
 )
 def test_unknown_routes_answer_in_the_error_shape(serving, method, path, status):
-    r = httpx.request(method, f"{serving.base_url}{path}", timeout=10)
+    r = httpx.request(method, f"{serving.base_url}{path}", headers=AUTH, timeout=10)
     assert r.status_code == status
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    # Without a key every /v1 path is 401: which routes exist is not told to strangers.
+    anonymous = httpx.request(method, f"{serving.base_url}{path}", timeout=10)
+    assert anonymous.status_code == 401
+    assert set(anonymous.json()["error"]) == {"message", "type", "param", "code"}
 
 
 def test_server_still_serves_after_the_bad_inputs(serving):
