@@ -29,10 +29,20 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "deploy.console.app:main",
         "Run the admin API and the console alone (the canary serves them too).",
     ),
+    "admin-tokens": (
+        "deploy.ops.admin_auth:main",
+        "Named admin tokens: admin-tokens create NAME | list | revoke NAME.",
+    ),
     "train": ("trainer.rounds.cli:train_main", "Train: train reward | ppo | loop [--help]."),
     "reward": ("trainer.reward.cli:reward_main", "Reward model versions: reward list | show V."),
     "simulate": ("deploy.simulator.cli:main", "Drive a running alignloop with simulated users."),
 }
+
+
+# Configuration a command refuses to start with, checked before it runs: the command's name
+# -> "module:function" taking the settings and returning why not (None: fine). The canary
+# controller serves the admin API: a too-short admin token stops it before it takes its lease.
+PREFLIGHT: dict[str, str] = {"canary": "deploy.ops.admin_auth:startup_problem"}
 
 
 def usage() -> str:
@@ -55,6 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     from deploy.local import cpu_plan
 
     cpu_plan.apply()  # the cores `alignloop up` gave this process, before any thread starts
+    if name in PREFLIGHT:
+        from schemas.settings import Settings
+
+        module_name, function = PREFLIGHT[name].split(":")
+        problem = getattr(importlib.import_module(module_name), function)(Settings())
+        if problem:
+            print(f"alignloop {name}: {problem}", file=sys.stderr)
+            return 2
     module_name, function = COMMANDS[name][0].split(":")
     entry = getattr(importlib.import_module(module_name), function)
     return int(entry(rest) or 0)

@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     """``alignloop ingest``: run the feedback ingestor until SIGTERM / Ctrl-C."""
     from feedback import user_ids
     from feedback.ingest.consumer import IngestConfig, Ingestor
+    from feedback.kafka_topics import TopicError
     from feedback.user_ids import KeyMismatch
 
     settings = _settings()
@@ -70,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
             "(or --database-url / --bootstrap); `alignloop up` sets both",
             file=sys.stderr,
         )
+        return 2
+    try:
+        kafka = _kafka_setup(settings, args)
+    except ValueError as exc:
+        print(f"alignloop ingest: {exc}", file=sys.stderr)
         return 2
     ingestor = Ingestor(
         IngestConfig(
@@ -85,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             client_id=args.client_id,
             retention_days=args.retention_days,
             user_id_key=user_ids.configured(settings).key,
+            **kafka,
         )
     )
 
@@ -95,10 +102,25 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _graceful)
     try:
         ingestor.run()
-    except KeyMismatch as exc:
+    except (KeyMismatch, TopicError) as exc:
         print(f"alignloop ingest: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _kafka_setup(settings, args: argparse.Namespace) -> dict:
+    """The ingestor's Kafka security and topic plan from the settings (ValueError: a
+    contradictory configuration)."""
+    from feedback.kafka_topics import TopicPlan
+    from schemas.kafka_config import kafka_python_config
+
+    names = [args.interactions_topic, args.feedback_topic, args.dead_letter_topic]
+    if args.policy_topic:
+        names.append(args.policy_topic)
+    return {
+        "client_config": kafka_python_config(settings),
+        "topic_plan": TopicPlan.from_settings(settings, names),
+    }
 
 
 def export_main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ points the same code at real infrastructure.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -143,6 +144,59 @@ class Settings(BaseSettings):
     )
     kafka_client_id: str = "alignloop"
 
+    # --- Kafka connection security and topics (every client: schemas/kafka_config.py) -----
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT",
+        description="How every Kafka client (serving's producer, the ingestor's consumer, "
+        "dead-letter producer and topic admin, the trainer's announcer) talks to the brokers. "
+        "SSL and SASL_SSL verify the brokers' certificates (kafka_ssl_cafile, else the "
+        "system's CAs); the SASL_ ones need kafka_sasl_mechanism, username and password.",
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None, description="SASL mechanism; required with SASL_PLAINTEXT and SASL_SSL."
+    )
+    kafka_sasl_username: str | None = Field(None, description="SASL user name.")
+    kafka_sasl_password: SecretStr | None = Field(None, description="SASL password.")
+    kafka_ssl_cafile: Path | None = Field(
+        None,
+        description="PEM file of the CA(s) that signed the brokers' certificates. Unset: "
+        "the system's trust store.",
+    )
+    kafka_ssl_certfile: Path | None = Field(
+        None, description="Client certificate (PEM), for brokers that require mutual TLS."
+    )
+    kafka_ssl_keyfile: Path | None = Field(
+        None, description="The client certificate's private key (PEM); needs kafka_ssl_certfile."
+    )
+    kafka_ssl_key_password: SecretStr | None = Field(
+        None, description="Password of kafka_ssl_keyfile, if it is encrypted."
+    )
+    kafka_ssl_check_hostname: bool = Field(
+        True,
+        description="Check that a broker's certificate names the host connected to. Turn off "
+        "only for brokers addressed by IP with certificates that do not list it.",
+    )
+    kafka_topic_partitions: int = Field(
+        6,
+        ge=1,
+        description="Partitions of each alignloop topic (schemas/topics.py) when alignloop "
+        "creates it: the ingestor at start, and `alignloop up`. Existing topics are left as "
+        "they are (fewer partitions than this: a warning). Ingestors beyond the partition "
+        "count idle.",
+    )
+    kafka_replication_factor: int | None = Field(
+        None,
+        ge=1,
+        description="Replication factor of the topics alignloop creates. Unset: the broker's "
+        "default.replication.factor. With production set, it is required and an existing "
+        "topic with fewer replicas makes the ingestor refuse to start.",
+    )
+    production: bool = Field(
+        False,
+        description="Production mode: refuse to run against Kafka topics weaker than "
+        "configured (replicas fewer than kafka_replication_factor, which must be set).",
+    )
+
     # --- feedback ingestor ----------------------------------------------------------
     ingest_group_id: str = Field(
         "alignloop-ingestor", description="Kafka consumer group of the ingestors."
@@ -172,18 +226,49 @@ class Settings(BaseSettings):
     # --- admin API (served by the canary controller, or alone: `alignloop admin`) ------
     admin_token: SecretStr | None = Field(
         None,
-        description="Bearer token of the /admin API. Unset or empty: the admin API is "
-        "disabled (every /admin route answers 503 admin_disabled); /metrics still works.",
+        description="Bearer token of the /admin API, at least 32 bytes (a shorter one is "
+        "refused at start); the audit log names its holder `admin`. Unset or empty, and no "
+        "admin_tokens_file: the admin API is disabled (every /admin route answers 503 "
+        "admin_disabled).",
+    )
+    admin_tokens_file: Path | None = Field(
+        None,
+        description="Named admin tokens, one JSON line each (name, SHA-256 of the token; made "
+        "with `alignloop admin-tokens create NAME`), re-read when it changes; the token's "
+        "name is the operator in the audit log. Unset: state_dir/secrets/admin_tokens.jsonl "
+        "(a missing file: no named tokens).",
+    )
+    admin_auth_max_failures: int = Field(
+        10,
+        ge=0,
+        description="Failed admin authentications (401, 403) one client address may make "
+        "within admin_auth_window_s; beyond that it gets 429 with Retry-After, whatever it "
+        "sends, until the window has room again. Counted per process. 0: no limit.",
+    )
+    admin_auth_window_s: float = Field(
+        60.0, gt=0, description="The window of admin_auth_max_failures, in seconds."
     )
     admin_host: str = Field(
-        "0.0.0.0",
-        description="Interface of the controller's HTTP port (/metrics and /admin); all "
-        "interfaces by default so Prometheus can scrape it, /admin needs the token.",
+        "127.0.0.1",
+        description="Interface of the operators' port (/admin, the console, and /metrics "
+        "too): loopback by default; Prometheus scrapes the controller's metrics port "
+        "instead. Binding it wider exposes the admin API to that network (put it behind TLS).",
     )
     admin_port: int = Field(
         9103,
-        description="The canary controller's HTTP port (/metrics, /admin and the operator "
-        "console at /console/); 0 = off.",
+        description="The canary controller's operators' port (/admin, the operator console "
+        "at /console/, /metrics); 0 = off, and then no metrics port either.",
+    )
+    controller_metrics_host: str = Field(
+        "0.0.0.0",
+        description="Interface of the canary controller's metrics port (/metrics only, "
+        "nothing else), for Prometheus.",
+    )
+    controller_metrics_port: int = Field(
+        9105,
+        ge=0,
+        description="The canary controller's metrics port, beside its operators' port "
+        "(admin_port); 0 = off.",
     )
     console_metrics_urls: str = Field(
         "",

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
 
 def _publisher(settings: Settings, bootstrap: str, host: str, port: int) -> EventPublisher:
+    from schemas.kafka_config import confluent_config
     from serving.publisher import EventPublisher
 
     # One spool per replica: two processes must never replay the same spool.
@@ -25,6 +26,7 @@ def _publisher(settings: Settings, bootstrap: str, host: str, port: int) -> Even
         client_id=f"{settings.kafka_client_id}-serving-{port}",
         max_event_bytes=settings.max_event_bytes,
         reserved_share=settings.spool_feedback_reserve,  # kept for topics.FEEDBACK
+        producer_config=confluent_config(settings),  # TLS / SASL, if configured
     )
 
 
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
 
-    problem = _auth_problem(settings, host)
+    problem = _auth_problem(settings, host) or _kafka_problem(settings)
     if problem:
         print(f"alignloop serve: {problem}", file=sys.stderr)
         return 2
@@ -85,6 +87,17 @@ def main(argv: list[str] | None = None) -> int:
         access_log=False,
     )
     return 0
+
+
+def _kafka_problem(settings: Settings) -> str | None:
+    """A contradictory Kafka security configuration (:func:`schemas.kafka_config.check`)."""
+    from schemas.kafka_config import check
+
+    try:
+        check(settings)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def _auth_problem(settings: Settings, host: str) -> str | None:

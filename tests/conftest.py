@@ -8,6 +8,12 @@ import os
 # waiting (measured: docs/benchmarks.md, "Figures quoted in code"). Set before any test
 # module imports torch; subprocesses inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The canary controller's metrics port (ALIGNLOOP_CONTROLLER_METRICS_PORT, 9105) is opened
+# by every operators' server the tests start (deploy.ops.admin_api.serve_in_thread) and by
+# every controller process: fixed, it would collide between tests and with a developer's
+# `alignloop up`. Off for the suite; the tests of that port (and `running_stack`) pick a
+# free one.
+os.environ.setdefault("ALIGNLOOP_CONTROLLER_METRICS_PORT", "0")
 
 pytest_plugins = [
     "tests.fixtures.broker",

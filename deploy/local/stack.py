@@ -8,8 +8,12 @@ restarted with backoff. Ctrl-C (or SIGTERM) stops everything, children first.
 
 On a CPU-only machine the cores are split (:mod:`deploy.local.cpu_plan`): the trainer gets its
 share, serving the rest, so training rounds finish in bounded time under chat load. The
-admin API (served by the canary controller) gets a token, made once and kept in
-``state_dir/admin_token`` unless ``ALIGNLOOP_ADMIN_TOKEN`` is set. The state directory
+admin API (served by the canary controller on 127.0.0.1, its /metrics also on the
+controller's metrics port) gets a token, made once and kept in ``state_dir/admin_token``
+unless ``ALIGNLOOP_ADMIN_TOKEN`` is set; either must be at least 32 bytes, and named tokens
+(``alignloop admin-tokens create NAME``) go to ``state_dir/secrets/admin_tokens.jsonl``.
+Before any process starts, the Kafka topics are created with the configured partitions
+and replication (:mod:`feedback.kafka_topics`). The state directory
 holds users' prompts and ratings as well as the secrets, so it is private: 0700, every file
 in it 0600 (:func:`private_state_dir`).
 """
@@ -42,20 +46,60 @@ SECRET_FILES = (
     "secrets/routing_salt.key",
     "secrets/api_keys.jsonl",
     "secrets/user_id.key",
+    "secrets/admin_tokens.jsonl",
 )
 
 
 def admin_token(settings: Settings, state: Path) -> str:
-    """The admin API's bearer token: the configured one, else one made once and kept
-    (mode 0600) in ``state/admin_token``."""
+    """The admin API's bearer token: the configured one, else one made once (43 characters)
+    and kept (mode 0600) in ``state/admin_token``. ValueError if the token in use is shorter
+    than the admin API accepts (:data:`deploy.ops.admin_auth.MIN_TOKEN_BYTES`)."""
+    from deploy.ops.admin_auth import check_token
+
     if settings.admin_token is not None and settings.admin_token.get_secret_value():
-        return settings.admin_token.get_secret_value()
+        return check_token(settings.admin_token.get_secret_value(), "ALIGNLOOP_ADMIN_TOKEN")
     path = state / ADMIN_TOKEN_FILE
     if not path.exists():
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_urlsafe(32))
-    return path.read_text().strip()
+    kept = path.read_text().strip()
+    return check_token(kept, f"the admin token in {path} (delete the file for a new one)")
+
+
+def admin_problem(settings: Settings) -> str | None:
+    """Why the admin API could not start as configured (a short token, a broken token file),
+    found before anything starts; None: it can. Makes the kept token if there is none."""
+    from deploy.ops.admin_auth import configured
+
+    try:
+        configured(settings, admin_token(settings, settings.state_dir))
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def create_topics(settings: Settings, bootstrap: str) -> str | None:
+    """The Kafka topics, created with the configured partitions and replication (or checked:
+    :func:`feedback.kafka_topics.ensure_topics`) before a child produces to them. Returns
+    why ``up`` must stop (weaker topics in production mode, a refused topic, a contradictory
+    configuration); a Kafka that cannot be reached now is only a warning (the ingestor
+    retries)."""
+    from kafka.errors import KafkaError
+
+    from feedback.kafka_topics import TopicError, TopicPlan, ensure_topics
+    from schemas.kafka_config import kafka_python_config
+
+    try:
+        plan = TopicPlan.from_settings(settings)
+        with console.status("creating the Kafka topics…"):
+            ensure_topics(bootstrap, plan, kafka_python_config(settings), timeout_s=20)
+    except (TopicError, ValueError) as exc:
+        return str(exc)
+    except KafkaError as exc:
+        log.warning("Kafka at %s did not answer the topic check (%s); the ingestor retries",
+                    bootstrap, exc)  # fmt: skip
+    return None
 
 
 def api_key(settings: Settings, state: Path) -> str | None:
@@ -278,11 +322,11 @@ def _banner(
                 {api}/v1/preferences
   metrics       {api}/metrics (serving)
                 http://127.0.0.1:{settings.ingest_metrics_port}/metrics (ingestor)
-                http://127.0.0.1:{settings.admin_port}/metrics (canary controller, /admin)
+                {_controller_metrics(settings)}
                 http://127.0.0.1:{settings.trainer_metrics_port}/metrics (trainer: PPO rounds)
-  console       http://127.0.0.1:{settings.admin_port}/console/
-                token {envs["canary"]["ALIGNLOOP_ADMIN_TOKEN"]}
-                (kept in {state / ADMIN_TOKEN_FILE})
+  console       http://127.0.0.1:{settings.admin_port}/console/  (on {settings.admin_host})
+                token {envs["canary"]["ALIGNLOOP_ADMIN_TOKEN"]}  (operator `admin`)
+                (kept in {state / ADMIN_TOKEN_FILE}; named ones: alignloop admin-tokens)
   admin API     http://127.0.0.1:{settings.admin_port}/admin  (the same bearer token)
   cores         {_cores_line(envs)}
   Postgres      {infra.database_url}
@@ -291,9 +335,20 @@ def _banner(
 Ctrl-C stops everything."""
 
 
+def _controller_metrics(settings: Settings) -> str:
+    port = settings.controller_metrics_port
+    if not port:
+        return f"http://127.0.0.1:{settings.admin_port}/metrics (canary controller)"
+    return f"http://127.0.0.1:{port}/metrics (canary controller, for Prometheus)"
+
+
 def main(argv: list[str] | None = None) -> int:
     settings = _settings(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    problem = admin_problem(settings)
+    if problem:
+        console.print(f"[red]alignloop up:[/red] {problem}", soft_wrap=True)
+        return 2
     logging.getLogger("pgserver").setLevel(logging.WARNING)  # logs every pg_ctl call
     # Both explicitly: a shell that starts `up` in the background leaves SIGINT ignored,
     # and Ctrl-C (or kill -INT) must still stop the loop.
@@ -303,6 +358,10 @@ def main(argv: list[str] | None = None) -> int:
     children: list[Child] = []
     try:
         _start_infrastructure(settings, infra)
+        problem = create_topics(settings, infra.bootstrap)
+        if problem:
+            console.print(f"[red]alignloop up:[/red] {problem}", soft_wrap=True)
+            return 2
         model_dir = _base_model(settings)
         user_id_key_file(settings, settings.state_dir)
         key = api_key(settings, settings.state_dir)

@@ -7,6 +7,7 @@ A version's ``live`` object holds its live A/B counts from the ``policy_stats`` 
 (:func:`feedback.ab_counters.policy_counts`: answers ``served`` and ``rated``, current
 ``ups`` and ``downs``, ``up_rate``; zeros before any traffic).
     GET  /admin/routing                      the routing table
+    GET  /admin/whoami                       {"operator"}: the name of the token presented
     POST /admin/policies/{v}/promote         {"reason", "expect_state"?, "expect_generation"?}
     POST /admin/policies/{v}/canary          {"weight", "reason", "expect_state"?, ...}
     POST /admin/policies/{v}/reject          {"reason", "expect_state"?}
@@ -16,19 +17,25 @@ A version's ``live`` object holds its live A/B counts from the ``policy_stats`` 
                                              ratings and preferences, tombstone the user;
                                              200 {"user", "deleted": rows per table}
 
-Served by the canary controller on its HTTP port beside ``/metrics`` and the console (one
-place for operators: :mod:`deploy.console.app`), or alone by ``alignloop admin``. Each
-request runs on its own autocommit connection, so every command is one registry transaction.
+Served by the canary controller on its operators' port (``ALIGNLOOP_ADMIN_HOST``, loopback
+by default) beside the console and ``/metrics`` (one place for operators:
+:mod:`deploy.console.app`), or alone by ``alignloop admin``. Prometheus scrapes the
+controller's separate metrics port instead (:func:`serve_in_thread`). Each request runs on
+its own autocommit connection, so every command is one registry transaction.
 
-Auth: ``Authorization: Bearer <ALIGNLOOP_ADMIN_TOKEN>``, compared in constant time. No
-header (or not Bearer) → 401 with ``WWW-Authenticate: Bearer``; a wrong token → 403. With
-no token configured the admin API is *disabled*: every ``/admin`` route answers 503
-``admin_disabled`` (503, not 404, so a script cannot mistake it for "no such version").
+Auth (:mod:`deploy.ops.admin_auth`): ``Authorization: Bearer <token>``, a named token from
+the token file or ``ALIGNLOOP_ADMIN_TOKEN`` (named ``admin``), compared in constant time.
+No header (or not Bearer) → 401 with ``WWW-Authenticate: Bearer``; a wrong token → 403.
+After ``ALIGNLOOP_ADMIN_AUTH_MAX_FAILURES`` such refusals from one client address within
+``ALIGNLOOP_ADMIN_AUTH_WINDOW_S``, that address gets 429 ``too_many_auth_failures`` with
+``Retry-After``, whatever it sends. With no token configured the admin API is *disabled*:
+every ``/admin`` route answers 503 ``admin_disabled`` (503, not 404, so a script cannot
+mistake it for "no such version").
 
-Operator identity: the audit log records the ``X-Alignloop-Operator`` header (optional,
-default ``admin-api``). The token is shared, so the header is the operator's word, as
-``--actor`` is for the CLI; the name ``controller`` is refused (it marks the controller's
-own actions).
+Operator identity: the audit log records the name of the token presented. The
+``X-Alignloop-Operator`` header no longer decides anything: omit it, or send the token's
+own name; any other name is refused (403 ``operator_mismatch``), so a script that still
+sends one learns it is not recorded under that name.
 
 Bodies: ``reason`` is required and non-empty (it goes to the audit log). Only the
 ``expect_*`` checks the registry can apply atomically are accepted for each command;
@@ -41,9 +48,7 @@ registry since you looked (``expect_*`` failed, or a concurrent command won) 409
 
 from __future__ import annotations
 
-import hmac
 import logging
-import re
 import threading
 import time
 from collections.abc import Iterator
@@ -52,15 +57,17 @@ from typing import Annotated, Any, Literal
 
 import psycopg
 import uvicorn
-from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest, start_http_server
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from deploy.ops import admin_auth
+from deploy.ops.admin_auth import AdminTokens, AuthFailures
 from deploy.policies import registry
 from feedback import erasure
 from feedback.ab_counters import policy_counts
@@ -71,9 +78,9 @@ from schemas.errors import error_body
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OPERATOR = "admin-api"
 OPERATOR_HEADER = "X-Alignloop-Operator"
-_OPERATOR_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$")
+CONFIGURED = "configured"
+"""``serve_in_thread(metrics=CONFIGURED)``: the metrics port of the settings."""
 
 State = Literal["candidate", "canary", "stable", "rejected", "rolled_back", "retired"]
 
@@ -145,63 +152,85 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 class AdminAuth:
     """ASGI middleware guarding every ``/admin`` path before anything else runs (so an
-    unauthenticated request learns nothing, not even whether its body would parse)."""
+    unauthenticated request learns nothing, not even whether its body would parse). On
+    success the token's name is ``request.state.operator``."""
 
-    def __init__(self, app: ASGIApp, token: SecretStr | str | None) -> None:
+    def __init__(self, app: ASGIApp, tokens: AdminTokens, failures: AuthFailures) -> None:
         self.app = app
-        secret = token.get_secret_value() if isinstance(token, SecretStr) else token
-        self._token = secret.encode() if secret else None
+        self.tokens = tokens
+        self.failures = failures
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "") if scope["type"] == "http" else ""
         if path == "/admin" or path.startswith("/admin/"):
-            refusal = self._refusal(Headers(scope=scope))
-            if refusal is not None:
-                await refusal(scope, receive, send)
+            outcome = self._authenticate(scope)
+            if isinstance(outcome, JSONResponse):
+                await outcome(scope, receive, send)
                 return
+            scope.setdefault("state", {})["operator"] = outcome
         await self.app(scope, receive, send)
 
-    def _refusal(self, headers: Headers) -> JSONResponse | None:
-        if self._token is None:
+    def _authenticate(self, scope: Scope) -> str | JSONResponse:
+        """The operator's name, or the refusal to send."""
+        if not self.tokens.enabled():
             return _error(
                 503,
-                "The admin API is disabled: no ALIGNLOOP_ADMIN_TOKEN is configured.",
+                "The admin API is disabled: no admin token is configured "
+                "(ALIGNLOOP_ADMIN_TOKEN or ALIGNLOOP_ADMIN_TOKENS_FILE).",
                 type="server_error",
                 code="admin_disabled",
             )
+        client = (scope.get("client") or ("unknown", 0))[0]
+        wait = self.failures.retry_after(client)
+        if wait is not None:
+            return _error(
+                429,
+                f"Too many failed admin authentications from {client}; retry in {wait} s.",
+                type="rate_limit_error",
+                code="too_many_auth_failures",
+                headers={"Retry-After": str(wait)},
+            )
+        headers = Headers(scope=scope)
         scheme, _, presented = headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not presented.strip():
+            return self._failed(client, 401, "missing_token")
+        name = self.tokens.authenticate(presented.strip())
+        if name is None:
+            return self._failed(client, 403, "invalid_token")
+        claimed = headers.get(OPERATOR_HEADER.lower(), "").strip()
+        if claimed and claimed != name:
+            return _error(
+                403,
+                f"This token is {name!r}; it cannot act as {claimed!r}. The audit log names "
+                f"the token's holder: drop the {OPERATOR_HEADER} header or use their token.",
+                type="permission_error",
+                param=OPERATOR_HEADER,
+                code="operator_mismatch",
+            )
+        return name
+
+    def _failed(self, client: str, status: int, code: str) -> JSONResponse:
+        self.failures.failed(client)
+        locked = self.failures.retry_after(client)
+        if locked is not None:  # this failure was the last one allowed
+            log.warning(
+                "admin API: %s refused (429) for %d s after %d failed authentications",
+                client, locked, self.failures.max_failures,
+            )  # fmt: skip
+        if status == 401:
             return _error(
                 401,
-                "Missing bearer token: send 'Authorization: Bearer <ALIGNLOOP_ADMIN_TOKEN>'.",
+                "Missing bearer token: send 'Authorization: Bearer <admin token>'.",
                 type="authentication_error",
-                code="missing_token",
+                code=code,
                 headers={"WWW-Authenticate": 'Bearer realm="alignloop-admin"'},
             )
-        if not hmac.compare_digest(presented.strip().encode(), self._token):
-            return _error(
-                403, "Invalid admin token.", type="permission_error", code="invalid_token"
-            )
-        return None
+        return _error(403, "Invalid admin token.", type="permission_error", code=code)
 
 
-def _operator(
-    x_alignloop_operator: Annotated[str | None, Header()] = None,
-) -> str:
-    """Who is acting, for the audit log (see the module docstring)."""
-    name = (x_alignloop_operator or "").strip() or DEFAULT_OPERATOR
-    if not _OPERATOR_RE.match(name) or name == registry.CONTROLLER:
-        raise RequestValidationError(
-            [
-                {
-                    "type": "value_error",
-                    "loc": ("header", OPERATOR_HEADER),
-                    "msg": "an operator name of 1-64 letters, digits or ._@+- "
-                    f"(not {registry.CONTROLLER!r})",
-                }
-            ]
-        )
-    return name
+def _operator(request: Request) -> str:
+    """Who is acting, for the audit log: the name of the token (see the module docstring)."""
+    return str(request.state.operator)
 
 
 def _conn(request: Request) -> Iterator[psycopg.Connection]:
@@ -277,6 +306,12 @@ def show_policy(
 @router.get("/routing")
 def routing(conn: Conn) -> dict[str, Any]:
     return _routing(conn)
+
+
+@router.get("/whoami")
+def whoami(actor: Operator) -> dict[str, str]:
+    """The operator the presented token names (what the audit log will record)."""
+    return {"operator": actor}
 
 
 @router.post("/policies/{version}/promote")
@@ -357,16 +392,26 @@ def erase_user(request: Request, conn: Conn, actor: Operator, user: str, body: R
 
 
 def create_app(
-    database_url: str, token: SecretStr | str | None, user_ids: UserIds | None = None
+    database_url: str,
+    token: AdminTokens | SecretStr | str | None,
+    user_ids: UserIds | None = None,
+    failures: AuthFailures | None = None,
 ) -> FastAPI:
     """``/admin/...`` (guarded by :class:`AdminAuth`) and ``/metrics`` (this process's
-    Prometheus registry, unauthenticated as before). ``user_ids``: how the ingestors store
-    user ids, for erasure; None: from the settings (:mod:`feedback.user_ids`)."""
+    Prometheus registry, unauthenticated as before). ``token``: the valid tokens, or the
+    single ``ALIGNLOOP_ADMIN_TOKEN`` (ValueError if shorter than 32 bytes), which is joined
+    by the settings' token file. ``user_ids``: how the ingestors store user ids, for
+    erasure; ``failures``: the failed-authentication limit; None: from the settings."""
+    from schemas.settings import Settings
+
+    settings = Settings()
+    tokens = token if isinstance(token, AdminTokens) else admin_auth.configured(settings, token)
     app = FastAPI(title="alignloop admin", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.database_url = database_url
-    app.state.user_ids = user_ids if user_ids is not None else _configured_user_ids()
+    app.state.user_ids = user_ids if user_ids is not None else user_ids_from(settings)
     app.include_router(router)
-    app.add_middleware(AdminAuth, token=token)
+    failures = failures if failures is not None else admin_auth.configured_failures(settings)
+    app.add_middleware(AdminAuth, tokens=tokens, failures=failures)
     _install_error_handlers(app)
 
     @app.get("/metrics", include_in_schema=False)
@@ -376,22 +421,61 @@ def create_app(
     return app
 
 
-def _configured_user_ids() -> UserIds:
+def start_metrics_port(host: str, port: int) -> Any:
+    """This process's Prometheus registry alone on ``host:port`` (prometheus_client's
+    listener, on a daemon thread); RuntimeError if the port cannot be opened. Returns the
+    server: ``shutdown()`` then ``server_close()`` stops it."""
+    try:
+        server, _ = start_http_server(port, addr=host)
+    except OSError as exc:
+        raise RuntimeError(f"the metrics port {host}:{port} could not be opened: {exc}") from exc
+    log.info("/metrics alone on http://%s:%d/metrics", host, port)
+    return server
+
+
+def _configured_metrics_port() -> tuple[str, int] | None:
     from schemas.settings import Settings
 
-    return user_ids_from(Settings())
+    settings = Settings()
+    if not settings.controller_metrics_port:
+        return None
+    return settings.controller_metrics_host, settings.controller_metrics_port
 
 
-def serve_in_thread(app: FastAPI, host: str, port: int) -> tuple[uvicorn.Server, threading.Thread]:
+def serve_in_thread(
+    app: FastAPI,
+    host: str,
+    port: int,
+    *,
+    metrics: tuple[str, int] | Literal["configured"] | None = CONFIGURED,
+) -> tuple[uvicorn.Server, threading.Thread]:
     """Start uvicorn on a daemon thread and wait until it listens (RuntimeError if it could
-    not, e.g. the port is taken). Stop it with ``server.should_exit = True; thread.join()``."""
+    not, e.g. the port is taken). Stop it with ``server.should_exit = True; thread.join()``.
+
+    Beside it, the metrics port: ``/metrics`` alone (:func:`start_metrics_port`) on
+    ``metrics`` = (host, port), by default the settings' ``ALIGNLOOP_CONTROLLER_METRICS_HOST``
+    : ``ALIGNLOOP_CONTROLLER_METRICS_PORT`` (port 0 or None: none). This is how the canary
+    controller lets Prometheus scrape it while its operators' port stays on loopback; the
+    metrics port closes when the server stops."""
+    address = _configured_metrics_port() if metrics == CONFIGURED else metrics
+    scrape = start_metrics_port(*address) if address and address[1] else None
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
     server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="admin-http", daemon=True)
+
+    def run() -> None:
+        try:
+            server.run()
+        finally:
+            if scrape is not None:
+                scrape.shutdown()
+                scrape.server_close()
+
+    thread = threading.Thread(target=run, name="admin-http", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
             raise RuntimeError(f"the HTTP server did not start on {host}:{port}")
         time.sleep(0.02)
     return server, thread

@@ -48,6 +48,7 @@ from feedback.db import connect, migrate
 from feedback.erasure import purge_older_than
 from feedback.ingest.dead_letters import DeadLetter, Message, rejection_reason
 from feedback.ingest.writer import BatchResult, prepare_session, store_events, write_batch
+from feedback.kafka_topics import TopicPlan, ensure_topics
 from feedback.user_ids import UserIds
 from schemas import topics
 from schemas.events import AnyEvent, parse_event
@@ -108,6 +109,13 @@ class IngestConfig:
     retry_max_s: float = 5.0
     client_id: str = "alignloop-ingestor"
     consumer_overrides: dict[str, object] = field(default_factory=dict)
+    client_config: dict[str, object] = field(default_factory=dict)
+    """Kafka connection security for the consumer, the dead-letter producer and the topic
+    admin (:func:`schemas.kafka_config.kafka_python_config`); empty: plaintext."""
+    topic_plan: TopicPlan | None = None
+    """Create the missing topics and check the existing ones before consuming
+    (:func:`feedback.kafka_topics.ensure_topics`; retried while Kafka is unreachable, a
+    refusal ends :meth:`Ingestor.run`); None: topics are not managed."""
     retention_days: float | None = None
     """``ALIGNLOOP_RETENTION_DAYS``: purge rows older than this (:mod:`feedback.erasure`)
     right after start and then every ``purge_interval_s``; None keeps everything."""
@@ -161,6 +169,8 @@ class Ingestor:
             start_http_server(cfg.metrics_port)
         try:
             self._conn = self._retry_db(self._open_connection)
+            if cfg.topic_plan is not None:
+                self._ensure_topics(cfg.topic_plan)
         except _Stopping:
             return
         purger = None
@@ -169,6 +179,7 @@ class Ingestor:
             purger.start()
         consumer = KafkaConsumer(
             bootstrap_servers=cfg.bootstrap,
+            **cfg.client_config,
             group_id=cfg.group_id,
             client_id=cfg.client_id,
             enable_auto_commit=False,
@@ -185,6 +196,7 @@ class Ingestor:
         consumer.subscribe(subscribed, listener=_LogAssignment(self))
         producer = KafkaProducer(
             bootstrap_servers=cfg.bootstrap,
+            **cfg.client_config,
             client_id=f"{cfg.client_id}-dlq",
             acks="all",
             retries=5,
@@ -333,6 +345,23 @@ class Ingestor:
                 delay = min(delay * 2, self.config.retry_max_s)
 
     # --- Kafka helpers -------------------------------------------------------------------
+
+    def _ensure_topics(self, plan: TopicPlan) -> None:
+        """The topics, created or checked (:mod:`feedback.kafka_topics`), retried with
+        backoff while Kafka cannot be reached; a refusal (WeakTopics, a topic the cluster
+        will not create) propagates."""
+        cfg = self.config
+        delay = cfg.retry_initial_s
+        while True:
+            try:
+                ensure_topics(cfg.bootstrap, plan, cfg.client_config)
+                return
+            except KafkaError as exc:
+                log.warning("Kafka unavailable for the topic check (%s); retrying in %.2f s",
+                            exc, delay)  # fmt: skip
+                if self._stop.wait(delay):
+                    raise _Stopping from exc
+                delay = min(delay * 2, cfg.retry_max_s)
 
     def _send_dead_letters(self, producer: KafkaProducer, dead: list[DeadLetter]) -> None:
         """Produce and flush every dead letter before offsets move; retried until the broker

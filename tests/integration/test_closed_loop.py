@@ -142,7 +142,7 @@ def _console_shows_the_loop(stack: Stack, stable: str, round_id: int, tmp_path: 
         return
     where = screenshot_dir(tmp_path / "screenshots")
     with browser_page() as page:
-        login(page, stack.admin_url, stack.admin_token or "", operator="closed-loop-test")
+        login(page, stack.admin_url, stack.admin_token or "")
         for name in ("canary", "training", "policies", "traffic"):
             page.goto(f"{stack.admin_url}/console/#{name}")
             page.wait_for_selector(f"#page[data-page={name}]")

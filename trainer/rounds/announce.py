@@ -6,7 +6,8 @@ The trainer produces one event per registered round, synchronously: a short-live
 acknowledgement, close. Unlike serving there is no spool: the event is informational and
 the registry row is the record, so a broker outage costs a log line, not a version. Every
 failure (no broker, timeout, a refused record) becomes :class:`EventNotDelivered`, raised
-within about ``timeout_s``.
+within about ``timeout_s``. The producer connects with the settings' TLS / SASL
+configuration (:func:`schemas.kafka_config.kafka_python_config`), as the ingestor does.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Mapping
+from typing import Any
 
 from kafka import KafkaProducer
 
@@ -34,16 +37,19 @@ def publish_candidate(
     timeout_s: float = 10.0,
     *,
     topic: str = topics.POLICY,
+    client_config: Mapping[str, Any] | None = None,
 ) -> None:
     """Produce ``event`` to ``topic`` (keyed by its version) and wait for the broker's
     acknowledgement; raises :class:`EventNotDelivered` if that does not happen within
-    about ``timeout_s`` seconds (connecting included)."""
+    about ``timeout_s`` seconds (connecting included). ``client_config``: kafka-python's
+    security arguments; None: from the settings."""
     if timeout_s <= 0:
         raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
     deadline = time.monotonic() + timeout_s
     budget_ms = max(int(timeout_s * 1000), 1)
     where = f"{event.event_type} {event.version} to {topic} at {bootstrap}"
     try:
+        security = _configured_security() if client_config is None else dict(client_config)
         producer = KafkaProducer(
             bootstrap_servers=[b.strip() for b in bootstrap.split(",")],
             client_id="alignloop-trainer",
@@ -56,6 +62,7 @@ def publish_candidate(
             max_block_ms=budget_ms,
             bootstrap_timeout_ms=budget_ms,
             reconnect_backoff_max_ms=1_000,
+            **security,
         )
     except Exception as exc:  # NoBrokersAvailable, KafkaTimeoutError, bad address...
         raise EventNotDelivered(f"could not connect to publish {where}: {exc!r}") from exc
@@ -67,3 +74,10 @@ def publish_candidate(
         raise EventNotDelivered(f"could not publish {where}: {exc!r}") from exc
     finally:
         producer.close(timeout=max(deadline - time.monotonic(), 1.0))
+
+
+def _configured_security() -> dict[str, Any]:
+    from schemas.kafka_config import kafka_python_config
+    from schemas.settings import Settings
+
+    return kafka_python_config(Settings())

@@ -97,10 +97,8 @@ class ApiError extends Error {
 }
 
 async function api(path, options) {
-  const headers = {
-    Authorization: "Bearer " + sessionStorage.getItem(TOKEN_KEY),
-    "X-Alignloop-Operator": sessionStorage.getItem(OPERATOR_KEY) || "console",
-  };
+  // Who acts is the token's name on the server (GET /admin/whoami); no operator header.
+  const headers = { Authorization: "Bearer " + sessionStorage.getItem(TOKEN_KEY) };
   const init = Object.assign({ headers }, options || {});
   if (init.body !== undefined) {
     headers["Content-Type"] = "application/json";
@@ -121,6 +119,7 @@ async function api(path, options) {
 
 function showLogin(message) {
   sessionStorage.removeItem(TOKEN_KEY);
+  sessionStorage.removeItem(OPERATOR_KEY);
   clearInterval(timer);
   $("page").hidden = true;
   $("nav").hidden = true;
@@ -133,9 +132,9 @@ function showLogin(message) {
 async function login(event) {
   event.preventDefault();
   sessionStorage.setItem(TOKEN_KEY, $("login-token").value.trim());
-  sessionStorage.setItem(OPERATOR_KEY, $("login-operator").value.trim());
   try {
-    await api("/admin/console/policies");
+    const me = await api("/admin/whoami");
+    sessionStorage.setItem(OPERATOR_KEY, me.operator);
   } catch (error) {
     showLogin(error.message);
     return;
@@ -593,6 +592,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("action-cancel").addEventListener("click", () => $("action-dialog").close());
   $("logout").addEventListener("click", () => showLogin());
   window.addEventListener("hashchange", () => { if (sessionStorage.getItem(TOKEN_KEY)) show(); });
-  if (sessionStorage.getItem(TOKEN_KEY)) start();
+  // A tab signed in before the operator came from the token has no name: sign in again.
+  if (sessionStorage.getItem(TOKEN_KEY) && sessionStorage.getItem(OPERATOR_KEY)) start();
   else showLogin();
 });

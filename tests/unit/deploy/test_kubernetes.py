@@ -207,7 +207,9 @@ def _setting_default(field: str) -> Any:
 
 
 def listening_port(argv: list[str], env: dict[str, str | None]) -> int | None:
-    """The HTTP port the process serves (its flag, else its setting, else the default)."""
+    """The HTTP port the process serves to the cluster (its flag, else its setting, else the
+    default): for the canary controller its metrics port, its operators' port being on the
+    pod's loopback (:func:`test_the_admin_api_listens_on_the_pods_loopback_only`)."""
     flags = _flags(argv)
 
     def pick(flag_names: tuple[str, ...], field: str | None) -> int | None:
@@ -222,8 +224,10 @@ def listening_port(argv: list[str], env: dict[str, str | None]) -> int | None:
     command = argv[0]
     if command == "serve":
         return pick(("--port",), "port")
-    if command in ("canary", "admin"):
-        return pick(("--port", "--metrics-port"), "admin_port")
+    if command == "canary":
+        return pick((), "controller_metrics_port")
+    if command == "admin":
+        return pick(("--port",), "admin_port")
     if command == "ingest":
         return pick(("--metrics-port",), "ingest_metrics_port")
     if command == "train":
@@ -370,7 +374,9 @@ def test_the_configured_values_are_valid_settings(
     settings = Settings()  # a value of the wrong type raises here
     for name, value in config.items():
         if name.startswith(PREFIX):
-            assert str(getattr(settings, name[len(PREFIX) :].lower())) == value, name
+            parsed = getattr(settings, name[len(PREFIX) :].lower())
+            shown = str(parsed).lower() if isinstance(parsed, bool) else str(parsed)
+            assert shown == value, name
 
 
 def test_secrets_come_from_the_one_secret_by_documented_keys(docs: tuple[Doc, ...]) -> None:
@@ -463,9 +469,9 @@ def operator_routes() -> frozenset[str]:
 def probe_routes(command: str) -> frozenset[str]:
     if command == "serve":
         return serving_routes()
-    if command in ("canary", "admin"):
+    if command == "admin":
         return operator_routes()
-    if command in ("ingest", "train"):
+    if command in ("ingest", "train", "canary"):
         return frozenset({"/metrics"})  # prometheus_client's start_http_server
     return frozenset()
 
@@ -506,6 +512,36 @@ def _template(doc: Doc) -> Doc:
     if doc["kind"] == "CronJob":
         return doc["spec"]["jobTemplate"]["spec"]["template"]
     return doc["spec"]["template"]
+
+
+def test_the_admin_api_listens_on_the_pods_loopback_only(docs: tuple[Doc, ...]) -> None:
+    """The operators' port (admin API, console) binds 127.0.0.1 in the pod, so only a
+    port-forward reaches it; no Service points at it; Prometheus and the probes use the
+    metrics port, which serves /metrics alone."""
+    config = config_of(docs)
+    (controller,) = _workloads_running(docs, "canary")
+    (container,) = controller["spec"]["template"]["spec"]["containers"]
+    env = env_of(container, config)
+    argv = alignloop_argv(container)
+    assert "--host" not in _flags(argv) and "--port" not in _flags(argv)
+    host = env.get(PREFIX + "ADMIN_HOST") or _setting_default("admin_host")
+    assert host == "127.0.0.1"
+    admin_port = int(env.get(PREFIX + "ADMIN_PORT") or _setting_default("admin_port"))
+    metrics_port = listening_port(argv, env)
+    assert metrics_port and metrics_port != admin_port
+    assert env.get(PREFIX + "CONTROLLER_METRICS_HOST", "0.0.0.0") == "0.0.0.0"
+    declared = {p["containerPort"] for p in container.get("ports", [])}
+    assert admin_port not in declared and metrics_port in declared
+    labels = _template(controller)["metadata"]["labels"]
+    for service in (d for d in docs if d["kind"] == "Service"):
+        assert not service["spec"]["selector"].items() <= labels.items(), "a Service to it"
+    # Named operators' tokens: a file on a read-only mount of an optional Secret.
+    tokens = Path(str(env[PREFIX + "ADMIN_TOKENS_FILE"]))
+    [mount] = [m for m in container["volumeMounts"] if m["mountPath"] == str(tokens.parent)]
+    assert mount.get("readOnly") is True
+    volumes = {v["name"]: v for v in controller["spec"]["template"]["spec"]["volumes"]}
+    secret = volumes[mount["name"]]["secret"]
+    assert secret["optional"] is True and [i["path"] for i in secret["items"]] == [tokens.name]
 
 
 def test_serving_is_ready_only_when_healthy(docs: tuple[Doc, ...]) -> None:

@@ -5,6 +5,7 @@ and the page's files."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -13,13 +14,15 @@ from fastapi.testclient import TestClient
 from deploy.console.app import create_app
 from deploy.local.broker import free_port
 from deploy.ops.admin_api import serve_in_thread
+from deploy.ops.admin_auth import AdminTokens, add_token
 from feedback.db import connect
 from tests.fixtures.console import CONFIG, Seeded, seed
 from trainer.rounds.cli import _next_round
 from trainer.rounds.trigger import TriggerConfig
 
 TOKEN = "console-test-token-0123456789abcdef"
-AUTH = {"Authorization": f"Bearer {TOKEN}", "X-Alignloop-Operator": "alice"}
+ALICE = "alice-console-token-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {ALICE}"}  # the operator alice: her token's name
 
 
 @pytest.fixture
@@ -28,8 +31,14 @@ def seeded(migrated_url: str) -> Seeded:
 
 
 @pytest.fixture
-def client(migrated_url: str) -> Iterator[TestClient]:
-    with TestClient(create_app(migrated_url, TOKEN), headers=AUTH) as c:
+def tokens(tmp_path: Path) -> AdminTokens:
+    add_token(tmp_path / "admin_tokens.jsonl", "alice", ALICE)
+    return AdminTokens(TOKEN, tmp_path / "admin_tokens.jsonl")
+
+
+@pytest.fixture
+def client(migrated_url: str, tokens: AdminTokens) -> Iterator[TestClient]:
+    with TestClient(create_app(migrated_url, tokens), headers=AUTH) as c:
         yield c
 
 
@@ -151,11 +160,13 @@ def test_round_request_reaches_the_training_loop(client: TestClient, migrated_ur
     assert client.post("/admin/console/rounds", json={"reason": "next"}).status_code == 202
 
 
-def test_live_numbers_come_from_the_processes_metrics(migrated_url: str) -> None:
+def test_live_numbers_come_from_the_processes_metrics(
+    migrated_url: str, tokens: AdminTokens
+) -> None:
     """A target that answers gives its samples; one that does not is reported down."""
     port, dead = free_port(), free_port()
     urls = [f"http://127.0.0.1:{port}/metrics", f"http://127.0.0.1:{dead}/metrics"]
-    server, thread = serve_in_thread(create_app(migrated_url, TOKEN, urls), "127.0.0.1", port)
+    server, thread = serve_in_thread(create_app(migrated_url, tokens, urls), "127.0.0.1", port)
     try:
         r = httpx.get(f"http://127.0.0.1:{port}/admin/console/live", headers=AUTH, timeout=30)
     finally:

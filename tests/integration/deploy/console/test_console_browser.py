@@ -2,7 +2,8 @@
 :mod:`tests.fixtures.browser`) against the real admin app over real HTTP and real Postgres
 rows (:mod:`tests.fixtures.console`): a wrong token is refused, the canary chart has one
 point per controller decision, a promotion with a reason changes the registry and the audit
-log, the training curves and side-by-side answers are drawn. Every page's screenshot is
+log under the name of the token that signed in, the training curves and side-by-side
+answers are drawn. Every page's screenshot is
 written (``ALIGNLOOP_SCREENSHOT_DIR``, default the test's temporary directory).
 """
 
@@ -16,13 +17,15 @@ import pytest
 from deploy.console.app import create_app
 from deploy.local.broker import free_port
 from deploy.ops.admin_api import serve_in_thread
+from deploy.ops.admin_auth import AdminTokens, add_token
 from deploy.policies import registry
 from feedback.db import connect
 from tests.fixtures.browser import TOKEN_KEY, browser_page, screenshot, screenshot_dir
 from tests.fixtures.browser import login as _login
 from tests.fixtures.console import Seeded, seed
 
-TOKEN = "browser-test-token-0123456789abcdef"
+TOKEN = "browser-test-token-0123456789abcdef"  # ALIGNLOOP_ADMIN_TOKEN: the operator `admin`
+ALICE = "alice-browser-token-0123456789abcdef"  # a named token: the operator `alice`
 
 
 @pytest.fixture
@@ -31,10 +34,12 @@ def screenshots(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def console(migrated_url: str) -> Iterator[tuple[str, Seeded]]:
+def console(migrated_url: str, tmp_path: Path) -> Iterator[tuple[str, Seeded]]:
     seeded = seed(migrated_url)
     port = free_port()
-    server, thread = serve_in_thread(create_app(migrated_url, TOKEN), "127.0.0.1", port)
+    add_token(tmp_path / "admin_tokens.jsonl", "alice", ALICE)
+    tokens = AdminTokens(TOKEN, tmp_path / "admin_tokens.jsonl")
+    server, thread = serve_in_thread(create_app(migrated_url, tokens), "127.0.0.1", port)
     try:
         yield f"http://127.0.0.1:{port}", seeded
     finally:
@@ -65,6 +70,7 @@ def test_canary_chart_has_one_point_per_decision(page, console, screenshots: Pat
     base, seeded = console
     _login(page, base, TOKEN)
     page.wait_for_selector("#page[data-page=policies]")
+    assert page.inner_text("#who") == "signed in as admin"
     page.click("#nav a[data-page=canary]")
     page.wait_for_selector("#canary-chart[data-drawn=true]")
     # Plotly keeps the drawn traces on the element: the estimate's trace has the points.
@@ -79,8 +85,9 @@ def test_promote_with_a_reason_changes_registry_and_audit(
     page, console, migrated_url: str, screenshots: Path
 ) -> None:
     base, seeded = console
-    _login(page, base, TOKEN, operator="alice")
+    _login(page, base, ALICE)
     page.wait_for_selector(f"tr[data-version='{seeded.waiting}']")
+    assert page.inner_text("#who") == "signed in as alice"  # the token's name
     _shot(page, screenshots, "policies")
     page.click(f"tr[data-version='{seeded.waiting}'] button[data-action=promote]")
     page.click("#action-confirm")  # no reason: refused in the page, nothing sent
@@ -113,7 +120,7 @@ def test_promote_with_a_reason_changes_registry_and_audit(
 
 def test_training_curves_and_side_by_side(page, console, screenshots: Path) -> None:
     base, seeded = console
-    _login(page, base, TOKEN)
+    _login(page, base, ALICE)
     page.wait_for_selector("#page[data-page=policies]")
     page.click("#nav a[data-page=training]")
     page.wait_for_selector("#curve-length[data-drawn=true]")

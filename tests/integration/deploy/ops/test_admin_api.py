@@ -1,12 +1,14 @@
-"""The admin HTTP API against real Postgres: the auth matrix, every operation, the error
-mapping, racing promotes over real HTTP, the live counts per version, and the canary
-controller serving it beside /metrics."""
+"""The admin HTTP API against real Postgres: the auth matrix, every operation (by named
+operators), the error mapping, racing promotes over real HTTP, the live counts per version,
+and the canary controller serving it on loopback with /metrics on a port of its own."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -22,14 +24,17 @@ from fastapi.testclient import TestClient
 from deploy.local.broker import free_port
 from deploy.ops import policy_cli
 from deploy.ops.admin_api import create_app, serve_in_thread
+from deploy.ops.admin_auth import AdminTokens, add_token
 from deploy.policies import registry
 from feedback.db import connect
 from feedback.ingest.writer import prepare_session, store_events
 from tests.fixtures.postgres import make_feedback, make_interaction
 
-TOKEN = "s3cret-admin-token"
+TOKEN = "s3cret-admin-token-of-the-admin-api"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+ALICE = "alice-s3cret-token-0123456789abcdef"
 REPO = Path(__file__).resolve().parents[4]
+OPERATOR = "X-Alignloop-Operator"
 
 
 def _register(url: str, *versions: str) -> None:
@@ -44,8 +49,16 @@ def _routing(url: str) -> registry.Routing:
 
 
 @pytest.fixture
-def client(migrated_url: str) -> Iterator[TestClient]:
-    with TestClient(create_app(migrated_url, TOKEN), headers=AUTH) as c:
+def tokens(tmp_path: Path) -> AdminTokens:
+    """ALIGNLOOP_ADMIN_TOKEN (the operator `admin`) and alice's named token, in a file."""
+    path = tmp_path / "admin_tokens.jsonl"
+    add_token(path, "alice", ALICE)
+    return AdminTokens(TOKEN, path)
+
+
+@pytest.fixture
+def client(migrated_url: str, tokens: AdminTokens) -> Iterator[TestClient]:
+    with TestClient(create_app(migrated_url, tokens), headers=AUTH) as c:
         yield c
 
 
@@ -99,7 +112,7 @@ def test_every_operation_over_http(client: TestClient, migrated_url: str) -> Non
     assert [v["version"] for v in client.get("/admin/policies?state=candidate").json()["versions"]]
     assert client.get("/admin/policies?state=bogus").status_code == 400
 
-    alice = {"X-Alignloop-Operator": "alice"}
+    alice = {"Authorization": f"Bearer {ALICE}"}
     r = client.post(
         "/admin/policies/v1/canary", json={"weight": 0.1, "reason": "try"}, headers=alice
     )
@@ -129,7 +142,7 @@ def test_every_operation_over_http(client: TestClient, migrated_url: str) -> Non
     assert r.status_code == 200 and r.json()["policy"]["state"] == "rejected"
 
     r = client.post("/admin/hold", json={"reason": "incident"})
-    assert r.json()["changed"] is True and r.json()["routing"]["held_by"] == "admin-api"
+    assert r.json()["changed"] is True and r.json()["routing"]["held_by"] == "admin"
     assert client.post("/admin/hold", json={"reason": "again"}).json()["changed"] is False
     assert client.get("/admin/routing").json()["held"] is True
     r = client.post("/admin/resume", json={"reason": "over"})
@@ -141,8 +154,8 @@ def test_every_operation_over_http(client: TestClient, migrated_url: str) -> Non
     assert trail == [
         ("trainer", "register", ""),
         ("alice", "start_canary", "try"),
-        ("admin-api", "set_weight", "ramp"),
-        ("admin-api", "rollback", "canary looks off"),
+        ("admin", "set_weight", "ramp"),
+        ("admin", "rollback", "canary looks off"),
     ]
     assert len(client.get("/admin/policies/v1?audit_limit=1").json()["audit"]) == 1
 
@@ -187,13 +200,14 @@ def test_errors(client: TestClient, migrated_url: str) -> None:
         assert (e["code"], e["param"]) == ("invalid_value", param), e
     e = error(client.post("/admin/policies/v1/canary", content=b"{nope"), 400)
     assert e["code"] == "invalid_value"
-    e = error(
-        client.post(
-            "/admin/hold", json={"reason": "x"}, headers={"X-Alignloop-Operator": "controller"}
-        ),
-        400,
-    )
-    assert e["param"] == "X-Alignloop-Operator"
+    # The operator is the token's name: a header naming someone else is refused.
+    for claimed in ("controller", "alice"):
+        r = client.post("/admin/hold", json={"reason": "x"}, headers={OPERATOR: claimed})
+        e = error(r, 403)
+        assert (e["code"], e["param"]) == ("operator_mismatch", OPERATOR)
+    mine = {OPERATOR: "admin"}
+    own = client.post("/admin/policies/nope/promote", json={"reason": "x"}, headers=mine)
+    assert error(own, 404)["code"] == "policy_not_found"  # its own name: accepted
     assert error(client.get("/admin/nothing-here"), 404)["type"] == "not_found"
 
     # every refusal left the registry as it was
@@ -302,11 +316,29 @@ def test_live_counts_per_version_over_http(
 # --- served by the canary controller ---------------------------------------------------------
 
 
-def test_canary_controller_serves_admin_and_metrics(migrated_url: str, tmp_path: Path) -> None:
-    port = free_port()
-    env = {**os.environ, "ALIGNLOOP_ADMIN_TOKEN": TOKEN}
+def _listening(port: int) -> set[str]:
+    """The IPv4 addresses something listens on at TCP ``port`` (from /proc/net/tcp)."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        address, hex_port = fields[1].split(":")
+        if int(hex_port, 16) == port and fields[3] == "0A":  # 0A: LISTEN
+            found.add(socket.inet_ntoa(struct.pack("<I", int(address, 16))))
+    return found
+
+
+def test_canary_controller_serves_admin_on_loopback_and_metrics_apart(
+    migrated_url: str, tmp_path: Path
+) -> None:
+    port, metrics_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "ALIGNLOOP_ADMIN_TOKEN": TOKEN,
+        "ALIGNLOOP_CONTROLLER_METRICS_PORT": str(metrics_port),
+    }
+    env.pop("ALIGNLOOP_ADMIN_HOST", None)  # the default: loopback
     argv = [sys.executable, "-m", "deploy.cli", "canary", "--database-url", migrated_url]
-    argv += ["--port", str(port), "--host", "127.0.0.1", "--poll-seconds", "60"]
+    argv += ["--port", str(port), "--poll-seconds", "60"]
     log_path = tmp_path / "canary.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -322,8 +354,18 @@ def test_canary_controller_serves_admin_and_metrics(migrated_url: str, tmp_path:
                 time.sleep(0.2)
         assert r.status_code == 200 and r.json()["stable_version"] == "base"
         assert httpx.get(f"http://127.0.0.1:{port}/admin/routing").status_code == 401
-        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics")
+        assert httpx.get(f"http://127.0.0.1:{port}/admin/whoami", headers=AUTH).json() == {
+            "operator": "admin"
+        }
+        # The operators' port on loopback only; the metrics port on every interface.
+        assert _listening(port) == {"127.0.0.1"}
+        assert _listening(metrics_port) == {"0.0.0.0"}
+        metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics")
         assert metrics.status_code == 200 and "alignloop_canary_stage" in metrics.text
+        # Metrics and nothing else there: no admin route answers on it.
+        other = httpx.get(f"http://127.0.0.1:{metrics_port}/admin/routing", headers=AUTH)
+        assert "stable_version" not in other.text and "alignloop_canary_stage" in other.text
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, log_path.read_text()
+    assert not _listening(metrics_port)

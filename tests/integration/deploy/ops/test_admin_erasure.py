@@ -1,27 +1,32 @@
 """``DELETE /admin/users/{user}`` against real Postgres: the same auth as every admin
-route, the operator header kept with the tombstone, the rows deleted per table, the
-OpenAI error shape for a missing or empty reason."""
+route, the operator (the token's name) kept with the tombstone, the rows deleted per table,
+the OpenAI error shape for a missing or empty reason."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
 from deploy.ops.admin_api import create_app
+from deploy.ops.admin_auth import AdminTokens, add_token
 from feedback.ab_counters import policy_counts, recount_policy_counts
 from feedback.db import connect
 from feedback.ingest.writer import prepare_session, store_events
 from tests.fixtures.postgres import make_feedback, make_interaction
 
-TOKEN = "s3cret-admin-token"
+TOKEN = "s3cret-admin-token-of-the-admin-api"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+ALICE = "alice-s3cret-token-0123456789abcdef"
 
 
 @pytest.fixture
-def client(migrated_url: str) -> Iterator[TestClient]:
-    with TestClient(create_app(migrated_url, TOKEN), headers=AUTH) as c:
+def client(migrated_url: str, tmp_path: Path) -> Iterator[TestClient]:
+    add_token(tmp_path / "admin_tokens.jsonl", "alice", ALICE)
+    tokens = AdminTokens(TOKEN, tmp_path / "admin_tokens.jsonl")
+    with TestClient(create_app(migrated_url, tokens), headers=AUTH) as c:
         yield c
 
 
@@ -57,7 +62,7 @@ def test_erase_a_user_over_http(client: TestClient, migrated_url: str) -> None:
         "DELETE",
         "/admin/users/ada@example.com/7",
         json={"reason": "erasure request #12"},
-        headers={"X-Alignloop-Operator": "alice"},
+        headers={"Authorization": f"Bearer {ALICE}"},
     )
     assert r.status_code == 200, r.text
     assert r.json() == {
@@ -113,9 +118,9 @@ def test_a_reason_is_required(client: TestClient, migrated_url: str, body, param
         (None, AUTH, 503, "admin_disabled"),
         (TOKEN, {}, 401, "missing_token"),
         (TOKEN, {"Authorization": "Bearer not-the-token"}, 403, "invalid_token"),
-        (TOKEN, {**AUTH, "X-Alignloop-Operator": "controller"}, 400, "invalid_value"),
+        (TOKEN, {**AUTH, "X-Alignloop-Operator": "controller"}, 403, "operator_mismatch"),
     ],
-    ids=["disabled", "no-header", "wrong", "controller-name"],
+    ids=["disabled", "no-header", "wrong", "someone-else's-name"],
 )
 def test_refused_without_the_admin_token(
     migrated_url: str, configured, headers, status, code

@@ -25,7 +25,7 @@ from schemas import topics
 from schemas.events import FeedbackSubmitted, PreferenceSubmitted
 from tests.fixtures.broker import consume_events
 
-TOKEN = "simulator-admin-token"
+TOKEN = "simulator-admin-token-0123456789abcdef"
 EVAL = {"evaluation": {"kl_to_reference": 0.042, "win_rate": 0.6}}
 
 

@@ -41,6 +41,9 @@ def _modes(state: Path) -> dict[str, int]:
     return {str(p.relative_to(state)): stat.S_IMODE(p.stat().st_mode) for p in paths}
 
 
+OLD_TOKEN = "old-token-" + "o" * 32
+
+
 EXPECTED = {
     ".": 0o700,
     "admin_token": 0o600,
@@ -61,7 +64,7 @@ def test_a_new_state_dir_is_private(tmp_path: Path) -> None:
 def test_an_old_readable_state_dir_is_made_private(tmp_path: Path) -> None:
     state = tmp_path / ".alignloop"
     (state / "secrets").mkdir(parents=True)
-    (state / "admin_token").write_text("old-token")
+    (state / "admin_token").write_text(OLD_TOKEN)
     (state / "secrets" / "response_id.key").write_text("k" * 64)
     (state / "secrets" / "user_id.key").write_text("u" * 64)
     for path, mode in [
@@ -74,5 +77,26 @@ def test_an_old_readable_state_dir_is_made_private(tmp_path: Path) -> None:
         path.chmod(mode)
     _up(state)
     assert _modes(state) == EXPECTED
-    assert (state / "admin_token").read_text() == "old-token"  # kept, only tightened
+    assert (state / "admin_token").read_text() == OLD_TOKEN  # kept, only tightened
     assert (state / "secrets" / "user_id.key").read_text() == "u" * 64
+
+
+def _up_refused(state: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("ALIGNLOOP_")}
+    full.update(env)
+    return subprocess.run(
+        [sys.executable, "-m", "deploy.cli", "up", "--state-dir", str(state)],
+        cwd=REPO, env=full, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_up_refuses_a_short_admin_token_before_starting_anything(tmp_path: Path) -> None:
+    state = tmp_path / ".alignloop"
+    done = _up_refused(state, ALIGNLOOP_ADMIN_TOKEN="short-token")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "ALIGNLOOP_ADMIN_TOKEN is 11 bytes; at least 32" in done.stdout
+    assert not (state / "postgres").exists() and not (state / "logs").exists()
+    # A kept token shorter than that (written by hand) is refused too, naming the file.
+    (state / "admin_token").write_text("kept-but-short")
+    done = _up_refused(state)
+    assert done.returncode == 2 and str(state / "admin_token") in done.stdout
