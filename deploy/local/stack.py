@@ -350,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]alignloop up:[/red] {problem}", soft_wrap=True)
         return 2
     logging.getLogger("pgserver").setLevel(logging.WARNING)  # logs every pg_ctl call
+    logging.getLogger("kafka").setLevel(logging.WARNING)  # per-connection chatter (topics)
     # Both explicitly: a shell that starts `up` in the background leaves SIGINT ignored,
     # and Ctrl-C (or kill -INT) must still stop the loop.
     signal.signal(signal.SIGINT, _raise_stop)
