@@ -176,7 +176,15 @@ def main() -> int:
     broker = EmbeddedBroker(log_path=work / "broker.log")
     broker.start()
     a_port, v_port = free_port(), free_port()
-    ours, _ = start_serving(model_dir, broker.bootstrap, work / "alignloop", a_port)
+    # One key sends every request: its per-key limits are raised above the load (the limiter
+    # still runs on every request; docs/api.md#limits), so a fast GPU is never throttled.
+    limits = {
+        "ALIGNLOOP_RATE_LIMIT_RPS": "1000000",
+        "ALIGNLOOP_RATE_LIMIT_TOKENS_PER_MIN": "10000000000",
+    }
+    ours, _ = start_serving(
+        model_dir, broker.bootstrap, work / "alignloop", a_port, extra_env=limits
+    )
     theirs = start_vllm_server(model_dir, v_port, work / "vllm.log")
     a_url, v_url = f"http://127.0.0.1:{a_port}", f"http://127.0.0.1:{v_port}"
     try:

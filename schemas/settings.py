@@ -119,6 +119,57 @@ class Settings(BaseSettings):
         "its issue time); such feedback gets 422 response_expired.",
     )
 
+    # --- abuse limits (per replica; see serving/limits.py) ------------------------------
+    rate_limit_rps: float = Field(
+        50.0,
+        ge=0,
+        description="Requests per second each principal (API key) may make to the chat routes "
+        "(/v1/chat/completions, /v1/completions, /v1/models) on one replica, refilled "
+        "continuously; beyond it 429 with Retry-After. 0 = no limit.",
+    )
+    rate_limit_burst: int = Field(
+        200,
+        ge=1,
+        description="How many chat-route requests a principal may make at once after a quiet "
+        "spell (the request bucket's size).",
+    )
+    rate_limit_tokens_per_min: int = Field(
+        300_000,
+        ge=0,
+        description="Completion tokens per minute each principal may have generated on one "
+        "replica (the bucket holds one minute's worth). Tokens are charged as answers finish; a "
+        "principal whose bucket is empty gets 429 on new generations until it refills. "
+        "0 = no limit.",
+    )
+    feedback_rate_limit_rps: float = Field(
+        1000.0,
+        ge=0,
+        description="Requests per second each principal may make to /v1/feedback and "
+        "/v1/preferences on one replica: a budget of its own, larger than chat's, so ratings "
+        "stay cheap and a chat flood never blocks them. 0 = no limit.",
+    )
+    feedback_rate_limit_burst: int = Field(
+        20_000,
+        ge=1,
+        description="How many ratings a principal may send at once (a backlog replayed after "
+        "an outage fits).",
+    )
+    max_queued_generations: int = Field(
+        256,
+        ge=0,
+        description="Generation requests (chat and completions) one replica holds at once, "
+        "waiting for the engine or being answered; beyond it new ones get 429 with "
+        "Retry-After instead of an ever longer queue. Keep it at or above the engine's batch "
+        "size (vLLM's max_num_seqs). 0 = no bound.",
+    )
+    receive_deadline_s: float = Field(
+        30.0,
+        ge=0,
+        description="A client must send a whole request (headers and body) within this many "
+        "seconds of opening the connection or starting the request; else it gets 408 and the "
+        "connection is closed (slowloris). 0 = no deadline.",
+    )
+
     # --- event producing ----------------------------------------------------------
     spool_dir: Path | None = Field(
         None, description="Where events wait while Kafka is away. Unset: state_dir/spool."

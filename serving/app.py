@@ -31,10 +31,12 @@ from serving.api_keys import KeyRing
 from serving.auth import Authenticate, principal_of
 from serving.chat import ChatService
 from serving.completions import CompletionService
+from serving.connections import ClientGone, unless_client_leaves
 from serving.engine import Engine
 from serving.errors import install_error_handlers, parse_body, read_json
 from serving.feedback_routes import FeedbackEndpoints
 from serving.generation import Caller, Generation, Prepared
+from serving.limits import Limits, RateLimit
 from serving.policies import PolicyRouter
 from serving.publisher import EventPublisher
 from serving.response_ids import ResponseIdSigner, load_or_create_secret, parse_secrets
@@ -125,7 +127,8 @@ def create_app(settings: Settings, model_dir: Path, publisher: EventPublisher) -
     signer = ResponseIdSigner(*_response_id_secrets(settings))
     keys = None if settings.insecure_no_auth else KeyRing(settings.resolved_api_keys_file())
     tools.parser_class(settings.tool_call_parser)  # a misspelt parser fails at start
-    generation = Generation(settings, engine, router, signer, publisher)
+    limits = Limits(settings)
+    generation = Generation(settings, engine, router, signer, publisher, limits)
     chat = ChatService(generation)
     completions = CompletionService(generation)
 
@@ -157,6 +160,8 @@ def create_app(settings: Settings, model_dir: Path, publisher: EventPublisher) -
     # Outermost of ours: the feedback routes answer before routing and RequestCounter
     # (they count themselves); see serving.feedback_routes.
     app.add_middleware(FeedbackEndpoints, settings=settings, signer=signer, publisher=publisher)
+    # Per-principal rate limits and the queued-generation bound (429s), once the key is known.
+    app.add_middleware(RateLimit, limits=limits)
     # Outermost: nothing under /v1 runs, is counted by policy or is published without a key.
     app.add_middleware(Authenticate, keys=keys)
     app.state.chat = chat
@@ -192,6 +197,8 @@ PrepT = TypeVar("PrepT", bound=_Prepared)
 class _Service(Protocol[ReqT, PrepT]):
     """What `ChatService` and `CompletionService` both do, step by step."""
 
+    gen: Generation
+
     async def prepare(self, req: ReqT, caller: Caller) -> PrepT: ...
     async def open(self, p: PrepT) -> tuple[RequestOutput | None, AsyncIterator[RequestOutput]]: ...
     def stream(
@@ -204,17 +211,22 @@ class _Service(Protocol[ReqT, PrepT]):
 
 async def _answer(service: _Service[ReqT, PrepT], req: ReqT, request: Request) -> Response:
     """Prepare (4xx), start the engine (a refusal is still a 400), then answer whole
-    or stream; the policy version goes out as a header either way."""
+    or stream; the policy version goes out as a header either way. A client that leaves
+    while its answer is made has it aborted (499 in the metrics; nobody reads it)."""
     prepared = await service.prepare(req, caller(request, req.user))
     headers = {POLICY_HEADER: prepared.base.policy.version}
-    first, rest = await service.open(prepared)
-    if req.stream:
-        return StreamingResponse(
-            service.stream(prepared, first, rest),
-            media_type="text/event-stream",
-            headers={**headers, "Cache-Control": "no-cache"},
-        )
-    whole = await service.complete(prepared, first, rest)
+    try:
+        first, rest = await unless_client_leaves(request.receive, service.open(prepared))
+        if req.stream:
+            return StreamingResponse(
+                service.stream(prepared, first, rest),
+                media_type="text/event-stream",
+                headers={**headers, "Cache-Control": "no-cache"},
+            )
+        whole = await unless_client_leaves(request.receive, service.complete(prepared, first, rest))
+    except ClientGone:
+        service.gen.abandon(prepared.base, {}, stream=req.stream)
+        return Response(status_code=499)
     return JSONResponse(whole.model_dump(), headers=headers)
 
 

@@ -13,6 +13,7 @@ The flow of one request, in order:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -78,7 +79,7 @@ class ChatService:
         policy = await g.route(req.model, caller)
         plan = tools.plan(req)
         try:
-            prompt_ids = self.engine.prompt_token_ids(req.messages, plan.render_tools())
+            prompt_ids = await self.engine.chat_prompt_ids(req.messages, plan.render_tools())
         except ValueError as e:
             raise APIError(400, str(e), param="messages", code="invalid_value") from None
         asked = req.requested_max_tokens()
@@ -200,7 +201,7 @@ class ChatService:
         )
         holds = {i: tools.StreamHold(p.tools, marker) for i in range(req.n)}
         ttft: float | None = None
-        finished = False
+        aborted = False
 
         def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
             return _sse_chunk(p, choices, usage)
@@ -220,7 +221,6 @@ class ChatService:
                 if kept:
                     usage = usage_of(p.base, states) if req.continuous_usage() else None
                     yield chunk(kept, usage)
-            finished = True
             if req.include_usage():
                 yield chunk([], usage_of(p.base, states))
             yield "data: [DONE]\n\n"
@@ -230,11 +230,15 @@ class ChatService:
             self.gen.report_failure(p.base, exc)
             yield sse_error("The engine failed while generating this response.")
             yield "data: [DONE]\n\n"
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away
+            aborted = True
+            raise
         finally:
             metrics.IN_FLIGHT.dec()
-            if not finished:
-                log.info("stream %s ended early (client went away)", p.base.response_id)
-            self.gen.finish(p.base, states, ttft, stream=True)
+            if aborted:
+                self.gen.abandon(p.base, states, stream=True)
+            else:
+                self.gen.finish(p.base, states, ttft, stream=True)
 
     def _delta(
         self, p: ChatPrepared, o: Any, st: ChoiceState, hold: tools.StreamHold

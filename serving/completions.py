@@ -8,6 +8,7 @@ answer) and the legacy ``logprobs`` shape.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -54,7 +55,7 @@ class CompletionService:
         g.check_n(req.n)
         policy = await g.route(req.model, caller)
         prompt = req.prompt_text()
-        prompt_ids = self.engine.text_token_ids(prompt)
+        prompt_ids = await self.engine.text_prompt_ids(prompt)
         if not prompt_ids:
             raise APIError(400, "The prompt is empty.", param="prompt", code="invalid_value")
         # OpenAI's default of 16 is capped by the room left; only an asked-for maximum
@@ -142,7 +143,7 @@ class CompletionService:
         req = p.request
         states = {i: ChoiceState() for i in range(req.n)}
         ttft: float | None = None
-        finished = False
+        aborted = False
         try:
             async for out in chain(first, rest):
                 if ttft is None and any(o.token_ids for o in out.outputs):
@@ -167,7 +168,6 @@ class CompletionService:
                 if pieces:
                     usage = usage_of(p.base, states) if req.continuous_usage() else None
                     yield _sse(p, pieces, usage)
-            finished = True
             if req.include_usage():
                 yield _sse(p, [], usage_of(p.base, states))
             yield "data: [DONE]\n\n"
@@ -176,11 +176,15 @@ class CompletionService:
             self.gen.report_failure(p.base, exc)
             yield sse_error("The engine failed while generating this response.")
             yield "data: [DONE]\n\n"
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away
+            aborted = True
+            raise
         finally:
             metrics.IN_FLIGHT.dec()
-            if not finished:
-                log.info("stream %s ended early (client went away)", p.base.response_id)
-            self.gen.finish(p.base, states, ttft, stream=True)
+            if aborted:
+                self.gen.abandon(p.base, states, stream=True)
+            else:
+                self.gen.finish(p.base, states, ttft, stream=True)
 
 
 def _sse(p: CompletionPrepared, choices: list[CompletionChoice], usage: Usage | None = None) -> str:

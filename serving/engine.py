@@ -3,15 +3,19 @@
 One `AsyncLLM` serves every policy version: the base model, plus LoRA adapters that
 later versions add at run time (``enable_lora``). The API process keeps its own copy
 of the tokenizer so it can render the chat template, count prompt tokens and reject
-over-long prompts before anything reaches the engine.
+over-long prompts before anything reaches the engine. Tokenising (chat template and
+tokenizer, pure CPU) runs on a thread of its own (`Engine.chat_prompt_ids`,
+`Engine.text_prompt_ids`), never on the event loop that streams every other answer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -53,9 +57,14 @@ class Engine:
         self.model_dir = model_dir
         self.max_model_len = settings.max_model_len
         self._llm: AsyncLLM | None = None
+        self._aborts: set[asyncio.Task[None]] = set()
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        # One thread: a Hugging Face fast tokenizer must not be used by two threads at once
+        # ("Already borrowed"), and the work holds the GIL anyway. What it buys is an event
+        # loop that keeps serving while a prompt is rendered.
+        self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="alignloop-tokenizer")
 
     def start(self) -> None:
         from vllm.config import StructuredOutputsConfig
@@ -91,6 +100,24 @@ class Engine:
         if self._llm is not None:
             self._llm.shutdown()
             self._llm = None
+        self._tokenizing.shutdown(wait=False, cancel_futures=True)
+
+    def abort(self, request_id: str) -> None:
+        """Stop generating ``request_id`` (nothing happens if it has ended). Fire and forget:
+        safe to call from code being cancelled, where an ``await`` would be cancelled too."""
+        llm = self._llm
+        if llm is None:
+            return
+
+        async def abort() -> None:
+            try:
+                await llm.abort(request_id)
+            except Exception:  # the engine is going away: nothing left to stop
+                log.warning("could not abort %s", request_id, exc_info=True)
+
+        task = asyncio.get_running_loop().create_task(abort())
+        self._aborts.add(task)
+        task.add_done_callback(self._aborts.discard)
 
     async def add_adapter(self, adapter: Adapter) -> None:
         """Load an adapter before any request names it (a failure here leaves the engine
@@ -124,6 +151,18 @@ class Engine:
         """A raw prompt (legacy completions) tokenized as the model's tokenizer does by
         default (with its BOS token, where it adds one)."""
         return list(self.tokenizer.encode(prompt))
+
+    async def chat_prompt_ids(
+        self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        """`prompt_token_ids` on the tokenizer's thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenizing, self.prompt_token_ids, messages, tools)
+
+    async def text_prompt_ids(self, prompt: str) -> list[int]:
+        """`text_token_ids` on the tokenizer's thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenizing, self.text_token_ids, prompt)
 
     @property
     def vocab_size(self) -> int:

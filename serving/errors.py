@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from schemas.errors import error_body
 from schemas.parity import Endpoint, refusal_message
@@ -98,19 +99,23 @@ def validation_error(
 
 async def read_json(request: Request, max_bytes: int) -> object:
     """Read at most ``max_bytes`` of body (413 beyond, even without Content-Length) and
-    parse it as JSON (400 if it is not)."""
+    parse it as JSON (400 if it is not). A client gone before its body was whole (or closed
+    by the receive deadline, `serving.connections`) is a 499 nobody reads, not a 500."""
     declared = request.headers.get("content-length")
     body: bytes | bytearray
-    if declared is not None and declared.isdigit():
-        if int(declared) > max_bytes:
-            raise too_large(max_bytes)
-        body = await request.body()  # bounded by the declared length
-    else:  # chunked: count as it arrives
-        body = bytearray()
-        async for chunk in request.stream():
-            body.extend(chunk)
-            if len(body) > max_bytes:
+    try:
+        if declared is not None and declared.isdigit():
+            if int(declared) > max_bytes:
                 raise too_large(max_bytes)
+            body = await request.body()  # bounded by the declared length
+        else:  # chunked: count as it arrives
+            body = bytearray()
+            async for chunk in request.stream():
+                body.extend(chunk)
+                if len(body) > max_bytes:
+                    raise too_large(max_bytes)
+    except ClientDisconnect:
+        raise APIError(499, "The client closed the connection.", code="client_closed") from None
     return parse_json(body)
 
 

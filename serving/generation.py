@@ -11,6 +11,10 @@ The contract of each step:
   `Generation.collect` (a whole answer) or the stream's end.
 - `Generation.finish` — metrics and the `InteractionLogged` event; never raises (the
   answer matters more than its log line; the publisher counts what it drops).
+- `Generation.abandon` — instead of `finish` when the client went away first: the engine
+  request is aborted and no interaction is logged (nobody saw the whole answer); not a
+  server fault, so no `RequestFailed` either.
+Both charge the completion tokens generated to the principal's budget (`serving.limits`).
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ from serving.response_ids import ResponseIdSigner
 
 if TYPE_CHECKING:
     from vllm import RequestOutput, SamplingParams
+
+    from serving.limits import Limits
 
 log = logging.getLogger(__name__)
 
@@ -134,12 +140,14 @@ class Generation:
         router: PolicyRouter,
         signer: ResponseIdSigner,
         publisher: EventPublisher,
+        limits: Limits | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
         self.router = router
         self.signer = signer
         self.publisher = publisher
+        self.limits = limits
 
     # -- before the engine -----------------------------------------------------------
     def check_n(self, n: int) -> None:
@@ -290,6 +298,8 @@ class Generation:
             metrics.TTFT.labels(v, s).observe(ttft)
         metrics.COMPLETION_TOKENS.labels(v).inc(usage.completion_tokens)
         metrics.PROMPT_TOKENS.labels(v).inc(usage.prompt_tokens)
+        if self.limits is not None:
+            self.limits.charge(p.caller.principal.name, usage.completion_tokens)
         try:
             event = InteractionLogged(
                 producer=PRODUCER,
@@ -322,6 +332,15 @@ class Generation:
         except Exception:
             log.exception("could not hand interaction %s to the publisher", p.response_id)
         return usage
+
+    def abandon(self, p: Prepared, states: dict[int, ChoiceState], stream: bool) -> None:
+        """The client went away before the answer ended: stop the engine, charge what was
+        generated for it, log no interaction."""
+        self.engine.abort(p.response_id)
+        metrics.ABORTED.labels(str(stream).lower()).inc()
+        if self.limits is not None:
+            self.limits.charge(p.caller.principal.name, usage_of(p, states).completion_tokens)
+        log.info("%s: the client went away; its generation was aborted", p.response_id)
 
 
 async def chain(

@@ -30,3 +30,23 @@ PROMPT_TOKENS = Counter(
     "alignloop_prompt_tokens_total", "Prompt tokens processed.", ["policy_version"]
 )
 IN_FLIGHT = Gauge("alignloop_requests_in_flight", "Chat completions being generated now.")
+QUEUED_GENERATIONS = Gauge(
+    "alignloop_queued_generations",
+    "Generation requests this replica holds (waiting, generating or streaming); bounded by "
+    "max_queued_generations.",
+)
+RATE_LIMITED = Counter(
+    "alignloop_rate_limited_total",
+    "Requests refused with 429, by reason: requests, feedback, tokens, queue_full.",
+    ["reason"],
+)
+ABORTED = Counter(
+    "alignloop_generations_aborted_total",
+    "Generations stopped because their client went away (no interaction event is logged).",
+    ["stream"],
+)
+RECEIVE_TIMEOUTS = Counter(
+    "alignloop_receive_timeouts_total",
+    "Connections closed because the client did not send its whole request within "
+    "receive_deadline_s.",
+)

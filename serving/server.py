@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from serving.app import create_app
+    from serving.connections import http_protocol
 
     app = create_app(
         settings, model_dir, _publisher(settings, settings.kafka_bootstrap, host, port)
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         log_level=args.log_level,
         timeout_graceful_shutdown=10,
         access_log=False,
+        http=http_protocol(settings.receive_deadline_s),  # slow senders get 408 and are closed
     )
     return 0
 

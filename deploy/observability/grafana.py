@@ -558,6 +558,41 @@ def serving_dashboard() -> dict[str, Any]:
         ),
         w=12,
     )
+    g.row("Abuse limits")
+    g.add(
+        timeseries(
+            "Refused by the limits",
+            [
+                (
+                    f"sum by (reason) (rate(alignloop_rate_limited_total[{RATE}]))",
+                    "429 {{reason}}",
+                ),
+                (f"sum (rate(alignloop_receive_timeouts_total[{RATE}]))", "408 receive deadline"),
+            ],
+            unit="ops",
+            description="429s per reason (a key's request or token budget, the queue of "
+            "generations full) and 408s (a client that did not send its request in "
+            "ALIGNLOOP_RECEIVE_DEADLINE_S). Steady 429s for one key: raise its limits or talk "
+            "to its owner; queue_full: add replicas.",
+        ),
+        w=12,
+    )
+    g.add(
+        timeseries(
+            "Generations queued and abandoned",
+            [
+                ("sum by (instance) (alignloop_queued_generations)", "queued {{instance}}"),
+                (
+                    f"sum by (stream) (rate(alignloop_generations_aborted_total[{RATE}]))",
+                    "aborted (client left) stream={{stream}}",
+                ),
+            ],
+            description="Generations admitted and not yet answered per replica (bounded by "
+            "ALIGNLOOP_MAX_QUEUED_GENERATIONS), and generations aborted because their client "
+            "disconnected (no interaction logged, not a server fault).",
+        ),
+        w=12,
+    )
     return dashboard(
         "alignloop-serving",
         "alignloop — serving",
