@@ -5,10 +5,13 @@ per field, applied over the production defaults or ``--demo``'s; an explicit 0 c
 the process's own flags (database, poll interval, HTTP port, the routed model name, which
 defaults to the served model name of the settings).
 
-One HTTP port (``--port``, ``ALIGNLOOP_ADMIN_PORT``, default 9103) serves ``/metrics``,
-the admin API ``/admin/...`` (:mod:`deploy.ops.admin_api`; disabled without
-``ALIGNLOOP_ADMIN_TOKEN``) and the operator console ``/console/`` (:mod:`deploy.console`),
-from a uvicorn thread beside the control loop.
+The operators' port (``--port``, ``ALIGNLOOP_ADMIN_PORT``, default 9103, on
+``ALIGNLOOP_ADMIN_HOST``, loopback by default) serves the admin API ``/admin/...``
+(:mod:`deploy.ops.admin_api`; disabled without an admin token) and the operator console
+``/console/`` (:mod:`deploy.console`), from a uvicorn thread beside the control loop;
+``/metrics`` is served there too and, for Prometheus, alone on the metrics port
+(``ALIGNLOOP_CONTROLLER_METRICS_HOST``:``ALIGNLOOP_CONTROLLER_METRICS_PORT``, all
+interfaces, 9105).
 
 One controller per database: the process holds the ``canary-controller`` lease
 (:mod:`deploy.policies.leases`) for its whole life, ``--once`` included. A second one
@@ -50,11 +53,10 @@ def build_parser(settings: Any) -> argparse.ArgumentParser:
     ap.add_argument("--poll-seconds", type=float, default=30.0)
     ap.add_argument(
         "--port",
-        "--metrics-port",
         dest="port",
         type=int,
         default=settings.admin_port,
-        help="HTTP port of /metrics and /admin; 0 disables both",
+        help="the operators' port (/admin, /console/); 0 disables it and the metrics port",
     )
     ap.add_argument("--host", default=settings.admin_host, help="interface of that port")
     ap.add_argument(
