@@ -31,6 +31,7 @@ from tests.fixtures.broker import consume_events, unique_topic
 from tests.fixtures.ingestor import running_ingestor
 from tests.fixtures.polling import wait_until
 from tests.fixtures.replicas import routed_replicas
+from tests.fixtures.server import AUTH
 
 pytestmark = pytest.mark.slow
 
@@ -98,7 +99,7 @@ def test_explicit_version_is_pinned(replicas):
     assert r.json()["policy_version"] == "base"
     r = replicas.ask(replicas.urls[1], "anyone", model="v1")
     assert r.json()["policy_version"] == "v1"
-    models = httpx.get(f"{replicas.urls[0]}/v1/models").json()["data"]
+    models = httpx.get(f"{replicas.urls[0]}/v1/models", headers=AUTH).json()["data"]
     assert {"alignloop", "base", "v1"} <= {m["id"] for m in models}
 
 
