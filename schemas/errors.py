@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 
 class ErrorDetail(BaseModel):
+    # Every field is always sent (null when it does not apply): the published schema
+    # (`schemas.openapi`) says so, and the fuzz tests hold the server to it.
+    model_config = ConfigDict(json_schema_serialization_defaults_required=True)
+
     message: str
     type: str
     param: str | None = None

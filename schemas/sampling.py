@@ -7,6 +7,8 @@ nothing is silently dropped.
 
 Bounds are the tighter of OpenAI's and vLLM's, so every value that passes here is one
 the engine accepts: a client mistake is a 400 before the engine is called, never a 500.
+Numbers are strict, as the published schema says (`schemas.openapi`): an integer is a fine
+float, but ``true`` or ``"0.5"`` is a 400, not 1.0 or 0.5.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictBool,
+    StrictFloat,
     StrictInt,
     StrictStr,
     field_validator,
@@ -45,22 +48,22 @@ class SamplingFields(BaseModel):
 
     model: StrictStr = Field(min_length=1)
     max_tokens: StrictInt | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    temperature: float | None = Field(None, ge=0.0, le=2.0, strict=True)
+    top_p: float | None = Field(None, gt=0.0, le=1.0, strict=True)
     n: StrictInt = Field(1, ge=1)
     stop: StrictStr | list[StrictStr] | None = None
     seed: StrictInt | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, strict=True)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, strict=True)
+    logit_bias: dict[str, StrictFloat] | None = None
     user: StrictStr | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
 
     # vLLM's extra sampling parameters (its OpenAI server accepts them too).
     top_k: StrictInt | None = Field(None, ge=-1)
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
+    min_p: float | None = Field(None, ge=0.0, le=1.0, strict=True)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0, strict=True)
     min_tokens: StrictInt | None = Field(None, ge=0)
     ignore_eos: StrictBool = False
     skip_special_tokens: StrictBool = True

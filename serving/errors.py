@@ -97,10 +97,30 @@ def validation_error(
     return APIError(400, message, param=param or None, code="invalid_value")
 
 
+def check_json_content_type(content_type: str | None) -> None:
+    """415 for a body declared as anything but JSON (``application/json`` or a ``+json``
+    type). No Content-Type at all is taken as JSON, as FastAPI does."""
+    if not content_type:
+        return
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    ):
+        return
+    raise APIError(
+        415,
+        f"Unsupported Content-Type '{content_type[:100]}': send the body as JSON, with "
+        "'Content-Type: application/json'.",
+        code="unsupported_media_type",
+    )
+
+
 async def read_json(request: Request, max_bytes: int) -> object:
     """Read at most ``max_bytes`` of body (413 beyond, even without Content-Length) and
-    parse it as JSON (400 if it is not). A client gone before its body was whole (or closed
-    by the receive deadline, `serving.connections`) is a 499 nobody reads, not a 500."""
+    parse it as JSON (415 if it is declared as something else, 400 if it is not JSON). A
+    client gone before its body was whole (or closed by the receive deadline,
+    `serving.connections`) is a 499 nobody reads, not a 500."""
+    check_json_content_type(request.headers.get("content-type"))
     declared = request.headers.get("content-length")
     body: bytes | bytearray
     try:
@@ -194,7 +214,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
-        return APIError(exc.status_code, str(exc.detail), type=kind).response()
+        response = APIError(exc.status_code, str(exc.detail), type=kind).response()
+        # Its headers too: a 405's Allow (RFC 9110 requires it) comes this way.
+        response.headers.update(exc.headers or {})
+        return response
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

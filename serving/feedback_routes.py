@@ -46,7 +46,7 @@ from schemas.settings import Settings
 from serving import metrics
 from serving.api_keys import Principal
 from serving.auth import principal_of
-from serving.errors import APIError, parse_body, parse_json, too_large
+from serving.errors import APIError, check_json_content_type, parse_body, parse_json, too_large
 from serving.publisher import PRODUCER, EventPublisher, EventRejected
 from serving.response_ids import IssuedResponse, ResponseIdSigner
 
@@ -56,6 +56,9 @@ FEEDBACK_PATH = "/v1/feedback"
 PREFERENCES_PATH = "/v1/preferences"
 
 _JSON_HEADERS = [(b"content-type", b"application/json")]
+SPOOL_FULL_RETRY_AFTER_S = 5
+"""Retry-After of a 503 (spool full): about the publisher's outage detection time, so a
+client's retry lands after the broker has had a chance to come back."""
 
 
 class FeedbackEndpoints:
@@ -90,6 +93,7 @@ class FeedbackEndpoints:
         try:
             if scope["method"] != "POST":
                 raise APIError(405, "Method Not Allowed")
+            check_json_content_type(_header(scope, b"content-type"))
             body = await self.read_body(scope, receive)
             if body is None:
                 return  # the client went away before sending its body: nobody to answer
@@ -102,6 +106,8 @@ class FeedbackEndpoints:
         headers = [*_JSON_HEADERS, (b"content-length", str(len(content)).encode())]
         if status == 405:
             headers.append((b"allow", b"POST"))
+        if status == 503:  # the spool is full: it drains at the broker's pace once it is back
+            headers.append((b"retry-after", str(SPOOL_FULL_RETRY_AFTER_S).encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": content})
         metrics.REQUESTS.labels(path, str(status), "-").inc()
@@ -250,9 +256,15 @@ def _scoped(principal: Principal, key: str | None) -> str | None:
 
 
 def _idempotency_header(scope: Scope) -> str | None:
-    for name, value in scope["headers"]:
-        if name == _IDEMPOTENCY_HEADER_RAW:
-            return value.decode("latin-1") or None
+    return _header(scope, _IDEMPOTENCY_HEADER_RAW) or None
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    """The first header ``name`` (lower case, as ASGI carries names), or None."""
+    for key, value in scope["headers"]:
+        if key == name:
+            text: str = value.decode("latin-1")
+            return text
     return None
 
 

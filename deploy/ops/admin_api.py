@@ -59,6 +59,7 @@ import psycopg
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest, start_http_server
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
@@ -74,7 +75,8 @@ from feedback.ab_counters import policy_counts
 from feedback.db import connect
 from feedback.user_ids import KeyMismatch, UserIds
 from feedback.user_ids import configured as user_ids_from
-from schemas.errors import error_body
+from schemas.errors import ErrorResponse, error_body
+from schemas.openapi import component_schemas, error_responses
 
 log = logging.getLogger(__name__)
 
@@ -141,10 +143,24 @@ def _install_error_handlers(app: FastAPI) -> None:
             type="server_error", code="database_unavailable",
         )  # fmt: skip
 
+    @app.exception_handler(psycopg.DataError)
+    async def _unstorable(_: Request, exc: psycopg.DataError) -> JSONResponse:
+        # A value Postgres cannot take (a NUL in a reason, version or user; a number out of
+        # its range) is the caller's bad value, refused before anything was written.
+        return _error(400, f"Invalid value: {exc}", code="invalid_value")
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
-        return _error(exc.status_code, str(exc.detail), type=kind)
+        code = "invalid_value" if exc.status_code == 400 else None  # a body that does not parse
+        # Its headers too: a 405's Allow (RFC 9110 requires it) comes this way.
+        headers = dict(exc.headers) if exc.headers else None
+        return _error(exc.status_code, str(exc.detail), type=kind, code=code, headers=headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.error("admin request failed", exc_info=exc)
+        return _error(500, "Internal server error.", type="server_error", code="internal_error")
 
 
 # --- auth ----------------------------------------------------------------------------------
@@ -406,7 +422,14 @@ def create_app(
 
     settings = Settings()
     tokens = token if isinstance(token, AdminTokens) else admin_auth.configured(settings, token)
-    app = FastAPI(title="alignloop admin", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="alignloop admin",
+        version="0.1.0",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=OPENAPI_PATH,  # under /admin: only a token holder reads it
+    )
+    _install_openapi(app)
     app.state.database_url = database_url
     app.state.user_ids = user_ids if user_ids is not None else user_ids_from(settings)
     app.include_router(router)
@@ -419,6 +442,54 @@ def create_app(
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+OPENAPI_PATH = "/admin/openapi.json"
+ADMIN_SCHEME = "AdminToken"
+
+
+def _error_statuses(method: str, path: str, operation: dict[str, Any]) -> tuple[int, ...]:
+    """What an admin operation can refuse with (see the module docstring)."""
+    statuses = {401, 403, 429, 500, 503}  # auth, its lockout, faults, disabled or no database
+    if operation.get("parameters") or operation.get("requestBody"):
+        statuses.add(400)
+    if method != "get" or "{version}" in path:
+        statuses |= {404, 409}  # no such version; an illegal or concurrent change
+    return tuple(sorted(statuses))
+
+
+def _install_openapi(app: FastAPI) -> None:
+    """``OPENAPI_PATH``: FastAPI's document with what it cannot see: the bearer admin token,
+    and the errors as they are answered (OpenAI error objects; a bad body is 400
+    ``invalid_value``, not FastAPI's 422)."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = get_openapi(
+                title=app.title,
+                version=app.version,
+                description="The operations of `alignloop policy` over HTTP. See "
+                "deploy/ops/admin_api.py and docs/policies-and-canary.md.",
+                routes=app.routes,
+            )
+            components = doc.setdefault("components", {})
+            schemas = components.setdefault("schemas", {})
+            for unused in ("HTTPValidationError", "ValidationError"):
+                schemas.pop(unused, None)
+            schemas.update(component_schemas([(ErrorResponse, "serialization")])[1])
+            components["securitySchemes"] = {
+                ADMIN_SCHEME: {"type": "http", "scheme": "bearer", "description": "An admin token."}
+            }
+            for path, item in doc["paths"].items():
+                for method, operation in item.items():
+                    responses = operation.setdefault("responses", {})
+                    responses.pop("422", None)
+                    responses.update(error_responses(_error_statuses(method, path, operation)))
+                    operation["security"] = [{ADMIN_SCHEME: []}]
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def start_metrics_port(host: str, port: int) -> Any:
