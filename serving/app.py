@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -37,10 +37,11 @@ from serving.errors import install_error_handlers, parse_body, read_json
 from serving.feedback_routes import FeedbackEndpoints
 from serving.generation import Caller, Generation, Prepared
 from serving.limits import Limits, RateLimit
+from serving.openapi import install_openapi
 from serving.policies import PolicyRouter
 from serving.publisher import EventPublisher
 from serving.response_ids import ResponseIdSigner, load_or_create_secret, parse_secrets
-from serving.routing import RoutingWatcher
+from serving.routing import RoutingWatcher, routing_key
 
 if TYPE_CHECKING:
     from vllm import RequestOutput
@@ -100,12 +101,8 @@ def caller(request: Request, user: str | None) -> Caller:
     product names no user, principal and client address."""
     principal = principal_of(request.scope)
     user = user or request.headers.get(USER_HEADER)
-    if user is None:
-        client = request.client
-        who = f"addr:{client.host if client else 'unknown'}"
-    else:
-        who = f"user:{user}"
-    return Caller(principal, user, f"{principal.name}\0{who}")
+    host = request.client.host if request.client else None
+    return Caller(principal, user, routing_key(principal.name, user, host))
 
 
 def create_app(settings: Settings, model_dir: Path, publisher: EventPublisher) -> FastAPI:
@@ -167,7 +164,8 @@ def create_app(settings: Settings, model_dir: Path, publisher: EventPublisher) -
     app.state.chat = chat
     install_error_handlers(app)
     _add_routes(app, settings, chat, completions, router, publisher, model_dir)
-    add_health_routes(app, settings, router, watcher, publisher, model_dir)
+    add_health_routes(app, settings, router, watcher, publisher, model_dir, engine)
+    install_openapi(app, settings.served_model_name)
     return app
 
 
@@ -255,12 +253,12 @@ def _add_routes(
 
     @app.get("/v1/models")
     async def models(request: Request) -> ModelList:
-        cards = router.model_cards(started_at, settings.max_model_len)
+        cards = router.model_cards(started_at, chat.engine.max_model_len)
         if not principal_of(request.scope).may("pin"):  # versions are only for pinning
             cards = [c for c in cards if c.id == settings.served_model_name]
         return ModelList(data=cards)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)  # documented as text
     async def prometheus() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
@@ -291,24 +289,39 @@ def add_health_routes(
     watcher: RoutingWatcher | None,
     publisher: EventPublisher,
     model_dir: Path,
+    engine: Engine,
 ) -> None:
-    """``/healthz`` (liveness and start-up: always 200 once the app runs, with the state)
-    and ``/readyz`` (503 while the routing table is stale). A replica cut off from Postgres
-    keeps serving its last table; whether to take it out of rotation is the orchestrator's
-    call, so liveness never fails on it (a restart would come back with the base only)."""
+    """``/healthz`` (liveness and start-up: 200 once the app runs, with the state; 503
+    once the engine process has died) and ``/readyz`` (503 while the routing table is
+    stale, or the engine is dead). A replica cut off from Postgres keeps serving its last
+    table; whether to take it out of rotation is the orchestrator's call, so liveness never
+    fails on it (a restart would come back with the base only). A dead engine fails every
+    generation until the process restarts, so liveness does fail on that."""
 
-    @app.get("/healthz")
-    async def healthz() -> dict[str, Any]:
-        return {
-            "status": "ok",
+    @app.get(
+        "/healthz",
+        responses={503: {"description": "The engine process died; restart (same body)."}},
+    )
+    async def healthz() -> JSONResponse:
+        dead = engine.dead
+        body = {
+            "status": "engine_dead" if dead else "ok",
             "model_dir": str(model_dir),
             "routing": routing_health(router, watcher, settings.routing_stale_after_s),
             "events": publisher.snapshot(),
         }
+        return JSONResponse(body, status_code=503 if dead else 200)
 
-    @app.get("/readyz")
+    @app.get(
+        "/readyz",
+        responses={
+            503: {"description": "Not ready: the routing table is stale or the engine is dead."}
+        },
+    )
     async def readyz() -> JSONResponse:
         routing = routing_health(router, watcher, settings.routing_stale_after_s)
-        stale = routing["stale"]
-        body = {"status": "stale_routing_table" if stale else "ready", "routing": routing}
-        return JSONResponse(body, status_code=503 if stale else 200)
+        status = (
+            "engine_dead" if engine.dead else "stale_routing_table" if routing["stale"] else "ready"
+        )
+        body = {"status": status, "routing": routing}
+        return JSONResponse(body, status_code=200 if status == "ready" else 503)

@@ -40,6 +40,20 @@ def on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+def context_window(model_dir: Path | str, cap: int) -> int:
+    """The context window to run ``model_dir`` with: its own (``max_position_embeddings``,
+    or what the config calls it), at most ``cap`` (KV cache memory grows with it)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(text, name, None)
+        if isinstance(value, int) and value > 0:
+            return min(value, cap)
+    return cap
+
+
 @dataclass(frozen=True)
 class Adapter:
     """A LoRA adapter the engine can serve: a unique name, a numeric id, a directory."""
@@ -55,7 +69,7 @@ class Engine:
     def __init__(self, settings: Settings, model_dir: Path) -> None:
         self.settings = settings
         self.model_dir = model_dir
-        self.max_model_len = settings.max_model_len
+        self.max_model_len = context_window(model_dir, settings.max_model_len)
         self._llm: AsyncLLM | None = None
         self._aborts: set[asyncio.Task[None]] = set()
         from transformers import AutoTokenizer
@@ -72,7 +86,10 @@ class Engine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         gpu = on_gpu()
-        if not gpu:
+        extra: dict[str, Any] = {}
+        if gpu:  # its share of a GPU it may share (deploy/local/gpu_plan.py)
+            extra["gpu_memory_utilization"] = self.settings.engine_gpu_memory_utilization
+        else:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.engine_kv_cache_gib))
         dtype = self.settings.engine_dtype
         if dtype == "auto" and not gpu:
@@ -92,9 +109,16 @@ class Engine:
             structured_outputs_config=StructuredOutputsConfig(
                 backend="xgrammar", disable_any_whitespace=self.settings.json_compact
             ),
+            **extra,
         )
         log.info("starting vLLM engine on %s (%s)", self.model_dir, "cuda" if gpu else "cpu")
         self._llm = AsyncLLM.from_engine_args(args)
+
+    @property
+    def dead(self) -> bool:
+        """The engine process died (vLLM's ``EngineDeadError`` on every request from now
+        on): only a restart of this replica brings it back."""
+        return self._llm is not None and bool(self._llm.errored)
 
     def shutdown(self) -> None:
         if self._llm is not None:

@@ -83,6 +83,15 @@ def bucket(salt: str, user_key: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
+def routing_key(principal: str, user: str | None, client_host: str | None = None) -> str:
+    """The identity sticky routing hashes: the API key's principal and the end user the
+    product named, or, when it names none, the principal and the client's address. (The
+    canary simulation, tests/fixtures/canary_sim.py, routes its users through this and
+    :func:`bucket` too.)"""
+    who = f"addr:{client_host or 'unknown'}" if user is None else f"user:{user}"
+    return f"{principal}\0{who}"
+
+
 def choose_version(table: RoutingTable, salt: str, user_key: str) -> str:
     """The routed version for a user (not for a request that names a version)."""
     if table.canary is not None and bucket(salt, user_key) < table.canary_weight:
