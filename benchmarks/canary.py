@@ -9,7 +9,12 @@ Keys: ``test`` and ``threshold`` (θ: 0 for superiority, −m for non-inferiorit
 ``power_at_margin`` (canary better than stable by m: promoted); per effect, the promote /
 rollback rates, the median votes and the median / 90th-percentile simulated seconds to
 each decision; ``srm`` the sample-ratio test on distinct users: false holds per canary
-under correct sticky routing, and detection when half of the canary's users are lost.
+under correct sticky routing, and detection when half of the canary's users are lost;
+``by_activity`` the same decision figures (false promotion at θ, power at +m, false SRM
+holds, median votes to a decision) for heavy and light users: log-normal activity of
+σ 1 and 1.5 and Zipf activity (a few users make most requests). Routing is sticky per user
+everywhere, computed by serving's own functions (``serving.routing.bucket`` over
+``routing_key``, a secret salt per simulated experiment; ``routing`` in the JSON says so).
 With ``--quick`` the effects are in points of thumbs-up rate (±10 to ±25) in
 :data:`tests.fixtures.canary_sim.DEMO_SCENARIO` (300 users, 5 votes/s, a look every 30 s), plus the
 same at 3 and 10 votes/s: the demo's time to promote, roll back or time out.
@@ -45,6 +50,51 @@ def _summary(effect: float, r: SimResult) -> dict:
         "seconds_to_rollback_p50_p90": _quantiles(r.seconds[r.action == ROLLBACK]),
         "false_srm_rate": float(r.srm_flagged.mean()),
     }
+
+
+# Heavy and light users: who makes the requests (and so the votes) of a canary.
+ACTIVITY = {
+    "lognormal_sigma_1.0": {"activity_sigma": 1.0},
+    "lognormal_sigma_1.5": {"activity_sigma": 1.5},
+    "zipf_1.1": {"zipf_exponent": 1.1},
+}
+
+
+def by_activity(
+    config: CanaryConfig, scenario: Scenario, experiments: int, seed: int
+) -> dict[str, dict]:
+    """Per activity model of :data:`ACTIVITY`: false promotion (canary exactly at θ),
+    power (at +m), false SRM holds over both (routing is correct, so every hold is false),
+    the median votes to a decision, and the busiest user's share of the requests."""
+    out: dict[str, dict] = {}
+    for name, change in ACTIVITY.items():
+        world = dataclasses.replace(scenario, **change, sticky=True)
+        at_theta = simulate(config, dataclasses.replace(world, effect=config.threshold),
+                            experiments, seed)  # fmt: skip
+        at_m = simulate(config, dataclasses.replace(world, effect=config.margin), experiments, seed)
+        out[name] = {
+            "false_promotion_rate": at_theta.rate(PROMOTE),
+            "power_at_margin": at_m.rate(PROMOTE),
+            "false_srm_hold_rate": float(
+                np.concatenate([at_theta.srm_flagged, at_m.srm_flagged]).mean()
+            ),
+            "median_votes_to_decision": {
+                "θ": _summary(config.threshold, at_theta)["median_votes_to_decision"],
+                "+m": _summary(config.margin, at_m)["median_votes_to_decision"],
+            },
+            "busiest_user_share": busiest_share(world, seed),
+        }
+    return out
+
+
+def busiest_share(world: Scenario, seed: int) -> float:
+    """The expected share of requests made by the busiest user, in this activity model."""
+    rng = np.random.default_rng(seed)
+    if world.zipf_exponent is not None:
+        w = np.arange(1, world.users + 1, dtype=np.float64) ** (-world.zipf_exponent)
+        return round(float(w[0] / w.sum()), 4)
+    w = rng.lognormal(0.0, world.activity_sigma, size=(200, world.users))
+    return round(float((w.max(axis=1) / w.sum(axis=1)).mean()), 4)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         "seconds_per_look": scenario.batch_seconds,
         "max_votes_per_arm": config.max_votes_per_arm,
         "max_duration_s": config.max_duration_s,
+        "routing": "sticky per user: serving.routing.bucket(salt, routing_key('product', "
+        "user)), a secret salt per simulated experiment",
+        "activity": "zipf" if scenario.zipf_exponent else f"lognormal σ {scenario.activity_sigma}",
         "false_promotion_rate": per_effect["θ"]["promote_rate"],
         "power_at_margin": per_effect["+m"]["promote_rate"],
         "promotion_rate_at_zero": per_effect["0"]["promote_rate"],
@@ -137,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "users_when_lossy": lossy.users,
     }
+    result["by_activity"] = by_activity(config, scenario, experiments, seed)
     result["switch_seconds_max"] = None
     result["failed_requests"] = None
     if not args.no_serving:

@@ -24,7 +24,10 @@ exactly once in effect.
    ``INSERT … SELECT FROM unnest(…) ON CONFLICT DO NOTHING``;
 5. fold the batch's changes into ``policy_stats``
    (:func:`feedback.ab_counters.apply_batch_changes`);
-6. return how many rows were new per type (:class:`BatchResult`).
+6. stamp the transaction in ``ingest_commits`` with ``clock_timestamp()`` (the last
+   statement, so the stamp is the time just before COMMIT: migration 0013; ``now()`` would
+   be the transaction's start);
+7. return how many rows were new per type (:class:`BatchResult`).
 
 ``PolicyCandidate`` events are valid and accepted but not stored: the registry row is their
 record. Commit (or rollback) is the caller's; :func:`store_events` is the one-transaction
@@ -235,6 +238,20 @@ WITH dropped AS (
 SELECT count(*) FROM dropped
 """
 
+# Step 6. Several write_batch calls in one transaction (the per-event savepoint fallback,
+# store_events called in an open transaction) share one row: the last stamp wins.
+# The stamps older than a day go in the same statement (an index range scan over the few
+# rows that aged out since the last batch), so the table never needs a purge job.
+_STAMP_COMMIT = """
+WITH expired AS (
+    DELETE FROM ingest_commits WHERE committed_at < clock_timestamp() - interval '1 day'
+)
+INSERT INTO ingest_commits AS ic (xact, committed_at, events)
+VALUES (pg_current_xact_id(), clock_timestamp(), %s)
+ON CONFLICT (xact) DO UPDATE SET committed_at = EXCLUDED.committed_at,
+                                 events = ic.events + EXCLUDED.events
+"""
+
 _INSERT_REQUEST_FAILURES = """
 INSERT INTO request_failures (event_id, version, status, error, producer, occurred_at,
                               model, arm, principal)
@@ -380,7 +397,7 @@ def prepare_session(conn: psycopg.Connection) -> None:
 def write_batch(
     conn: psycopg.Connection, events: Sequence[AnyEvent], user_ids: UserIds = RAW_USER_IDS
 ) -> BatchResult:
-    """Store one batch idempotently and update the counters (steps 1-6 of the module
+    """Store one batch idempotently and update the counters (steps 1-7 of the module
     docstring), user ids stored as ``user_ids`` says (:mod:`feedback.user_ids`). Call
     inside a transaction on a connection prepared with :func:`prepare_session`; commit is
     the caller's."""
@@ -416,6 +433,7 @@ def write_batch(
             cur.execute(unnested.insert, [[getattr(e, f) for e in batch] for f in unnested.fields])
             new[unnested.result] = max(cur.rowcount, 0)
         ab_counters.apply_batch_changes(conn)
+        cur.execute(_STAMP_COMMIT, (len(unique),))
     return BatchResult(**new)
 
 

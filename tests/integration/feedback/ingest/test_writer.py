@@ -186,3 +186,23 @@ def test_event_that_postgres_rejects_does_not_block_the_batch(conn: psycopg.Conn
         store_events(conn, [good, bad])
     assert conn.execute("SELECT count(*) FROM interactions").fetchone() == (0,)
     assert policy_counts(conn) == {}
+
+
+def test_each_batch_stamps_its_commit_and_day_old_stamps_go(conn: psycopg.Connection) -> None:
+    """Step 6: one ``ingest_commits`` row per batch transaction, found from the batch's rows
+    through their xmin, with the events written; a stamp older than a day is deleted by the
+    next batch's stamp, a younger one is kept."""
+    conn.execute(
+        "INSERT INTO ingest_commits VALUES ('1'::xid8, now() - interval '25 hours', 1),"
+        " ('2'::xid8, now() - interval '23 hours', 1)"
+    )
+    first = make_interaction(user="ada")
+    store_events(conn, [first, make_feedback(first.response_id, "up", user="ada")])
+    row = conn.execute(
+        "SELECT ic.events, ic.committed_at >= i.ingested_at FROM interactions i"
+        " JOIN ingest_commits ic ON ic.xact::xid = i.xmin WHERE i.response_id = %s",
+        (first.response_id,),
+    ).fetchone()
+    assert row == (2, True)
+    xacts = {r[0] for r in conn.execute("SELECT xact::text FROM ingest_commits").fetchall()}
+    assert "1" not in xacts and "2" in xacts and len(xacts) == 2
