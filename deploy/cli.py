@@ -19,7 +19,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "feedback.cli:data_main",
         "Datasets and privacy: data export KIND --out F | delete --user U | purge.",
     ),
-    "bootstrap-model": ("trainer.demo.cli:main", "Build the small demo base model."),
+    "bootstrap-model": (
+        "trainer.demo.cli:main",
+        "Build a built-in base model: the demo model, or --preset smollm2-135m-instruct.",
+    ),
     "policy": (
         "deploy.ops.policy_cli:main",
         "Policy registry: list, show, promote, rollback, hold.",
@@ -28,6 +31,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "admin": (
         "deploy.console.app:main",
         "Run the admin API and the console alone (the canary serves them too).",
+    ),
+    "db": (
+        "deploy.ops.db_cli:main",
+        "Schema and database roles: db migrate | roles [--create] | login NAME --component C.",
     ),
     "admin-tokens": (
         "deploy.ops.admin_auth:main",

@@ -52,8 +52,22 @@ SECRET_SETTINGS = (
     "response_id_secret",
     "routing_salt",
     "admin_token",
+    "kafka_sasl_username",
+    "kafka_sasl_password",
 )
 """Settings that must come from the Secret, never from a literal value in a manifest."""
+DATABASE_KEYS = {
+    "serve": "database-url-serving",
+    "ingest": "database-url-ingest",
+    "train": "database-url-trainer",
+    "canary": "database-url-controller",
+    "admin": "database-url-controller",
+    "db": "database-url-owner",
+}
+"""The Secret key of each command's database URL: its component's least-privilege role
+(schemas/db_roles.py), the owner's for the migration alone."""
+KAFKA_CLIENTS = ("serve", "ingest", "train")
+KAFKA_CA_SECRET = "alignloop-kafka-ca"
 GPU = "nvidia.com/gpu"
 VAR_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 
@@ -429,6 +443,80 @@ def test_the_example_env_file_makes_the_secret() -> None:
     secret = yaml.safe_load(done.stdout)
     _validate(secret, SCHEMA_VERSIONS[-1], "the Secret from secrets.example.env")
     assert set(secret["data"]) == example_keys()
+
+
+def _secret_key(container: Doc, name: str) -> str | None:
+    for entry in container.get("env", []):
+        if entry["name"] == name:
+            ref = entry.get("valueFrom", {}).get("secretKeyRef")
+            return None if ref is None else str(ref["key"])
+    return None
+
+
+def test_each_component_connects_as_its_own_database_role(docs: tuple[Doc, ...]) -> None:
+    seen = set()
+    for doc, _, container in containers(docs):
+        command = alignloop_argv(container)[0]
+        key = _secret_key(container, PREFIX + "DATABASE_URL")
+        if command not in DATABASE_KEYS:
+            assert key is None, f"{container['name']} ({command}) connects to Postgres"
+            continue
+        assert key == DATABASE_KEYS[command], f"{doc['metadata']['name']}: {key}"
+        seen.add(command)
+    assert {"serve", "ingest", "train", "canary", "db"} <= seen
+
+
+def test_only_the_migration_job_migrates_as_the_owner(docs: tuple[Doc, ...]) -> None:
+    (job,) = _workloads_running(docs, "db", "migrate")
+    assert job["kind"] == "Job" and job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+    assert job["spec"]["ttlSecondsAfterFinished"] > 0, "a later apply must be able to recreate it"
+    owners = [
+        doc["metadata"]["name"]
+        for doc, _, container in containers(docs)
+        if _secret_key(container, PREFIX + "DATABASE_URL") == "database-url-owner"
+    ]
+    assert owners == [job["metadata"]["name"]]
+
+
+def test_every_kafka_client_talks_sasl_ssl_with_the_mounted_ca(
+    docs: tuple[Doc, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from schemas import kafka_config
+
+    config = config_of(docs)
+    cafile = config[PREFIX + "KAFKA_SSL_CAFILE"]
+    checked = 0
+    for doc, spec, container in containers(docs):
+        if alignloop_argv(container)[0] not in KAFKA_CLIENTS:
+            continue
+        where = f"{doc['metadata']['name']} {container['name']}"
+        for name in ("KAFKA_BOOTSTRAP", "KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD"):
+            assert _secret_key(container, PREFIX + name), f"{where}: {name} not from the Secret"
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        ca_mounts = [
+            m
+            for m in container.get("volumeMounts", [])
+            if volumes[m["name"]].get("secret", {}).get("secretName") == KAFKA_CA_SECRET
+        ]
+        assert len(ca_mounts) == 1, f"{where}: the CA Secret is not mounted"
+        (mount,) = ca_mounts
+        items = volumes[mount["name"]]["secret"].get("items", [])
+        files = {f"{mount['mountPath']}/{item['path']}" for item in items}
+        assert cafile in files, f"{where}: {cafile} is not a file of {KAFKA_CA_SECRET}"
+        assert mount.get("readOnly") is True, where
+        # The combination is one the clients accept (secret values stand in for the refs).
+        env = env_of(container, config)
+        for name in list(os.environ):
+            if name.startswith(PREFIX):
+                monkeypatch.delenv(name)
+        for name, value in env.items():
+            if name.startswith(PREFIX):
+                monkeypatch.setenv(name, value if value is not None else "from-the-secret")
+        settings = Settings()
+        assert settings.kafka_security_protocol == "SASL_SSL", where
+        kafka_config.check(settings)
+        checked += 1
+    assert checked >= 3
 
 
 # --- probes, ports, scaling ----------------------------------------------------------------
