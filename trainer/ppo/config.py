@@ -19,15 +19,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from schemas.config import ConfigBase
+from schemas.config import DeviceConfig
 from trainer.ppo.core import AdaptiveKLController, FixedKLController, KLEstimator
 
 KLMode = Literal["adaptive", "fixed"]
 
 
 @dataclass
-class PPOConfig(ConfigBase):
-    """Everything that determines the algorithm of a PPO round (not where things are)."""
+class PPOConfig(DeviceConfig):
+    """Everything that determines the algorithm of a PPO round (not where things are),
+    and the device it trains on (``device``, from :class:`schemas.config.DeviceConfig`)."""
 
     # --- rollout -----------------------------------------------------------------------------
     rollout_batch_size: int = field(

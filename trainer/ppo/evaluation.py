@@ -57,7 +57,7 @@ def sequence_kl(models: PolicyModels, batch: TokenBatch, estimator: KLEstimator 
     ref = models.reference_logprobs(batch)
     kl = kl_penalty(logprobs, ref, estimator)
     kl = torch.where(batch.mask.bool(), kl, torch.zeros_like(kl))
-    return float(masked_mean(kl.sum(-1), torch.ones(len(batch))))
+    return float(masked_mean(kl.sum(-1), torch.ones(len(batch), device=kl.device)))
 
 
 EXAMPLES = 8  # held-out prompts shown side by side (the console's Training page)
@@ -110,7 +110,7 @@ def evaluate(
         out[name] = _answer_stats(samples.response_ids, texts, rewards[name])
         if name == "candidate":
             pad = models.tokenizer.pad_token_id or 0
-            batch = TokenBatch.build(prompt_ids, samples.response_ids, pad)
+            batch = TokenBatch.build(prompt_ids, samples.response_ids, pad, models.device)
             out["kl_to_reference"] = sequence_kl(models, batch, ppo.kl_estimator)
         answers[name] = texts
     out["examples"] = side_by_side(conversations, answers, rewards)

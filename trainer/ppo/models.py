@@ -13,11 +13,20 @@ three LoRA adapters side by side:
   (``critic_init="reward"``) or fresh;
 * **reward** = base + the frozen ``reward`` adapter and head of a reward model version
   (:func:`trainer.reward.model.attach_reward_model`), plus rule terms
-  (:class:`trainer.reward.rules.ComposedReward`).
+  (:class:`trainer.reward.rules.ComposedReward`). A ``seq_cls`` version (a separate
+  sequence-classification model, possibly on another base and tokenizer) is loaded beside
+  the base instead: it scores texts, so it needs nothing from the policy's base, and the
+  critic then starts fresh (there is no adapter to copy).
 
-Switching adapters is a flag flip in each LoRA layer, not a copy. Passes without a
-gradient run the adapter folded into copies of the base weights, and the update's LoRA
-layers run folded too (:mod:`trainer.common.lora_folding`): one product per layer.
+Switching adapters is a flag flip in each LoRA layer, not a copy. On the CPU, passes
+without a gradient run the adapter folded into copies of the base weights, and the update's
+LoRA layers run folded too (:mod:`trainer.common.lora_folding`): one product per layer.
+
+**Device**: :meth:`PolicyModels.to` puts every model on the training device; every pass
+then runs there under that device's precision policy (:mod:`trainer.common.device`:
+bfloat16 autocast over float32 weights on CUDA, float32 on the CPU), and
+:meth:`TokenBatch.to` brings each batch along. The reference runs the same base weights
+through the same autocast policy, so it stays the base model of that device, bit for bit.
 
 PEFT's ``set_adapter`` also marks only the active adapter trainable;
 :meth:`PolicyModels.use` puts the requires-grad flags back (actor and critic trainable,
@@ -33,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,17 +53,23 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from trainer.common.device import autocast, autocast_dtype, folding_pays, module_device
 from trainer.common.lora_folding import fold_in_training, folded
 from trainer.ppo.core import entropy_from_logits, logprobs_from_logits, ptx_loss
 from trainer.reward.model import (
     LoraRewardModel,
+    RewardModel,
+    SequenceClassifierRewardModel,
     attach_reward_model,
     load_base_model,
+    load_seq_cls_model,
     lora_config,
+    read_card,
     transformer_of,
 )
 
 POLICY, CRITIC, REWARD = "policy", "critic", "reward"
+log = logging.getLogger(__name__)
 
 
 # --- token batches ------------------------------------------------------------------------
@@ -78,8 +94,14 @@ class TokenBatch:
 
     @classmethod
     def build(
-        cls, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int
+        cls,
+        prompts: Sequence[Sequence[int]],
+        responses: Sequence[Sequence[int]],
+        pad_id: int,
+        device: torch.device | str | None = None,
     ) -> TokenBatch:
+        """The batch of ``prompts[i] + responses[i]`` rows, laid out on the CPU and then
+        moved to ``device`` (one copy per tensor; None: stays on the CPU)."""
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         width = max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
@@ -101,7 +123,29 @@ class TokenBatch:
             if r:
                 response_ids[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
                 mask[i, : len(r)] = 1
-        return cls(input_ids, attention_mask, positions, response_ids, mask)
+        batch = cls(input_ids, attention_mask, positions, response_ids, mask)
+        return batch if device is None else batch.to(device)
+
+    def to(self, device: torch.device | str) -> TokenBatch:
+        """The same batch on ``device`` (itself when it is there already)."""
+        if self.input_ids.device == torch.device(device):
+            return self
+        return TokenBatch(
+            *(
+                t.to(device)
+                for t in (
+                    self.input_ids,
+                    self.attention_mask,
+                    self.positions,
+                    self.response_ids,
+                    self.mask,
+                )
+            )
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.input_ids.device
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -208,7 +252,8 @@ class ActorCritic(torch.nn.Module):
         """Values ``[B, R]``: the value head on the critic's hidden state at each position."""
         with self.models.adapter(CRITIC):
             hidden = self.models.hidden_states(batch)
-        return self.value_head(_gather_positions(hidden, batch.positions)).squeeze(-1)
+        # The head runs in float32 (a no-op on the CPU): values are regression targets.
+        return self.value_head(_gather_positions(hidden, batch.positions).float()).squeeze(-1)
 
 
 # --- the models on one base -----------------------------------------------------------------
@@ -225,7 +270,7 @@ class PolicyModels:
         self,
         peft_model: PeftModel,
         tokenizer: PreTrainedTokenizerBase,
-        reward: LoraRewardModel,
+        reward: RewardModel,
         value_head: torch.nn.Linear,
         temperature: float,
         base_model_path: Path,
@@ -235,7 +280,12 @@ class PolicyModels:
         self.peft_model = peft_model
         self.critic_from_reward = critic_from_reward
         """The critic started as the reward model: its head predicts raw reward scores."""
-        fold_in_training(peft_model)  # the update's LoRA layers, folded (lora_folding)
+        self.device = module_device(peft_model)
+        self.autocast_dtype = autocast_dtype(self.device)
+        """The precision policy of every pass (:mod:`trainer.common.device`); tests set
+        bfloat16 on the CPU to check CUDA's exactness claims."""
+        # The update's LoRA layers, folded where that was measured faster (lora_folding).
+        fold_in_training(peft_model, enabled=folding_pays(self.device))
         self.tokenizer = tokenizer
         self.reward = reward
         self.base_model_path = base_model_path
@@ -263,7 +313,7 @@ class PolicyModels:
         critic_init: str = "reward",
         lora_r: int = 8,
         lora_alpha: int = 16,
-        lora_target_modules: str = "all-linear",
+        lora_target_modules: str = "auto",
         temperature: float = 1.0,
         seed: int = 0,
     ) -> PolicyModels:
@@ -272,29 +322,41 @@ class PolicyModels:
         ``policy_init``: a PEFT adapter directory the actor starts from (the parent policy);
         ``None`` = a fresh LoRA of rank ``lora_r``. ``critic_init``: ``"reward"`` copies the
         reward model's adapter and head into the critic (its LoRA config included),
-        ``"fresh"`` starts a new LoRA and a zero value head.
+        ``"fresh"`` starts a new LoRA and a zero value head. A ``seq_cls`` reward model is
+        loaded as its own model and the critic starts fresh whatever ``critic_init`` says.
         """
+        if critic_init not in ("reward", "fresh"):
+            raise ValueError(f"critic_init must be 'reward' or 'fresh', got {critic_init!r}")
         base, tokenizer = load_base_model(Path(base_model))
+        card = read_card(Path(reward_dir))
+        if card.get("kind") == "seq_cls" and critic_init == "reward":
+            log.info("the reward model is a separate classifier: the critic starts fresh")
+            critic_init = "fresh"
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            peft_model = _with_policy_adapter(
-                base, policy_init, lora_config(lora_r, lora_alpha, lora_target_modules)
-            )
-            reward = attach_reward_model(peft_model, tokenizer, Path(reward_dir))
+            fresh = lora_config(lora_r, lora_alpha, lora_target_modules, base)
+            peft_model = _with_policy_adapter(base, policy_init, fresh)
+            reward: RewardModel
+            if card.get("kind") == "seq_cls":
+                reward = load_seq_cls_model(Path(reward_dir), int(card.get("max_length", 256)))
+                reward.model.requires_grad_(False)
+            else:
+                reward = attach_reward_model(peft_model, tokenizer, Path(reward_dir))
             hidden = base.config.hidden_size
             value_head = torch.nn.Linear(hidden, 1)
             if critic_init == "reward":
+                assert isinstance(reward, LoraRewardModel)  # seq_cls switched to fresh above
                 critic_config = copy.deepcopy(peft_model.peft_config[REWARD])
                 critic_config.inference_mode = False
                 peft_model.add_adapter(CRITIC, critic_config)
                 _copy_adapter(peft_model, REWARD, CRITIC)
                 value_head.load_state_dict(reward.head.state_dict())
-            elif critic_init == "fresh":
-                peft_model.add_adapter(CRITIC, lora_config(lora_r, lora_alpha, lora_target_modules))
+            else:
+                peft_model.add_adapter(
+                    CRITIC, lora_config(lora_r, lora_alpha, lora_target_modules, base)
+                )
                 torch.nn.init.zeros_(value_head.weight)
                 torch.nn.init.zeros_(value_head.bias)
-            else:
-                raise ValueError(f"critic_init must be 'reward' or 'fresh', got {critic_init!r}")
         peft_model.eval()  # no dropout anywhere: PPO's ratios must compare like with like
         return cls(
             peft_model,
@@ -305,6 +367,19 @@ class PolicyModels:
             Path(base_model),
             critic_from_reward=critic_init == "reward",
         )
+
+    def to(self, device: torch.device) -> PolicyModels:
+        """Put the base, every adapter, the value head and the reward model on ``device`` and
+        take that device's precision policy and folding choice (:mod:`trainer.common.device`).
+        Before the optimizer and DDP are built (:class:`~trainer.ppo.trainer.PPOTrainer`):
+        the parameters stay the same objects, their data moves."""
+        self.peft_model.to(device)
+        self.value_head.to(device)
+        self.reward.to(device)
+        self.device = torch.device(device)
+        self.autocast_dtype = autocast_dtype(self.device)
+        fold_in_training(self.peft_model, enabled=folding_pays(self.device))
+        return self
 
     # --- adapters and parameters ------------------------------------------------------------
 
@@ -369,17 +444,22 @@ class PolicyModels:
     # --- forward passes --------------------------------------------------------------------
 
     def hidden_states(self, batch: TokenBatch) -> torch.Tensor:
-        """Final hidden states ``[B, T, H]`` of the active adapter (or the reference)."""
-        return self._backbone(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask
-        ).last_hidden_state
+        """Final hidden states ``[B, T, H]`` of the active adapter (or the reference), in
+        the autocast dtype (float32 on the CPU)."""
+        with autocast(self.device, self.autocast_dtype):
+            return self._backbone(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask
+            ).last_hidden_state
 
     def response_logits(self, batch: TokenBatch) -> torch.Tensor:
         """Logits ``[N, V]`` predicting the batch's ``N`` response tokens, row by row (as
         :meth:`TokenBatch.response_tokens`): the LM head, the widest product of a small
         model, runs on nothing else, neither prompt nor padding."""
         hidden = _gather_positions(self.hidden_states(batch), batch.positions)
-        return self._lm_head(hidden[batch.mask.bool()])
+        with autocast(self.device, self.autocast_dtype):
+            logits = self._lm_head(hidden[batch.mask.bool()])
+        # Log-softmax, ratios and KL in float32 whatever the product ran in (no-op on CPU).
+        return logits.float()
 
     @torch.no_grad()
     def reference_logprobs(self, batch: TokenBatch) -> torch.Tensor:
@@ -392,9 +472,9 @@ class PolicyModels:
     # --- saving the actor ------------------------------------------------------------------
 
     def policy_state(self) -> dict[str, torch.Tensor]:
-        """The policy adapter's tensors in PEFT's file naming (what vLLM loads)."""
+        """The policy adapter's tensors in PEFT's file naming (what vLLM loads), on the CPU."""
         state = get_peft_model_state_dict(self.peft_model, adapter_name=POLICY)
-        return {k: v.detach().contiguous().clone() for k, v in state.items()}
+        return {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
 
     def save_policy(self, directory: Path) -> None:
         """Write the actor as a standalone PEFT adapter directory (servable by vLLM)."""
@@ -437,9 +517,14 @@ class PolicyModels:
         sizes["value_head"] = sum(
             p.numel() * p.element_size() for p in self.value_head.parameters()
         )
-        sizes["reward_head"] = sum(
-            p.numel() * p.element_size() for p in self.reward.head.parameters()
-        )
+        # A lora reward model is an adapter (counted above) and a head; a seq_cls one is a
+        # whole model of its own.
+        reward_params: list[torch.nn.Parameter] = []
+        if isinstance(self.reward, LoraRewardModel):
+            reward_params = list(self.reward.head.parameters())
+        elif isinstance(self.reward, SequenceClassifierRewardModel):
+            reward_params = list(self.reward.model.parameters())
+        sizes["reward_head"] = sum(p.numel() * p.element_size() for p in reward_params)
         return sizes
 
 

@@ -26,7 +26,9 @@ It returns the iteration's metrics. Non-finite scores, losses or gradients raise
 :class:`TrainingDiverged` before any optimizer step applies them. :meth:`state_dict` /
 :meth:`load_state_dict` hold everything a resumed round needs (adapters, head, optimizer,
 KL coefficient, reward statistics). Under torchrun each rank runs this on its shard of the
-prompts (see :mod:`trainer.common.distributed`).
+prompts (see :mod:`trainer.common.distributed`). Every tensor it builds is on the models'
+device (:meth:`~trainer.ppo.models.PolicyModels.to`); the reward function's come back on the
+CPU and are moved there.
 """
 
 from __future__ import annotations
@@ -76,13 +78,16 @@ def _finite(name: str, value: torch.Tensor, iteration: int) -> None:
         raise TrainingDiverged(f"non-finite {name} at iteration {iteration}")
 
 
-def _padded(rows: Sequence[Sequence[float]], width: int) -> torch.Tensor:
+def _padded(
+    rows: Sequence[Sequence[float]], width: int, device: torch.device | None = None
+) -> torch.Tensor:
+    """``rows`` right-padded with 0 to ``width``, laid out on the CPU, then on ``device``."""
     out = torch.zeros((len(rows), width), dtype=torch.float32)
     for i, row in enumerate(rows):
         values = list(row)[:width]
         if values:
             out[i, : len(values)] = torch.tensor(values, dtype=torch.float32)
-    return out
+    return out if device is None else out.to(device)
 
 
 class PPOTrainer:
@@ -113,9 +118,13 @@ class PPOTrainer:
         self.optimizer = torch.optim.AdamW(
             models.param_groups(config.actor_lr, config.critic_lr), weight_decay=0.0
         )
+        self.device = models.device
+        """Where every tensor of an iteration lives: the models' device."""
         self.module: torch.nn.Module = models.actor_critic
         if self.dist.enabled:
-            self.module = DistributedDataParallel(models.actor_critic, find_unused_parameters=True)
+            self.module = DistributedDataParallel(
+                models.actor_critic, device_ids=self.dist.device_ids, find_unused_parameters=True
+            )
         tokenizer = models.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.ptx_examples = list(ptx_examples) if config.ptx_coef > 0 else []
@@ -259,7 +268,10 @@ class PPOTrainer:
             t = time.perf_counter()
             rows = [d.index for d in chunk]
             sub = TokenBatch.build(
-                [prompt_ids[i] for i in rows], [d.response_ids for d in chunk], self.pad_id
+                [prompt_ids[i] for i in rows],
+                [d.response_ids for d in chunk],
+                self.pad_id,
+                self.device,
             )
             per_token = self._score_tokens(sub)
             for j, d in enumerate(chunk):
@@ -271,7 +283,10 @@ class PPOTrainer:
             with torch.inference_mode():
                 chunk_parts = self.reward_fn([conversations[i] for i in rows], answers)
             for name, value in chunk_parts.items():
-                parts.setdefault(name, torch.zeros(n, dtype=value.dtype))[rows] = value
+                total = parts.setdefault(
+                    name, torch.zeros(n, dtype=value.dtype, device=self.device)
+                )
+                total[rows] = value.to(self.device)
             score_s += time.perf_counter() - t
 
         ready: list[Finished] = []
@@ -303,8 +318,10 @@ class PPOTrainer:
         if len(scored) != n:
             raise RuntimeError(f"the sampler answered {len(scored)} of {n} prompts")
 
-        batch = TokenBatch.build(prompt_ids, responses, self.pad_id)
-        old_logprobs, values, ref_logprobs = (torch.zeros(batch.mask.shape) for _ in range(3))
+        batch = TokenBatch.build(prompt_ids, responses, self.pad_id, self.device)
+        old_logprobs, values, ref_logprobs = (
+            torch.zeros(batch.mask.shape, device=self.device) for _ in range(3)
+        )
         for i, row in scored.items():
             for target, row_values in zip((old_logprobs, values, ref_logprobs), row, strict=True):
                 target[i, : row_values.shape[0]] = row_values
@@ -313,7 +330,7 @@ class PPOTrainer:
             old_logprobs,
             values,
             ref_logprobs,
-            sampler_logprobs=_padded(sampler_logprobs, batch.response_width),
+            sampler_logprobs=_padded(sampler_logprobs, batch.response_width, self.device),
             reward_parts=parts,
             tokens=sum(len(r) for r in responses),
             rollout_s=rollout_s,
@@ -325,7 +342,7 @@ class PPOTrainer:
         """Actor log-probs, critic values and reference log-probs ``[B, R]`` of a rollout,
         computed in length-sorted chunks (less padding; every row's numbers are its own),
         0 on padding."""
-        out = [torch.zeros(batch.mask.shape) for _ in range(3)]
+        out = [torch.zeros(batch.mask.shape, device=batch.device) for _ in range(3)]
         ac = self.models.actor_critic
         for rows in batch.length_chunks(self.config.mini_batch_size):
             chunk = batch.select(rows)
@@ -363,6 +380,7 @@ class PPOTrainer:
         """
         cfg = self.config
         warming_up = iteration < cfg.critic_warmup_iterations
+        rows = rows.to(batch.device)  # drawn on the CPU (a seeded generator there)
         lengths = batch.attention_mask[rows].sum(1)
         rows = rows[torch.argsort(lengths, stable=True)]
         pieces = list(rows.split(cfg.micro_batch_size))
@@ -423,7 +441,7 @@ class PPOTrainer:
         rows = torch.randperm(len(self.ptx_examples), generator=generator)[:n].tolist()
         prompts = [self.ptx_examples[i][0] for i in rows]
         answers = [self.ptx_examples[i][1] for i in rows]
-        return TokenBatch.build(prompts, answers, self.pad_id)
+        return TokenBatch.build(prompts, answers, self.pad_id, self.device)
 
     # Long on purpose: epochs of shuffled mini-batches, gradient accumulation, clipping and
     # the approximate-KL early stop, one PPO update in the order it happens.

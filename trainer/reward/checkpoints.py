@@ -54,4 +54,6 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             f"checkpoint {path} is corrupted ({exc}); refusing to resume from it. "
             "Delete it, or start over with --fresh."
         ) from exc
-    return torch.load(path / CHECKPOINT_STATE, weights_only=True)
+    # On the CPU first: a round resumed on another device (or none) still loads it; the
+    # model and the optimizer copy the tensors to where their parameters are.
+    return torch.load(path / CHECKPOINT_STATE, weights_only=True, map_location="cpu")

@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from schemas.config import ConfigBase
+from schemas.config import DeviceConfig
 
 
 @dataclass
-class RewardConfig(ConfigBase):
-    """Everything that determines a reward model training round (and where it keeps things)."""
+class RewardConfig(DeviceConfig):
+    """Everything that determines a reward model training round (and where it keeps things;
+    ``device`` from :class:`schemas.config.DeviceConfig`)."""
 
     SECRETS: ClassVar[tuple[str, ...]] = ("database_url",)
     # A checkpoint written under other values of the rest cannot be resumed: where things
@@ -73,10 +74,10 @@ class RewardConfig(ConfigBase):
     lora_r: int = field(default=8, metadata={"help": "LoRA rank of the reward adapter."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator."})
     lora_target_modules: str = field(
-        default="all-linear",
+        default="auto",
         metadata={
-            "help": "Comma-separated module names the adapter wraps, or 'all-linear' "
-            "(every linear layer but the LM head)."
+            "help": "Modules the adapter wraps: 'auto' (the model's transformer-body linear "
+            "layers, what vLLM serves LoRA on), 'all-linear' (PEFT's rule) or a comma list."
         },
     )
     max_length: int = field(

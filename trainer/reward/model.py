@@ -41,6 +41,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from trainer.common.device import autocast, autocast_dtype
 from trainer.common.lora_folding import applied
 
 CARD_NAME = "reward_model.json"
@@ -79,6 +80,17 @@ class RewardModel:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int) -> None:
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.device = torch.device("cpu")
+        """Where its weights are and its passes run (:meth:`to`)."""
+        self.autocast_dtype: torch.dtype | None = None
+        """The precision policy of its passes (:mod:`trainer.common.device`)."""
+
+    def to(self, device: torch.device | str) -> RewardModel:
+        """Move the weights to ``device`` and take its precision policy; subclasses move
+        their modules, then call this."""
+        self.device = torch.device(device)
+        self.autocast_dtype = autocast_dtype(self.device)
+        return self
 
     # --- the small public API ------------------------------------------------------------
 
@@ -86,18 +98,21 @@ class RewardModel:
     def score(
         self, conversations: Sequence[Messages], answers: Sequence[str], *, batch_size: int = 64
     ) -> torch.Tensor:
-        """One reward per (conversation, answer), float32, shape ``(len(answers),)``."""
+        """One reward per (conversation, answer), float32, shape ``(len(answers),)``, on
+        the CPU (beside the rule terms) wherever the model runs."""
         if len(conversations) != len(answers):
             raise ValueError(f"{len(conversations)} conversations but {len(answers)} answers")
         out = [
             self.rewards(conversations[i : i + batch_size], answers[i : i + batch_size])
             for i in range(0, len(answers), batch_size)
         ]
-        return torch.cat(out).float() if out else torch.zeros(0)
+        return torch.cat(out).float().cpu() if out else torch.zeros(0)
 
     def rewards(self, conversations: Sequence[Messages], answers: Sequence[str]) -> torch.Tensor:
-        """Like :meth:`score` but in one batch and differentiable (training)."""
+        """Like :meth:`score` but in one batch and differentiable (training), on the
+        model's device."""
         input_ids, attention_mask = self.encode(conversations, answers)
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         return self.forward(input_ids, attention_mask)
 
     # --- for the trainer -------------------------------------------------------------------
@@ -171,13 +186,23 @@ class LoraRewardModel(RewardModel):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         # Scoring (no gradient) runs the adapter folded into the base weights.
-        with applied(self.peft_model, self.adapter_name):
+        with (
+            applied(self.peft_model, self.adapter_name),
+            autocast(self.device, self.autocast_dtype),
+        ):
             hidden = self._backbone(
                 input_ids=input_ids, attention_mask=attention_mask
             ).last_hidden_state
         last = attention_mask.sum(dim=1) - 1
-        final = hidden[torch.arange(hidden.shape[0]), last]
+        final = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return self.head(final.to(self.head.weight.dtype)).squeeze(-1)
+
+    def to(self, device: torch.device | str) -> LoraRewardModel:
+        """The shared base (with every adapter on it) and the head on ``device``."""
+        self.peft_model.to(device)
+        self.head.to(device)
+        super().to(device)
+        return self
 
     def _adapter_parameters(self) -> dict[str, torch.nn.Parameter]:
         marker = f".{self.adapter_name}."
@@ -248,7 +273,15 @@ class SequenceClassifierRewardModel(RewardModel):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
+        with autocast(self.device, self.autocast_dtype):
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return logits[:, 0].float()  # a no-op on the CPU
+
+    def to(self, device: torch.device | str) -> SequenceClassifierRewardModel:
+        # nn.Module's own: transformers' decorated override is typed for its own arguments.
+        torch.nn.Module.to(self.model, device)
+        super().to(device)
+        return self
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         params = list(self.model.parameters())
@@ -279,19 +312,67 @@ class SequenceClassifierRewardModel(RewardModel):
 # --- building and loading ----------------------------------------------------------------
 
 
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Give a tokenizer without a pad token one: its EOS (else its UNK). Padding is always
+    masked out here, so any id works; an existing token keeps the vocabulary (and the
+    embedding matrix) the size the model was trained with."""
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+        if fallback is None:
+            raise ValueError("the tokenizer has no pad, EOS or UNK token to pad with")
+        tokenizer.pad_token = fallback
+    return tokenizer
+
+
 def load_base_model(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A causal LM directory in float32 (CPU training) with its tokenizer, frozen, eval mode."""
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    """A causal LM directory in float32 (CPU training) with its tokenizer (given a pad token
+    when it has none: :func:`ensure_pad_token`), frozen, eval mode."""
+    tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(str(path)))
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     model.requires_grad_(False)
     model.eval()
     return model, tokenizer
 
 
-def lora_config(r: int, alpha: int, target_modules: str) -> LoraConfig:
-    """A LoRA config vLLM can serve: no dropout, targets a comma list or 'all-linear'."""
+def lora_target_modules(model: PreTrainedModel | PeftModel) -> list[str]:
+    """The modules a LoRA adapter on ``model`` wraps when none are configured (``"auto"``):
+    every linear layer of the transformer body (attention and MLP projections, by their
+    leaf names), not the LM head, the embeddings or any classification head.
+
+    This is the set vLLM (0.32) can serve an adapter on: it supports LoRA on every linear
+    layer of its own implementation of the architecture (``get_supported_lora_modules`` in
+    ``vllm/lora/utils.py``), whose fused layers (``qkv_proj``, ``gate_up_proj``) expand back
+    to these Hugging Face names (``packed_modules_mapping``), and it refuses an adapter with
+    any other module (``LoRAModel.from_local_checkpoint``). The LM head and embeddings are
+    left out because vLLM takes LoRA on them only for some architectures and PPO does not
+    need them."""
+    hf_model = transformer_of(model) if isinstance(model, PeftModel) else model
+    body = getattr(hf_model, hf_model.base_model_prefix)
+    names = set()
+    for name, module in body.named_modules():
+        parts = name.split(".")
+        if not isinstance(module, torch.nn.Linear) or any(p.startswith("lora_") for p in parts):
+            continue  # an adapter's own A and B matrices
+        if parts[-1] == "base_layer":  # a layer PEFT already wraps: named by its wrapper
+            parts.pop()
+        names.add(parts[-1])
+    if not names:
+        raise ValueError(f"{type(hf_model).__name__} has no linear layers for LoRA")
+    return sorted(names)
+
+
+def lora_config(
+    r: int, alpha: int, target_modules: str, model: PreTrainedModel | PeftModel | None = None
+) -> LoraConfig:
+    """A LoRA config vLLM can serve: no dropout; targets ``"auto"`` (what
+    :func:`lora_target_modules` finds in ``model``), ``"all-linear"`` (PEFT's rule) or a
+    comma list."""
     targets: str | list[str] = target_modules
-    if target_modules != "all-linear":
+    if target_modules == "auto":
+        if model is None:
+            raise ValueError("lora target_modules 'auto' needs the model")
+        targets = lora_target_modules(model)
+    elif target_modules != "all-linear":
         targets = [t.strip() for t in target_modules.split(",") if t.strip()]
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets)
 
@@ -302,7 +383,7 @@ def new_lora_reward_model(
     *,
     r: int = 8,
     alpha: int = 16,
-    target_modules: str = "all-linear",
+    target_modules: str = "auto",
     max_length: int = 256,
     seed: int = 0,
     adapter_name: str = ADAPTER_NAME,
@@ -313,7 +394,7 @@ def new_lora_reward_model(
     Initialisation draws from a private RNG seeded with ``seed``: the caller's torch random
     stream is left alone, and the same seed gives the same starting point.
     """
-    lora = lora_config(r, alpha, target_modules)
+    lora = lora_config(r, alpha, target_modules, base)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if isinstance(base, PeftModel):
@@ -378,7 +459,7 @@ def attach_reward_model(
 
 def load_seq_cls_model(path: Path, max_length: int = 256) -> SequenceClassifierRewardModel:
     """A sequence-classification directory (a configured model or a saved version)."""
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(str(path)))
     model = AutoModelForSequenceClassification.from_pretrained(
         str(path), num_labels=1, dtype=torch.float32
     )

@@ -41,6 +41,7 @@ from prometheus_client import Counter, Gauge, start_http_server
 
 from feedback.datasets import Watermark
 from feedback.db import connect, migrate
+from trainer.common.device import resolve_device
 from trainer.common.progress import progress_bar
 from trainer.reward import registry
 from trainer.reward.checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
@@ -136,14 +137,17 @@ def _can_warm_start(config: RewardConfig, parent: registry.RewardVersion | None)
 
 
 class _Models:
-    """The base (loaded once) and the reward models built on it for one round."""
+    """The base (loaded once) and the reward models built on it for one round, on the
+    round's device (``config.device``)."""
 
     def __init__(self, config: RewardConfig) -> None:
         self.config = config
+        self.device = resolve_device(config.device)
         self.base = None
         self.tokenizer = None
         if not config.seq_cls_model:
             self.base, self.tokenizer = load_base_model(Path(config.base_model))
+            torch.nn.Module.to(self.base, self.device)  # transformers' override is mistyped
 
     def parent(self, record: registry.RewardVersion, adapter_name: str) -> RewardModel:
         """The registered version ``record``, on the shared base when it fits there."""
@@ -152,15 +156,15 @@ class _Models:
         if record.kind == "lora" and shared:
             model = attach_reward_model(self.base, self.tokenizer, path, adapter_name=adapter_name)
             self.base = model.peft_model
-            return model
-        return load_reward_model(path)
+            return model.to(self.device)
+        return load_reward_model(path).to(self.device)
 
     def candidate(self, record: registry.RewardVersion | None) -> RewardModel:
         """Warm-started from ``record``, or freshly initialised."""
         config = self.config
         if config.seq_cls_model:
             source = registry.verified_path(record) if record else Path(config.seq_cls_model)
-            return load_seq_cls_model(source, config.max_length)
+            return load_seq_cls_model(source, config.max_length).to(self.device)
         if record is not None:
             model = self.parent(record, "reward")
         else:
@@ -173,7 +177,7 @@ class _Models:
                 max_length=config.max_length,
                 seed=config.seed,
                 base_model_path=str(config.base_model),
-            )
+            ).to(self.device)
             self.base = model.peft_model
         model.max_length = config.max_length
         # self.parent() returns the RewardModel base type; past the seq_cls branch above it
@@ -399,7 +403,9 @@ def _train_steps(
             answers += [x.answer for x in label_batch]
             rewards = model.rewards(conversations, answers)
             n = len(pair_batch)
-            y = torch.tensor([1.0 if x.label == "up" else 0.0 for x in label_batch])
+            y = torch.tensor(
+                [1.0 if x.label == "up" else 0.0 for x in label_batch], device=rewards.device
+            )
             loss = reward_loss(
                 rewards[:n], rewards[n : 2 * n], rewards[2 * n :], y, config.pointwise_weight
             )

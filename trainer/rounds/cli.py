@@ -105,8 +105,11 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> dict[str, Any]:
 
 
 def _round_config(values: dict[str, Any]) -> RoundConfig | None:
+    from trainer.common.device import resolve_device
+
     try:
         config = config_from_namespace(RoundConfig, values)
+        resolve_device(config.ppo.device)  # `--device cuda` without a GPU: refused here
     except ValueError as exc:
         print(f"alignloop train: {exc}", file=sys.stderr)
         return None
@@ -142,7 +145,7 @@ def ppo_main(argv: list[str]) -> int:
         return lease
     torch.set_num_threads(config.torch_threads())
     keep_freed_memory()
-    dist = Dist.from_env()
+    dist = Dist.from_env(config.ppo.device)
     try:
         if config.metrics_port and dist.is_main:
             start_http_server(config.metrics_port)

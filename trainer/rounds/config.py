@@ -34,6 +34,7 @@ class RoundConfig(ConfigBase):
         "progress",
         "metrics_port",
         "num_threads",
+        "vllm_gpu_memory_utilization",
     )
 
     # --- where things are ----------------------------------------------------------------
@@ -100,8 +101,11 @@ class RoundConfig(ConfigBase):
     )
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator."})
     lora_target_modules: str = field(
-        default="all-linear",
-        metadata={"help": "Modules the policy adapter wraps ('all-linear' or a comma list)."},
+        default="auto",
+        metadata={
+            "help": "Modules the policy adapter wraps: 'auto' (the model's transformer-body "
+            "linear layers, what vLLM serves LoRA on), 'all-linear' or a comma list."
+        },
     )
     critic_init: CriticInit = field(
         default="reward",
@@ -124,7 +128,8 @@ class RoundConfig(ConfigBase):
         metadata={
             "help": "'vllm': a vLLM engine with the actor hot-loaded as a LoRA adapter; "
             "'hf': a decode loop on the training model (transformers; bit-reproducible); "
-            "'auto': vllm with a GPU, hf on CPU (why: docs/benchmarks.md, rollouts on CPU)."
+            "'auto': vllm when the models train on a GPU (ppo's device), hf on CPU (why: "
+            "docs/benchmarks.md, rollouts on CPU)."
         },
     )
     vllm_dtype: VllmDtype = field(
@@ -139,6 +144,15 @@ class RoundConfig(ConfigBase):
         metadata={
             "help": "CPU: the rollout engine's KV cache in MiB; it must hold a rollout batch "
             "(rows x (prompt + answer) tokens)."
+        },
+    )
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3,
+        metadata={
+            "help": "GPU: the rollout engine's share of the GPU's memory (vLLM's "
+            "gpu_memory_utilization: weights, then KV cache, taken at start-up); serving's "
+            "engine and the trainer need the rest (`alignloop up` splits one GPU: "
+            "deploy/local/gpu_plan.py)."
         },
     )
     vllm_engine_cpus: int = field(
@@ -208,6 +222,11 @@ class RoundConfig(ConfigBase):
             (self.abort_kl > 0 and self.gate_max_kl > 0, "abort_kl", "KL bounds must be > 0"),
             (self.sync_timeout_s > 0, "sync_timeout_s", "must be > 0"),
             (self.vllm_kv_cache_mib >= 16, "vllm_kv_cache_mib", "must be at least 16"),
+            (
+                0 < self.vllm_gpu_memory_utilization < 1,
+                "vllm_gpu_memory_utilization",
+                "must be in (0, 1)",
+            ),
             (self.vllm_engine_cpus >= 0, "vllm_engine_cpus", "must be >= 0 (0 = half)"),
             (self.num_threads >= 0, "num_threads", "must be >= 0 (0 = one per core)"),
         ]
@@ -218,9 +237,10 @@ class RoundConfig(ConfigBase):
 
     @property
     def rollouts(self) -> str:
-        """The rollout backend this machine uses: ``rollout_backend`` with ``auto`` decided."""
+        """The rollout backend this machine uses: ``rollout_backend`` with ``auto`` decided
+        (vLLM when the models train on a GPU)."""
         if self.rollout_backend != "auto":
             return self.rollout_backend
-        import torch
+        from trainer.common.device import resolve_device
 
-        return "vllm" if torch.cuda.is_available() else "hf"
+        return "vllm" if resolve_device(self.ppo.device).type == "cuda" else "hf"

@@ -47,6 +47,7 @@ from deploy.policies import registry as policy_registry
 from feedback import datasets
 from feedback.db import connect, migrate
 from trainer.common import artifacts
+from trainer.common.device import resolve_device
 from trainer.common.distributed import Dist
 from trainer.common.progress import progress_bar
 from trainer.ppo.evaluation import evaluate
@@ -127,7 +128,7 @@ def run_round(
     is slow to start: docs/benchmarks.md, "Figures quoted in code"); None = start one for
     this round (and close it after).
     """
-    dist = dist or Dist.from_env()
+    dist = dist or Dist.from_env(config.ppo.device)
     if not config.database_url or not config.state_dir or not config.base_model:
         raise ValueError("config needs database_url, state_dir and base_model")
     with connect(config.database_url, autocommit=True) as conn:
@@ -204,7 +205,7 @@ def _run_training_round(
         lora_target_modules=config.lora_target_modules,
         temperature=config.ppo.temperature,
         seed=config.ppo.seed,
-    )
+    ).to(resolve_device(config.ppo.device))
     rules = config.rules if config.rules is not None else rm.config.get("rules", [])
     reward_fn = ComposedReward(models.reward, build_rules(rules)).components
     own_sampler = sampler is None
@@ -259,6 +260,7 @@ def _reward_model_and_watermark(
                 state_dir=config.state_dir,
                 base_model=config.base_model,
                 progress=config.progress,
+                device=config.ppo.device,
             )
             try:
                 outcome = train_reward_model(reward_config, conn)
@@ -363,6 +365,7 @@ def shared_sampler(config: RoundConfig, sync_dir: Path | None = None) -> VllmSam
             dtype=config.vllm_dtype,
             max_lora_rank=max(8, config.lora_r),
             kv_cache_mib=config.vllm_kv_cache_mib,
+            gpu_memory_utilization=config.vllm_gpu_memory_utilization,
             engine_cpus=config.vllm_engine_cpus,
             sync_timeout_s=config.sync_timeout_s,
         ),
@@ -450,7 +453,8 @@ def _load_checkpoint(run_dir: Path, trainer: PPOTrainer) -> int:
     if not path.exists():
         return 0
     artifacts.verify_dir(path)  # raises CorruptedDirectory: the round fails, says why
-    state = torch.load(path / CHECKPOINT_STATE, weights_only=True)
+    # On the CPU first (a round may resume on another device): the trainer copies it over.
+    state = torch.load(path / CHECKPOINT_STATE, weights_only=True, map_location="cpu")
     trainer.load_state_dict(state)
     log.info("resuming PPO at iteration %d from %s", state["iteration"], path)
     return int(state["iteration"])

@@ -1,7 +1,8 @@
 """Rollouts sampled on the training model itself: a decode loop over ``transformers``'
-forward and KV cache with the policy adapter active. No second process; bit-reproducible
-for a seed. The CPU default, the path of exact-reproducibility tests, and what each rank
-uses under ``torchrun``.
+forward and KV cache with the policy adapter active, on the models' device and under
+their precision policy. No second process; bit-reproducible for a seed (the draws come
+from a CPU generator, so a seed draws the same numbers on every device). The CPU default,
+the path of exact-reproducibility tests, and what each rank uses under ``torchrun``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from trainer.common.device import autocast
 from trainer.ppo.models import POLICY, PolicyModels
 from trainer.ppo.rollout.base import Finished, Sampler, Which, eos_token_ids
 
@@ -77,32 +79,36 @@ class HFSampler(Sampler):
     ) -> list[Finished]:
         from transformers import DynamicCache
 
+        models = self.models
+        device = models.device
         n, width = len(prompt_ids), max(len(p) for p in prompt_ids)
         input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
         attention = torch.zeros_like(input_ids)
         for i, p in enumerate(prompt_ids):  # left padding: every row ends where generation starts
             input_ids[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
             attention[i, width - len(p) :] = 1
+        input_ids, attention = input_ids.to(device), attention.to(device)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        eos = torch.tensor(sorted(self.eos))
+        eos = torch.tensor(sorted(self.eos), device=device)
         generator = torch.Generator().manual_seed(seed)
         cache = DynamicCache()
-        model = self.models.peft_model
-        live = torch.arange(n)  # the original row of each row still generating
+        model = models.peft_model
+        live = torch.arange(n, device=device)  # the original row of each row still generating
         tokens: list[list[int]] = [[] for _ in range(n)]
         logprobs: list[list[float]] = [[] for _ in range(n)]
         for step in range(max_new_tokens):
             # The prompts on the first step, then each live row's last token.
-            logits = model(
-                input_ids=input_ids,
-                attention_mask=attention,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            ).logits[:, -1]
+            with autocast(device, models.autocast_dtype):
+                logits = model(
+                    input_ids=input_ids,
+                    attention_mask=attention,
+                    position_ids=positions,
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                ).logits[:, -1]
             step_logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
-            uniform = torch.rand(len(live), generator=generator)
+            uniform = torch.rand(len(live), generator=generator).to(device)
             picked = inverse_cdf_sample(step_logprobs, uniform)
             picked_logprobs = step_logprobs.gather(-1, picked.unsqueeze(-1))[:, 0]
             drawn = zip(live.tolist(), picked.tolist(), picked_logprobs.tolist(), strict=True)

@@ -23,11 +23,16 @@ from typing import Any, Literal
 
 import torch
 
+from serving.engine import context_window
 from trainer.ppo.models import PolicyModels
 from trainer.ppo.rollout.base import AdapterSyncError, Finished, Sampler, Which
 from trainer.ppo.rollout.placement import CorePlacement, pin_process, split_cpus
 
 log = logging.getLogger(__name__)
+
+CONTEXT_CAP = 4096
+"""Largest context window a rollout engine gets by default: prompts are capped well below
+(``RoundConfig.max_prompt_tokens``), and the KV cache must hold one such sequence."""
 
 VllmDtype = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
 """The dtypes vLLM's engine accepts (its ``ModelDType``)."""
@@ -38,7 +43,9 @@ class VllmOptions:
     """How the rollout engine is started (see :class:`trainer.rounds.config.RoundConfig`)."""
 
     dtype: VllmDtype = "auto"
-    max_model_len: int = 512
+    max_model_len: int | None = None
+    """The engine's context window; None: the model's own (its config's
+    ``max_position_embeddings``), at most :data:`CONTEXT_CAP`."""
     max_lora_rank: int = 8
     kv_cache_mib: int = 256
     """CPU only: the engine's KV cache. A rollout needs ``rows x (prompt + answer)``
@@ -52,6 +59,8 @@ class VllmOptions:
     warmup_rows: int = 256
     """Rows of the start-up warm-up batch (see :meth:`VllmSampler._warm_up`)."""
     gpu_memory_utilization: float = 0.3
+    """GPU only: the engine's share of the GPU's memory (``RoundConfig``'s
+    ``vllm_gpu_memory_utilization``)."""
     sync_timeout_s: float = 60.0
 
 
@@ -118,7 +127,10 @@ class VllmSampler(Sampler):
             dtype = "bfloat16"
         extra: dict[str, Any] = {}
         if gpu:
+            # A share of the whole GPU, which vLLM checks is free at start-up: hand back
+            # what this process's allocator caches but does not use (deploy/local/gpu_plan).
             extra["gpu_memory_utilization"] = options.gpu_memory_utilization
+            torch.cuda.empty_cache()
         else:
             extra["kv_cache_memory_bytes"] = options.kv_cache_mib * 2**20
         split = None if gpu else split_cpus(options.engine_cpus)
@@ -130,7 +142,7 @@ class VllmSampler(Sampler):
             self.llm = LLM(
                 model=str(base_model),
                 dtype=dtype,
-                max_model_len=options.max_model_len,
+                max_model_len=options.max_model_len or context_window(base_model, CONTEXT_CAP),
                 enforce_eager=not gpu,
                 enable_lora=True,
                 max_lora_rank=options.max_lora_rank,

@@ -100,3 +100,22 @@ def test_up_refuses_a_short_admin_token_before_starting_anything(tmp_path: Path)
     (state / "admin_token").write_text("kept-but-short")
     done = _up_refused(state)
     assert done.returncode == 2 and str(state / "admin_token") in done.stdout
+
+
+def test_base_picks_the_built_in_model_up_builds(tmp_path: Path) -> None:
+    """``--base smollm2`` selects the SmolLM2 preset; without it the demo model stays."""
+    script = (
+        "import sys; from deploy.local.stack import _settings; "
+        "print(_settings(sys.argv[1:]).base_preset)"
+    )
+    chosen = []
+    for extra in ([], ["--base", "smollm2"], ["--base", "demo"]):
+        out = subprocess.run(
+            [sys.executable, "-c", script, "--state-dir", str(tmp_path / "s"), *extra],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        chosen.append(out.stdout.strip())
+    assert chosen == ["demo", "smollm2-135m-instruct", "demo"]

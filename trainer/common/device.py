@@ -1,0 +1,100 @@
+"""Where training runs and in which precision: one decision, made here, for every trainer.
+
+* **Device** (:func:`resolve_device`): a config's ``device`` field (``auto``, ``cpu``,
+  ``cuda``); ``auto`` is CUDA when torch sees a GPU, else the CPU. Under ``torchrun`` a CUDA
+  rank takes GPU ``LOCAL_RANK``.
+* **Precision** (:func:`autocast`): on CUDA, bfloat16 autocast over float32 weights: every
+  parameter, gradient and AdamW moment stays float32 (the master copy), and the matrix
+  products run in bfloat16. That is what ``accelerate``'s ``mixed_precision="bf16"`` (TRL's
+  trainers) does. Why, and not bfloat16 weights: a LoRA update ``lr * g`` is often below
+  bfloat16's resolution of a weight (8 bits of mantissa), so bfloat16 weights would drop
+  it; and one set of weights under one autocast policy keeps the frozen reference (the
+  base, adapters disabled) the very computation the base model does on that device. On the
+  CPU nothing changes: float32 throughout, the path every CPU figure in docs/benchmarks.md
+  was measured on (bfloat16 autocast on the CPU is not measured).
+* **Folded LoRA** (:func:`folding_pays`): the folded fast path
+  (:mod:`trainer.common.lora_folding`) was measured faster on the CPU only; it has not
+  been measured on CUDA, so PEFT's own LoRA layers run there until it is.
+* **torch.distributed** (:func:`distributed_plan`): NCCL when the ranks' tensors are on
+  CUDA (each rank on its own GPU, ``device_ids`` for DDP), gloo when they are on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from schemas.config import TrainingDevice
+
+MIXED_PRECISION_DTYPE = torch.bfloat16
+"""The dtype of CUDA's autocast regions (Ampere and newer run it natively)."""
+
+
+def resolve_device(
+    requested: TrainingDevice | str = "auto",
+    *,
+    cuda_available: bool | None = None,
+    local_rank: int | None = None,
+) -> torch.device:
+    """The device ``requested`` names on this machine.
+
+    ``auto``: CUDA when available, else the CPU. A CUDA device is GPU ``local_rank``
+    (default: ``LOCAL_RANK`` from ``torchrun``, else 0). ``cuda`` without a GPU raises
+    ``ValueError`` instead of falling back: a round asked for the GPU must not crawl on the
+    CPU unnoticed.
+    """
+    if requested not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {requested!r}")
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    if requested == "cpu" or (requested == "auto" and not cuda_available):
+        return torch.device("cpu")
+    if not cuda_available:
+        raise ValueError("device 'cuda' asked for, but torch sees no CUDA GPU")
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return torch.device("cuda", local_rank)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of passes on ``device``: bfloat16 on CUDA, None (float32) else."""
+    return MIXED_PRECISION_DTYPE if device.type == "cuda" else None
+
+
+def autocast(
+    device: torch.device, dtype: torch.dtype | None
+) -> contextlib.AbstractContextManager[object]:
+    """A forward pass's precision: ``torch.autocast`` to ``dtype`` on ``device``, or nothing
+    when ``dtype`` is None. Models keep ``autocast_dtype(device)`` as their policy (tests set
+    bfloat16 on the CPU to check the CUDA policy's exactness claims here)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def folding_pays(device: torch.device) -> bool:
+    """Whether the folded-LoRA fast path is used on ``device`` (measured on the CPU only)."""
+    return device.type == "cpu"
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter (the CPU for one without any)."""
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def distributed_plan(
+    cuda: bool, world_size: int, local_rank: int = 0
+) -> tuple[str | None, list[int] | None]:
+    """``(backend, device_ids)`` of a data-parallel run: ``(None, None)`` alone (no process
+    group), NCCL with DDP's ``device_ids = [local_rank]`` when the tensors are on CUDA
+    (``cuda``), gloo and no ``device_ids`` when they are on the CPU. NCCL cannot move CPU
+    tensors, so the backend follows where the tensors are, not whether a GPU exists."""
+    if world_size <= 1:
+        return None, None
+    if cuda:
+        return "nccl", [local_rank]
+    return "gloo", None
