@@ -1,15 +1,29 @@
-"""alignloop's chat API vs vLLM's own OpenAI server, same model, same load, one run.
+"""alignloop's chat API vs vLLM's own OpenAI server, same model, same load, same tokens.
 
 Both servers run side by side on the same model with the same engine flags (bfloat16 on
 CPU, eager mode, LoRA enabled, same context length); alignloop logs every completion to
-a real Kafka-protocol broker meanwhile. Load: C concurrent streaming clients, each
+a real Kafka-protocol broker meanwhile and checks an API key and its rate limits on every
+request (limits raised above the load, so the limiter runs but never throttles). Two
+scenarios, each measured the same way:
+
+* ``base``: both serve the base model;
+* ``lora``: both serve one LoRA adapter by name -- alignloop because the adapter is the
+  promoted stable policy in its registry (what it serves after the first promotion),
+  vLLM because it was started with ``--lora-modules`` and is asked for that name.
+
+Before the load, a token-identity check asks both servers the same prompts at temperature
+0 and fails the run if any completion differs. Load: C concurrent streaming clients, each
 sending R requests with a fixed seed per request, so both servers generate the same
-tokens. Because throughput on a shared 2-core machine swings run to run, the servers
-are measured in alternating rounds (A B A B ...) and the JSON reports medians.
+tokens (the JSON reports the tokens of every round). Because throughput on a shared
+2-core machine swings run to run, the servers are measured in alternating rounds in the
+order A B, B A, A B ... (``--quick`` sends fewer requests, never fewer rounds) and the
+JSON reports medians of the per-round figures.
 
     python -m benchmarks.serving [--quick] [--clients 16] [--max-tokens 64] [--rounds 3]
+        [--scenarios base,lora]
 
-Prints one JSON object on stdout (progress goes to stderr).
+Prints one JSON object on stdout (progress goes to stderr); exits 1 if the servers'
+completions differ.
 """
 
 from __future__ import annotations
@@ -120,7 +134,21 @@ async def run_load(url: str, model: str, clients: int, per_client: int, max_toke
     }
 
 
-def start_vllm_server(model_dir: Path, port: int, log_path: Path) -> subprocess.Popen:
+ADAPTER = "bench-adapter"  # the adapter's served name on both sides
+IDENTITY_PROMPTS = PROMPTS  # asked at temperature 0 on both servers before the load
+DIFFERENCES = [
+    "alignloop also publishes every answer to Kafka and checks a key and its rate limits"
+    " (that is the product; it is what is measured)",
+    "alignloop runs its own engine loop (serving/engine.py) around the same vLLM AsyncLLM;"
+    " vLLM's server runs its OpenAI front end",
+    "both servers share the machine's cores for the whole run (they idle while the other"
+    " is measured, but their processes stay resident)",
+]
+
+
+def start_vllm_server(
+    model_dir: Path, port: int, log_path: Path, adapter: Path | None
+) -> subprocess.Popen:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     argv = [
         sys.executable,
@@ -146,6 +174,8 @@ def start_vllm_server(model_dir: Path, port: int, log_path: Path) -> subprocess.
         "127.0.0.1",
         "--disable-log-stats",
     ]
+    if adapter is not None:
+        argv += ["--lora-modules", f"{ADAPTER}={adapter}"]
     with open(log_path, "ab") as out:
         return subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
 
@@ -157,55 +187,171 @@ def default_model_dir() -> Path:
     return bootstrap_demo_model(demo_model_cache_dir())
 
 
+def completions_at_temperature_zero(url: str, model: str, max_tokens: int) -> list[str]:
+    """The answers to IDENTITY_PROMPTS, greedy, non-streaming (one request at a time)."""
+    answers = []
+    with httpx.Client(timeout=120, headers=AUTH) as client:
+        for k, prompt in enumerate(IDENTITY_PROMPTS):
+            r = client.post(
+                f"{url}/v1/chat/completions",
+                json={
+                    "model": model,
+                    "messages": [{"role": "user", "content": prompt}],
+                    "max_tokens": max_tokens,
+                    "temperature": 0,
+                    "seed": k,
+                },
+            )
+            r.raise_for_status()
+            answers.append(r.json()["choices"][0]["message"]["content"])
+    return answers
+
+
+def promote_adapter(db_url: str, adapter: Path, a_url: str) -> None:
+    """Make ``adapter`` alignloop's stable policy and wait until the server routes to it."""
+    import psycopg
+
+    from deploy.policies import registry
+
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        registry.register_candidate(conn, ADAPTER, str(adapter), actor="benchmark")
+        generation = registry.promote(conn, ADAPTER, actor="benchmark", reason="benchmark")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        health = httpx.get(f"{a_url}/healthz", timeout=5).json()
+        if health["routing"]["generation"] >= generation.generation:
+            return
+        time.sleep(0.1)
+    raise RuntimeError("alignloop did not apply the promotion within 60 s")
+
+
+def alternating(rounds: int) -> list[tuple[str, str]]:
+    """The measuring order: A B, B A, A B, ... so neither side always goes first."""
+    pair = ("alignloop", "vllm")
+    return [pair if i % 2 == 0 else pair[::-1] for i in range(rounds)]
+
+
+def measure(urls: dict[str, str], model: dict[str, str], args: argparse.Namespace) -> dict:
+    """One scenario: identity check, warm-up, then the alternating rounds; its JSON."""
+    identity = {
+        name: completions_at_temperature_zero(urls[name], model[name], args.identity_tokens)
+        for name in ("alignloop", "vllm")
+    }
+    mismatches = [
+        {"prompt": p, "alignloop": a, "vllm": v}
+        for p, a, v in zip(IDENTITY_PROMPTS, identity["alignloop"], identity["vllm"], strict=True)
+        if a != v
+    ]
+    load = dict(
+        clients=args.clients, per_client=args.requests_per_client, max_tokens=args.max_tokens
+    )
+    for name in ("alignloop", "vllm"):  # warm-up: first requests pay one-off costs
+        asyncio.run(run_load(urls[name], model[name], clients=2, per_client=1, max_tokens=8))
+    rounds: dict[str, list[dict]] = {"alignloop": [], "vllm": []}
+    order = alternating(args.rounds)
+    for i, pair in enumerate(order):
+        for name in pair:
+            r = asyncio.run(run_load(urls[name], model[name], **load))
+            rounds[name].append(r)
+            log(
+                f"  round {i + 1} {name}: {r['tokens_per_s']:.0f} tok/s, "
+                f"p50 {r['p50_ms']:.0f} ms, ttft p50 {r['ttft_p50_ms']:.0f} ms"
+            )
+    result = summarise(rounds, order, mismatches)
+    result["identity_answers"] = identity["vllm"]
+    return result
+
+
+def summarise(rounds: dict[str, list[dict]], order: list, mismatches: list) -> dict:
+    def med(name: str, key: str) -> float:
+        return statistics.median(r[key] for r in rounds[name])
+
+    pairs = list(zip(rounds["alignloop"], rounds["vllm"], strict=True))
+    ratios = [a["tokens_per_s"] / v["tokens_per_s"] for a, v in pairs]
+    return {
+        "throughput_ratio": statistics.median(ratios),
+        "per_round_throughput_ratios": ratios,
+        "alignloop_tokens_per_s": med("alignloop", "tokens_per_s"),
+        "vllm_tokens_per_s": med("vllm", "tokens_per_s"),
+        "p50_overhead_ms": statistics.median(a["p50_ms"] - v["p50_ms"] for a, v in pairs),
+        "p99_overhead_ms": statistics.median(a["p99_ms"] - v["p99_ms"] for a, v in pairs),
+        "alignloop_p50_ms": med("alignloop", "p50_ms"),
+        "vllm_p50_ms": med("vllm", "p50_ms"),
+        "alignloop_p99_ms": med("alignloop", "p99_ms"),
+        "vllm_p99_ms": med("vllm", "p99_ms"),
+        "alignloop_ttft_p50_ms": med("alignloop", "ttft_p50_ms"),
+        "vllm_ttft_p50_ms": med("vllm", "ttft_p50_ms"),
+        "equal_work": all(a["tokens"] == v["tokens"] for a, v in pairs),
+        "tokens_per_round": {name: [r["tokens"] for r in rs] for name, rs in rounds.items()},
+        "failed_requests": sum(r["failures"] for rs in rounds.values() for r in rs),
+        "identical_completions_at_temperature_0": not mismatches,
+        "identity_mismatches": mismatches,
+        "order": [list(pair) for pair in order],
+        "rounds": rounds,
+    }
+
+
+# Long on purpose: the benchmark's whole life in order (start both servers and the
+# registry, each scenario, stop everything), kept in one place so it reads top to bottom.
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--quick", action="store_true", help="a smaller load (CI-sized)")
+    ap.add_argument("--quick", action="store_true", help="fewer requests per round (CI-sized)")
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--requests-per-client", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=3, help="alternating A/B rounds")
+    ap.add_argument("--identity-tokens", type=int, default=32, help="tokens per identity answer")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (at least 3)")
+    ap.add_argument("--scenarios", default="base,lora", help="comma-separated: base, lora")
     ap.add_argument("--model-dir", type=Path, help="default: the cached demo model")
     args = ap.parse_args()
+    if args.rounds < 3:
+        ap.error("--rounds: at least 3, so the order alternates")
     if args.quick:
-        args.clients, args.requests_per_client, args.rounds = 8, 3, 1
+        args.clients, args.requests_per_client = 8, 3
+    scenarios = [s for s in args.scenarios.split(",") if s]
+
+    from feedback.db import connect_and_migrate
+    from tests.fixtures.adapters import make_adapter
+    from tests.fixtures.postgres import create_database, drop_database
 
     model_dir = args.model_dir or default_model_dir()
     work = Path(tempfile.mkdtemp(prefix="alignloop-bench-"))
+    # A small-weight adapter: it changes some answers without turning them into noise.
+    adapter = make_adapter(model_dir, work / "adapter", seed=7, scale=0.05)
+    db_url = create_database()
+    with connect_and_migrate(db_url):
+        pass
     broker = EmbeddedBroker(log_path=work / "broker.log")
     broker.start()
     a_port, v_port = free_port(), free_port()
     # One key sends every request: its per-key limits are raised above the load (the limiter
     # still runs on every request; docs/api.md#limits), so a fast GPU is never throttled.
-    limits = {
+    env = {
         "ALIGNLOOP_RATE_LIMIT_RPS": "1000000",
         "ALIGNLOOP_RATE_LIMIT_TOKENS_PER_MIN": "10000000000",
+        "ALIGNLOOP_DATABASE_URL": db_url,
     }
-    ours, _ = start_serving(
-        model_dir, broker.bootstrap, work / "alignloop", a_port, extra_env=limits
-    )
-    theirs = start_vllm_server(model_dir, v_port, work / "vllm.log")
-    a_url, v_url = f"http://127.0.0.1:{a_port}", f"http://127.0.0.1:{v_port}"
+    ours, _ = start_serving(model_dir, broker.bootstrap, work / "alignloop", a_port, extra_env=env)
+    theirs = start_vllm_server(model_dir, v_port, work / "vllm.log", adapter)
+    urls = {"alignloop": f"http://127.0.0.1:{a_port}", "vllm": f"http://127.0.0.1:{v_port}"}
+    results: dict[str, dict] = {}
     try:
         log("starting both servers (about a minute on CPU)…")
-        if not wait_healthy(a_url, ours, 400) or not wait_healthy(v_url, theirs, 400, "/health"):
+        if not wait_healthy(urls["alignloop"], ours, 400) or not wait_healthy(
+            urls["vllm"], theirs, 400, "/health"
+        ):
             log(f"a server did not start; logs in {work}")
             return 1
-        load = dict(
-            clients=args.clients, per_client=args.requests_per_client, max_tokens=args.max_tokens
-        )
-        for url in (a_url, v_url):  # warm-up: first requests pay one-off costs
-            asyncio.run(run_load(url, "alignloop", clients=2, per_client=1, max_tokens=8))
-        rounds: dict[str, list[dict]] = {"alignloop": [], "vllm": []}
-        for i in range(args.rounds):
-            for name, url in (("alignloop", a_url), ("vllm", v_url)):
-                r = asyncio.run(run_load(url, "alignloop", **load))
-                rounds[name].append(r)
-                log(
-                    f"round {i + 1} {name}: {r['tokens_per_s']:.0f} tok/s, "
-                    f"p50 {r['p50_ms']:.0f} ms, ttft p50 {r['ttft_p50_ms']:.0f} ms"
-                )
+        for scenario in scenarios:
+            log(f"scenario {scenario}:")
+            if scenario == "lora":
+                promote_adapter(db_url, adapter, urls["alignloop"])
+                models = {"alignloop": "alignloop", "vllm": ADAPTER}
+            else:
+                models = {"alignloop": "alignloop", "vllm": "alignloop"}
+            results[scenario] = measure(urls, models, args)
     finally:
         for p in (ours, theirs):
             p.terminate()
@@ -215,40 +361,39 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 p.kill()
         broker.stop()
+        drop_database(db_url)
 
-    def med(name: str, key: str) -> float:
-        return statistics.median(r[key] for r in rounds[name])
-
-    ratios = [
-        a["tokens_per_s"] / v["tokens_per_s"]
-        for a, v in zip(rounds["alignloop"], rounds["vllm"], strict=True)
-    ]
-    overheads = [
-        a["p50_ms"] - v["p50_ms"] for a, v in zip(rounds["alignloop"], rounds["vllm"], strict=True)
-    ]
+    identical = all(r["identical_completions_at_temperature_0"] for r in results.values())
     result = {
-        "alignloop_tokens_per_s": med("alignloop", "tokens_per_s"),
-        "vllm_tokens_per_s": med("vllm", "tokens_per_s"),
-        "throughput_ratio": statistics.median(ratios),
-        "alignloop_p50_ms": med("alignloop", "p50_ms"),
-        "vllm_p50_ms": med("vllm", "p50_ms"),
-        "p50_overhead_ms": statistics.median(overheads),
-        "alignloop_p99_ms": med("alignloop", "p99_ms"),
-        "vllm_p99_ms": med("vllm", "p99_ms"),
-        "alignloop_ttft_p50_ms": med("alignloop", "ttft_p50_ms"),
-        "vllm_ttft_p50_ms": med("vllm", "ttft_p50_ms"),
-        "failed_requests": sum(r["failures"] for rs in rounds.values() for r in rs),
+        "scenarios": results,
+        "identical_completions_at_temperature_0": identical,
+        # The identity check means something in the lora scenario only if the adapter
+        # changes what the model says: the count of answers it changed.
+        "answers_the_adapter_changed": (
+            sum(
+                b != lo
+                for b, lo in zip(
+                    results["base"]["identity_answers"],
+                    results["lora"]["identity_answers"],
+                    strict=True,
+                )
+            )
+            if {"base", "lora"} <= results.keys()
+            else None
+        ),
         "config": {
             "clients": args.clients,
             "requests_per_client": args.requests_per_client,
             "max_tokens": args.max_tokens,
             "rounds": args.rounds,
             "model_dir": str(model_dir),
+            "adapter": "rank 8 on q/k/v/o, B ~ N(0, 0.05), seed 7",
+            "cpus": os.cpu_count(),
         },
-        "rounds": rounds,
+        "differences_not_removed": DIFFERENCES,
     }
     print(json.dumps(result, indent=2))
-    return 0
+    return 0 if identical else 1
 
 
 if __name__ == "__main__":
