@@ -11,22 +11,31 @@ torch's default of one thread per core) is trained by
   default, ``auto``, is alignloop's: vLLM with a GPU, ``hf`` on CPU;
   reward = a reward model version (a LoRA adapter + head on the base, scoring 0) plus the
   rule terms of ``tests/fixtures/ppo.CONCISE`` (no filler), so the reward gain is real;
-* **TRL** 1.12's four-model PPOTrainer (``benchmarks/trl_ppo_baseline.py``: policy,
-  reference, value and reward models, ``transformers`` generation), in its own virtualenv.
+* **TRL** 1.12's PPOTrainer (``benchmarks/trl_ppo_baseline.py``, ``transformers``
+  generation, in its own virtualenv) in two configurations: ``trl_full`` (full fine-tuning;
+  policy, reference, value and reward models) and ``trl_lora`` (its ``peft_config``: a LoRA
+  of alignloop's rank, alpha and target modules on the policy; the reference is the policy
+  with the adapter disabled), both at TRL's default ``local_rollout_forward_batch_size``.
 
-Each side runs in a fresh child process (its peak RSS is its own), alternating
-alignloop / TRL for ``--rounds`` rounds (these 2 shared cores swing by 2x between runs);
-figures are medians. Prints one JSON object: ``rollout_tokens_per_s``, ``episodes_per_s``,
-``seconds_per_round`` (the round's PPO iterations), ``peak_rss_mb`` (the trainer process),
-``total_peak_rss_mb`` (trainer + rollout engine processes), ``reward_start``,
-``reward_end``, ``final_kl``, the memory breakdown, TRL's figures and the ratios
-(``speedup_episodes_per_s``, ``peak_rss_ratio``, ``total_peak_rss_ratio``).
+Both sides: the PPO hyperparameters of :data:`SHARED` (the same values wherever both expose
+them; what cannot match is :data:`DIFFERENCES_NOT_REMOVED`, printed with the result) and
+alignloop's glibc malloc settings (``trainer/common/malloc_tuning.py``) in every process.
+
+Each side runs in a fresh child process (its peak RSS is its own), in an order that
+alternates every round (alignloop, TRL full, TRL LoRA; then reversed; ...) for ``--rounds``
+(at least 3) rounds; these 2 shared cores swing by 2x between runs. Prints one JSON object:
+per side (``sides``), per round and as medians, the gradient (optimizer) steps taken, KL
+early stops, episodes, tokens generated, episodes/s, rollout tokens/s, peak RSS of the whole
+process and training-only (the peak minus the RSS after imports and model load), reward
+before/after (each side's own reward: not comparable across sides) and final KL; the
+``ratios`` of alignloop's medians to the better TRL configuration's for each metric (and
+which one that was); alignloop's headline figures and memory breakdown at the top level.
 
 ``--rollout-batch-size`` / ``--mini-batch-size`` / ``--threads`` change the configuration
 for both sides; ``--scaled-model HIDDEN,LAYERS`` trains a randomly initialised Llama of
 that width and depth (the demo tokenizer and chat template) instead of the demo model, to
-see where model memory, not the Python/torch floor, dominates. ``--quick``: one round of
-two iterations.
+see where model memory, not the Python/torch floor, dominates. ``--quick``: two iterations
+per run (still every round). ``--no-trl``: alignloop alone.
 
     python -m benchmarks.ppo [--quick] [--rounds 3] [--rollout auto|vllm|hf] [--no-trl]
 """
@@ -42,6 +51,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,6 +66,51 @@ FIXED = {
     "init_kl_coef": 0.05,
     "seed": 0,
     "threads": 0,  # torch's default: one per core
+}
+
+# PPO hyperparameters both sides expose, set to the same value on both (issue 19): alignloop's
+# defaults where TRL lets them be set, TRL's where alignloop must follow (one learning rate
+# for policy and value, no KL early stop: TRL 1.12 has neither a critic rate nor a target KL).
+SHARED: dict[str, Any] = {
+    "critic_lr": FIXED["actor_lr"],
+    "lr_schedule": "constant",  # alignloop: no warm-up; TRL: lr_scheduler_type constant
+    "clip_range": 0.2,
+    "value_clip_range": 0.2,
+    "vf_coef": 0.5,
+    "gamma": 1.0,
+    "lam": 0.95,
+    "kl_mode": "fixed",
+    "kl_estimator": "k1",
+    "approx_kl_stop": 0.0,  # off: TRL's loop never stops early
+    "whiten_advantages": True,  # TRL always whitens advantages
+    "lora_r": 8,  # alignloop's PolicyModels.load defaults; TRL's peft_config copies them
+    "lora_alpha": 16,
+}
+
+# What stays different, and why (printed with every result).
+DIFFERENCES_NOT_REMOVED = {
+    "reward": "alignloop's reward is the flat reward model plus the concise-answer rule terms "
+    "(tests/fixtures/ppo.CONCISE); TRL's PPOTrainer takes only a sequence-classification "
+    "reward model (randomly initialised head), so reward levels are not comparable across "
+    "sides, only each side's own start/end",
+    "reward_normalization": "alignloop normalises scores by running moments and clips at 5 "
+    "(normalize_reward); TRL 1.12 has only whiten_rewards (per-token whitening), left off",
+    "gradient_clipping": "alignloop clips the global gradient norm at 1.0 before every step; "
+    "TRL 1.12's PPO loop never clips (max_grad_norm is ignored)",
+    "micro_batch": "alignloop: 16 rows per forward/backward (micro_batch_size); TRL: its "
+    "micro-batch is per_device_train_batch_size, and with gradient accumulation > 1 it steps "
+    "once per accumulation across mini-batch boundaries, so to take one optimizer step per "
+    "mini-batch of 64 its micro-batch is the whole mini-batch",
+    "critic": "alignloop's critic is a LoRA adapter + head on the shared base (starting as "
+    "the reward model); TRL's value model is a whole second backbone, fully trained in both "
+    "TRL configurations (peft_config applies to the policy only)",
+    "models_in_memory": "alignloop: one base with policy, critic and reward adapters; TRL "
+    "full: policy, reference, value and reward backbones; TRL lora: policy (+adapter, also "
+    "the reference), value and reward backbones",
+    "rollout_scoring_batch": "TRL at its default local_rollout_forward_batch_size (64); "
+    "alignloop scores finished rollouts up to a mini-batch per pass",
+    "generation": "alignloop: its own KV-cached decode loop (hf rollouts on CPU); TRL: "
+    "transformers generate",
 }
 
 
@@ -107,7 +162,13 @@ def run_alignloop(args: argparse.Namespace) -> dict:
     keep_freed_memory()  # as alignloop train ppo / train loop do
     rss = {"after_imports": _rss_mb()}
     device = resolve_device("auto")  # as a round's PPOConfig.device defaults to
-    models = PolicyModels.load(args.model, args.reward_dir, seed=FIXED["seed"]).to(device)
+    models = PolicyModels.load(
+        args.model,
+        args.reward_dir,
+        seed=FIXED["seed"],
+        lora_r=SHARED["lora_r"],
+        lora_alpha=SHARED["lora_alpha"],
+    ).to(device)
     rss["after_models_load"] = _rss_mb()
     if args.rollout == "vllm":
         sampler = VllmSampler(args.model, Path(args.work) / "sync", VllmOptions())
@@ -122,8 +183,18 @@ def run_alignloop(args: argparse.Namespace) -> dict:
         temperature=FIXED["temperature"],
         actor_lr=FIXED["actor_lr"],
         init_kl_coef=FIXED["init_kl_coef"],
-        lr_warmup_iterations=0,
+        lr_warmup_iterations=0,  # constant rate, as SHARED["lr_schedule"]
         seed=FIXED["seed"],
+        critic_lr=SHARED["critic_lr"],
+        clip_range=SHARED["clip_range"],
+        value_clip_range=SHARED["value_clip_range"],
+        vf_coef=SHARED["vf_coef"],
+        gamma=SHARED["gamma"],
+        lam=SHARED["lam"],
+        kl_mode=SHARED["kl_mode"],
+        kl_estimator=SHARED["kl_estimator"],
+        approx_kl_stop=SHARED["approx_kl_stop"],
+        whiten_advantages=SHARED["whiten_advantages"],
     )
     reward_fn = ComposedReward(models.reward, build_rules(CONCISE)).components
     trainer = PPOTrainer(config, models, sampler, reward_fn)
@@ -159,7 +230,12 @@ def run_alignloop(args: argparse.Namespace) -> dict:
     tokens = sum(s["rollout_tokens"] for s in steps)
     rollout_seconds = sum(s["rollout_s"] for s in steps)
     return {
+        "side": "alignloop",
         "episodes": episodes,
+        "gradient_steps": sum(s["gradient_steps"] for s in steps),
+        "early_stops": sum(bool(s["early_stopped"]) for s in steps),
+        "tokens_generated": tokens,
+        "training_peak_rss_mb": round(peak - rss["after_models_load"], 1),
         "seconds": seconds,
         "episodes_per_s": episodes / seconds,
         "rollout_tokens_per_s": tokens / rollout_seconds,
@@ -209,7 +285,15 @@ def _child(args: argparse.Namespace, work: Path, reward_dir: Path) -> dict:
     return json.loads(out.stdout.splitlines()[-1])  # vLLM logs to stdout too
 
 
-def _trl(args: argparse.Namespace, prompts_file: Path) -> dict:
+def _trl(args: argparse.Namespace, prompts_file: Path, lora_targets: str | None) -> dict:
+    """TRL's PPOTrainer in a fresh process: full fine-tuning, or (``lora_targets``) a LoRA
+    of alignloop's rank, alpha and target modules through its ``peft_config``."""
+    lora = (
+        ["--lora-r", str(SHARED["lora_r"]), "--lora-alpha", str(SHARED["lora_alpha"]),
+         "--lora-targets", lora_targets]
+        if lora_targets is not None
+        else []
+    )  # fmt: skip
     cmd = [
         sys.executable, str(ROOT / "benchmarks" / "trl_ppo_baseline.py"),
         "--model", str(args.model), "--prompts", str(prompts_file),
@@ -221,9 +305,41 @@ def _trl(args: argparse.Namespace, prompts_file: Path) -> dict:
         "--temperature", str(FIXED["temperature"]), "--lr", str(FIXED["actor_lr"]),
         "--kl-coef", str(FIXED["init_kl_coef"]), "--seed", str(FIXED["seed"]),
         "--threads", str(args.threads),
+        "--lr-scheduler", SHARED["lr_schedule"], "--clip-range", str(SHARED["clip_range"]),
+        "--value-clip-range", str(SHARED["value_clip_range"]),
+        "--vf-coef", str(SHARED["vf_coef"]), "--gamma", str(SHARED["gamma"]),
+        "--lam", str(SHARED["lam"]), "--kl-estimator", SHARED["kl_estimator"],
+        # the glibc settings alignloop's trainer applies to itself (keep_freed_memory)
+        "--malloc-tuning", str(ROOT / "trainer" / "common" / "malloc_tuning.py"),
+        *lora,
     ]  # fmt: skip
     out = subprocess.run(cmd, stdout=subprocess.PIPE, check=True)
     return json.loads(out.stdout.splitlines()[-1])  # vLLM logs to stdout too
+
+
+def alternating_order(sides: list[str], rounds: int) -> list[list[str]]:
+    """Each round's run order: ``sides`` as given in even rounds, reversed in odd ones
+    (A B C, C B A, A B C, ...), so no side always runs first or last."""
+    return [list(sides) if r % 2 == 0 else list(reversed(sides)) for r in range(rounds)]
+
+
+def against_better(
+    ours: float, theirs: dict[str, float], higher_is_better: bool
+) -> tuple[float, str]:
+    """``ours`` over the better of ``theirs`` (configuration -> value) and that
+    configuration's name: the highest value when higher is better, else the lowest."""
+    pick = max if higher_is_better else min
+    name = pick(theirs, key=lambda k: theirs[k])
+    return ours / theirs[name], name
+
+
+def _lora_targets(model: Path) -> str:
+    """The module names alignloop's ``"auto"`` LoRA wraps on ``model`` (comma list)."""
+    from transformers import AutoModelForCausalLM
+
+    from trainer.reward.model import lora_target_modules
+
+    return ",".join(lora_target_modules(AutoModelForCausalLM.from_pretrained(model)))
 
 
 def _setup(model: Path, work: Path) -> tuple[Path, Path]:
@@ -265,11 +381,114 @@ def scaled_model(demo: Path, spec: str, out: Path) -> Path:
     return out
 
 
+def _round(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def _per_round(run: dict) -> dict:
+    """One side's figures of one round, as the JSON reports them (both sides' keys)."""
+    hwm, rss = run["peak_rss_mb"], run["rss_mb"]
+    return {
+        "gradient_steps": run["gradient_steps"],
+        "early_stops": run["early_stops"],
+        "episodes": run["episodes"],
+        "tokens_generated": run.get(
+            "tokens_generated", run.get("rollout", {}).get("generated_tokens")
+        ),
+        "episodes_per_s": _round(run["episodes_per_s"]),
+        "rollout_tokens_per_s": _round(run["rollout_tokens_per_s"], 1),
+        "peak_rss_mb": hwm,
+        # what training adds: the peak above the RSS after imports and model load
+        "training_peak_rss_mb": round(hwm - rss["after_models_load"], 1),
+        "reward_start": _round(run["reward_start"], 4),
+        "reward_end": _round(run["reward_end"], 4),
+        "final_kl": _round(run["final_kl"], 4),
+    }
+
+
+# Long on purpose: the JSON's layout in one place, read top to bottom as it prints.
+def summarise(
+    args: argparse.Namespace,
+    runs: dict[str, list[dict]],
+    order: list[list[str]],
+    lora_targets: str | None,
+) -> dict:
+    """The JSON: per side, per round and medians; for alignloop its memory breakdown; the
+    ratios against the better TRL configuration for each metric."""
+    sides: dict[str, dict[str, Any]] = {}
+    for side, rows in runs.items():
+        per_round = [_per_round(row) for row in rows]
+        sides[side] = {
+            "per_round": per_round,
+            "median": {
+                key: _round(statistics.median(r[key] for r in per_round))
+                for key in per_round[0]
+                if all(r[key] is not None for r in per_round)
+            },
+        }
+    ours = runs["alignloop"]
+    result: dict[str, Any] = {
+        "config": {
+            **FIXED,
+            "rollout_batch_size": args.rollout_batch_size,
+            "mini_batch_size": args.mini_batch_size,
+            "threads": args.threads,
+            "iterations": args.iterations,
+            "rollout": args.rollout,
+            "model": args.scaled_model or "demo",
+        },
+        "shared_hyperparameters": SHARED,
+        "allocator": "glibc malloc thresholds of trainer/common/malloc_tuning.py "
+        "(keep_freed_memory) applied in every process of both sides",
+        "rounds": args.rounds,
+        "order": order,
+        "sides": sides,
+        # alignloop's headline figures, top level as before (benchmarks/gpu_check.py, docs)
+        "episodes_per_s": sides["alignloop"]["median"]["episodes_per_s"],
+        "rollout_tokens_per_s": sides["alignloop"]["median"]["rollout_tokens_per_s"],
+        "seconds_per_round": _round(statistics.median(o["seconds"] for o in ours)),
+        "peak_rss_mb": sides["alignloop"]["median"]["peak_rss_mb"],
+        "total_peak_rss_mb": _round(statistics.median(o["total_peak_rss_mb"] for o in ours)),
+        "sampler_logprob_gap": round(ours[-1]["sampler_logprob_gap"], 5),
+        "memory_breakdown_mb": ours[-1]["memory_breakdown_mb"],
+        "seconds_split": ours[-1]["seconds_split"],
+    }
+    if len(runs) > 1:
+        trl = {k: v for k, v in sides.items() if k != "alignloop"}
+        mine = sides["alignloop"]["median"]
+        speed, speed_vs = against_better(
+            mine["episodes_per_s"], {k: v["median"]["episodes_per_s"] for k, v in trl.items()}, True
+        )
+        memory, memory_vs = against_better(
+            mine["training_peak_rss_mb"],
+            {k: v["median"]["training_peak_rss_mb"] for k, v in trl.items()},
+            False,
+        )
+        whole, whole_vs = against_better(
+            mine["peak_rss_mb"], {k: v["median"]["peak_rss_mb"] for k, v in trl.items()}, False
+        )
+        result["trl"] = {
+            "version": runs["trl_full"][0]["trl_version"],
+            "local_rollout_forward_batch_size": runs["trl_full"][0]["hyperparameters"][
+                "local_rollout_forward_batch_size"
+            ],
+            "lora_targets": lora_targets,
+            "malloc_tuned": runs["trl_full"][0]["malloc_tuned"],
+        }
+        result["ratios"] = {
+            "episodes_per_s": {"ratio": round(speed, 2), "against": speed_vs},
+            "training_peak_rss": {"ratio": round(memory, 3), "against": memory_vs},
+            "whole_process_peak_rss": {"ratio": round(whole, 3), "against": whole_vs},
+        }
+        result["differences_not_removed"] = DIFFERENCES_NOT_REMOVED
+    return result
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--quick", action="store_true", help="one round of two iterations")
+    ap.add_argument("--quick", action="store_true", help="two iterations per run (3+ rounds)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating alignloop/TRL rounds")
     ap.add_argument("--iterations", type=int, default=4, help="PPO iterations (x64 episodes)")
     ap.add_argument(
@@ -295,8 +514,10 @@ def main() -> int:
     if args.child:
         print(json.dumps(run_alignloop(args)))
         return 0
-    if args.quick:
-        args.rounds, args.iterations = 1, 2
+    if args.quick:  # fewer iterations, not fewer rounds
+        args.iterations = 2
+    if args.rounds < 3:
+        ap.error("--rounds: at least 3 (alternating order)")
     from trainer.rounds.config import RoundConfig
 
     args.rollout = RoundConfig(rollout_backend=args.rollout).rollouts
@@ -310,76 +531,18 @@ def main() -> int:
     if args.scaled_model:
         args.model = scaled_model(Path(args.model), args.scaled_model, work / "model")
     reward_dir, prompts_file = _setup(args.model, work)
-    ours, theirs = [], []
-    for r in range(args.rounds):
-        log(f"round {r + 1}/{args.rounds}: alignloop ({args.rollout} rollouts)")
-        ours.append(_child(args, work, reward_dir))
-        if not args.no_trl:
-            log(f"round {r + 1}/{args.rounds}: TRL PPOTrainer")
-            theirs.append(_trl(args, prompts_file))
-
-    def median(rows: list[dict], key: str) -> float:
-        return round(statistics.median(row[key] for row in rows), 3)
-
-    result = {
-        "config": {
-            **FIXED,
-            "rollout_batch_size": args.rollout_batch_size,
-            "mini_batch_size": args.mini_batch_size,
-            "threads": args.threads,
-            "iterations": args.iterations,
-            "rollout": args.rollout,
-            "model": args.scaled_model or "demo",
-        },
-        "rounds": args.rounds,
-        "rollout_tokens_per_s": median(ours, "rollout_tokens_per_s"),
-        "episodes_per_s": median(ours, "episodes_per_s"),
-        "seconds_per_round": median(ours, "seconds"),
-        "peak_rss_mb": median(ours, "peak_rss_mb"),
-        "rollout_engine_peak_rss_mb": median(ours, "rollout_engine_peak_rss_mb"),
-        "total_peak_rss_mb": median(ours, "total_peak_rss_mb"),
-        "reward_start": round(ours[-1]["reward_start"], 4),
-        "reward_end": round(ours[-1]["reward_end"], 4),
-        "final_kl": round(ours[-1]["final_kl"], 4),
-        "sampler_logprob_gap": round(ours[-1]["sampler_logprob_gap"], 5),
-        "memory_breakdown_mb": ours[-1]["memory_breakdown_mb"],
-        "seconds_split": ours[-1]["seconds_split"],
-        "per_round_episodes_per_s": [round(o["episodes_per_s"], 2) for o in ours],
-    }
-    if theirs:
-        trl_added = [t["peak_rss_mb"] - t["rss_mb"]["after_imports"] for t in theirs]
-        our_added = [o["peak_rss_mb"] - o["rss_mb"]["after_imports"] for o in ours]
-        result["trl"] = {
-            "version": theirs[0]["trl_version"],
-            "episodes_per_s": median(theirs, "episodes_per_s"),
-            "rollout_tokens_per_s": median(theirs, "rollout_tokens_per_s"),
-            "peak_rss_mb": median(theirs, "peak_rss_mb"),
-            "after_imports_rss_mb": median([t["rss_mb"] for t in theirs], "after_imports"),
-            "per_round_episodes_per_s": [round(t["episodes_per_s"], 2) for t in theirs],
-        }
-        # Alternating rounds: the ratio of each pair, then the median (run-to-run noise).
-        result["speedup_episodes_per_s"] = round(
-            statistics.median(
-                o["episodes_per_s"] / t["episodes_per_s"] for o, t in zip(ours, theirs, strict=True)
-            ),
-            2,
-        )
-        result["peak_rss_ratio"] = round(
-            statistics.median(
-                o["peak_rss_mb"] / t["peak_rss_mb"] for o, t in zip(ours, theirs, strict=True)
-            ),
-            3,
-        )
-        result["total_peak_rss_ratio"] = round(
-            statistics.median(
-                o["total_peak_rss_mb"] / t["peak_rss_mb"] for o, t in zip(ours, theirs, strict=True)
-            ),
-            3,
-        )
-        # Peak RSS above each process's own after-imports baseline: what training adds.
-        result["training_memory_ratio"] = round(
-            statistics.median(a / b for a, b in zip(our_added, trl_added, strict=True)), 3
-        )
+    sides = ["alignloop"] if args.no_trl else ["alignloop", "trl_full", "trl_lora"]
+    targets = None if args.no_trl else _lora_targets(args.model)
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
+    order = alternating_order(sides, args.rounds)
+    for r, round_order in enumerate(order):
+        for side in round_order:  # each side in a fresh process
+            log(f"round {r + 1}/{args.rounds}: {side}")
+            if side == "alignloop":
+                runs[side].append(_child(args, work, reward_dir))
+            else:
+                runs[side].append(_trl(args, prompts_file, targets if side == "trl_lora" else None))
+    result = summarise(args, runs, order, targets)
     print(json.dumps(result, indent=2))
     return 0
 

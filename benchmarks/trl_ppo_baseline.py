@@ -9,8 +9,10 @@ script is the TRL side. It
    :data:`REQUIREMENTS` (CPU torch; TRL is never a dependency of the project itself);
 2. re-runs itself inside that virtualenv, in a child process (so the child's peak RSS is
    its own), and trains with TRL's PPOTrainer: policy = the model, ref_policy = a second
-   copy, value_model and reward_model = ``AutoModelForSequenceClassification`` over the same
-   directory with a freshly (seeded) initialised one-logit head;
+   copy (or, with ``--lora-r``, TRL's ``peft_config`` path: a LoRA on the policy, whose
+   reference is the policy with the adapter disabled), value_model and reward_model =
+   ``AutoModelForSequenceClassification`` over the same directory with a freshly (seeded)
+   initialised one-logit head; ``--malloc-tuning`` applies alignloop's glibc settings;
 3. prints ONE JSON object on stdout (versions, episodes, training wall time, episodes/s,
    peak and staged RSS, rollout tokens/s, hyperparameters); everything else goes to stderr.
 
@@ -41,11 +43,13 @@ num_mini_batches=B/M``: one optimizer step per mini-batch of M rollouts, as in a
 ``gradient_accumulation_steps`` micro-batches, i.e. across mini-batch boundaries.)
 
 What TRL does differently from alignloop (read the numbers with this in mind): full
-fine-tuning, no LoRA; four separate model copies (policy, ref, value, reward); the critic is
+fine-tuning (or a LoRA policy beside a fully trained value model); four separate model
+copies (policy, ref, value, reward; three with LoRA); the critic is
 a whole second backbone with the seq-cls ``score`` linear applied per token, trained with the
 policy in one AdamW at one learning rate; no gradient clipping in its loop; rollouts with
-``transformers`` ``generate`` (KV cache, the whole batch at once, logits kept for every
-step); an episode is one (prompt, response) and TRL adds ``batch_size`` per iteration.
+``transformers`` ``generate`` (KV cache, ``local_rollout_forward_batch_size`` rows at a
+time, logits kept for every step); an episode is one (prompt, response) and TRL adds
+``batch_size`` per iteration.
 ``rollout_tokens_per_s`` counts sampled tokens up to and including the stop token, over the
 time spent inside TRL's ``batch_generation`` only (not the ref / value / reward forwards).
 """
@@ -71,6 +75,7 @@ REQUIREMENTS = (
     "transformers==5.19.0",
     "accelerate==1.15.0",
     "datasets==5.2.0",
+    "peft==0.21.2",  # TRL's peft_config path; the version alignloop's own environment uses
 )
 _CHILD_ENV = "ALIGNLOOP_TRL_BASELINE_CHILD"
 
@@ -182,7 +187,8 @@ def run_in_venv(argv: list[str], threads: int) -> int:
         "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     }
     env.pop("PYTHONPATH", None)  # nothing of the project's environment leaks in
-    cmd = [str(venv / "bin" / "python"), str(Path(__file__).resolve()), *argv]
+    # -P: benchmarks/ must not be on sys.path (benchmarks/datasets.py would shadow `datasets`).
+    cmd = [str(venv / "bin" / "python"), "-P", str(Path(__file__).resolve()), *argv]
     return subprocess.run(cmd, env=env).returncode
 
 
@@ -208,7 +214,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         type=int,
         default=None,
         help="TRL's local_rollout_forward_batch_size (rows per generate / no-grad forward "
-        "call); default the whole rollout batch",
+        "call); default TRL's own (64 in 1.12)",
+    )
+    p.add_argument(
+        "--lora-r", type=int, default=0, help="train a LoRA of this rank (peft_config); 0: full"
+    )
+    p.add_argument("--lora-alpha", type=int, default=16)
+    p.add_argument("--lora-targets", default="", help="comma list of module names (LoRA)")
+    p.add_argument(
+        "--malloc-tuning",
+        default="",
+        help="path of alignloop's trainer/common/malloc_tuning.py: apply its "
+        "keep_freed_memory() in this process, as alignloop's trainer does",
     )
     # PPO knobs kept at TRL's defaults unless given (all reported in the JSON).
     p.add_argument("--clip-range", type=float, default=0.2)
@@ -262,8 +279,22 @@ def read_prompts(path: str) -> list[list[dict]]:
     return conversations
 
 
+def apply_malloc_tuning(path: str) -> bool:
+    """alignloop's own glibc settings (the module is loaded by path: it needs only the
+    standard library, and this virtualenv has no alignloop)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("alignloop_malloc_tuning", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--malloc-tuning {path}: cannot load")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return bool(module.keep_freed_memory())
+
+
 def benchmark(args: argparse.Namespace) -> dict:
     rss_start = rss_mb()
+    malloc_tuned = apply_malloc_tuning(args.malloc_tuning) if args.malloc_tuning else None
     import datasets
     import torch
     import transformers
@@ -303,7 +334,20 @@ def benchmark(args: argparse.Namespace) -> dict:
     transformers.set_seed(args.seed)
     fp32 = {"dtype": torch.float32}
     policy = AutoModelForCausalLM.from_pretrained(args.model, **fp32)
-    ref_policy = AutoModelForCausalLM.from_pretrained(args.model, **fp32)
+    peft_config = None
+    ref_policy = None  # with peft_config: TRL's reference is the policy, adapter disabled
+    if args.lora_r:
+        from peft import LoraConfig
+
+        targets = [t for t in args.lora_targets.split(",") if t]
+        peft_config = LoraConfig(
+            r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=0.0,
+            target_modules=targets or "all-linear",
+        )
+    else:
+        ref_policy = AutoModelForCausalLM.from_pretrained(args.model, **fp32)
     torch.manual_seed(args.seed)
     value_model = AutoModelForSequenceClassification.from_pretrained(
         args.model, num_labels=1, **fp32
@@ -325,7 +369,11 @@ def benchmark(args: argparse.Namespace) -> dict:
         per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=1,
         num_mini_batches=args.batch_size // args.mini_batch_size,
-        local_rollout_forward_batch_size=args.rollout_forward_batch_size or args.batch_size,
+        **(
+            {"local_rollout_forward_batch_size": args.rollout_forward_batch_size}
+            if args.rollout_forward_batch_size
+            else {}
+        ),
         num_ppo_epochs=args.ppo_epochs,
         # sampling
         response_length=args.max_new_tokens,
@@ -396,8 +444,17 @@ def benchmark(args: argparse.Namespace) -> dict:
         train_dataset=train_dataset,
         value_model=value_model,
         callbacks=[KeepLogs()],
+        peft_config=peft_config,
     )
     rss_trainer = rss_mb()
+    # Optimizer steps actually taken (accelerate skips step() between accumulation
+    # boundaries; a hook on the wrapped torch optimizer sees only the real ones).
+    steps = {"optimizer": 0}
+
+    def count_step(*_: object) -> None:
+        steps["optimizer"] += 1
+
+    getattr(trainer.optimizer, "optimizer", trainer.optimizer).register_step_post_hook(count_step)
     log(
         f"{n_params:,} params per model; rollout batch {config.batch_size}, mini-batch "
         f"{config.mini_batch_size}, {config.num_total_batches} PPO iterations"
@@ -410,6 +467,7 @@ def benchmark(args: argparse.Namespace) -> dict:
 
     episodes = trainer.state.episode  # TRL counts batch_size per iteration
     last = history[-1] if history else {}
+    scored = [h for h in history if "objective/scores" in h]
     return {
         "trl_version": trl.__version__,
         "transformers_version": transformers.__version__,
@@ -434,6 +492,17 @@ def benchmark(args: argparse.Namespace) -> dict:
             "generate_calls": rollout["calls"],
         },
         "trl_logged_eps": last.get("eps"),
+        "configuration": "lora" if args.lora_r else "full",
+        "trainable_parameters": sum(
+            p.numel() for p in trainer.model.parameters() if p.requires_grad
+        ),
+        "gradient_steps": steps["optimizer"],
+        "early_stops": 0,  # TRL's PPO loop has no KL / target early stop
+        "ppo_iterations": config.num_total_batches,
+        "reward_start": scored[0]["objective/scores"] if scored else None,
+        "reward_end": scored[-1]["objective/scores"] if scored else None,
+        "final_kl": scored[-1].get("objective/kl") if scored else None,
+        "malloc_tuned": malloc_tuned,
         "final_metrics": {
             k: last.get(k)
             for k in ("objective/kl", "objective/scores", "loss/policy_avg", "loss/value_avg")
@@ -461,6 +530,11 @@ def benchmark(args: argparse.Namespace) -> dict:
             "gamma": config.gamma,
             "lam": config.lam,
             "whiten_rewards": config.whiten_rewards,
+            "lora": (
+                {"r": args.lora_r, "alpha": args.lora_alpha, "targets": args.lora_targets}
+                if args.lora_r
+                else None
+            ),
             "stop_token": "eos",
             "eos_token": tokenizer.eos_token,
             "seed": args.seed,
