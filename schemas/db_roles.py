@@ -80,8 +80,9 @@ GRANTS: dict[str, dict[Component, str]] = {
     },
     # The A/B counters: the ingestor's batches add, an erasure (admin API) subtracts.
     "policy_stats": {"ingest": "SELECT, INSERT, UPDATE", "controller": "SELECT, INSERT, UPDATE"},
-    # When each ingest batch committed (0013): the ingestor stamps it, benchmarks read it.
-    "ingest_commits": {"ingest": "SELECT, INSERT, UPDATE"},
+    # When each ingest batch committed (0013): the ingestor stamps it (and each stamp deletes
+    # the day-old ones), benchmarks read it.
+    "ingest_commits": {"ingest": "SELECT, INSERT, UPDATE, DELETE"},
     # --- health events from serving replicas, through Kafka (0004, 0005)
     # (ON CONFLICT (event_id) reads the arbiter index's column: SELECT.)
     "adapter_load_failures": {"ingest": "SELECT, INSERT", "controller": "SELECT"},
