@@ -244,6 +244,10 @@ def _take_lease(config: RoundConfig) -> leases.Lease | int:
 
     main_thread = threading.main_thread().ident
     assert main_thread is not None and config.database_url
+    # A process started in the background by a shell (or by a supervisor that does so)
+    # inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler: the
+    # SIGINT below would do nothing and a trainer without its lease would carry on.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return leases.Lease.acquire(
             config.database_url,
