@@ -444,6 +444,17 @@ def _make_readable(directory: Path) -> None:
         path.chmod(0o644)
 
 
+def finish_build(
+    build_dir: Path, out_dir: Path, expected_hash: str, manifest: dict, *, force: bool
+) -> None:
+    """Complete a build directory and move it into place: the manifest is written last
+    (its presence is what marks the directory complete), then the files are made readable
+    and the directory installed at ``out_dir`` (:func:`_install`)."""
+    (build_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    _make_readable(build_dir)
+    _install(build_dir, out_dir, expected_hash, force=force)
+
+
 def _install(build_dir: Path, out_dir: Path, expected_hash: str, *, force: bool) -> None:
     """Rename the finished build into place, replacing an older model if there is one.
 
@@ -511,10 +522,7 @@ def bootstrap_demo_model(
             "weights_sha256": _weights_sha256(build_dir),
             "mixture": rates,
         }
-        # Written last: its presence is what marks the directory complete.
-        (build_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        _make_readable(build_dir)
-        _install(build_dir, out_dir, expected, force=force)
+        finish_build(build_dir, out_dir, expected, manifest, force=force)
     except BaseException:
         shutil.rmtree(build_dir, ignore_errors=True)
         raise

@@ -39,11 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.demo.model import (
-    MANIFEST_NAME,
-    _install,
-    _make_readable,
     _remove_stale_builds,
     _weights_sha256,
+    finish_build,
     is_complete,
 )
 
@@ -234,10 +232,7 @@ def bootstrap_preset(
             "convert_seconds": round(time.monotonic() - started, 1),
             "weights_sha256": _weights_sha256(build_dir),
         }
-        # Written last: its presence is what marks the directory complete.
-        (build_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        _make_readable(build_dir)
-        _install(build_dir, out_dir, expected, force=force)
+        finish_build(build_dir, out_dir, expected, manifest, force=force)
     except BaseException:
         shutil.rmtree(build_dir, ignore_errors=True)
         raise
