@@ -148,17 +148,22 @@ class FoldedLoraLinear(torch.autograd.Function):
         scaling: float,
     ) -> torch.Tensor:
         folded_weight = torch.addmm(weight, lora_b, lora_a, alpha=scaling)
-        ctx.save_for_backward(x, folded_weight, lora_a, lora_b)
+        # The base weight, not the folded copy, is kept for the backward, which folds again:
+        # one more rank-r product per layer instead of a copy of every weight of the model
+        # held from each forward to its backward (docs/benchmarks.md, "PPO at scale").
+        ctx.save_for_backward(x, weight, lora_a, lora_b)
         ctx.scaling = scaling
         return F.linear(x, folded_weight, bias)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, folded_weight, lora_a, lora_b = ctx.saved_tensors
+        x, weight, lora_a, lora_b = ctx.saved_tensors
         needs_x, _, _, needs_a, needs_b, _ = ctx.needs_input_grad
         rows_grad = grad.reshape(-1, grad.shape[-1])  # [N, out]
         rows_x = x.reshape(-1, x.shape[-1])  # [N, in]
-        grad_x = grad @ folded_weight if needs_x else None
+        grad_x = None
+        if needs_x:
+            grad_x = grad @ torch.addmm(weight, lora_b, lora_a, alpha=ctx.scaling)
         grad_a = (rows_grad @ lora_b).T.mm(rows_x).mul_(ctx.scaling) if needs_a else None
         grad_b = rows_grad.T.mm(rows_x @ lora_a.T).mul_(ctx.scaling) if needs_b else None
         return grad_x, None, None, grad_a, grad_b, None
