@@ -23,6 +23,19 @@ from schemas.config import DeviceConfig
 from trainer.ppo.core import AdaptiveKLController, FixedKLController, KLEstimator
 
 KLMode = Literal["adaptive", "fixed"]
+RecomputeLogprobs = Literal["auto", "always"]
+CriticKind = Literal["adapter", "shared"]
+"""The critic's trunk (:mod:`trainer.ppo.models`): its own LoRA adapter on the base, or the
+actor's trunk shared (one backbone pass for both)."""
+CriticChoice = Literal["auto", "adapter", "shared"]
+"""A :data:`CriticKind`, or ``"auto"``: ``"shared"`` from :data:`SHARED_CRITIC_FROM_PARAMS`
+base parameters up, ``"adapter"`` below."""
+SHARED_CRITIC_FROM_PARAMS = 10_000_000
+"""Where ``"auto"`` switches to a shared critic. Below it (the 2M demo model) a pass costs
+mostly fixed per-layer overhead, so the critic's own trunk costs little and keeps the
+reward model's initialisation (InstructGPT C.4); above it the backbone's products are the
+cost, and a second trunk nearly doubles them (measured at 31M: docs/benchmarks.md, "PPO at
+scale")."""
 
 
 @dataclass
@@ -55,6 +68,16 @@ class PPOConfig(DeviceConfig):
     )
     seed: int = field(
         default=0, metadata={"help": "Seeds sampling, mini-batch shuffling and initialisation."}
+    )
+    recompute_logprobs: RecomputeLogprobs = field(
+        default="auto",
+        metadata={
+            "help": "'always': the training model recomputes the actor's log-probs (and a "
+            "shared critic's values) of every rollout. 'auto': only where the sampler is "
+            "another engine or another precision; a sampler that is the training model "
+            "itself in float32 (the hf decode loop on the CPU) computed them with the same "
+            "weights, equal up to rounding (trainer.ppo.rollout.base), so that pass is saved."
+        },
     )
 
     # --- optimisation ------------------------------------------------------------------------

@@ -8,9 +8,17 @@ three LoRA adapters side by side:
 * **reference** = the same base with every adapter disabled (``disable_adapter()``): the
   SFT model, frozen by construction. Its log-probs are the base model's, bit for bit,
   because a disabled LoRA layer calls only its base layer;
-* **critic** = base + ``critic`` adapter (trainable) + a linear value head on the final
-  hidden state of every position, initialised from the reward model's adapter and head
-  (``critic_init="reward"``) or fresh;
+* **critic** = a linear value head on the final hidden state of every position, over one
+  of two trunks (``critic``):
+
+  - ``"adapter"``: base + its own ``critic`` adapter (trainable), initialised from the
+    reward model's adapter and head (``critic_init="reward"``) or fresh. A second trunk:
+    every pass of the critic is a whole backbone forward (and backward) beside the actor's;
+  - ``"shared"``: the actor's own trunk (base + ``policy`` adapter): one forward gives
+    log-probs and values, the value loss's gradient reaches the policy adapter (weighted by
+    ``vf_coef``), and the head starts at zero. Half the backbone work of ``"adapter"`` in
+    the update and one pass fewer in scoring: what wins once the backbone, not the Python
+    floor, is the cost (measured: docs/benchmarks.md, "PPO at scale");
 * **reward** = base + the frozen ``reward`` adapter and head of a reward model version
   (:func:`trainer.reward.model.attach_reward_model`), plus rule terms
   (:class:`trainer.reward.rules.ComposedReward`). A ``seq_cls`` version (a separate
@@ -46,7 +54,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
@@ -55,6 +63,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from trainer.common.device import autocast, autocast_dtype, folding_pays, module_device
 from trainer.common.lora_folding import fold_in_training, folded
+from trainer.ppo.config import SHARED_CRITIC_FROM_PARAMS, CriticChoice, CriticKind
 from trainer.ppo.core import entropy_from_logits, logprobs_from_logits, ptx_loss
 from trainer.reward.model import (
     LoraRewardModel,
@@ -196,21 +205,27 @@ def _gather_positions(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Te
 
 
 class ActorCritic(torch.nn.Module):
-    """Actor (``policy`` adapter) and critic (``critic`` adapter + value head) on one base.
+    """Actor (``policy`` adapter) and critic (value head on its trunk) on one base.
 
     ``forward(batch)`` -> ``(logprobs, values, entropy, ptx_nll)``: per response token, the
     actor's log-prob of the sampled token at ``temperature``, the critic's value of the
     state before it; the mean entropy of the actor's distribution over response tokens (a
-    scalar). The LM head runs only on response tokens, not on the prompt or padding.
+    scalar). The LM head runs only on response tokens, not on the prompt or padding. With
+    a ``"shared"`` critic, one backbone pass gives both.
     """
 
     def __init__(
-        self, models: PolicyModels, value_head: torch.nn.Linear, temperature: float
+        self,
+        models: PolicyModels,
+        value_head: torch.nn.Linear,
+        temperature: float,
+        critic: CriticKind = "adapter",
     ) -> None:
         super().__init__()
         self.peft_model = models.peft_model
         self.value_head = value_head
         self.temperature = temperature
+        self.critic_kind: CriticKind = critic
         self._models = [models]  # a list: not registered as a submodule twice
 
     @property
@@ -223,8 +238,7 @@ class ActorCritic(torch.nn.Module):
         """``(logprobs, values, entropy, ptx_nll)``; ``ptx_nll`` is the actor's next-token
         NLL on the SFT rows ``ptx`` (PPO-ptx), at temperature 1, or None without them.
         ``entropy_grad=False``: the entropy is only logged (no bonus), so no gradient."""
-        logprobs, entropy = self.actor(batch, entropy_grad=entropy_grad)
-        values = self.critic(batch)
+        logprobs, values, entropy = self.evaluate(batch, entropy_grad=entropy_grad)
         ptx_nll = None
         if ptx is not None:
             self.models.use(POLICY)
@@ -232,13 +246,37 @@ class ActorCritic(torch.nn.Module):
         assert entropy is not None
         return logprobs, values, entropy, ptx_nll
 
+    def evaluate(
+        self, batch: TokenBatch, with_entropy: bool = True, entropy_grad: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(logprobs, values, entropy)`` of the actor and the critic: two backbone passes
+        with an ``"adapter"`` critic, one with a ``"shared"`` one."""
+        if self.critic_kind == "adapter":
+            logprobs, entropy = self.actor(batch, with_entropy, entropy_grad)
+            return logprobs, self.critic(batch), entropy
+        with self.models.adapter(POLICY):
+            hidden = self.models.response_hidden(batch)
+        logprobs, entropy = self._policy_head(hidden, batch, with_entropy, entropy_grad)
+        return logprobs, self.values_of(hidden), entropy
+
     def actor(
         self, batch: TokenBatch, with_entropy: bool = True, entropy_grad: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Policy log-probs ``[B, R]`` of the response tokens and the mean entropy (None
         when not asked for: scoring a rollout needs only the log-probs)."""
         with self.models.adapter(POLICY):
-            logits = self.models.response_logits(batch)
+            hidden = self.models.response_hidden(batch)
+        return self._policy_head(hidden, batch, with_entropy, entropy_grad)
+
+    def critic(self, batch: TokenBatch) -> torch.Tensor:
+        """Values ``[B, R]``: the value head on the critic's trunk at each position."""
+        with self.models.adapter(CRITIC if self.critic_kind == "adapter" else POLICY):
+            return self.values_of(self.models.response_hidden(batch))
+
+    def _policy_head(
+        self, hidden: torch.Tensor, batch: TokenBatch, with_entropy: bool, entropy_grad: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits = self.models.lm_logits(hidden[batch.mask.bool()])
         logprobs = logprobs_from_logits(logits, batch.response_tokens(), self.temperature)
         logprobs = batch.unpack(logprobs)
         if not with_entropy:
@@ -248,12 +286,10 @@ class ActorCritic(torch.nn.Module):
             scaled = scaled.detach()
         return logprobs, entropy_from_logits(scaled)
 
-    def critic(self, batch: TokenBatch) -> torch.Tensor:
-        """Values ``[B, R]``: the value head on the critic's hidden state at each position."""
-        with self.models.adapter(CRITIC):
-            hidden = self.models.hidden_states(batch)
-        # The head runs in float32 (a no-op on the CPU): values are regression targets.
-        return self.value_head(_gather_positions(hidden, batch.positions).float()).squeeze(-1)
+    def values_of(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The value head on hidden states ``[..., H]`` -> ``[...]``, in float32 (a no-op on
+        the CPU): values are regression targets."""
+        return self.value_head(hidden.float()).squeeze(-1)
 
 
 # --- the models on one base -----------------------------------------------------------------
@@ -275,6 +311,7 @@ class PolicyModels:
         temperature: float,
         base_model_path: Path,
         *,
+        critic: CriticKind = "adapter",
         critic_from_reward: bool = False,
     ) -> None:
         self.peft_model = peft_model
@@ -292,7 +329,7 @@ class PolicyModels:
         hf_model = transformer_of(peft_model)
         self._backbone = getattr(hf_model, hf_model.base_model_prefix)
         self._lm_head = hf_model.get_output_embeddings()
-        self.actor_critic = ActorCritic(self, value_head, temperature)
+        self.actor_critic = ActorCritic(self, value_head, temperature, critic)
         marker = {name: f".{name}." for name in (POLICY, CRITIC)}
         self._policy_params = [p for n, p in peft_model.named_parameters() if marker[POLICY] in n]
         self._critic_params = [p for n, p in peft_model.named_parameters() if marker[CRITIC] in n]
@@ -311,6 +348,7 @@ class PolicyModels:
         *,
         policy_init: Path | None = None,
         critic_init: str = "reward",
+        critic: CriticChoice = "auto",
         lora_r: int = 8,
         lora_alpha: int = 16,
         lora_target_modules: str = "auto",
@@ -324,14 +362,26 @@ class PolicyModels:
         reward model's adapter and head into the critic (its LoRA config included),
         ``"fresh"`` starts a new LoRA and a zero value head. A ``seq_cls`` reward model is
         loaded as its own model and the critic starts fresh whatever ``critic_init`` says.
+        ``critic``: ``"adapter"`` (its own LoRA trunk), ``"shared"`` (the value head on
+        the actor's trunk; it always starts at zero: the reward head reads another trunk's
+        features, so ``critic_init`` does not apply) or ``"auto"`` (by the base's size:
+        :data:`~trainer.ppo.config.SHARED_CRITIC_FROM_PARAMS`).
         """
         if critic_init not in ("reward", "fresh"):
             raise ValueError(f"critic_init must be 'reward' or 'fresh', got {critic_init!r}")
+        if critic not in get_args(CriticChoice):
+            raise ValueError(f"critic must be one of {get_args(CriticChoice)}, got {critic!r}")
         base, tokenizer = load_base_model(Path(base_model))
+        if critic == "auto":
+            size = sum(p.numel() for p in base.parameters())
+            critic = "shared" if size >= SHARED_CRITIC_FROM_PARAMS else "adapter"
+            log.info("critic: %s (auto, %.1fM base parameters)", critic, size / 1e6)
         card = read_card(Path(reward_dir))
-        if card.get("kind") == "seq_cls" and critic_init == "reward":
+        if card.get("kind") == "seq_cls" and critic_init == "reward" and critic == "adapter":
             log.info("the reward model is a separate classifier: the critic starts fresh")
             critic_init = "fresh"
+        if critic == "shared":
+            critic_init = "fresh"  # a zero head on the actor's trunk
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             fresh = lora_config(lora_r, lora_alpha, lora_target_modules, base)
@@ -344,7 +394,10 @@ class PolicyModels:
                 reward = attach_reward_model(peft_model, tokenizer, Path(reward_dir))
             hidden = base.config.hidden_size
             value_head = torch.nn.Linear(hidden, 1)
-            if critic_init == "reward":
+            if critic == "shared":
+                torch.nn.init.zeros_(value_head.weight)
+                torch.nn.init.zeros_(value_head.bias)
+            elif critic_init == "reward":
                 assert isinstance(reward, LoraRewardModel)  # seq_cls switched to fresh above
                 critic_config = copy.deepcopy(peft_model.peft_config[REWARD])
                 critic_config.inference_mode = False
@@ -365,6 +418,7 @@ class PolicyModels:
             value_head,
             temperature,
             Path(base_model),
+            critic=critic,
             critic_from_reward=critic_init == "reward",
         )
 
@@ -384,7 +438,8 @@ class PolicyModels:
     # --- adapters and parameters ------------------------------------------------------------
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """Actor adapter, critic adapter, value head: what the optimizer updates."""
+        """Actor adapter, critic adapter (none when shared), value head: what the optimizer
+        updates."""
         return [*self._policy_params, *self._critic_params, *self.value_head.parameters()]
 
     @property
@@ -451,15 +506,43 @@ class PolicyModels:
                 input_ids=batch.input_ids, attention_mask=batch.attention_mask
             ).last_hidden_state
 
+    def decode_hidden(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: Any,
+    ) -> torch.Tensor:
+        """One decode step of the active adapter: the final hidden state ``[B, H]`` of each
+        row's last position, the KV ``cache`` extended (what the LM head and the value head
+        read, as :meth:`response_hidden` does for a whole batch)."""
+        with autocast(self.device, self.autocast_dtype):
+            out = self._backbone(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+            )
+        return out.last_hidden_state[:, -1]
+
+    def response_hidden(self, batch: TokenBatch) -> torch.Tensor:
+        """Final hidden states ``[B, R, H]`` of the positions that predict each response
+        token (what the LM head and the value head read)."""
+        return _gather_positions(self.hidden_states(batch), batch.positions)
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head on hidden states ``[N, H]`` -> logits ``[N, V]``, in float32."""
+        with autocast(self.device, self.autocast_dtype):
+            logits = self._lm_head(hidden)
+        # Log-softmax, ratios and KL in float32 whatever the product ran in (no-op on CPU).
+        return logits.float()
+
     def response_logits(self, batch: TokenBatch) -> torch.Tensor:
         """Logits ``[N, V]`` predicting the batch's ``N`` response tokens, row by row (as
         :meth:`TokenBatch.response_tokens`): the LM head, the widest product of a small
         model, runs on nothing else, neither prompt nor padding."""
-        hidden = _gather_positions(self.hidden_states(batch), batch.positions)
-        with autocast(self.device, self.autocast_dtype):
-            logits = self._lm_head(hidden[batch.mask.bool()])
-        # Log-softmax, ratios and KL in float32 whatever the product ran in (no-op on CPU).
-        return logits.float()
+        return self.lm_logits(self.response_hidden(batch)[batch.mask.bool()])
 
     @torch.no_grad()
     def reference_logprobs(self, batch: TokenBatch) -> torch.Tensor:

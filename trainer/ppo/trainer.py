@@ -5,9 +5,11 @@
 1. **rollout** - syncs the actor into the sampler (vLLM: write the adapter, load it) and
    samples one response per prompt at ``temperature``;
 2. **evaluate the rollout** (no gradient) - recomputes the actor's log-probs with the
-   training model (never the sampler's: their mean absolute gap is logged), the frozen
-   reference's log-probs (adapters disabled), the critic's values, and the reward: reward
-   model score plus rule terms, one number per response. With vLLM this overlaps step 1:
+   training model (never another engine's: their mean absolute gap is logged; a sampler
+   that is the training model in float32 hands over its own, and a shared critic's values
+   with them: ``recompute_logprobs``), the frozen reference's log-probs (adapters
+   disabled), the critic's values, and the reward: reward model score plus rule terms, one
+   number per response. With vLLM this overlaps step 1:
    the sampler streams finished responses, and once two micro-batches of them are ready
    they are scored, up to a mini-batch a pass, while the engine (its own processes, on its
    own cores) still generates the longer ones; the ``hf`` decode loop hands over the whole
@@ -127,6 +129,13 @@ class PPOTrainer:
             )
         tokenizer = models.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.takes_sampler_logprobs = (
+            config.recompute_logprobs == "auto"
+            and sampler.is_training_model
+            and models.autocast_dtype is None
+        )
+        """The sampler is the training model in float32: its log-probs (and values) are the
+        actor's, so scoring a rollout runs the reference (and an adapter critic) only."""
         self.ptx_examples = list(ptx_examples) if config.ptx_coef > 0 else []
         if config.ptx_coef > 0 and not self.ptx_examples:
             raise ValueError("ptx_coef > 0 needs ptx_examples (SFT prompt/answer token ids)")
@@ -229,7 +238,8 @@ class PPOTrainer:
             "next_kl_coef": self.kl_controller.value,
             "explained_variance": dist.mean(pm.explained_variance(values, returns, mask)),
             "response_length": dist.mean(lengths.mean().item()),
-            "sampler_logprob_gap": dist.mean(logprob_gap),
+            # None where the sampler's own log-probs were taken: there is no gap to measure.
+            "sampler_logprob_gap": None if self.takes_sampler_logprobs else dist.mean(logprob_gap),
             "episodes": cfg.rollout_batch_size,
             "rollout_tokens": int(dist.mean(float(rollout.tokens)) * dist.world_size),
             "rollout_tokens_per_s": dist.mean(rollout.tokens / max(rollout.rollout_s, 1e-9))
@@ -273,7 +283,7 @@ class PPOTrainer:
                 self.pad_id,
                 self.device,
             )
-            per_token = self._score_tokens(sub)
+            per_token = self._score_tokens(sub, chunk)
             for j, d in enumerate(chunk):
                 length = len(d.response_ids)
                 scored[d.index] = tuple(part[j, :length] for part in per_token)
@@ -338,20 +348,33 @@ class PPOTrainer:
         )
 
     @torch.inference_mode()
-    def _score_tokens(self, batch: TokenBatch) -> tuple[torch.Tensor, ...]:
-        """Actor log-probs, critic values and reference log-probs ``[B, R]`` of a rollout,
-        computed in length-sorted chunks (less padding; every row's numbers are its own),
-        0 on padding."""
+    def _score_tokens(
+        self, batch: TokenBatch, finished: Sequence[Finished] | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """Actor log-probs, critic values and reference log-probs ``[B, R]`` of the rollout
+        rows ``finished`` (laid out in ``batch``), computed in length-sorted chunks (less
+        padding; every row's numbers are its own), 0 on padding. Where the sampler is the
+        training model (:attr:`takes_sampler_logprobs`) its log-probs, and the values it
+        read when it has them, are taken instead of recomputed (``finished`` None: every
+        number is computed)."""
         out = [torch.zeros(batch.mask.shape, device=batch.device) for _ in range(3)]
         ac = self.models.actor_critic
+        width = batch.response_width
+        taken_logprobs = taken_values = None
+        if self.takes_sampler_logprobs and finished is not None:
+            taken_logprobs = _padded([d.sampler_logprobs for d in finished], width, batch.device)
+            if all(d.values is not None for d in finished):
+                values_ = [d.values or [] for d in finished]
+                taken_values = _padded(values_, width, batch.device)
         for rows in batch.length_chunks(self.config.mini_batch_size):
             chunk = batch.select(rows)
             width = chunk.response_width
-            parts = (
-                ac.actor(chunk, with_entropy=False)[0],
-                ac.critic(chunk),
-                self.models.reference_logprobs(chunk),
-            )
+            if taken_logprobs is None:
+                logprobs, values, _ = ac.evaluate(chunk, with_entropy=False)
+            else:
+                logprobs = taken_logprobs[rows, :width]
+                values = ac.critic(chunk) if taken_values is None else taken_values[rows, :width]
+            parts = (logprobs, values, self.models.reference_logprobs(chunk))
             keep = chunk.mask.bool()
             for target, part in zip(out, parts, strict=True):
                 target[rows, :width] = torch.where(keep, part, torch.zeros_like(part))

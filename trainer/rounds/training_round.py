@@ -200,6 +200,7 @@ def _run_training_round(
         reward_registry.verified_path(rm),
         policy_init=Path(parent.adapter_uri) if parent.adapter_uri else None,
         critic_init=config.critic_init,
+        critic=config.critic,
         lora_r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_target_modules=config.lora_target_modules,

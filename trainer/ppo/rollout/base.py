@@ -12,10 +12,14 @@ Both **stream**: :meth:`Sampler.stream` yields each response as soon as it is fi
 the trainer scores the early (short) responses while long ones are still being generated;
 :meth:`Sampler.sample` collects the stream into prompt order.
 
-Either way the sampler's own log-probs come back beside the tokens, but PPO never trains on
-them: the trainer recomputes log-probs with its own model and logs the mean absolute gap
-(bf16 kernels, other attention code and batch shapes make them differ; a growing gap is a
-silent source of off-policy error).
+Either way the sampler's own log-probs come back beside the tokens. A sampler that is
+another engine (vLLM: bf16 kernels, other attention code and batch shapes) is never trained
+on: the trainer recomputes log-probs with its own model and logs the mean absolute gap (a
+growing gap is a silent source of off-policy error). A sampler that *is* the training model
+(:attr:`Sampler.is_training_model`: the HF decode loop) computed them with the very weights
+PPO trains; in float32 they are the training pass's up to rounding, so the trainer takes
+them (and, with a shared critic, the values the decode loop also read off the same hidden
+states) instead of a second pass over the rollout (``PPOConfig.recompute_logprobs``).
 
 Which policy to sample: ``"current"`` (the actor as of the last sync), ``"base"`` (no
 adapter: the reference), or a path to a PEFT adapter directory (another version, e.g. the
@@ -62,17 +66,23 @@ class Samples:
 
 @dataclass
 class Finished:
-    """One finished response: the row of the prompt it answers, its tokens and the
-    sampler's log-prob of each token."""
+    """One finished response: the row of the prompt it answers, its tokens, the sampler's
+    log-prob of each token and, where the sampler is the training model with a shared
+    critic, the critic's value of the state before each token (else None)."""
 
     index: int
     response_ids: list[int]
     sampler_logprobs: list[float]
+    values: list[float] | None = None
 
 
 class Sampler(abc.ABC):
     """What PPO samples rollouts from. A sampler implements :meth:`stream`;
     :meth:`sample` is the stream collected into prompt order."""
+
+    is_training_model = False
+    """Whether ``"current"`` is sampled by the training model's own weights and passes (its
+    log-probs are the actor's, up to the rounding of its precision)."""
 
     @abc.abstractmethod
     def sync(self, models: PolicyModels, tag: str) -> float:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-from trainer.common.device import autocast
 from trainer.ppo.models import POLICY, PolicyModels
 from trainer.ppo.rollout.base import Finished, Sampler, Which, eos_token_ids
 
@@ -38,7 +37,11 @@ class HFSampler(Sampler):
     docstring): a short decode loop rather than ``generate``, because ``generate`` keeps
     computing every row until the longest one ends (most rollouts stop far earlier than
     the longest: docs/benchmarks.md, "Figures quoted in code") and samples by drawing one
-    random number per vocabulary entry. Here finished rows leave the batch, cache included."""
+    random number per vocabulary entry. Here finished rows leave the batch, cache included.
+    With a shared critic, each step's value is read off the hidden state the step's logits
+    come from (the value head is one dot product per row)."""
+
+    is_training_model = True
 
     def __init__(self, models: PolicyModels) -> None:
         self.models = models
@@ -65,8 +68,9 @@ class HFSampler(Sampler):
         handed over (the caller switches adapters to score them, and the training model is
         the sampler). One seed for the batch, not one per row: one generator draws for all
         rows."""
+        values = which == "current" and self.models.actor_critic.critic_kind == "shared"
         with torch.no_grad(), self._policy(which):
-            rows = self._generate(prompt_ids, max_new_tokens, temperature, seed)
+            rows = self._generate(prompt_ids, max_new_tokens, temperature, seed, values)
         yield sorted(rows, key=lambda row: len(row.response_ids))
 
     @torch.no_grad()
@@ -76,6 +80,7 @@ class HFSampler(Sampler):
         max_new_tokens: int,
         temperature: float,
         seed: int,
+        with_values: bool = False,
     ) -> list[Finished]:
         from transformers import DynamicCache
 
@@ -92,22 +97,15 @@ class HFSampler(Sampler):
         eos = torch.tensor(sorted(self.eos), device=device)
         generator = torch.Generator().manual_seed(seed)
         cache = DynamicCache()
-        model = models.peft_model
         live = torch.arange(n, device=device)  # the original row of each row still generating
         tokens: list[list[int]] = [[] for _ in range(n)]
         logprobs: list[list[float]] = [[] for _ in range(n)]
+        values: list[list[float]] = [[] for _ in range(n)]
         for step in range(max_new_tokens):
             # The prompts on the first step, then each live row's last token.
-            with autocast(device, models.autocast_dtype):
-                logits = model(
-                    input_ids=input_ids,
-                    attention_mask=attention,
-                    position_ids=positions,
-                    past_key_values=cache,
-                    use_cache=True,
-                    logits_to_keep=1,
-                ).logits[:, -1]
-            step_logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
+            hidden = models.decode_hidden(input_ids, attention, positions, cache)
+            logits = models.lm_logits(hidden)
+            step_logprobs = torch.log_softmax(logits / temperature, dim=-1)
             uniform = torch.rand(len(live), generator=generator).to(device)
             picked = inverse_cdf_sample(step_logprobs, uniform)
             picked_logprobs = step_logprobs.gather(-1, picked.unsqueeze(-1))[:, 0]
@@ -115,6 +113,10 @@ class HFSampler(Sampler):
             for row, token, lp in drawn:
                 tokens[row].append(token)  # an EOS is part of the response
                 logprobs[row].append(lp)
+            if with_values:
+                step_values = models.actor_critic.values_of(hidden).tolist()
+                for row, value in zip(live.tolist(), step_values, strict=True):
+                    values[row].append(value)
             going = ~torch.isin(picked, eos)
             if step == max_new_tokens - 1 or not going.any():
                 break
@@ -130,7 +132,10 @@ class HFSampler(Sampler):
             input_ids = picked.unsqueeze(-1)
             attention = torch.cat([attention, attention.new_ones((len(live), 1))], dim=1)
             positions = positions[:, -1:] + 1
-        return [Finished(i, tokens[i], logprobs[i]) for i in range(n)]
+        return [
+            Finished(i, tokens[i], logprobs[i], values[i] if with_values else None)
+            for i in range(n)
+        ]
 
     def _policy(self, which: Which) -> contextlib.AbstractContextManager[None]:
         """The sampling model (no gradient: the adapter is folded into the base weights)."""

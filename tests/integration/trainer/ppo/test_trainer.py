@@ -168,8 +168,11 @@ def test_ppo_ptx_mixes_the_sft_likelihood_in(demo_model_dir: Path, reward_dir: P
 
 
 def test_trainer_logprobs_match_the_transformers_sampler(demo_model_dir: Path, reward_dir: Path):
-    """The same float32 model sampled and re-scored: the logged gap is rounding only."""
-    metrics = _trainer(demo_model_dir, reward_dir).iteration(PROMPTS, 0)
+    """The same float32 model sampled and re-scored: the logged gap is rounding only (what
+    lets ``recompute_logprobs="auto"`` take the decode loop's own)."""
+    metrics = _trainer(demo_model_dir, reward_dir, recompute_logprobs="always").iteration(
+        PROMPTS, 0
+    )
     assert metrics["sampler_logprob_gap"] < 1e-4
     assert metrics["kl_ref"] == 0.0  # a fresh adapter (B = 0) is exactly the reference
     assert metrics["rollout_tokens"] > 0 and metrics["episodes"] == 16
@@ -284,7 +287,7 @@ def test_rollout_scores_are_per_row_and_zero_on_padding(demo_model_dir: Path, re
 def test_streamed_scoring_equals_scoring_the_whole_rollout(demo_model_dir: Path, reward_dir: Path):
     """Rows are scored in chunks as the sampler finishes them; each row's log-probs, values,
     reference log-probs and reward are the ones the whole batch gets in one go."""
-    trainer = _trainer(demo_model_dir, reward_dir, micro_batch_size=3)
+    trainer = _trainer(demo_model_dir, reward_dir, micro_batch_size=3, recompute_logprobs="always")
     rollout = trainer._rollout_and_score(PROMPTS, seed=11)
     batch = rollout.batch
     assert len(batch) == len(PROMPTS) and rollout.tokens == int(batch.mask.sum())
@@ -350,3 +353,110 @@ def test_the_zero_warmup_adapter_loads_in_peft_and_changes_nothing(
         lora_layers = [n for n, _ in model.named_modules() if n.endswith("lora_A")]
         assert len(lora_layers) == 7 * base.config.num_hidden_layers  # q k v o gate up down
         torch.testing.assert_close(model(ids).logits, expected)
+
+
+def _backbone_passes(models: PolicyModels) -> list[int]:
+    """A counter of the base backbone's forward passes (appended to by a hook)."""
+    calls: list[int] = []
+    models._backbone.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_a_shared_critic_reads_the_actors_trunk(demo_model_dir: Path, reward_dir: Path):
+    """``critic="shared"``: no critic adapter; the values are the head on the policy
+    adapter's hidden states; one backbone pass gives log-probs and values (two with an
+    adapter critic); the value loss's gradient reaches the policy adapter."""
+    models = PolicyModels.load(demo_model_dir, reward_dir, critic="shared", seed=3)
+    assert "critic" not in models.peft_model.peft_config
+    assert not models.critic_from_reward
+    assert not models.value_head.weight.detach().any()  # starts at zero
+    with torch.no_grad():  # a non-trivial policy adapter and head
+        for name, p in models.peft_model.named_parameters():
+            if ".policy." in name and "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.05)
+        models.value_head.weight.normal_()
+    prompts = render_prompts(models.tokenizer, PROMPTS[:4])
+    batch = TokenBatch.build(prompts, [[40, 41, 42], [43], [44, 45], [46]], pad_id=0)
+    ac = models.actor_critic
+    passes = _backbone_passes(models)
+    with torch.no_grad():
+        logprobs, values, _ = ac.evaluate(batch, with_entropy=False)
+        assert len(passes) == 1
+        actor = ac.actor(batch, with_entropy=False)[0]
+        with models.adapter(POLICY):
+            by_hand = models.value_head(models.response_hidden(batch)).squeeze(-1)
+    keep = batch.mask.bool()
+    torch.testing.assert_close(logprobs[keep], actor[keep])
+    torch.testing.assert_close(values[keep], by_hand[keep])
+
+    policy = {n: p for n, p in models.peft_model.named_parameters() if ".policy." in n}
+    _, values, _, _ = ac(batch)
+    (values * batch.mask).sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.values())
+
+    separate = PolicyModels.load(demo_model_dir, reward_dir)  # auto: 2M parameters
+    assert separate.actor_critic.critic_kind == "adapter"
+    passes = _backbone_passes(separate)
+    with torch.no_grad():
+        separate.actor_critic.evaluate(batch, with_entropy=False)
+    assert len(passes) == 2
+    with pytest.raises(ValueError, match="critic must be"):
+        PolicyModels.load(demo_model_dir, reward_dir, critic="value-model")
+
+
+def test_a_shared_critic_learns_and_trains_the_policy(demo_model_dir: Path, reward_dir: Path):
+    """Two iterations with a shared critic: the head leaves zero, values explain some of
+    the returns by the second rollout, and the policy moves off the reference."""
+    models = PolicyModels.load(demo_model_dir, reward_dir, critic="shared")
+    reward_fn = ComposedReward(models.reward, build_rules(CONCISE)).components
+    trainer = PPOTrainer(CONFIG, models, HFSampler(models), reward_fn)
+    first = trainer.iteration(PROMPTS, 0)
+    assert abs(first["kl_ref"]) < 1e-3  # a fresh adapter is the reference (decode rounding)
+    assert models.value_head.weight.detach().any()
+    second = trainer.iteration(PROMPTS, 1)
+    assert second["kl_ref"] != 0.0
+    assert math.isfinite(second["value_loss"]) and second["explained_variance"] > -1.0
+
+
+def test_auto_shares_the_critic_from_the_size_threshold_up(
+    demo_model_dir: Path, reward_dir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr("trainer.ppo.models.SHARED_CRITIC_FROM_PARAMS", 1_000_000)
+    models = PolicyModels.load(demo_model_dir, reward_dir)
+    assert models.actor_critic.critic_kind == "shared"
+    assert "critic" not in models.peft_model.peft_config
+
+
+@pytest.mark.parametrize("critic", ["shared", "adapter"])
+def test_the_decode_loops_numbers_are_the_training_passes(
+    demo_model_dir: Path, reward_dir: Path, critic: str
+):
+    """``recompute_logprobs="auto"`` with the hf sampler takes the decode loop's log-probs
+    (and a shared critic's values): equal to the recomputed ones up to rounding, the
+    reference's exactly, with fewer backbone passes (the actor's, and a shared critic's,
+    are saved)."""
+    rollouts, passes = {}, {}
+    for mode in ("auto", "always"):
+        models = PolicyModels.load(demo_model_dir, reward_dir, critic=critic, seed=4)
+        with torch.no_grad():  # a non-trivial policy adapter and value head
+            for name, p in models.peft_model.named_parameters():
+                if ".policy." in name and "lora_B" in name:
+                    p.copy_(torch.randn_like(p, generator=torch.Generator().manual_seed(5)) * 0.05)
+            models.value_head.weight.copy_(torch.linspace(-1, 1, models.value_head.in_features))
+        reward_fn = ComposedReward(models.reward, build_rules(CONCISE)).components
+        config = dataclasses.replace(CONFIG, recompute_logprobs=mode)
+        trainer = PPOTrainer(config, models, HFSampler(models), reward_fn)
+        assert trainer.takes_sampler_logprobs == (mode == "auto")
+        counter = _backbone_passes(models)
+        rollouts[mode] = trainer._rollout_and_score(PROMPTS, seed=11)
+        passes[mode] = len(counter)
+    auto, always = rollouts["auto"], rollouts["always"]
+    assert torch.equal(auto.batch.input_ids, always.batch.input_ids)  # the same samples
+    keep = auto.batch.mask.bool()
+    torch.testing.assert_close(
+        auto.old_logprobs[keep], always.old_logprobs[keep], atol=1e-4, rtol=0
+    )
+    torch.testing.assert_close(auto.values[keep], always.values[keep], atol=1e-4, rtol=0)
+    assert torch.equal(auto.ref_logprobs, always.ref_logprobs)
+    assert (auto.old_logprobs - auto.ref_logprobs)[keep].abs().max() > 1e-2  # not the base
+    assert passes["auto"] < passes["always"]
