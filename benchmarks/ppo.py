@@ -51,7 +51,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
+
+from benchmarks.models import model_dir, model_label
+from trainer.ppo.config import CriticChoice
+from trainer.rounds.config import RoundConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -165,6 +169,7 @@ def run_alignloop(args: argparse.Namespace) -> dict:
     models = PolicyModels.load(
         args.model,
         args.reward_dir,
+        critic=args.critic,
         seed=FIXED["seed"],
         lora_r=SHARED["lora_r"],
         lora_alpha=SHARED["lora_alpha"],
@@ -196,7 +201,8 @@ def run_alignloop(args: argparse.Namespace) -> dict:
         approx_kl_stop=SHARED["approx_kl_stop"],
         whiten_advantages=SHARED["whiten_advantages"],
     )
-    reward_fn = ComposedReward(models.reward, build_rules(CONCISE)).components
+    rules = build_rules(CONCISE if args.reward == "flat" else [])  # small: the model alone
+    reward_fn = ComposedReward(models.reward, rules).components
     trainer = PPOTrainer(config, models, sampler, reward_fn)
     prompts = [[{"role": "user", "content": p.text}] for p in sample_prompts(0, FIXED["prompts"])]
     batch = config.rollout_batch_size
@@ -231,6 +237,8 @@ def run_alignloop(args: argparse.Namespace) -> dict:
     rollout_seconds = sum(s["rollout_s"] for s in steps)
     return {
         "side": "alignloop",
+        "critic": models.actor_critic.critic_kind,
+        "policy_parameters": models.parameter_bytes()["base"] // 4,  # float32
         "episodes": episodes,
         "gradient_steps": sum(s["gradient_steps"] for s in steps),
         "early_stops": sum(bool(s["early_stopped"]) for s in steps),
@@ -259,7 +267,9 @@ def run_alignloop(args: argparse.Namespace) -> dict:
         "final_kl": steps[-1]["kl_ref"],
         "trainer_device": str(device),
         **gpu,
-        "sampler_logprob_gap": statistics.mean(s["sampler_logprob_gap"] for s in steps),
+        "sampler_logprob_gap": None
+        if steps[0]["sampler_logprob_gap"] is None  # the sampler's own were taken
+        else statistics.mean(s["sampler_logprob_gap"] for s in steps),
         "seconds_split": {
             name: round(sum(s[name] for s in steps), 2)
             for name in ("sync_s", "rollout_s", "score_s", "update_s")
@@ -277,6 +287,7 @@ def _child(args: argparse.Namespace, work: Path, reward_dir: Path) -> dict:
         "--rollout", args.rollout, "--iterations", str(args.iterations),
         "--rollout-batch-size", str(args.rollout_batch_size),
         "--mini-batch-size", str(args.mini_batch_size), "--threads", str(args.threads),
+        "--critic", args.critic, "--reward", args.reward,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if args.threads:
@@ -285,7 +296,9 @@ def _child(args: argparse.Namespace, work: Path, reward_dir: Path) -> dict:
     return json.loads(out.stdout.splitlines()[-1])  # vLLM logs to stdout too
 
 
-def _trl(args: argparse.Namespace, prompts_file: Path, lora_targets: str | None) -> dict:
+def _trl(
+    args: argparse.Namespace, prompts_file: Path, reward_dir: Path, lora_targets: str | None
+) -> dict:
     """TRL's PPOTrainer in a fresh process: full fine-tuning, or (``lora_targets``) a LoRA
     of alignloop's rank, alpha and target modules through its ``peft_config``."""
     lora = (
@@ -311,6 +324,7 @@ def _trl(args: argparse.Namespace, prompts_file: Path, lora_targets: str | None)
         "--lam", str(SHARED["lam"]), "--kl-estimator", SHARED["kl_estimator"],
         # the glibc settings alignloop's trainer applies to itself (keep_freed_memory)
         "--malloc-tuning", str(ROOT / "trainer" / "common" / "malloc_tuning.py"),
+        *(["--reward-model", str(reward_dir)] if args.reward == "small" else []),
         *lora,
     ]  # fmt: skip
     out = subprocess.run(cmd, stdout=subprocess.PIPE, check=True)
@@ -342,19 +356,73 @@ def _lora_targets(model: Path) -> str:
     return ",".join(lora_target_modules(AutoModelForCausalLM.from_pretrained(model)))
 
 
-def _setup(model: Path, work: Path) -> tuple[Path, Path]:
-    """The flat reward model version and the prompts file (TRL's format)."""
+def _setup(model: Path, work: Path, reward: str) -> tuple[Path, Path]:
+    """The reward model version (:func:`small_reward_model` or the flat one) and the
+    prompts file (TRL's format)."""
     from tests.fixtures.ppo import flat_reward_model
     from trainer.demo.corpus import sample_prompts
 
     reward_dir = work / "reward"
-    reward_dir.mkdir()
-    flat_reward_model(model).save(reward_dir)
+    if reward == "small":
+        small_reward_model(model, reward_dir)
+    else:
+        reward_dir.mkdir()
+        flat_reward_model(model).save(reward_dir)
     prompts_file = work / "prompts.jsonl"
     with open(prompts_file, "w") as f:
         for p in sample_prompts(0, FIXED["prompts"]):
             f.write(json.dumps({"messages": [{"role": "user", "content": p.text}]}) + "\n")
     return reward_dir, prompts_file
+
+
+SMALL_REWARD = {"hidden": 128, "layers": 4, "seed": 1234, "score_std": 1.0}
+"""The shape of :func:`small_reward_model`."""
+
+
+def small_reward_model(policy: Path, out: Path) -> Path:
+    """A small sequence-classification reward model both sides score with: a randomly
+    initialised (seeded) 4-layer Llama 128 wide with the policy's tokenizer, its score head
+    rescaled so that its scores over the benchmark's own sampled demo answers have standard
+    deviation 1 (a random head gives scores too flat to learn from). Saved as a ``seq_cls``
+    reward model version (alignloop loads it beside the policy; TRL takes it as its reward
+    model and, by its own convention, a copy as its value model)."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    from trainer.demo.corpus import sample_prompts
+    from trainer.reward.model import SequenceClassifierRewardModel, ensure_pad_token
+
+    tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(policy))
+    source = AutoConfig.from_pretrained(policy)
+    width = SMALL_REWARD["hidden"]
+    config = LlamaConfig(
+        vocab_size=source.vocab_size,
+        hidden_size=width,
+        intermediate_size=width * 3,
+        num_hidden_layers=SMALL_REWARD["layers"],
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=width // 2,
+        max_position_embeddings=source.max_position_embeddings,
+        tie_word_embeddings=False,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(SMALL_REWARD["seed"])
+    model = LlamaForSequenceClassification(config).eval()
+    rm = SequenceClassifierRewardModel(model, tokenizer, max_length=256)
+    prompts = sample_prompts(1, 64)
+    conversations = [[{"role": "user", "content": p.text}] for p in prompts]
+    answers = [p.text[::-1][:40] for p in prompts]  # varied text; the scale is what matters
+    std = float(rm.score(conversations, answers).std())
+    with torch.no_grad():
+        model.score.weight.mul_(SMALL_REWARD["score_std"] / max(std, 1e-6))
+    out.mkdir(parents=True)
+    rm.save(out)
+    log(f"small reward model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    return out
 
 
 def scaled_model(demo: Path, spec: str, out: Path) -> Path:
@@ -435,7 +503,11 @@ def summarise(
             "threads": args.threads,
             "iterations": args.iterations,
             "rollout": args.rollout,
-            "model": args.scaled_model or "demo",
+            "model": args.model_label,
+            "policy_parameters": ours[0]["policy_parameters"],
+            "reward": args.reward,
+            **({"small_reward_model": SMALL_REWARD} if args.reward == "small" else {}),
+            "critic": f"{args.critic} ({ours[0]['critic']})",
         },
         "shared_hyperparameters": SHARED,
         "allocator": "glibc malloc thresholds of trainer/common/malloc_tuning.py "
@@ -449,7 +521,7 @@ def summarise(
         "seconds_per_round": _round(statistics.median(o["seconds"] for o in ours)),
         "peak_rss_mb": sides["alignloop"]["median"]["peak_rss_mb"],
         "total_peak_rss_mb": _round(statistics.median(o["total_peak_rss_mb"] for o in ours)),
-        "sampler_logprob_gap": round(ours[-1]["sampler_logprob_gap"], 5),
+        "sampler_logprob_gap": _round(ours[-1]["sampler_logprob_gap"], 5),
         "memory_breakdown_mb": ours[-1]["memory_breakdown_mb"],
         "seconds_split": ours[-1]["seconds_split"],
     }
@@ -506,31 +578,44 @@ def main() -> int:
     ap.add_argument(
         "--scaled-model", metavar="HIDDEN,LAYERS", help="a random-init Llama of this size"
     )
-    ap.add_argument("--model", type=Path, help="default: the cached demo model")
+    ap.add_argument(
+        "--model", default="demo", help="demo, smollm2 or a model directory (benchmarks/models.py)"
+    )
+    ap.add_argument(
+        "--reward",
+        choices=("small", "flat"),
+        default="small",
+        help="small: one small sequence-classification reward model both sides score with "
+        "(TRL's value model a copy of it); flat: alignloop a zero-head LoRA reward model plus "
+        "rule terms, TRL a fresh head on the policy's backbone (rewards not comparable)",
+    )
+    ap.add_argument(
+        "--critic",
+        choices=get_args(CriticChoice),
+        default=RoundConfig.critic,
+        help="alignloop's critic (RoundConfig.critic; default: a round's)",
+    )
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--reward-dir", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
+        args.model = Path(args.model)
         print(json.dumps(run_alignloop(args)))
         return 0
     if args.quick:  # fewer iterations, not fewer rounds
         args.iterations = 2
     if args.rounds < 3:
         ap.error("--rounds: at least 3 (alternating order)")
-    from trainer.rounds.config import RoundConfig
-
     args.rollout = RoundConfig(rollout_backend=args.rollout).rollouts
-    if args.model is None:
-        from tests.fixtures.model import demo_model_cache_dir
-        from trainer.demo.model import bootstrap_demo_model
-
-        args.model = bootstrap_demo_model(demo_model_cache_dir())
+    args.model_label = model_label(args.model)
+    args.model = model_dir(args.model)
 
     work = Path(tempfile.mkdtemp(prefix="alignloop-bench-ppo-"))
     if args.scaled_model:
         args.model = scaled_model(Path(args.model), args.scaled_model, work / "model")
-    reward_dir, prompts_file = _setup(args.model, work)
+        args.model_label = f"llama {args.scaled_model} (random)"
+    reward_dir, prompts_file = _setup(args.model, work, args.reward)
     sides = ["alignloop"] if args.no_trl else ["alignloop", "trl_full", "trl_lora"]
     targets = None if args.no_trl else _lora_targets(args.model)
     runs: dict[str, list[dict]] = {side: [] for side in sides}
@@ -541,7 +626,8 @@ def main() -> int:
             if side == "alignloop":
                 runs[side].append(_child(args, work, reward_dir))
             else:
-                runs[side].append(_trl(args, prompts_file, targets if side == "trl_lora" else None))
+                lora = targets if side == "trl_lora" else None
+                runs[side].append(_trl(args, prompts_file, reward_dir, lora))
     result = summarise(args, runs, order, targets)
     print(json.dumps(result, indent=2))
     return 0

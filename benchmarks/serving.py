@@ -41,6 +41,8 @@ from pathlib import Path
 
 import httpx
 
+from benchmarks.models import model_dir as model_dir_of
+from benchmarks.models import model_label
 from deploy.local.broker import EmbeddedBroker
 from tests.fixtures.server import AUTH, free_port, start_serving, wait_healthy
 
@@ -180,13 +182,6 @@ def start_vllm_server(
         return subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
-def default_model_dir() -> Path:
-    from tests.fixtures.model import demo_model_cache_dir
-    from trainer.demo.model import bootstrap_demo_model
-
-    return bootstrap_demo_model(demo_model_cache_dir())
-
-
 def completions_at_temperature_zero(url: str, model: str, max_tokens: int) -> list[str]:
     """The answers to IDENTITY_PROMPTS, greedy, non-streaming (one request at a time)."""
     answers = []
@@ -304,7 +299,10 @@ def main() -> int:
     ap.add_argument("--identity-tokens", type=int, default=32, help="tokens per identity answer")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (at least 3)")
     ap.add_argument("--scenarios", default="base,lora", help="comma-separated: base, lora")
-    ap.add_argument("--model-dir", type=Path, help="default: the cached demo model")
+    ap.add_argument(
+        "--model", default="demo", help="demo, smollm2 or a model directory (benchmarks/models.py)"
+    )
+    ap.add_argument("--model-dir", type=Path, help="a model directory (the same as --model DIR)")
     args = ap.parse_args()
     if args.rounds < 3:
         ap.error("--rounds: at least 3, so the order alternates")
@@ -316,7 +314,7 @@ def main() -> int:
     from tests.fixtures.adapters import make_adapter
     from tests.fixtures.postgres import create_database, drop_database
 
-    model_dir = args.model_dir or default_model_dir()
+    model_dir = model_dir_of(args.model_dir or args.model)
     work = Path(tempfile.mkdtemp(prefix="alignloop-bench-"))
     # A small-weight adapter: it changes some answers without turning them into noise.
     adapter = make_adapter(model_dir, work / "adapter", seed=7, scale=0.05)
@@ -386,6 +384,7 @@ def main() -> int:
             "requests_per_client": args.requests_per_client,
             "max_tokens": args.max_tokens,
             "rounds": args.rounds,
+            "model": model_label(args.model_dir or args.model),
             "model_dir": str(model_dir),
             "adapter": "rank 8 on q/k/v/o, B ~ N(0, 0.05), seed 7",
             "cpus": os.cpu_count(),

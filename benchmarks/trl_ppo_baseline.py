@@ -11,8 +11,10 @@ script is the TRL side. It
    its own), and trains with TRL's PPOTrainer: policy = the model, ref_policy = a second
    copy (or, with ``--lora-r``, TRL's ``peft_config`` path: a LoRA on the policy, whose
    reference is the policy with the adapter disabled), value_model and reward_model =
-   ``AutoModelForSequenceClassification`` over the same directory with a freshly (seeded)
-   initialised one-logit head; ``--malloc-tuning`` applies alignloop's glibc settings;
+   ``AutoModelForSequenceClassification`` over ``--reward-model`` (the value model a copy
+   of the reward model, as TRL's own PPO example does) or, without it, over the policy's
+   directory with a freshly (seeded) initialised one-logit head; ``--malloc-tuning``
+   applies alignloop's glibc settings;
 3. prints ONE JSON object on stdout (versions, episodes, training wall time, episodes/s,
    peak and staged RSS, rollout tokens/s, hyperparameters); everything else goes to stderr.
 
@@ -217,6 +219,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "call); default TRL's own (64 in 1.12)",
     )
     p.add_argument(
+        "--reward-model",
+        default="",
+        help="a sequence-classification directory: the reward model, and (TRL's own "
+        "convention) the value model starts as a copy of it; default: both are the policy's "
+        "backbone with a fresh one-logit head",
+    )
+    p.add_argument(
         "--lora-r", type=int, default=0, help="train a LoRA of this rank (peft_config); 0: full"
     )
     p.add_argument("--lora-alpha", type=int, default=16)
@@ -350,11 +359,11 @@ def benchmark(args: argparse.Namespace) -> dict:
         ref_policy = AutoModelForCausalLM.from_pretrained(args.model, **fp32)
     torch.manual_seed(args.seed)
     value_model = AutoModelForSequenceClassification.from_pretrained(
-        args.model, num_labels=1, **fp32
+        args.reward_model or args.model, num_labels=1, **fp32
     )
     torch.manual_seed(args.seed + 1)
     reward_model = AutoModelForSequenceClassification.from_pretrained(
-        args.model, num_labels=1, **fp32
+        args.reward_model or args.model, num_labels=1, **fp32
     )
     for m in (value_model, reward_model):
         m.config.pad_token_id = tokenizer.pad_token_id
