@@ -27,15 +27,6 @@ RecomputeLogprobs = Literal["auto", "always"]
 CriticKind = Literal["adapter", "shared"]
 """The critic's trunk (:mod:`trainer.ppo.models`): its own LoRA adapter on the base, or the
 actor's trunk shared (one backbone pass for both)."""
-CriticChoice = Literal["auto", "adapter", "shared"]
-"""A :data:`CriticKind`, or ``"auto"``: ``"shared"`` from :data:`SHARED_CRITIC_FROM_PARAMS`
-base parameters up, ``"adapter"`` below."""
-SHARED_CRITIC_FROM_PARAMS = 10_000_000
-"""Where ``"auto"`` switches to a shared critic. Below it (the 2M demo model) a pass costs
-mostly fixed per-layer overhead, so the critic's own trunk costs little and keeps the
-reward model's initialisation (InstructGPT C.4); above it the backbone's products are the
-cost, and a second trunk nearly doubles them (measured at 31M: docs/benchmarks.md, "PPO at
-scale")."""
 
 
 @dataclass
@@ -191,8 +182,10 @@ class PPOConfig(DeviceConfig):
         default=0,
         metadata={
             "help": "First PPO iterations that update only the critic, so advantages come from "
-            "a fitted value function (PPO-max: critic pre-training). Default 0: the "
-            "critic starts from the reward model (InstructGPT C.4)."
+            "a fitted value function (PPO-max: critic pre-training). Default 0: an adapter "
+            "critic starts as the reward model (InstructGPT C.4); a shared critic's head "
+            "starts at zero, so its first advantages are the whitened returns (measured "
+            "enough for the closed loop's promotion, docs/benchmarks.md, PPO at scale)."
         },
     )
 

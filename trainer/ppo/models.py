@@ -63,7 +63,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from trainer.common.device import autocast, autocast_dtype, folding_pays, module_device
 from trainer.common.lora_folding import fold_in_training, folded
-from trainer.ppo.config import SHARED_CRITIC_FROM_PARAMS, CriticChoice, CriticKind
+from trainer.ppo.config import CriticKind
 from trainer.ppo.core import entropy_from_logits, logprobs_from_logits, ptx_loss
 from trainer.reward.model import (
     LoraRewardModel,
@@ -348,7 +348,7 @@ class PolicyModels:
         *,
         policy_init: Path | None = None,
         critic_init: str = "reward",
-        critic: CriticChoice = "auto",
+        critic: CriticKind = "adapter",
         lora_r: int = 8,
         lora_alpha: int = 16,
         lora_target_modules: str = "auto",
@@ -362,20 +362,16 @@ class PolicyModels:
         reward model's adapter and head into the critic (its LoRA config included),
         ``"fresh"`` starts a new LoRA and a zero value head. A ``seq_cls`` reward model is
         loaded as its own model and the critic starts fresh whatever ``critic_init`` says.
-        ``critic``: ``"adapter"`` (its own LoRA trunk), ``"shared"`` (the value head on
+        ``critic``: ``"adapter"`` (its own LoRA trunk) or ``"shared"`` (the value head on
         the actor's trunk; it always starts at zero: the reward head reads another trunk's
-        features, so ``critic_init`` does not apply) or ``"auto"`` (by the base's size:
-        :data:`~trainer.ppo.config.SHARED_CRITIC_FROM_PARAMS`).
+        features, so ``critic_init`` does not apply). A round's default is ``"shared"``
+        (``RoundConfig.critic``).
         """
         if critic_init not in ("reward", "fresh"):
             raise ValueError(f"critic_init must be 'reward' or 'fresh', got {critic_init!r}")
-        if critic not in get_args(CriticChoice):
-            raise ValueError(f"critic must be one of {get_args(CriticChoice)}, got {critic!r}")
+        if critic not in get_args(CriticKind):
+            raise ValueError(f"critic must be one of {get_args(CriticKind)}, got {critic!r}")
         base, tokenizer = load_base_model(Path(base_model))
-        if critic == "auto":
-            size = sum(p.numel() for p in base.parameters())
-            critic = "shared" if size >= SHARED_CRITIC_FROM_PARAMS else "adapter"
-            log.info("critic: %s (auto, %.1fM base parameters)", critic, size / 1e6)
         card = read_card(Path(reward_dir))
         if card.get("kind") == "seq_cls" and critic_init == "reward" and critic == "adapter":
             log.info("the reward model is a separate classifier: the critic starts fresh")

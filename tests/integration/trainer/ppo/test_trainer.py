@@ -394,8 +394,7 @@ def test_a_shared_critic_reads_the_actors_trunk(demo_model_dir: Path, reward_dir
     (values * batch.mask).sum().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.values())
 
-    separate = PolicyModels.load(demo_model_dir, reward_dir)  # auto: 2M parameters
-    assert separate.actor_critic.critic_kind == "adapter"
+    separate = PolicyModels.load(demo_model_dir, reward_dir, critic="adapter")
     passes = _backbone_passes(separate)
     with torch.no_grad():
         separate.actor_critic.evaluate(batch, with_entropy=False)
@@ -416,15 +415,6 @@ def test_a_shared_critic_learns_and_trains_the_policy(demo_model_dir: Path, rewa
     second = trainer.iteration(PROMPTS, 1)
     assert second["kl_ref"] != 0.0
     assert math.isfinite(second["value_loss"]) and second["explained_variance"] > -1.0
-
-
-def test_auto_shares_the_critic_from_the_size_threshold_up(
-    demo_model_dir: Path, reward_dir: Path, monkeypatch: pytest.MonkeyPatch
-):
-    monkeypatch.setattr("trainer.ppo.models.SHARED_CRITIC_FROM_PARAMS", 1_000_000)
-    models = PolicyModels.load(demo_model_dir, reward_dir)
-    assert models.actor_critic.critic_kind == "shared"
-    assert "critic" not in models.peft_model.peft_config
 
 
 @pytest.mark.parametrize("critic", ["shared", "adapter"])
