@@ -1,16 +1,21 @@
-"""PPO speed and memory on the demo model, against Hugging Face TRL's PPOTrainer.
+"""PPO speed and memory against Hugging Face TRL's PPOTrainer, like for like.
 
-One fixed configuration (the demo model, the same 256 prompts from the demo world, rollout
-batch 256, mini-batch 64 (InstructGPT's, and PPOConfig's default), one PPO epoch, 48 new
-tokens, temperature 1, lr 1e-5, KL coefficient 0.05, seed 0; each side gets every core,
-torch's default of one thread per core) is trained by
+One fixed configuration (``--model``: the demo model, SmolLM2-135M-Instruct or a directory;
+the same 256 prompts from the demo world, rollout batch 256, mini-batch 64 (InstructGPT's,
+and PPOConfig's default), one PPO epoch, 48 new tokens, temperature 1, lr 1e-5, KL
+coefficient 0.05, seed 0; each side gets every core, torch's default of one thread per
+core) is trained by
 
-* **alignloop**: :class:`trainer.ppo.trainer.PPOTrainer` on one base with policy, critic and
-  reward LoRA adapters; rollouts from vLLM with the actor hot-loaded every iteration
-  (``--rollout vllm``) or from the training model's own decode loop (``--rollout hf``); the
-  default, ``auto``, is alignloop's: vLLM with a GPU, ``hf`` on CPU;
-  reward = a reward model version (a LoRA adapter + head on the base, scoring 0) plus the
-  rule terms of ``tests/fixtures/ppo.CONCISE`` (no filler), so the reward gain is real;
+* **alignloop**: :class:`trainer.ppo.trainer.PPOTrainer` on one base with a policy LoRA
+  adapter and its critic (``--critic``, a round's default ``auto``); rollouts from vLLM with
+  the actor hot-loaded every iteration (``--rollout vllm``) or from the training model's own
+  decode loop (``--rollout hf``); the default, ``auto``, is alignloop's: vLLM with a GPU,
+  ``hf`` on CPU;
+* the reward (``--reward``): ``small`` (default), one small sequence classifier
+  (:func:`small_reward_model`, 1.1M parameters with the demo tokenizer) both sides score
+  with, TRL's value model a copy of it (TRL's own convention); ``flat``, alignloop a zero-head
+  LoRA reward model plus the rule terms of ``tests/fixtures/ppo.CONCISE``, TRL a fresh head
+  on the policy's backbone;
 * **TRL** 1.12's PPOTrainer (``benchmarks/trl_ppo_baseline.py``, ``transformers``
   generation, in its own virtualenv) in two configurations: ``trl_full`` (full fine-tuning;
   policy, reference, value and reward models) and ``trl_lora`` (its ``peft_config``: a LoRA
@@ -54,7 +59,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from benchmarks.models import model_dir, model_label
-from trainer.ppo.config import CriticChoice
+from trainer.ppo.config import CriticKind
 from trainer.rounds.config import RoundConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,10 +98,6 @@ SHARED: dict[str, Any] = {
 
 # What stays different, and why (printed with every result).
 DIFFERENCES_NOT_REMOVED = {
-    "reward": "alignloop's reward is the flat reward model plus the concise-answer rule terms "
-    "(tests/fixtures/ppo.CONCISE); TRL's PPOTrainer takes only a sequence-classification "
-    "reward model (randomly initialised head), so reward levels are not comparable across "
-    "sides, only each side's own start/end",
     "reward_normalization": "alignloop normalises scores by running moments and clips at 5 "
     "(normalize_reward); TRL 1.12 has only whiten_rewards (per-token whitening), left off",
     "gradient_clipping": "alignloop clips the global gradient norm at 1.0 before every step; "
@@ -104,18 +105,47 @@ DIFFERENCES_NOT_REMOVED = {
     "micro_batch": "alignloop: 16 rows per forward/backward (micro_batch_size); TRL: its "
     "micro-batch is per_device_train_batch_size, and with gradient accumulation > 1 it steps "
     "once per accumulation across mini-batch boundaries, so to take one optimizer step per "
-    "mini-batch of 64 its micro-batch is the whole mini-batch",
-    "critic": "alignloop's critic is a LoRA adapter + head on the shared base (starting as "
-    "the reward model); TRL's value model is a whole second backbone, fully trained in both "
-    "TRL configurations (peft_config applies to the policy only)",
-    "models_in_memory": "alignloop: one base with policy, critic and reward adapters; TRL "
-    "full: policy, reference, value and reward backbones; TRL lora: policy (+adapter, also "
-    "the reference), value and reward backbones",
+    "mini-batch its micro-batch is the whole mini-batch",
     "rollout_scoring_batch": "TRL at its default local_rollout_forward_batch_size (64); "
     "alignloop scores finished rollouts up to a mini-batch per pass",
-    "generation": "alignloop: its own KV-cached decode loop (hf rollouts on CPU); TRL: "
-    "transformers generate",
+    "generation": "alignloop: its own KV-cached decode loop (hf rollouts on CPU), whose "
+    "log-probs (and a shared critic's values) it keeps instead of recomputing them; TRL: "
+    "transformers generate, then a policy forward for the log-probs",
 }
+REWARD_DIFFERENCE = {
+    "small": "both sides score with the same small sequence classifier, but not the same "
+    "tokens: alignloop renders the conversation with the answer as a closed assistant turn "
+    "(the chat template's end-of-turn after it: how its reward trainer trains a reward "
+    "model) and re-tokenises it; TRL scores prompt + response ids as sampled. A random "
+    "classifier scores those differently where the template closes the turn with tokens of "
+    "its own, so reward levels differ across sides (compare each side's own start and end)",
+    "flat": "alignloop's reward is the flat reward model plus the concise-answer rule terms "
+    "(tests/fixtures/ppo.CONCISE); TRL's is a randomly initialised head on the policy's "
+    "backbone, so reward levels are not comparable across sides, only each side's own "
+    "start/end",
+}
+CRITIC_DIFFERENCE = {
+    "shared": "alignloop's critic is a value head on the actor's trunk (one backbone pass "
+    "for both, the value loss also trains the policy adapter); TRL's value model is a "
+    "separate sequence classifier, fully trained in both TRL configurations (peft_config "
+    "applies to the policy only)",
+    "adapter": "alignloop's critic is its own LoRA adapter + head on the shared base; TRL's "
+    "value model is a separate sequence classifier, fully trained in both TRL configurations "
+    "(peft_config applies to the policy only)",
+}
+
+
+def differences(reward: str, critic: str) -> dict[str, str]:
+    """Every difference left between the sides of this run, with the reason."""
+    return {
+        **DIFFERENCES_NOT_REMOVED,
+        "reward": REWARD_DIFFERENCE[reward],
+        "critic": CRITIC_DIFFERENCE[critic],
+        "models_in_memory": "alignloop: one base with the policy adapter (and the critic's "
+        "where it has one), the reward model beside it; TRL full: policy, reference, value "
+        "and reward models; TRL lora: policy (+adapter, also the reference), value and reward "
+        "models",
+    }
 
 
 def log(msg: str) -> None:
@@ -507,7 +537,7 @@ def summarise(
             "policy_parameters": ours[0]["policy_parameters"],
             "reward": args.reward,
             **({"small_reward_model": SMALL_REWARD} if args.reward == "small" else {}),
-            "critic": f"{args.critic} ({ours[0]['critic']})",
+            "critic": ours[0]["critic"],
         },
         "shared_hyperparameters": SHARED,
         "allocator": "glibc malloc thresholds of trainer/common/malloc_tuning.py "
@@ -552,7 +582,7 @@ def summarise(
             "training_peak_rss": {"ratio": round(memory, 3), "against": memory_vs},
             "whole_process_peak_rss": {"ratio": round(whole, 3), "against": whole_vs},
         }
-        result["differences_not_removed"] = DIFFERENCES_NOT_REMOVED
+        result["differences_not_removed"] = differences(args.reward, ours[0]["critic"])
     return result
 
 
@@ -591,7 +621,7 @@ def main() -> int:
     )
     ap.add_argument(
         "--critic",
-        choices=get_args(CriticChoice),
+        choices=get_args(CriticKind),
         default=RoundConfig.critic,
         help="alignloop's critic (RoundConfig.critic; default: a round's)",
     )
