@@ -126,7 +126,7 @@ REWARD_DIFFERENCE = {
 }
 CRITIC_DIFFERENCE = {
     "shared": "alignloop's critic is a value head on the actor's trunk (one backbone pass "
-    "for both, the value loss also trains the policy adapter); TRL's value model is a "
+    "for both; the value loss trains the head alone); TRL's value model is a "
     "separate sequence classifier, fully trained in both TRL configurations (peft_config "
     "applies to the policy only)",
     "adapter": "alignloop's critic is its own LoRA adapter + head on the shared base; TRL's "

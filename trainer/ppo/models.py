@@ -15,8 +15,9 @@ three LoRA adapters side by side:
     reward model's adapter and head (``critic_init="reward"``) or fresh. A second trunk:
     every pass of the critic is a whole backbone forward (and backward) beside the actor's;
   - ``"shared"``: the actor's own trunk (base + ``policy`` adapter): one forward gives
-    log-probs and values, the value loss's gradient reaches the policy adapter (weighted by
-    ``vf_coef``), and the head starts at zero. Half the backbone work of ``"adapter"`` in
+    log-probs and values; the head reads the trunk's features without training them (the
+    value loss reaches the head only: through the trunk it would move the policy by a loss
+    that is not the policy's), and starts at zero. Half the backbone work of ``"adapter"`` in
     the update and one pass fewer in scoring: what wins once the backbone, not the Python
     floor, is the cost (measured: docs/benchmarks.md, "PPO at scale");
 * **reward** = base + the frozen ``reward`` adapter and head of a reward model version
@@ -257,7 +258,10 @@ class ActorCritic(torch.nn.Module):
         with self.models.adapter(POLICY):
             hidden = self.models.response_hidden(batch)
         logprobs, entropy = self._policy_head(hidden, batch, with_entropy, entropy_grad)
-        return logprobs, self.values_of(hidden), entropy
+        # The value loss trains the head only: through the trunk it would move the policy
+        # by a loss that is not the policy's (measured: a round's KL to the reference 10.2
+        # against a target of 6 in tests/integration/trainer/rounds, within it detached).
+        return logprobs, self.values_of(hidden.detach()), entropy
 
     def actor(
         self, batch: TokenBatch, with_entropy: bool = True, entropy_grad: bool = True
@@ -271,7 +275,8 @@ class ActorCritic(torch.nn.Module):
     def critic(self, batch: TokenBatch) -> torch.Tensor:
         """Values ``[B, R]``: the value head on the critic's trunk at each position."""
         with self.models.adapter(CRITIC if self.critic_kind == "adapter" else POLICY):
-            return self.values_of(self.models.response_hidden(batch))
+            hidden = self.models.response_hidden(batch)
+        return self.values_of(hidden if self.critic_kind == "adapter" else hidden.detach())
 
     def _policy_head(
         self, hidden: torch.Tensor, batch: TokenBatch, with_entropy: bool, entropy_grad: bool

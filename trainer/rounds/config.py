@@ -118,8 +118,8 @@ class RoundConfig(ConfigBase):
         default="shared",
         metadata={
             "help": "The critic's trunk: 'shared' (a value head on the actor's trunk: one "
-            "backbone pass gives log-probs and values; the value loss also trains the policy "
-            "adapter, weighted by vf_coef; the head starts at zero) or 'adapter' (its own "
+            "backbone pass gives log-probs and values; the value loss trains the head alone, "
+            "which starts at zero) or 'adapter' (its own "
             "LoRA on the base, initialised by critic_init: a second backbone pass in scoring "
             "and in every update). Shared: 2.3x the episodes/s on the demo model and 1.7x at "
             "31M parameters (docs/benchmarks.md, PPO at scale)."

@@ -65,26 +65,34 @@ class VllmOptions:
 
 
 def write_zero_adapter(base_model: Path, directory: Path, rank: int) -> None:
-    """A PEFT LoRA adapter of ``rank`` on every ``*_proj`` weight of ``base_model``'s
-    decoder layers, all zeros (the base's own outputs): warm-up traffic for the LoRA path."""
-    from safetensors import safe_open
+    """A PEFT LoRA adapter of ``rank`` on every module the trainer's LoRA wraps on
+    ``base_model`` (:func:`~trainer.reward.model.lora_target_modules`: the body's linear
+    layers, whatever the architecture names them), all zeros (the base's own outputs):
+    warm-up traffic for the LoRA path. The shapes come from the model built on the meta
+    device from its config: no weights are read."""
     from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    from trainer.reward.model import lora_target_modules
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_model))
+    targets = set(lora_target_modules(model))
+    body = model.base_model_prefix
     tensors: dict[str, torch.Tensor] = {}
-    targets: set[str] = set()
-    for file in sorted(Path(base_model).glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                if ".layers." not in name or not name.endswith("_proj.weight"):
-                    continue
-                out_features, in_features = f.get_slice(name).get_shape()
-                module = name.removesuffix(".weight")
-                targets.add(module.rsplit(".", 1)[1])
-                prefix = f"base_model.model.{module}"
-                tensors[f"{prefix}.lora_A.weight"] = torch.zeros(rank, in_features)
-                tensors[f"{prefix}.lora_B.weight"] = torch.zeros(out_features, rank)
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if (
+            leaf not in targets
+            or not name.startswith(body + ".")
+            or not isinstance(module, torch.nn.Linear)
+        ):
+            continue
+        prefix = f"base_model.model.{name}"
+        tensors[f"{prefix}.lora_A.weight"] = torch.zeros(rank, module.in_features)
+        tensors[f"{prefix}.lora_B.weight"] = torch.zeros(module.out_features, rank)
     if not tensors:
-        raise ValueError(f"no decoder projections in {base_model}'s safetensors")
+        raise ValueError(f"no linear layers for LoRA in {base_model}")
     directory.mkdir(parents=True, exist_ok=True)
     config = {
         "peft_type": "LORA",

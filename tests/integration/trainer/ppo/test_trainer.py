@@ -365,7 +365,7 @@ def _backbone_passes(models: PolicyModels) -> list[int]:
 def test_a_shared_critic_reads_the_actors_trunk(demo_model_dir: Path, reward_dir: Path):
     """``critic="shared"``: no critic adapter; the values are the head on the policy
     adapter's hidden states; one backbone pass gives log-probs and values (two with an
-    adapter critic); the value loss's gradient reaches the policy adapter."""
+    adapter critic); the value loss's gradient reaches the head only."""
     models = PolicyModels.load(demo_model_dir, reward_dir, critic="shared", seed=3)
     assert "critic" not in models.peft_model.peft_config
     assert not models.critic_from_reward
@@ -389,9 +389,15 @@ def test_a_shared_critic_reads_the_actors_trunk(demo_model_dir: Path, reward_dir
     torch.testing.assert_close(logprobs[keep], actor[keep])
     torch.testing.assert_close(values[keep], by_hand[keep])
 
+    # The value loss trains the head, not the trunk (it would move the policy); the
+    # policy's own loss still reaches the trunk through the same pass.
     policy = {n: p for n, p in models.peft_model.named_parameters() if ".policy." in n}
-    _, values, _, _ = ac(batch)
-    (values * batch.mask).sum().backward()
+    logprobs, values, _, _ = ac(batch)
+    (values * batch.mask).sum().backward(retain_graph=True)
+    assert models.value_head.weight.grad is not None
+    assert models.value_head.weight.grad.abs().sum() > 0
+    assert all(p.grad is None or not p.grad.any() for p in policy.values())
+    (logprobs * batch.mask).sum().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.values())
 
     separate = PolicyModels.load(demo_model_dir, reward_dir, critic="adapter")
