@@ -211,14 +211,16 @@ def run_ppo(args: argparse.Namespace, model: Path, work: Path) -> tuple[dict[str
     returns its figures and the per-process GPU memory peaks."""
     from benchmarks.ppo import FIXED, _setup
 
-    reward_dir, _ = _setup(model, work)
+    # The flat reward model: a LoRA reward adapter on the base, so the reward pass runs on
+    # the training device through the same base (a separate classifier would not).
+    reward_dir, _ = _setup(model, work, "flat")
     batch = 16 if args.dry_run else FIXED["rollout_batch_size"]
     mini = 8 if args.dry_run else FIXED["mini_batch_size"]
     cmd = [
         sys.executable, "-m", "benchmarks.ppo", "--child", "--model", str(model),
         "--reward-dir", str(reward_dir), "--work", str(work), "--rollout", args.rollout,
         "--iterations", str(args.iterations), "--rollout-batch-size", str(batch),
-        "--mini-batch-size", str(mini), "--threads", "0",
+        "--mini-batch-size", str(mini), "--threads", "0", "--reward", "flat",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     roles: dict[int, str] = {}
