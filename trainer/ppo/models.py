@@ -345,6 +345,8 @@ class PolicyModels:
 
     # --- construction ----------------------------------------------------------------------
 
+    # Long on purpose: the four models put on one base in the order they depend on each
+    # other (policy adapter, reward, critic by its kind and initialisation), in one place.
     @classmethod
     def load(
         cls,

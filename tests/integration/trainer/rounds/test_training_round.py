@@ -541,9 +541,17 @@ def _check_the_vllm_stream(sampler, config: RoundConfig, engine_pids: list[int])
 
 
 def _child_pids(pid: int) -> list[str]:
-    out = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
+    out: list[str] = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except FileNotFoundError:  # the process ended
+        return out
+    for task in tasks:
+        try:
+            children = (task / "children").read_text().split()
+        except FileNotFoundError:  # the thread (or process) ended while being read
+            continue
+        for child in children:
             out += [child, *_child_pids(int(child))]
     return out
 
