@@ -10,8 +10,9 @@
   bfloat16's resolution of a weight (8 bits of mantissa), so bfloat16 weights would drop
   it; and one set of weights under one autocast policy keeps the frozen reference (the
   base, adapters disabled) the very computation the base model does on that device. On the
-  CPU nothing changes: float32 throughout, the path every CPU figure in docs/benchmarks.md
-  was measured on (bfloat16 autocast on the CPU is not measured).
+  CPU the default is float32 throughout; a config's ``precision: bfloat16`` asks for the
+  same bfloat16 autocast there, which pays on CPUs that multiply bfloat16 natively
+  (AVX-512 BF16, AMX; docs/benchmarks.md has the measured difference).
 * **Folded LoRA** (:func:`folding_pays`): the folded fast path
   (:mod:`trainer.common.lora_folding`) was measured faster on the CPU only; it has not
   been measured on CUDA, so PEFT's own LoRA layers run there until it is.
@@ -26,7 +27,7 @@ import os
 
 import torch
 
-from schemas.config import TrainingDevice
+from schemas.config import TrainingDevice, TrainingPrecision
 
 MIXED_PRECISION_DTYPE = torch.bfloat16
 """The dtype of CUDA's autocast regions (Ampere and newer run it natively)."""
@@ -58,9 +59,17 @@ def resolve_device(
     return torch.device("cuda", local_rank)
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of passes on ``device``: bfloat16 on CUDA, None (float32) else."""
-    return MIXED_PRECISION_DTYPE if device.type == "cuda" else None
+def autocast_dtype(
+    device: torch.device, precision: TrainingPrecision | str = "auto"
+) -> torch.dtype | None:
+    """The autocast dtype of passes on ``device`` at a config's ``precision``: bfloat16 for
+    ``bfloat16``, and for ``auto`` on CUDA; None (float32, no autocast) for ``float32``,
+    and for ``auto`` on the CPU."""
+    if precision not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"precision must be auto, float32 or bfloat16, got {precision!r}")
+    if precision == "bfloat16" or (precision == "auto" and device.type == "cuda"):
+        return MIXED_PRECISION_DTYPE
+    return None
 
 
 def autocast(

@@ -58,10 +58,12 @@ from pathlib import Path
 from typing import Any, get_args
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from schemas.config import TrainingPrecision
 from trainer.common.device import autocast, autocast_dtype, folding_pays, module_device
 from trainer.common.lora_folding import fold_in_training, folded
 from trainer.ppo.config import CriticKind
@@ -334,6 +336,7 @@ class PolicyModels:
         hf_model = transformer_of(peft_model)
         self._backbone = getattr(hf_model, hf_model.base_model_prefix)
         self._lm_head = hf_model.get_output_embeddings()
+        self._lm_head_cached: tuple[tuple[Any, ...], torch.Tensor] | None = None
         self.actor_critic = ActorCritic(self, value_head, temperature, critic)
         marker = {name: f".{name}." for name in (POLICY, CRITIC)}
         self._policy_params = [p for n, p in peft_model.named_parameters() if marker[POLICY] in n]
@@ -425,16 +428,17 @@ class PolicyModels:
             critic_from_reward=critic_init == "reward",
         )
 
-    def to(self, device: torch.device) -> PolicyModels:
+    def to(self, device: torch.device, precision: TrainingPrecision = "auto") -> PolicyModels:
         """Put the base, every adapter, the value head and the reward model on ``device`` and
-        take that device's precision policy and folding choice (:mod:`trainer.common.device`).
-        Before the optimizer and DDP are built (:class:`~trainer.ppo.trainer.PPOTrainer`):
-        the parameters stay the same objects, their data moves."""
+        take that device's precision policy at a config's ``precision``, and its folding
+        choice (:mod:`trainer.common.device`). Before the optimizer and DDP are built
+        (:class:`~trainer.ppo.trainer.PPOTrainer`): the parameters stay the same objects,
+        their data moves."""
         self.peft_model.to(device)
         self.value_head.to(device)
-        self.reward.to(device)
+        self.reward.to(device, precision)
         self.device = torch.device(device)
-        self.autocast_dtype = autocast_dtype(self.device)
+        self.autocast_dtype = autocast_dtype(self.device, precision)
         fold_in_training(self.peft_model, enabled=folding_pays(self.device))
         return self
 
@@ -490,7 +494,7 @@ class PolicyModels:
             self.use(name)
             yield
         else:
-            with folded(self.peft_model, name):
+            with folded(self.peft_model, name, self.autocast_dtype):
                 yield
 
     @contextlib.contextmanager
@@ -536,10 +540,27 @@ class PolicyModels:
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head on hidden states ``[N, H]`` -> logits ``[N, V]``, in float32."""
-        with autocast(self.device, self.autocast_dtype):
-            logits = self._lm_head(hidden)
+        dtype = self.autocast_dtype
+        head = self._lm_head
+        plain = type(head) is torch.nn.Linear and head.bias is None
+        if dtype is not None and plain and not torch.is_grad_enabled():
+            # The frozen head's autocast cast, made once (autocast would make it per call,
+            # per generated token in the decode loop; a vocabulary-wide head is the widest
+            # product of a small model).
+            logits = F.linear(hidden.to(dtype), self._lm_head_cast(dtype))
+        else:
+            with autocast(self.device, dtype):
+                logits = head(hidden)
         # Log-softmax, ratios and KL in float32 whatever the product ran in (no-op on CPU).
         return logits.float()
+
+    def _lm_head_cast(self, dtype: torch.dtype) -> torch.Tensor:
+        """The LM head's weight in ``dtype``, cast once per weight tensor and device."""
+        weight = self._lm_head.weight
+        key = (weight.data_ptr(), weight.device, dtype)
+        if self._lm_head_cached is None or self._lm_head_cached[0] != key:
+            self._lm_head_cached = (key, weight.detach().to(dtype))
+        return self._lm_head_cached[1]
 
     def response_logits(self, batch: TokenBatch) -> torch.Tensor:
         """Logits ``[N, V]`` predicting the batch's ``N`` response tokens, row by row (as

@@ -41,6 +41,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from schemas.config import TrainingPrecision
 from trainer.common.device import autocast, autocast_dtype
 from trainer.common.lora_folding import applied
 
@@ -85,11 +86,11 @@ class RewardModel:
         self.autocast_dtype: torch.dtype | None = None
         """The precision policy of its passes (:mod:`trainer.common.device`)."""
 
-    def to(self, device: torch.device | str) -> RewardModel:
-        """Move the weights to ``device`` and take its precision policy; subclasses move
-        their modules, then call this."""
+    def to(self, device: torch.device | str, precision: TrainingPrecision = "auto") -> RewardModel:
+        """Move the weights to ``device`` and take its precision policy at a config's
+        ``precision``; subclasses move their modules, then call this."""
         self.device = torch.device(device)
-        self.autocast_dtype = autocast_dtype(self.device)
+        self.autocast_dtype = autocast_dtype(self.device, precision)
         return self
 
     # --- the small public API ------------------------------------------------------------
@@ -197,11 +198,13 @@ class LoraRewardModel(RewardModel):
         final = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return self.head(final.to(self.head.weight.dtype)).squeeze(-1)
 
-    def to(self, device: torch.device | str) -> LoraRewardModel:
+    def to(
+        self, device: torch.device | str, precision: TrainingPrecision = "auto"
+    ) -> LoraRewardModel:
         """The shared base (with every adapter on it) and the head on ``device``."""
         self.peft_model.to(device)
         self.head.to(device)
-        super().to(device)
+        super().to(device, precision)
         return self
 
     def _adapter_parameters(self) -> dict[str, torch.nn.Parameter]:
@@ -277,10 +280,12 @@ class SequenceClassifierRewardModel(RewardModel):
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
         return logits[:, 0].float()  # a no-op on the CPU
 
-    def to(self, device: torch.device | str) -> SequenceClassifierRewardModel:
+    def to(
+        self, device: torch.device | str, precision: TrainingPrecision = "auto"
+    ) -> SequenceClassifierRewardModel:
         # nn.Module's own: transformers' decorated override is typed for its own arguments.
         torch.nn.Module.to(self.model, device)
-        super().to(device)
+        super().to(device, precision)
         return self
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:

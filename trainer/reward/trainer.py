@@ -156,15 +156,17 @@ class _Models:
         if record.kind == "lora" and shared:
             model = attach_reward_model(self.base, self.tokenizer, path, adapter_name=adapter_name)
             self.base = model.peft_model
-            return model.to(self.device)
-        return load_reward_model(path).to(self.device)
+            return model.to(self.device, self.config.precision)
+        return load_reward_model(path).to(self.device, self.config.precision)
 
     def candidate(self, record: registry.RewardVersion | None) -> RewardModel:
         """Warm-started from ``record``, or freshly initialised."""
         config = self.config
         if config.seq_cls_model:
             source = registry.verified_path(record) if record else Path(config.seq_cls_model)
-            return load_seq_cls_model(source, config.max_length).to(self.device)
+            return load_seq_cls_model(source, config.max_length).to(
+                self.device, self.config.precision
+            )
         if record is not None:
             model = self.parent(record, "reward")
         else:
@@ -177,7 +179,7 @@ class _Models:
                 max_length=config.max_length,
                 seed=config.seed,
                 base_model_path=str(config.base_model),
-            ).to(self.device)
+            ).to(self.device, self.config.precision)
             self.base = model.peft_model
         model.max_length = config.max_length
         # self.parent() returns the RewardModel base type; past the seq_cls branch above it

@@ -206,7 +206,7 @@ def _run_training_round(
         lora_target_modules=config.lora_target_modules,
         temperature=config.ppo.temperature,
         seed=config.ppo.seed,
-    ).to(resolve_device(config.ppo.device))
+    ).to(resolve_device(config.ppo.device), config.ppo.precision)
     rules = config.rules if config.rules is not None else rm.config.get("rules", [])
     reward_fn = ComposedReward(models.reward, build_rules(rules)).components
     own_sampler = sampler is None

@@ -51,6 +51,26 @@ def test_precision_and_folding_policy_per_device():
 
 
 @pytest.mark.parametrize(
+    ("precision", "on_cpu", "on_cuda"),
+    [
+        ("auto", None, torch.bfloat16),
+        ("bfloat16", torch.bfloat16, torch.bfloat16),
+        ("float32", None, None),
+    ],
+)
+def test_a_configs_precision_overrides_the_devices_policy(precision, on_cpu, on_cuda):
+    assert autocast_dtype(torch.device("cpu"), precision) is on_cpu
+    assert autocast_dtype(torch.device("cuda", 0), precision) is on_cuda
+
+
+def test_an_unknown_precision_is_refused():
+    with pytest.raises(ValueError, match="precision must be"):
+        autocast_dtype(torch.device("cpu"), "float16")
+    with pytest.raises(ValueError, match=r"PPOConfig.precision must be one of"):
+        PPOConfig(precision="fp16")
+
+
+@pytest.mark.parametrize(
     ("cuda", "world", "local_rank", "expected"),
     [
         (False, 1, 0, (None, None)),
