@@ -16,7 +16,7 @@ full product instead:
 Measured: docs/benchmarks.md, "Figures quoted in code". Both were measured on the CPU
 only, so both are used only there (:func:`trainer.common.device.folding_pays`): on another
 device :func:`folded` makes the adapter active instead, and the trainer leaves
-:func:`fold_in_training` off (so does bfloat16 autocast, below).
+:func:`fold_in_training` off.
 
 PEFT's ``merge_adapter`` / ``unmerge_adapter`` fold in place, and unmerging subtracts
 ``s * B A`` again: each round trip would leave a rounding error in the base weights, and
@@ -74,13 +74,18 @@ def _base_weight(layer: LoraLinear) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def folded(peft_model: PeftModel, adapter: str) -> Iterator[None]:
+def folded(peft_model: PeftModel, adapter: str, dtype: torch.dtype | None = None) -> Iterator[None]:
     """Run the body with ``adapter`` folded into the base weights (no gradient may flow).
 
     Inside, the model computes what it computes with ``adapter`` active, up to float
     rounding (``x W'^T`` instead of ``x W^T + s (x A^T) B^T``). An adapter that cannot be
     folded (see :func:`_foldable_layers`), or one on a device where folding is not the
     faster path (:func:`~trainer.common.device.folding_pays`), is simply made active instead.
+
+    ``dtype``: the body's autocast dtype, when it runs under one. The folded copies are then
+    made in that dtype, once: autocast would cast a float32 copy to the very same values in
+    every call (it caches casts only of weights that take a gradient), which in a decode
+    loop is a pass over every weight per generated token.
     """
     if torch.is_grad_enabled():
         raise RuntimeError("folded() is for no-gradient passes: the folded weights are copies")
@@ -99,6 +104,8 @@ def folded(peft_model: PeftModel, adapter: str) -> Iterator[None]:
         copies = [
             w + layer.get_delta_weight(adapter) for w, layer in zip(weights, layers, strict=True)
         ]
+        if dtype is not None:
+            copies = [c.to(dtype) for c in copies]
     originals = [w.data for w in weights]
     try:
         for weight, copy in zip(weights, copies, strict=True):
@@ -135,7 +142,11 @@ def applied(peft_model: PeftModel, adapter: str) -> contextlib.AbstractContextMa
 class FoldedLoraLinear(torch.autograd.Function):
     """``y = x (W + s B A)^T + bias`` with LoRA's gradients for ``x``, ``A`` and ``B``
     (``W`` and ``bias`` are frozen: no gradient). ``x`` ``[..., in]``, ``W`` ``[out, in]``,
-    ``A`` ``[r, in]``, ``B`` ``[out, r]``."""
+    ``A`` ``[r, in]``, ``B`` ``[out, r]``.
+
+    ``dtype`` (the autocast dtype the layer runs under, or None): the products run in it,
+    on ``x`` and the folded weight cast once, as autocast runs a linear layer; each
+    gradient comes back in its input's own dtype (float32 for the adapter's weights)."""
 
     @staticmethod
     def forward(
@@ -146,27 +157,42 @@ class FoldedLoraLinear(torch.autograd.Function):
         lora_a: torch.Tensor,
         lora_b: torch.Tensor,
         scaling: float,
+        dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
-        folded_weight = torch.addmm(weight, lora_b, lora_a, alpha=scaling)
-        # The base weight, not the folded copy, is kept for the backward, which folds again:
-        # one more rank-r product per layer instead of a copy of every weight of the model
-        # held from each forward to its backward (docs/benchmarks.md, "PPO at scale").
-        ctx.save_for_backward(x, weight, lora_a, lora_b)
-        ctx.scaling = scaling
-        return F.linear(x, folded_weight, bias)
+        # Explicit dtypes, not the caller's autocast: the fold itself stays float32.
+        with torch.autocast(x.device.type, enabled=False):
+            folded_weight = torch.addmm(weight, lora_b, lora_a, alpha=scaling)
+            x_in = x
+            if dtype is not None:
+                x_in, folded_weight = x.to(dtype), folded_weight.to(dtype)
+                bias = None if bias is None else bias.to(dtype)
+            # The base weight, not the folded copy, is kept for the backward, which folds
+            # again: one more rank-r product per layer instead of a copy of every weight of
+            # the model held from each forward to its backward (docs/benchmarks.md, "PPO at
+            # scale").
+            ctx.save_for_backward(x_in, weight, lora_a, lora_b)
+            ctx.scaling, ctx.dtype, ctx.x_dtype = scaling, dtype, x.dtype
+            return F.linear(x_in, folded_weight, bias)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, lora_a, lora_b = ctx.saved_tensors
-        needs_x, _, _, needs_a, needs_b, _ = ctx.needs_input_grad
+        needs = ctx.needs_input_grad  # one per argument given (dtype may be left out)
+        needs_x, needs_a, needs_b = needs[0], needs[3], needs[4]
+        dtype = ctx.dtype or weight.dtype
+        grad = grad.to(dtype)
         rows_grad = grad.reshape(-1, grad.shape[-1])  # [N, out]
         rows_x = x.reshape(-1, x.shape[-1])  # [N, in]
-        grad_x = None
+        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        grad_x = grad_a = grad_b = None
         if needs_x:
-            grad_x = grad @ torch.addmm(weight, lora_b, lora_a, alpha=ctx.scaling)
-        grad_a = (rows_grad @ lora_b).T.mm(rows_x).mul_(ctx.scaling) if needs_a else None
-        grad_b = rows_grad.T.mm(rows_x @ lora_a.T).mul_(ctx.scaling) if needs_b else None
-        return grad_x, None, None, grad_a, grad_b, None
+            refolded = torch.addmm(weight, lora_b, lora_a, alpha=ctx.scaling).to(dtype)
+            grad_x = (grad @ refolded).to(ctx.x_dtype)
+        if needs_a:
+            grad_a = (rows_grad @ b).T.mm(rows_x).mul_(ctx.scaling).to(lora_a.dtype)
+        if needs_b:
+            grad_b = rows_grad.T.mm(rows_x @ a.T).mul_(ctx.scaling).to(lora_b.dtype)
+        return (grad_x, None, None, grad_a, grad_b, None, None)[: len(needs)]
 
 
 def _folded_training_forward(layer: LoraLinear, x: torch.Tensor, *args: Any, **kwargs: Any):
@@ -175,7 +201,6 @@ def _folded_training_forward(layer: LoraLinear, x: torch.Tensor, *args: Any, **k
     adapters = layer.active_adapters
     plain = (
         torch.is_grad_enabled()
-        and not torch.is_autocast_enabled(x.device.type)
         and not (layer.disable_adapters or layer.merged or args or kwargs)
         and len(adapters) == 1
         and _vanilla(layer, adapters[0])
@@ -184,6 +209,8 @@ def _folded_training_forward(layer: LoraLinear, x: torch.Tensor, *args: Any, **k
     if not plain:
         return type(layer).forward(layer, x, *args, **kwargs)
     name = adapters[0]
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     return FoldedLoraLinear.apply(
         x,
         layer.base_layer.weight,
@@ -191,6 +218,7 @@ def _folded_training_forward(layer: LoraLinear, x: torch.Tensor, *args: Any, **k
         layer.lora_A[name].weight,
         layer.lora_B[name].weight,
         layer.scaling[name],
+        dtype,
     )
 
 

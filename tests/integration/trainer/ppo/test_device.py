@@ -58,8 +58,10 @@ def test_the_reference_is_the_base_bit_for_bit_under_bf16_autocast(
     autocast over float32 weights, equals the plain base model's log-probs exactly, after
     the trained-looking actor ran folded or active on the same weights."""
     where = torch.device(device)
-    models = PolicyModels.load(demo_model_dir, reward_dir, seed=1).to(where)
-    models.autocast_dtype = torch.bfloat16  # CUDA's policy, also on the CPU
+    # CUDA's policy, also on the CPU (a config's precision: bfloat16)
+    models = PolicyModels.load(demo_model_dir, reward_dir, seed=1).to(where, "bfloat16")
+    assert models.autocast_dtype is torch.bfloat16
+    assert models.reward.autocast_dtype is torch.bfloat16  # its reward model's passes too
     with torch.no_grad():  # a policy adapter that changes the answers, as after training
         for name, p in models.peft_model.named_parameters():
             if ".policy." in name and "lora_B" in name:
@@ -118,6 +120,41 @@ def test_a_ppo_iteration_keeps_every_tensor_on_the_gpu(demo_model_dir: Path, rew
     assert metrics["gradient_steps"] >= 1  # an optimizer step ran on the GPU
     saved = models.policy_state()
     assert {t.device.type for t in saved.values()} == {"cpu"}  # what vLLM loads
+
+
+def test_a_bfloat16_iteration_on_the_cpu_runs_folded_and_keeps_float32_masters(
+    demo_model_dir: Path, reward_dir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """``precision: bfloat16`` on the CPU: the update's LoRA layers run the folded path in
+    bfloat16 (not PEFT's per-call weight casts), the decode's log-probs are recomputed
+    (bfloat16 decode and full passes differ in rounding), and the weights, gradients and
+    optimizer state stay float32 while the adapter moves."""
+    from trainer.common import lora_folding
+
+    models = PolicyModels.load(demo_model_dir, reward_dir, seed=1).to(
+        torch.device("cpu"), "bfloat16"
+    )
+    dtypes: list[torch.dtype | None] = []
+    apply = lora_folding.FoldedLoraLinear.apply
+
+    def spy(*args):
+        dtypes.append(args[6])
+        return apply(*args)
+
+    monkeypatch.setattr(lora_folding.FoldedLoraLinear, "apply", spy)
+    reward_fn = ComposedReward(models.reward, build_rules(CONCISE)).components
+    trainer = PPOTrainer(SMALL_PPO, models, HFSampler(models), reward_fn)
+    assert not trainer.takes_sampler_logprobs
+    before = {k: v.clone() for k, v in models.policy_state().items()}
+    metrics = trainer.iteration(PROMPTS, 0)
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    assert metrics["gradient_steps"] >= 1
+    assert torch.isfinite(torch.tensor([metrics["reward_raw"], metrics["kl_ref"]])).all()
+    after = models.policy_state()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(p.dtype == torch.float32 for p in models.peft_model.parameters())
+    states = [t for s in trainer.optimizer.state.values() for t in s.values()]
+    assert {t.dtype for t in states if t.dim() > 0} == {torch.float32}
 
 
 @pytest.mark.parametrize(

@@ -44,3 +44,27 @@ def test_the_backward_keeps_the_base_weight_not_a_folded_copy():
     saved = y.grad_fn.saved_tensors
     weight_sized = [t for t in saved if t.shape == weight.shape]
     assert [t.data_ptr() for t in weight_sized] == [weight.data_ptr()]
+
+
+def test_under_bfloat16_the_products_run_in_it_and_the_gradients_come_back_in_float32():
+    """With the autocast dtype given, the output is bfloat16 and within bfloat16's rounding
+    of the float32 result, and every gradient has its input's dtype and LoRA's value to
+    bfloat16 precision."""
+    x, weight, bias, lora_a, lora_b = _inputs()
+    grad_out = torch.linspace(-1, 1, 3 * 5 * 4).reshape(3, 5, 4)
+    y = FoldedLoraLinear.apply(x, weight, bias, lora_a, lora_b, 2.0, torch.bfloat16)
+    y.backward(grad_out)
+    assert y.dtype == torch.bfloat16
+    assert x.grad.dtype == lora_a.grad.dtype == lora_b.grad.dtype == torch.float32
+    x2, a2, b2 = (t.detach().clone().requires_grad_(True) for t in (x, lora_a, lora_b))
+    y2 = x2 @ weight.T + bias + 2.0 * (x2 @ a2.T) @ b2.T
+    y2.backward(grad_out)
+    # bfloat16 keeps 8 bits of mantissa: a relative error of a few 1e-3 per product.
+    close = {"rtol": 3e-2, "atol": 3e-2 * max(float(y2.abs().max()), 1.0)}
+    torch.testing.assert_close(y.float(), y2.detach(), **close)
+    grads = zip((x.grad, lora_a.grad, lora_b.grad), (x2.grad, a2.grad, b2.grad), strict=True)
+    for mine, theirs in grads:
+        scale = float(theirs.abs().max())
+        torch.testing.assert_close(mine, theirs, rtol=3e-2, atol=3e-2 * scale)
+    # ... and it really ran in bfloat16: float32 gives other numbers.
+    assert not torch.equal(y.float(), y2.detach())
