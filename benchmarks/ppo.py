@@ -36,10 +36,13 @@ before/after (each side's own reward: not comparable across sides) and final KL;
 ``ratios`` of alignloop's medians to the better TRL configuration's for each metric (and
 which one that was); alignloop's headline figures and memory breakdown at the top level.
 
-``--rollout-batch-size`` / ``--mini-batch-size`` / ``--threads`` change the configuration
-for both sides; ``--scaled-model HIDDEN,LAYERS`` trains a randomly initialised Llama of
-that width and depth (the demo tokenizer and chat template) instead of the demo model, to
-see where model memory, not the Python/torch floor, dominates. ``--quick``: two iterations
+``--precision bfloat16`` runs both sides under bfloat16 autocast over float32 weights
+(alignloop's ``PPOConfig.precision``, TRL's ``bf16=True``; what each covers differs, see
+:data:`PRECISION_DIFFERENCE`). ``--rollout-batch-size`` / ``--mini-batch-size`` /
+``--threads`` change the configuration for both sides; ``--scaled-model HIDDEN,LAYERS``
+trains a randomly initialised Llama of that width and depth (the demo tokenizer and chat
+template) instead of the demo model, to see where model memory, not the Python/torch floor,
+dominates. ``--quick``: two iterations
 per run (still every round). ``--no-trl``: alignloop alone.
 
     python -m benchmarks.ppo [--quick] [--rounds 3] [--rollout auto|vllm|hf] [--no-trl]
@@ -135,12 +138,24 @@ CRITIC_DIFFERENCE = {
 }
 
 
-def differences(reward: str, critic: str) -> dict[str, str]:
+PRECISION_DIFFERENCE = {
+    "float32": "none: float32 throughout on both sides",
+    "bfloat16": "alignloop (PPOConfig.precision bfloat16): every pass (decode, reference, "
+    "reward, update) under bfloat16 autocast, the actor's log-probs recomputed after the "
+    "decode; TRL (bf16=True): accelerate autocasts only the prepared policy-and-value "
+    "wrapper, i.e. the update; its generate, reference, reward and value passes call the "
+    "models directly and run in float32 (TRL's own behaviour, not a setting). Both keep "
+    "float32 weights, gradients and optimizer state",
+}
+
+
+def differences(reward: str, critic: str, precision: str = "float32") -> dict[str, str]:
     """Every difference left between the sides of this run, with the reason."""
     return {
         **DIFFERENCES_NOT_REMOVED,
         "reward": REWARD_DIFFERENCE[reward],
         "critic": CRITIC_DIFFERENCE[critic],
+        "precision": PRECISION_DIFFERENCE[precision],
         "models_in_memory": "alignloop: one base with the policy adapter (and the critic's "
         "where it has one), the reward model beside it; TRL full: policy, reference, value "
         "and reward models; TRL lora: policy (+adapter, also the reference), value and reward "
@@ -203,7 +218,7 @@ def run_alignloop(args: argparse.Namespace) -> dict:
         seed=FIXED["seed"],
         lora_r=SHARED["lora_r"],
         lora_alpha=SHARED["lora_alpha"],
-    ).to(device)
+    ).to(device, args.precision)
     rss["after_models_load"] = _rss_mb()
     if args.rollout == "vllm":
         sampler = VllmSampler(args.model, Path(args.work) / "sync", VllmOptions())
@@ -268,6 +283,7 @@ def run_alignloop(args: argparse.Namespace) -> dict:
     return {
         "side": "alignloop",
         "critic": models.actor_critic.critic_kind,
+        "precision": args.precision,
         "policy_parameters": models.parameter_bytes()["base"] // 4,  # float32
         "episodes": episodes,
         "gradient_steps": sum(s["gradient_steps"] for s in steps),
@@ -317,7 +333,7 @@ def _child(args: argparse.Namespace, work: Path, reward_dir: Path) -> dict:
         "--rollout", args.rollout, "--iterations", str(args.iterations),
         "--rollout-batch-size", str(args.rollout_batch_size),
         "--mini-batch-size", str(args.mini_batch_size), "--threads", str(args.threads),
-        "--critic", args.critic, "--reward", args.reward,
+        "--critic", args.critic, "--reward", args.reward, "--precision", args.precision,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if args.threads:
@@ -355,6 +371,7 @@ def _trl(
         # the glibc settings alignloop's trainer applies to itself (keep_freed_memory)
         "--malloc-tuning", str(ROOT / "trainer" / "common" / "malloc_tuning.py"),
         *(["--reward-model", str(reward_dir)] if args.reward == "small" else []),
+        *(["--bf16"] if args.precision == "bfloat16" else []),
         *lora,
     ]  # fmt: skip
     out = subprocess.run(cmd, stdout=subprocess.PIPE, check=True)
@@ -538,6 +555,7 @@ def summarise(
             "reward": args.reward,
             **({"small_reward_model": SMALL_REWARD} if args.reward == "small" else {}),
             "critic": ours[0]["critic"],
+            "precision": args.precision,
         },
         "shared_hyperparameters": SHARED,
         "allocator": "glibc malloc thresholds of trainer/common/malloc_tuning.py "
@@ -582,7 +600,9 @@ def summarise(
             "training_peak_rss": {"ratio": round(memory, 3), "against": memory_vs},
             "whole_process_peak_rss": {"ratio": round(whole, 3), "against": whole_vs},
         }
-        result["differences_not_removed"] = differences(args.reward, ours[0]["critic"])
+        result["differences_not_removed"] = differences(
+            args.reward, ours[0]["critic"], args.precision
+        )
     return result
 
 
@@ -624,6 +644,13 @@ def main() -> int:
         choices=get_args(CriticKind),
         default=RoundConfig.critic,
         help="alignloop's critic (RoundConfig.critic; default: a round's)",
+    )
+    ap.add_argument(
+        "--precision",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="both sides: float32, or bfloat16 autocast over float32 weights (alignloop's "
+        "PPOConfig.precision; TRL's bf16=True)",
     )
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--reward-dir", type=Path, help=argparse.SUPPRESS)

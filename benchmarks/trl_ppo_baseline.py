@@ -244,6 +244,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--lam", type=float, default=0.95)
     p.add_argument("--kl-estimator", choices=("k1", "k3"), default="k1")
     p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="TrainingArguments bf16=True: accelerate's bfloat16 autocast over float32 weights",
+    )
+    p.add_argument(
         "--lr-scheduler",
         default="linear",
         help="transformers lr_scheduler_type (TRL's default: linear decay to 0 over the run)",
@@ -400,9 +405,9 @@ def benchmark(args: argparse.Namespace) -> dict:
         lam=args.lam,
         seed=args.seed,
         data_seed=args.seed,
-        # CPU, float32 (alignloop trains in float32 on CPU too)
+        # CPU; float32, or accelerate's bfloat16 autocast (--bf16) as alignloop's precision
         use_cpu=True,
-        bf16=False,
+        bf16=args.bf16,
         fp16=False,
         gradient_checkpointing=False,  # PPOTrainer.train() never enables it anyway
         # nothing but PPO: no eval, no saving, no reporting, no sample generations
@@ -549,6 +554,7 @@ def benchmark(args: argparse.Namespace) -> dict:
             "seed": args.seed,
             "threads": args.threads,
             "dtype": "float32",
+            "autocast": "bfloat16" if args.bf16 else None,
         },
     }
 
