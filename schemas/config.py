@@ -121,17 +121,17 @@ class DeviceConfig(ConfigBase):
             "LOCAL_RANK under torchrun), else the CPU; 'cuda' refuses to run without one. "
             "On a GPU the passes run under bfloat16 autocast while weights, gradients and "
             "optimizer state stay float32 (accelerate's mixed_precision='bf16'); on the CPU "
-            "everything is float32 unless ``precision`` says otherwise (docs/training.md, "
+            "the products run in float32 or bfloat16 as ``precision`` says (docs/training.md, "
             "GPU vs CPU)."
         },
     )
     precision: TrainingPrecision = field(
         default="auto",
         metadata={
-            "help": "The matrix products' precision: 'auto' = bfloat16 autocast on a GPU, "
-            "float32 on the CPU; 'bfloat16' = bfloat16 autocast on either (worth it on CPUs "
-            "with native bfloat16 products, AVX-512 BF16 or AMX: about 3x float32's peak on "
-            "the benchmark machine); 'float32' = no autocast anywhere. Weights, gradients and "
-            "optimizer state stay float32 in every case."
+            "help": "The matrix products' precision: 'auto' = bfloat16 autocast on a GPU; "
+            "on the CPU bfloat16 autocast for models of 10M parameters and more when the CPU "
+            "multiplies bfloat16 natively (AVX-512 BF16 or AMX), else float32; 'bfloat16' = "
+            "bfloat16 autocast on either; 'float32' = no autocast anywhere. Weights, "
+            "gradients and optimizer state stay float32 in every case."
         },
     )

@@ -10,9 +10,10 @@
   bfloat16's resolution of a weight (8 bits of mantissa), so bfloat16 weights would drop
   it; and one set of weights under one autocast policy keeps the frozen reference (the
   base, adapters disabled) the very computation the base model does on that device. On the
-  CPU the default is float32 throughout; a config's ``precision: bfloat16`` asks for the
-  same bfloat16 autocast there, which pays on CPUs that multiply bfloat16 natively
-  (AVX-512 BF16, AMX; docs/benchmarks.md has the measured difference).
+  CPU, ``auto`` takes the same bfloat16 autocast for models of 10 M parameters and more
+  on CPUs that multiply bfloat16 natively (AVX-512 BF16, AMX), float32 otherwise; a
+  config's ``precision`` (``float32``, ``bfloat16``) overrides that (docs/benchmarks.md
+  has the measured difference).
 * **Folded LoRA** (:func:`folding_pays`): the folded fast path
   (:mod:`trainer.common.lora_folding`) was measured faster on the CPU only; it has not
   been measured on CUDA, so PEFT's own LoRA layers run there until it is.
@@ -59,15 +60,36 @@ def resolve_device(
     return torch.device("cuda", local_rank)
 
 
+CPU_BF16_MIN_PARAMETERS = 10_000_000
+"""From this many parameters up, ``auto`` runs a model under bfloat16 autocast on a CPU that
+multiplies bfloat16 natively. Measured (docs/benchmarks.md, "bfloat16 on the CPU"): at 31 M
+and 135 M parameters the round is 1.6-1.7x faster and no heavier; on the 2 M demo model it is
+no faster and oneDNN's bfloat16 kernels cost it 4.6x the training memory."""
+
+
+def cpu_multiplies_bf16() -> bool:
+    """Whether this CPU has native bfloat16 products (AVX-512 BF16 or AMX), where bfloat16
+    autocast runs at a multiple of float32's speed instead of being emulated."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
 def autocast_dtype(
-    device: torch.device, precision: TrainingPrecision | str = "auto"
+    device: torch.device,
+    precision: TrainingPrecision | str = "auto",
+    parameters: int | None = None,
 ) -> torch.dtype | None:
-    """The autocast dtype of passes on ``device`` at a config's ``precision``: bfloat16 for
-    ``bfloat16``, and for ``auto`` on CUDA; None (float32, no autocast) for ``float32``,
-    and for ``auto`` on the CPU."""
+    """The autocast dtype of passes on ``device`` at a config's ``precision``, for a model of
+    ``parameters`` parameters: bfloat16 for ``bfloat16``; None (float32, no autocast) for
+    ``float32``. ``auto``: bfloat16 on CUDA; on the CPU bfloat16 only for a model of at
+    least :data:`CPU_BF16_MIN_PARAMETERS` on a CPU that :func:`cpu_multiplies_bf16`,
+    else float32 (also when the size is not given)."""
     if precision not in ("auto", "float32", "bfloat16"):
         raise ValueError(f"precision must be auto, float32 or bfloat16, got {precision!r}")
     if precision == "bfloat16" or (precision == "auto" and device.type == "cuda"):
+        return MIXED_PRECISION_DTYPE
+    large = parameters is not None and parameters >= CPU_BF16_MIN_PARAMETERS
+    if precision == "auto" and device.type == "cpu" and large and cpu_multiplies_bf16():
         return MIXED_PRECISION_DTYPE
     return None
 

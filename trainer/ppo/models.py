@@ -438,7 +438,8 @@ class PolicyModels:
         self.value_head.to(device)
         self.reward.to(device, precision)
         self.device = torch.device(device)
-        self.autocast_dtype = autocast_dtype(self.device, precision)
+        base = sum(p.numel() for n, p in self.peft_model.named_parameters() if ".lora_" not in n)
+        self.autocast_dtype = autocast_dtype(self.device, precision, base)
         fold_in_training(self.peft_model, enabled=folding_pays(self.device))
         return self
 

@@ -90,8 +90,12 @@ class RewardModel:
         """Move the weights to ``device`` and take its precision policy at a config's
         ``precision``; subclasses move their modules, then call this."""
         self.device = torch.device(device)
-        self.autocast_dtype = autocast_dtype(self.device, precision)
+        self.autocast_dtype = autocast_dtype(self.device, precision, self.parameters_count())
         return self
+
+    def parameters_count(self) -> int:
+        """Parameters its passes run through (what ``auto`` precision sizes it by)."""
+        raise NotImplementedError
 
     # --- the small public API ------------------------------------------------------------
 
@@ -207,6 +211,11 @@ class LoraRewardModel(RewardModel):
         super().to(device, precision)
         return self
 
+    def parameters_count(self) -> int:
+        """The shared base's (its passes run through all of it; adapters aside)."""
+        named = self.peft_model.named_parameters()
+        return sum(p.numel() for n, p in named if ".lora_" not in n)
+
     def _adapter_parameters(self) -> dict[str, torch.nn.Parameter]:
         marker = f".{self.adapter_name}."
         return {n: p for n, p in self.peft_model.named_parameters() if marker in n}
@@ -287,6 +296,9 @@ class SequenceClassifierRewardModel(RewardModel):
         torch.nn.Module.to(self.model, device)
         super().to(device, precision)
         return self
+
+    def parameters_count(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         params = list(self.model.parameters())

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from trainer.common.device import (
+    CPU_BF16_MIN_PARAMETERS,
     autocast,
     autocast_dtype,
     distributed_plan,
@@ -61,6 +62,22 @@ def test_precision_and_folding_policy_per_device():
 def test_a_configs_precision_overrides_the_devices_policy(precision, on_cpu, on_cuda):
     assert autocast_dtype(torch.device("cpu"), precision) is on_cpu
     assert autocast_dtype(torch.device("cuda", 0), precision) is on_cuda
+
+
+def test_auto_on_the_cpu_takes_bfloat16_for_large_models_where_the_cpu_multiplies_it(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    from trainer.common import device
+
+    cpu, big, small = torch.device("cpu"), CPU_BF16_MIN_PARAMETERS, CPU_BF16_MIN_PARAMETERS - 1
+    monkeypatch.setattr(device, "cpu_multiplies_bf16", lambda: True)
+    assert autocast_dtype(cpu, "auto", big) is torch.bfloat16
+    assert autocast_dtype(cpu, "auto", small) is None
+    assert autocast_dtype(cpu, "auto", None) is None  # size unknown: float32
+    assert autocast_dtype(cpu, "float32", big) is None
+    monkeypatch.setattr(device, "cpu_multiplies_bf16", lambda: False)  # emulated: slower
+    assert autocast_dtype(cpu, "auto", big) is None
+    assert autocast_dtype(cpu, "bfloat16", small) is torch.bfloat16  # asked for: given
 
 
 def test_an_unknown_precision_is_refused():
