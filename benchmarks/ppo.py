@@ -231,11 +231,11 @@ def run_alignloop(args: argparse.Namespace) -> dict:
         ppo_epochs=FIXED["ppo_epochs"],
         max_new_tokens=FIXED["max_new_tokens"],
         temperature=FIXED["temperature"],
-        actor_lr=FIXED["actor_lr"],
+        actor_lr=args.lr,
         init_kl_coef=FIXED["init_kl_coef"],
         lr_warmup_iterations=0,  # constant rate, as SHARED["lr_schedule"]
         seed=FIXED["seed"],
-        critic_lr=SHARED["critic_lr"],
+        critic_lr=args.lr,  # SHARED["critic_lr"]: one rate for both, as TRL
         clip_range=SHARED["clip_range"],
         value_clip_range=SHARED["value_clip_range"],
         vf_coef=SHARED["vf_coef"],
@@ -275,6 +275,8 @@ def run_alignloop(args: argparse.Namespace) -> dict:
             "peak_gpu_reserved_mb": _mb(torch.cuda.max_memory_reserved(device)),
         }
     sampler.close()
+    if args.save_policy:  # after every measurement above
+        models.save_policy(Path(args.save_policy))
     params = models.parameter_bytes()
     trainable = sum(p.numel() * p.element_size() for p in models.trainable_parameters())
     episodes = args.iterations * batch
@@ -326,14 +328,17 @@ def run_alignloop(args: argparse.Namespace) -> dict:
 # --- the parent: set up, alternate, summarise -------------------------------------------------
 
 
-def _child(args: argparse.Namespace, work: Path, reward_dir: Path) -> dict:
+def _child(
+    args: argparse.Namespace, work: Path, reward_dir: Path, save: Path | None = None
+) -> dict:
     cmd = [
         sys.executable, "-m", "benchmarks.ppo", "--child",
         "--model", str(args.model), "--reward-dir", str(reward_dir), "--work", str(work),
-        "--rollout", args.rollout, "--iterations", str(args.iterations),
+        "--rollout", args.rollout, "--iterations", str(args.iterations), "--lr", str(args.lr),
         "--rollout-batch-size", str(args.rollout_batch_size),
         "--mini-batch-size", str(args.mini_batch_size), "--threads", str(args.threads),
         "--critic", args.critic, "--reward", args.reward, "--precision", args.precision,
+        *(["--save-policy", str(save)] if save else []),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if args.threads:
@@ -343,7 +348,11 @@ def _child(args: argparse.Namespace, work: Path, reward_dir: Path) -> dict:
 
 
 def _trl(
-    args: argparse.Namespace, prompts_file: Path, reward_dir: Path, lora_targets: str | None
+    args: argparse.Namespace,
+    prompts_file: Path,
+    reward_dir: Path,
+    lora_targets: str | None,
+    save: Path | None = None,
 ) -> dict:
     """TRL's PPOTrainer in a fresh process: full fine-tuning, or (``lora_targets``) a LoRA
     of alignloop's rank, alpha and target modules through its ``peft_config``."""
@@ -361,7 +370,7 @@ def _trl(
         "--mini-batch-size", str(args.mini_batch_size),
         "--ppo-epochs", str(FIXED["ppo_epochs"]),
         "--max-new-tokens", str(FIXED["max_new_tokens"]),
-        "--temperature", str(FIXED["temperature"]), "--lr", str(FIXED["actor_lr"]),
+        "--temperature", str(FIXED["temperature"]), "--lr", str(args.lr),
         "--kl-coef", str(FIXED["init_kl_coef"]), "--seed", str(FIXED["seed"]),
         "--threads", str(args.threads),
         "--lr-scheduler", SHARED["lr_schedule"], "--clip-range", str(SHARED["clip_range"]),
@@ -372,10 +381,40 @@ def _trl(
         "--malloc-tuning", str(ROOT / "trainer" / "common" / "malloc_tuning.py"),
         *(["--reward-model", str(reward_dir)] if args.reward == "small" else []),
         *(["--bf16"] if args.precision == "bfloat16" else []),
+        *(["--save-policy", str(save)] if save else []),
         *lora,
     ]  # fmt: skip
     out = subprocess.run(cmd, stdout=subprocess.PIPE, check=True)
     return json.loads(out.stdout.splitlines()[-1])  # vLLM logs to stdout too
+
+
+def held_out(model: Path, reward_dir: Path, policies: dict[str, Path]) -> dict[str, Any]:
+    """Every side's first-round policy and the base, measured one way
+    (:mod:`benchmarks.ppo_eval`): held-out reward, KL to the base, and each side's reward
+    gain over the base."""
+    from benchmarks.ppo_eval import EVAL_PROMPT_SEED, EvalSettings, evaluate
+
+    settings = EvalSettings(
+        max_new_tokens=FIXED["max_new_tokens"], temperature=FIXED["temperature"]
+    )
+    log("held-out evaluation: base")
+    base = evaluate(model, None, "base", reward_dir, settings)
+    sides: dict[str, Any] = {}
+    for side, path in policies.items():
+        log(f"held-out evaluation: {side}")
+        kind = "full" if side == "trl_full" else "adapter"
+        got = evaluate(model, path, kind, reward_dir, settings)
+        sides[side] = {**got, "reward_gain": round(got["reward"] - base["reward"], 4)}
+    return {
+        "yardstick": "benchmarks/ppo_eval.py: the same held-out prompts, sampling seed, "
+        "reward classifier (on prompt + answer ids) and KL estimator for every policy",
+        "prompts": settings.prompts,
+        "prompt_seed": EVAL_PROMPT_SEED,
+        "samples_per_prompt": settings.samples,
+        "policy_round": 1,
+        "base": base,
+        "sides": sides,
+    }
 
 
 def alternating_order(sides: list[str], rounds: int) -> list[list[str]]:
@@ -549,6 +588,7 @@ def summarise(
             "mini_batch_size": args.mini_batch_size,
             "threads": args.threads,
             "iterations": args.iterations,
+            "actor_lr": args.lr,
             "rollout": args.rollout,
             "model": args.model_label,
             "policy_parameters": ours[0]["policy_parameters"],
@@ -620,6 +660,12 @@ def main() -> int:
         help="as RoundConfig.rollout_backend: auto = vllm with a GPU, hf on CPU",
     )
     ap.add_argument("--no-trl", action="store_true", help="skip the TRL baseline")
+    ap.add_argument(
+        "--lr",
+        type=float,
+        default=FIXED["actor_lr"],
+        help="both sides' learning rate (actor and critic alike, as TRL has one)",
+    )
     ap.add_argument("--rollout-batch-size", type=int, default=FIXED["rollout_batch_size"])
     ap.add_argument("--mini-batch-size", type=int, default=FIXED["mini_batch_size"])
     ap.add_argument(
@@ -652,6 +698,13 @@ def main() -> int:
         help="both sides: float32, or bfloat16 autocast over float32 weights (alignloop's "
         "PPOConfig.precision; TRL's bf16=True)",
     )
+    ap.add_argument(
+        "--eval",
+        action="store_true",
+        help="score each side's first-round policy and the base on held-out prompts with one "
+        "yardstick (benchmarks/ppo_eval.py): reward gain and KL to the base per side",
+    )
+    ap.add_argument("--save-policy", help=argparse.SUPPRESS)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--reward-dir", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -660,6 +713,7 @@ def main() -> int:
         args.model = Path(args.model)
         print(json.dumps(run_alignloop(args)))
         return 0
+    SHARED["critic_lr"] = args.lr  # reported with the result: one rate on both sides
     if args.quick:  # fewer iterations, not fewer rounds
         args.iterations = 2
     if args.rounds < 3:
@@ -677,15 +731,21 @@ def main() -> int:
     targets = None if args.no_trl else _lora_targets(args.model)
     runs: dict[str, list[dict]] = {side: [] for side in sides}
     order = alternating_order(sides, args.rounds)
+    policies: dict[str, Path] = {}
     for r, round_order in enumerate(order):
         for side in round_order:  # each side in a fresh process
             log(f"round {r + 1}/{args.rounds}: {side}")
+            save = work / "policies" / side if args.eval and r == 0 else None
+            if save:
+                policies[side] = save
             if side == "alignloop":
-                runs[side].append(_child(args, work, reward_dir))
+                runs[side].append(_child(args, work, reward_dir, save))
             else:
                 lora = targets if side == "trl_lora" else None
-                runs[side].append(_trl(args, prompts_file, reward_dir, lora))
+                runs[side].append(_trl(args, prompts_file, reward_dir, lora, save))
     result = summarise(args, runs, order, targets)
+    if args.eval:
+        result["held_out"] = held_out(args.model, reward_dir, policies)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -244,6 +244,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--lam", type=float, default=0.95)
     p.add_argument("--kl-estimator", choices=("k1", "k3"), default="k1")
     p.add_argument(
+        "--save-policy",
+        help="write the trained policy here after the run (LoRA: the adapter; full: the "
+        "model), for benchmarks/ppo_eval.py",
+    )
+    p.add_argument(
         "--bf16",
         action="store_true",
         help="TrainingArguments bf16=True: accelerate's bfloat16 autocast over float32 weights",
@@ -482,7 +487,7 @@ def benchmark(args: argparse.Namespace) -> dict:
     episodes = trainer.state.episode  # TRL counts batch_size per iteration
     last = history[-1] if history else {}
     scored = [h for h in history if "objective/scores" in h]
-    return {
+    result = {
         "trl_version": trl.__version__,
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,
@@ -557,6 +562,9 @@ def benchmark(args: argparse.Namespace) -> dict:
             "autocast": "bfloat16" if args.bf16 else None,
         },
     }
+    if args.save_policy:  # after every measurement above
+        trainer.policy_model.save_pretrained(args.save_policy)
+    return result
 
 
 def child_main(argv: list[str]) -> int:
