@@ -36,7 +36,8 @@ before/after (each side's own reward: not comparable across sides) and final KL;
 ``ratios`` of alignloop's medians to the better TRL configuration's for each metric (and
 which one that was); alignloop's headline figures and memory breakdown at the top level.
 
-``--precision bfloat16`` runs both sides under bfloat16 autocast over float32 weights
+``--precision`` (default ``auto``: what alignloop's ``auto`` picks for the model on this
+machine) runs both sides in float32 or under bfloat16 autocast over float32 weights
 (alignloop's ``PPOConfig.precision``, TRL's ``bf16=True``; what each covers differs, see
 :data:`PRECISION_DIFFERENCE`). ``--rollout-batch-size`` / ``--mini-batch-size`` /
 ``--threads`` change the configuration for both sides; ``--scaled-model HIDDEN,LAYERS``
@@ -433,6 +434,23 @@ def against_better(
     return ours / theirs[name], name
 
 
+def resolved_precision(model: Path, precision: str) -> str:
+    """``float32`` or ``bfloat16``: ``precision`` itself, or for ``auto`` what a round's
+    ``auto`` runs ``model``'s policy in on this machine (:mod:`trainer.common.device`)."""
+    if precision != "auto":
+        return precision
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from trainer.common.device import autocast_dtype, resolve_device
+
+    with torch.device("meta"):  # the size without the weights
+        shape = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model))
+    parameters = sum(p.numel() for p in shape.parameters())
+    dtype = autocast_dtype(resolve_device("auto"), "auto", parameters)
+    return "float32" if dtype is None else "bfloat16"
+
+
 def _lora_targets(model: Path) -> str:
     """The module names alignloop's ``"auto"`` LoRA wraps on ``model`` (comma list)."""
     from transformers import AutoModelForCausalLM
@@ -693,10 +711,11 @@ def main() -> int:
     )
     ap.add_argument(
         "--precision",
-        choices=("float32", "bfloat16"),
-        default="float32",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
         help="both sides: float32, or bfloat16 autocast over float32 weights (alignloop's "
-        "PPOConfig.precision; TRL's bf16=True)",
+        "PPOConfig.precision; TRL's bf16=True); auto: what alignloop's auto picks for this "
+        "model on this machine, given to both",
     )
     ap.add_argument(
         "--eval",
@@ -726,6 +745,8 @@ def main() -> int:
     if args.scaled_model:
         args.model = scaled_model(Path(args.model), args.scaled_model, work / "model")
         args.model_label = f"llama {args.scaled_model} (random)"
+    args.precision = resolved_precision(args.model, args.precision)
+    log(f"precision: {args.precision} on both sides")
     reward_dir, prompts_file = _setup(args.model, work, args.reward)
     sides = ["alignloop"] if args.no_trl else ["alignloop", "trl_full", "trl_lora"]
     targets = None if args.no_trl else _lora_targets(args.model)
