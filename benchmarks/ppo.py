@@ -405,10 +405,16 @@ def held_out(model: Path, reward_dir: Path, policies: dict[str, Path]) -> dict[s
         log(f"held-out evaluation: {side}")
         kind = "full" if side == "trl_full" else "adapter"
         got = evaluate(model, path, kind, reward_dir, settings)
-        sides[side] = {**got, "reward_gain": round(got["reward"] - base["reward"], 4)}
+        gains = {
+            f"{reading}_gain": round(got[reading] - base[reading], 4)
+            for reading in ("reward_ids", "reward_rendered")
+        }
+        sides[side] = {**got, **gains}
     return {
         "yardstick": "benchmarks/ppo_eval.py: the same held-out prompts, sampling seed, "
-        "reward classifier (on prompt + answer ids) and KL estimator for every policy",
+        "reward classifier and KL estimator for every policy; the classifier read on the "
+        "sampled ids (reward_ids, TRL's reading) and on the rendered closed turn "
+        "(reward_rendered, alignloop's)",
         "prompts": settings.prompts,
         "prompt_seed": EVAL_PROMPT_SEED,
         "samples_per_prompt": settings.samples,

@@ -14,13 +14,16 @@ one process:
 2. **samples**: ``samples`` answers per prompt from ``transformers`` ``generate`` at the
    training temperature, top-k and top-p off, seeded (the same seed for every policy),
    cut after the first end-of-sequence token (kept, as TRL keeps it);
-3. **reward**: the shared sequence classifier on prompt + answer ids, read at the answer's
-   last token (TRL's ``get_reward``: positions from the attention mask);
+3. **reward**, two ways, since the two sides train on different readings of the same
+   classifier: ``reward_ids``, the classifier on prompt + answer ids as sampled, read at
+   the answer's last token (TRL's ``get_reward``: positions from the attention mask); and
+   ``reward_rendered``, the answer's text as a closed assistant turn of the chat template,
+   re-tokenised (alignloop's reward models, :meth:`trainer.reward.model.RewardModel.score`);
 4. **KL**: per answer, the sum over its tokens of ``log pi(y_t) - log pi_ref(y_t)`` at the
    training temperature (the k1 estimator on the policy's own samples), ``pi_ref`` the
    base model.
 
-``evaluate`` returns the mean reward and KL with their standard errors; a side's **reward
+``evaluate`` returns the mean rewards and KL with their standard errors; a side's **reward
 gain** is its mean reward minus the base's, read beside its KL.
 """
 
@@ -117,6 +120,7 @@ def evaluate(
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from trainer.demo.corpus import sample_prompts
+    from trainer.reward.model import load_reward_model
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir, padding_side="left")
     if tokenizer.pad_token_id is None:
@@ -147,7 +151,7 @@ def evaluate(
         for _ in range(settings.samples)
     ]
     generator_seed = settings.seed
-    rewards, kls, lengths = [], [], []
+    rewards, kls, lengths, answers = [], [], [], []
     for start in range(0, len(texts), settings.batch_size):
         enc = tokenizer(
             texts[start : start + settings.batch_size],
@@ -175,11 +179,20 @@ def evaluate(
         kls.append(((mine - base) * answer_mask).sum(1))
         rewards.append(reward_scores(reward, input_ids, attention))
         lengths.append(answer_mask.sum(1).float())
+        for row, mask in zip(out[:, prompt_len:], answer_mask, strict=True):
+            kept = row[mask.bool()]
+            kept = kept[kept != tokenizer.eos_token_id]
+            answers.append(tokenizer.decode(kept, skip_special_tokens=True))
     reward_mean, reward_err = _mean_and_stderr(torch.cat(rewards))
+    as_alignloop = load_reward_model(reward_dir)
+    turns = [c for c in conversations for _ in range(settings.samples)]
+    rendered_mean, rendered_err = _mean_and_stderr(as_alignloop.score(turns, answers))
     kl_mean, kl_err = _mean_and_stderr(torch.cat(kls))
     return {
-        "reward": round(reward_mean, 4),
-        "reward_stderr": round(reward_err, 4),
+        "reward_ids": round(reward_mean, 4),
+        "reward_ids_stderr": round(reward_err, 4),
+        "reward_rendered": round(rendered_mean, 4),
+        "reward_rendered_stderr": round(rendered_err, 4),
         "kl": round(kl_mean, 4),
         "kl_stderr": round(kl_err, 4),
         "answer_tokens": round(float(torch.cat(lengths).mean()), 2),
