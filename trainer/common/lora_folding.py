@@ -101,11 +101,12 @@ def folded(peft_model: PeftModel, adapter: str, dtype: torch.dtype | None = None
     # Normal tensors even under inference_mode: they become Parameters' data for a while.
     with torch.inference_mode(False), torch.no_grad():
         weights = [_base_weight(layer) for layer in layers]
+        # One layer at a time: a float32 copy of every weight at once, cast afterwards,
+        # would briefly hold the model twice over (the allocator keeps that high-water mark).
         copies = [
-            w + layer.get_delta_weight(adapter) for w, layer in zip(weights, layers, strict=True)
+            (w + layer.get_delta_weight(adapter)).to(dtype or w.dtype)
+            for w, layer in zip(weights, layers, strict=True)
         ]
-        if dtype is not None:
-            copies = [c.to(dtype) for c in copies]
     originals = [w.data for w in weights]
     try:
         for weight, copy in zip(weights, copies, strict=True):
