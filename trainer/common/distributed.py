@@ -14,13 +14,18 @@ with 1) every helper is the identity and nothing is initialised.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as torch_dist
 
 from trainer.common.device import distributed_plan, resolve_device
+
+CLOSE_BARRIER_S = 60
+"""How long a closing rank waits for the others on gloo before it closes anyway."""
 
 
 @dataclass(frozen=True)
@@ -96,5 +101,12 @@ class Dist:
             torch_dist.barrier()
 
     def close(self) -> None:
+        """Leave the job. On gloo every rank first waits for the others (bounded by
+        ``CLOSE_BARRIER_S``). Gloo aborts a process (SIGABRT, "terminate called without an
+        active exception") when it destroys its group while a peer's connection is still
+        open. A rank that finds a peer gone closes anyway."""
         if self.enabled and torch_dist.is_initialized():
+            if torch_dist.get_backend() == "gloo":
+                with contextlib.suppress(RuntimeError):
+                    torch_dist.monitored_barrier(timeout=timedelta(seconds=CLOSE_BARRIER_S))
             torch_dist.destroy_process_group()
