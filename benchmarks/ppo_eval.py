@@ -44,6 +44,10 @@ PolicyKind = Literal["base", "adapter", "full"]
 
 @dataclass(frozen=True)
 class EvalSettings:
+    """How much to sample: ``prompts`` held-out prompts × ``samples`` answers each, up to
+    ``max_new_tokens`` at ``temperature``, from seed ``seed``, ``batch_size`` rows per
+    ``generate`` call."""
+
     prompts: int = 64
     samples: int = 4
     max_new_tokens: int = 48
