@@ -40,11 +40,12 @@ which one that was); alignloop's headline figures and memory breakdown at the to
 machine) runs both sides in float32 or under bfloat16 autocast over float32 weights
 (alignloop's ``PPOConfig.precision``, TRL's ``bf16=True``; what each covers differs, see
 :data:`PRECISION_DIFFERENCE`). ``--rollout-batch-size`` / ``--mini-batch-size`` /
-``--threads`` change the configuration for both sides; ``--scaled-model HIDDEN,LAYERS``
-trains a randomly initialised Llama of that width and depth (the demo tokenizer and chat
-template) instead of the demo model, to see where model memory, not the Python/torch floor,
-dominates. ``--quick``: two iterations
-per run (still every round). ``--no-trl``: alignloop alone.
+``--threads`` change the configuration for both sides; ``--micro-batch-size`` alignloop's
+rows per forward/backward (memory against speed; the gradient is unchanged);
+``--scaled-model HIDDEN,LAYERS`` trains a randomly initialised Llama of that width and
+depth (the demo tokenizer and chat template) instead of the demo model, to see where model
+memory, not the Python/torch floor, dominates. ``--quick``: two iterations per run (still
+every round). ``--no-trl``: alignloop alone.
 
     python -m benchmarks.ppo [--quick] [--rounds 3] [--rollout auto|vllm|hf] [--no-trl]
 """
@@ -63,7 +64,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from benchmarks.models import model_dir, model_label
-from trainer.ppo.config import CriticKind
+from trainer.ppo.config import CriticKind, PPOConfig
 from trainer.rounds.config import RoundConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,7 +107,8 @@ DIFFERENCES_NOT_REMOVED = {
     "(normalize_reward); TRL 1.12 has only whiten_rewards (per-token whitening), left off",
     "gradient_clipping": "alignloop clips the global gradient norm at 1.0 before every step; "
     "TRL 1.12's PPO loop never clips (max_grad_norm is ignored)",
-    "micro_batch": "alignloop: 16 rows per forward/backward (micro_batch_size); TRL: its "
+    "micro_batch": "alignloop: config.alignloop_micro_batch_size rows per forward/backward "
+    "(PPOConfig.micro_batch_size, 16 by default; the gradient is the mini-batch's); TRL: its "
     "micro-batch is per_device_train_batch_size, and with gradient accumulation > 1 it steps "
     "once per accumulation across mini-batch boundaries, so to take one optimizer step per "
     "mini-batch its micro-batch is the whole mini-batch",
@@ -202,7 +204,6 @@ def run_alignloop(args: argparse.Namespace) -> dict:
     from trainer.common.device import resolve_device
     from trainer.common.malloc_tuning import keep_freed_memory
     from trainer.demo.corpus import sample_prompts
-    from trainer.ppo.config import PPOConfig
     from trainer.ppo.models import PolicyModels
     from trainer.ppo.rollout.hf import HFSampler
     from trainer.ppo.rollout.vllm import VllmOptions, VllmSampler
@@ -229,6 +230,7 @@ def run_alignloop(args: argparse.Namespace) -> dict:
     config = PPOConfig(
         rollout_batch_size=args.rollout_batch_size,
         mini_batch_size=args.mini_batch_size,
+        micro_batch_size=args.micro_batch_size or PPOConfig.micro_batch_size,
         ppo_epochs=FIXED["ppo_epochs"],
         max_new_tokens=FIXED["max_new_tokens"],
         temperature=FIXED["temperature"],
@@ -338,6 +340,7 @@ def _child(
         "--rollout", args.rollout, "--iterations", str(args.iterations), "--lr", str(args.lr),
         "--rollout-batch-size", str(args.rollout_batch_size),
         "--mini-batch-size", str(args.mini_batch_size), "--threads", str(args.threads),
+        "--micro-batch-size", str(args.micro_batch_size),
         "--critic", args.critic, "--reward", args.reward, "--precision", args.precision,
         *(["--save-policy", str(save)] if save else []),
     ]  # fmt: skip
@@ -610,6 +613,7 @@ def summarise(
             **FIXED,
             "rollout_batch_size": args.rollout_batch_size,
             "mini_batch_size": args.mini_batch_size,
+            "alignloop_micro_batch_size": args.micro_batch_size or PPOConfig.micro_batch_size,
             "threads": args.threads,
             "iterations": args.iterations,
             "actor_lr": args.lr,
@@ -692,6 +696,14 @@ def main() -> int:
     )
     ap.add_argument("--rollout-batch-size", type=int, default=FIXED["rollout_batch_size"])
     ap.add_argument("--mini-batch-size", type=int, default=FIXED["mini_batch_size"])
+    ap.add_argument(
+        "--micro-batch-size",
+        type=int,
+        default=0,
+        help="alignloop's rows per forward/backward (PPOConfig.micro_batch_size; 0: its "
+        "default). The gradient is the mini-batch's whatever it is: fewer rows per pass trade "
+        "speed for activation memory. TRL's stays the whole mini-batch (micro_batch)",
+    )
     ap.add_argument(
         "--threads", type=int, default=FIXED["threads"], help="per process (0: one per core)"
     )
