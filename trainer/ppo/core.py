@@ -103,15 +103,21 @@ def logprobs_from_logits(
     return picked - torch.logsumexp(z, dim=-1)
 
 
+def entropy_per_token(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy ``H = logsumexp(z) - sum_v softmax(z)_v * z_v`` per position: ``[..., V] ->
+    [...]``. Keeps the gradient (for a bonus)."""
+    probs = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+
+
 def entropy_from_logits(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean per-token entropy ``H = logsumexp(z) - sum_v softmax(z)_v * z_v``.
+    """Mean per-token entropy (:func:`entropy_per_token`).
 
     ``logits`` ``[..., V]``; the mean is over ``mask`` (shaped like ``logits[..., 0]``) or,
     without one, over every position (logits of response tokens only, padding already
     dropped). Keeps the gradient (for a bonus).
     """
-    probs = torch.softmax(logits, dim=-1)
-    entropy = torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+    entropy = entropy_per_token(logits)
     return entropy.mean() if mask is None else masked_mean(entropy, mask)
 
 

@@ -30,6 +30,9 @@ three LoRA adapters side by side:
 Switching adapters is a flag flip in each LoRA layer, not a copy. On the CPU, passes
 without a gradient run the adapter folded into copies of the base weights, and the update's
 LoRA layers run folded too (:mod:`trainer.common.lora_folding`): one product per layer.
+The frozen LM head gives each response token's log-prob and entropy chunk by chunk
+(:meth:`PolicyModels.token_logprobs`, :mod:`trainer.ppo.lm_head`): no pass holds the
+``[N, V]`` logits whole, and the update keeps none of them for its backward.
 
 **Device**: :meth:`PolicyModels.to` puts every model on the training device; every pass
 then runs there under that device's precision policy (:mod:`trainer.common.device`:
@@ -67,7 +70,8 @@ from schemas.config import TrainingPrecision
 from trainer.common.device import autocast, autocast_dtype, folding_pays, module_device
 from trainer.common.lora_folding import fold_in_training, folded
 from trainer.ppo.config import CriticKind
-from trainer.ppo.core import entropy_from_logits, logprobs_from_logits, ptx_loss
+from trainer.ppo.core import entropy_per_token, logprobs_from_logits, ptx_loss
+from trainer.ppo.lm_head import head_logprobs
 from trainer.reward.model import (
     LoraRewardModel,
     RewardModel,
@@ -283,15 +287,13 @@ class ActorCritic(torch.nn.Module):
     def _policy_head(
         self, hidden: torch.Tensor, batch: TokenBatch, with_entropy: bool, entropy_grad: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        logits = self.models.lm_logits(hidden[batch.mask.bool()])
-        logprobs = logprobs_from_logits(logits, batch.response_tokens(), self.temperature)
-        logprobs = batch.unpack(logprobs)
-        if not with_entropy:
-            return logprobs, None
-        scaled = logits / self.temperature if self.temperature != 1.0 else logits
-        if not entropy_grad:
-            scaled = scaled.detach()
-        return logprobs, entropy_from_logits(scaled)
+        logprobs, entropy = self.models.token_logprobs(
+            hidden[batch.mask.bool()],
+            batch.response_tokens(),
+            self.temperature,
+            entropy_grad=with_entropy and entropy_grad,
+        )
+        return batch.unpack(logprobs), entropy.mean() if with_entropy else None
 
     def values_of(self, hidden: torch.Tensor) -> torch.Tensor:
         """The value head on hidden states ``[..., H]`` -> ``[...]``, in float32 (a no-op on
@@ -555,6 +557,30 @@ class PolicyModels:
         # Log-softmax, ratios and KL in float32 whatever the product ran in (no-op on CPU).
         return logits.float()
 
+    def token_logprobs(
+        self,
+        hidden: torch.Tensor,
+        tokens: torch.Tensor,
+        temperature: float,
+        entropy_grad: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row of ``hidden [N, H]``: the log-prob of ``tokens [N]`` at ``temperature``
+        and the entropy of the distribution, ``[N]`` each, in float32; the entropy carries a
+        gradient only with ``entropy_grad``.
+
+        A frozen plain head runs chunk by chunk (:mod:`trainer.ppo.lm_head`): the ``[N, V]``
+        logits are never held whole, nor kept for the backward. Any other head (one that
+        trains, or has a bias) takes the plain logits path."""
+        head = self._lm_head
+        if type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad:
+            dtype = self.autocast_dtype
+            weight = head.weight if dtype is None else self._lm_head_cast(dtype)
+            return head_logprobs(hidden, weight, tokens, temperature, dtype, entropy_grad)
+        logits = self.lm_logits(hidden)
+        logprobs = logprobs_from_logits(logits, tokens, temperature)
+        scaled = logits / temperature if temperature != 1.0 else logits
+        return logprobs, entropy_per_token(scaled if entropy_grad else scaled.detach())
+
     def _lm_head_cast(self, dtype: torch.dtype) -> torch.Tensor:
         """The LM head's weight in ``dtype``, cast once per weight tensor and device."""
         weight = self._lm_head.weight
@@ -573,9 +599,10 @@ class PolicyModels:
     def reference_logprobs(self, batch: TokenBatch) -> torch.Tensor:
         """Log-probs ``[B, R]`` of the response tokens under the reference (base) model."""
         with self.reference():
-            logits = self.response_logits(batch)
+            hidden = self.response_hidden(batch)[batch.mask.bool()]
         temperature = self.actor_critic.temperature
-        return batch.unpack(logprobs_from_logits(logits, batch.response_tokens(), temperature))
+        logprobs, _ = self.token_logprobs(hidden, batch.response_tokens(), temperature)
+        return batch.unpack(logprobs)
 
     # --- saving the actor ------------------------------------------------------------------
 
