@@ -38,26 +38,31 @@ def chunk_rows(vocab: int) -> int:
     return max(1, CHUNK_LOGITS // vocab)
 
 
-def _chunk(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    tokens: torch.Tensor,
-    temperature: float,
-    dtype: torch.dtype | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One chunk's ``(logprobs [c], entropy [c], p [c, V], z - logsumexp(z) [c, V])``, in
-    float32, by the very operations of :func:`~trainer.ppo.core.logprobs_from_logits` and
-    :func:`~trainer.ppo.core.entropy_per_token` on the whole logits: the same numbers, bit
-    for bit (the frozen reference must stay the base model's exactly)."""
+def _scaled_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, temperature: float, dtype: torch.dtype | None
+) -> torch.Tensor:
+    """``h W^T / T`` in float32, the product in ``dtype`` (None: ``hidden``'s)."""
     h = hidden if dtype is None else hidden.to(dtype)
     z = F.linear(h, weight).float()
-    if temperature != 1.0:
-        z = z / temperature
+    return z / temperature if temperature != 1.0 else z
+
+
+def _picked(z: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log p(token) [c], logsumexp(z) [c])`` by the very operations of
+    :func:`~trainer.ppo.core.logprobs_from_logits` on the whole logits: the same numbers,
+    bit for bit (the frozen reference must stay the base model's exactly)."""
     lse = torch.logsumexp(z, dim=-1)
-    logprobs = z.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - lse
-    p = torch.softmax(z, dim=-1)
-    entropy = lse - (p * z).sum(-1)
-    return logprobs, entropy, p, z.sub_(lse.unsqueeze(-1))
+    return z.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - lse, lse
+
+
+def _distribution(
+    z: torch.Tensor, lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(entropy [c], p [c, V], log p [c, V])`` from the scaled logits, which become
+    ``log p`` (in place: a chunk's logits are not needed after)."""
+    logp = z.sub_(lse.unsqueeze(-1))
+    p = logp.exp()
+    return -(p * logp).sum(-1), p, logp
 
 
 class _HeadLogprobs(torch.autograd.Function):
@@ -84,8 +89,10 @@ class _HeadLogprobs(torch.autograd.Function):
         for start in range(0, n, step):
             rows = slice(start, start + step)
             picked = tokens[rows]
-            lp, ent, p, logp = _chunk(hidden[rows], weight, picked, temperature, dtype)
-            logprobs[rows], entropy[rows] = lp, ent
+            z = _scaled_logits(hidden[rows], weight, temperature, dtype)
+            logprobs[rows], lse = _picked(z, picked)
+            ent, p, logp = _distribution(z, lse)
+            entropy[rows] = ent
             dz = p.neg_()  # d logp / d z = onehot - p, written over p
             dz.scatter_add_(-1, picked.unsqueeze(-1), dz.new_ones(len(picked), 1))
             d_logprobs[rows] = (dz.to(product_dtype) @ weight).float() / temperature
@@ -116,24 +123,29 @@ def head_logprobs(
     tokens: torch.Tensor,
     temperature: float = 1.0,
     dtype: torch.dtype | None = None,
+    with_entropy: bool = True,
     entropy_grad: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per row of ``hidden [N, H]``: the log-prob of ``tokens [N]`` under the frozen head
-    ``weight [V, H]`` (no bias) at ``temperature``, and the distribution's entropy; both
-    ``[N]``, float32. ``dtype``: the products' dtype (``weight`` must already be in it),
-    None = ``hidden``'s. A gradient flows to ``hidden`` when it requires one, through the
-    entropy only with ``entropy_grad``; never to ``weight``."""
+    ``weight [V, H]`` (no bias) at ``temperature``, and the distribution's entropy (None
+    without ``with_entropy``: a no-gradient pass then takes nothing but the log-prob);
+    ``[N]`` each, float32. ``dtype``: the products' dtype (``weight`` must already be in
+    it), None = ``hidden``'s. A gradient flows to ``hidden`` when it requires one, through
+    the entropy only with ``entropy_grad``; never to ``weight``."""
     if weight.requires_grad:
         raise ValueError("head_logprobs is for a frozen head: the weight takes no gradient")
     if torch.is_grad_enabled() and hidden.requires_grad:
         out = _HeadLogprobs.apply(hidden, weight, tokens, temperature, dtype, entropy_grad)
-        return out[0], out[1]
+        return out[0], out[1] if with_entropy else None
+    logprobs, entropies = [], []
     step = chunk_rows(weight.shape[0])
-    parts = [
-        _chunk(hidden[i : i + step], weight, tokens[i : i + step], temperature, dtype)[:2]
-        for i in range(0, hidden.shape[0], step)
-    ]
-    if not parts:
+    for start in range(0, hidden.shape[0], step):
+        z = _scaled_logits(hidden[start : start + step], weight, temperature, dtype)
+        lp, lse = _picked(z, tokens[start : start + step])
+        logprobs.append(lp)
+        if with_entropy:
+            entropies.append(_distribution(z, lse)[0])
+    if not logprobs:
         empty = hidden.new_empty(0, dtype=torch.float32)
-        return empty, empty
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        return empty, empty if with_entropy else None
+    return torch.cat(logprobs), torch.cat(entropies) if with_entropy else None

@@ -291,9 +291,10 @@ class ActorCritic(torch.nn.Module):
             hidden[batch.mask.bool()],
             batch.response_tokens(),
             self.temperature,
+            with_entropy=with_entropy,
             entropy_grad=with_entropy and entropy_grad,
         )
-        return batch.unpack(logprobs), entropy.mean() if with_entropy else None
+        return batch.unpack(logprobs), None if entropy is None else entropy.mean()
 
     def values_of(self, hidden: torch.Tensor) -> torch.Tensor:
         """The value head on hidden states ``[..., H]`` -> ``[...]``, in float32 (a no-op on
@@ -562,11 +563,12 @@ class PolicyModels:
         hidden: torch.Tensor,
         tokens: torch.Tensor,
         temperature: float,
+        with_entropy: bool = True,
         entropy_grad: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per row of ``hidden [N, H]``: the log-prob of ``tokens [N]`` at ``temperature``
-        and the entropy of the distribution, ``[N]`` each, in float32; the entropy carries a
-        gradient only with ``entropy_grad``.
+        and the entropy of the distribution (None without ``with_entropy``), ``[N]`` each,
+        in float32; the entropy carries a gradient only with ``entropy_grad``.
 
         A frozen plain head runs chunk by chunk (:mod:`trainer.ppo.lm_head`): the ``[N, V]``
         logits are never held whole, nor kept for the backward. Any other head (one that
@@ -575,9 +577,13 @@ class PolicyModels:
         if type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad:
             dtype = self.autocast_dtype
             weight = head.weight if dtype is None else self._lm_head_cast(dtype)
-            return head_logprobs(hidden, weight, tokens, temperature, dtype, entropy_grad)
+            return head_logprobs(
+                hidden, weight, tokens, temperature, dtype, with_entropy, entropy_grad
+            )
         logits = self.lm_logits(hidden)
         logprobs = logprobs_from_logits(logits, tokens, temperature)
+        if not with_entropy:
+            return logprobs, None
         scaled = logits / temperature if temperature != 1.0 else logits
         return logprobs, entropy_per_token(scaled if entropy_grad else scaled.detach())
 
@@ -601,7 +607,9 @@ class PolicyModels:
         with self.reference():
             hidden = self.response_hidden(batch)[batch.mask.bool()]
         temperature = self.actor_critic.temperature
-        logprobs, _ = self.token_logprobs(hidden, batch.response_tokens(), temperature)
+        logprobs, _ = self.token_logprobs(
+            hidden, batch.response_tokens(), temperature, with_entropy=False
+        )
         return batch.unpack(logprobs)
 
     # --- saving the actor ------------------------------------------------------------------

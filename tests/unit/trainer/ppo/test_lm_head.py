@@ -85,6 +85,16 @@ def test_no_gradient_pass_gives_the_same_numbers() -> None:
     torch.testing.assert_close(ent, with_grad[1].detach())
 
 
+def test_a_pass_without_entropy_takes_only_the_log_probs() -> None:
+    torch.manual_seed(4)
+    hidden, weight, tokens = torch.randn(6, 4), torch.randn(9, 4), torch.randint(0, 9, (6,))
+    with torch.no_grad():
+        both = head_logprobs(hidden, weight, tokens, 0.8)
+        alone = head_logprobs(hidden, weight, tokens, 0.8, with_entropy=False)
+    assert alone[1] is None and both[1] is not None
+    assert torch.equal(alone[0], both[0])
+
+
 def test_bfloat16_products_give_float32_results_and_a_hidden_dtype_gradient() -> None:
     torch.manual_seed(3)
     weight = torch.randn(20, 8)
