@@ -31,7 +31,7 @@ alternates every round (alignloop, TRL full, TRL LoRA; then reversed; ...) for `
 (at least 3) rounds; these 2 shared cores swing by 2x between runs. Prints one JSON object:
 per side (``sides``), per round and as medians, the gradient (optimizer) steps taken, KL
 early stops, episodes, tokens generated, episodes/s, rollout tokens/s, peak RSS of the whole
-process and training-only (the peak minus the RSS after imports and model load), reward
+process and training-only (the peak minus the RSS after imports and model load, weights paged in), reward
 before/after (each side's own reward: not comparable across sides) and final KL; the
 ``ratios`` of alignloop's medians to the better TRL configuration's for each metric (and
 which one that was); alignloop's headline figures and memory breakdown at the top level.
@@ -195,6 +195,20 @@ def _descendants(pid: int) -> list[int]:
 # --- alignloop's side (child process) ---------------------------------------------------------
 
 
+def page_in(*modules: Any) -> None:
+    """Read every parameter and buffer of ``modules`` once. ``from_pretrained`` maps a
+    safetensors file's weights lazily: file-backed pages that enter RSS when a pass first
+    reads them, so without this a model's own weights (538 MB for SmolLM2 in float32) would
+    count as the training memory of whichever pass reads them first. Both sides do it
+    before their after-load RSS (TRL's: ``trl_ppo_baseline.page_in``)."""
+    import torch
+
+    with torch.no_grad():
+        for module in modules:
+            for tensor in [*module.parameters(), *module.buffers()]:
+                tensor.sum()
+
+
 def run_alignloop(args: argparse.Namespace) -> dict:
     import torch
 
@@ -221,6 +235,8 @@ def run_alignloop(args: argparse.Namespace) -> dict:
         lora_r=SHARED["lora_r"],
         lora_alpha=SHARED["lora_alpha"],
     ).to(device, args.precision)
+    reward_model = getattr(models.reward, "model", None)  # a seq_cls reward model's own
+    page_in(models.peft_model, *([reward_model] if reward_model is not None else []))
     rss["after_models_load"] = _rss_mb()
     if args.rollout == "vllm":
         sampler = VllmSampler(args.model, Path(args.work) / "sync", VllmOptions())

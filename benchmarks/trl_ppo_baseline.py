@@ -278,6 +278,18 @@ def rss_mb() -> float:
     return float("nan")
 
 
+def page_in(*modules) -> None:
+    """Read every parameter and buffer once, as ``benchmarks.ppo.page_in`` does for
+    alignloop: lazily mapped safetensors weights would otherwise enter RSS during training
+    and count as training memory."""
+    import torch
+
+    with torch.no_grad():
+        for module in modules:
+            for tensor in [*module.parameters(), *module.buffers()]:
+                tensor.sum()
+
+
 def peak_rss_mb() -> float:
     import resource
 
@@ -377,6 +389,7 @@ def benchmark(args: argparse.Namespace) -> dict:
     )
     for m in (value_model, reward_model):
         m.config.pad_token_id = tokenizer.pad_token_id
+    page_in(policy, value_model, reward_model, *([ref_policy] if ref_policy else []))
     rss_models = rss_mb()
     n_params = sum(p.numel() for p in policy.parameters())
 
