@@ -31,8 +31,8 @@ alternates every round (alignloop, TRL full, TRL LoRA; then reversed; ...) for `
 (at least 3) rounds; these 2 shared cores swing by 2x between runs. Prints one JSON object:
 per side (``sides``), per round and as medians, the gradient (optimizer) steps taken, KL
 early stops, episodes, tokens generated, episodes/s, rollout tokens/s, peak RSS of the whole
-process and training-only (the peak minus the RSS after imports and model load, weights paged in), reward
-before/after (each side's own reward: not comparable across sides) and final KL; the
+process and training-only (the peak minus the RSS after imports and model load, weights paged
+in), reward before/after (each side's own reward: not comparable across sides) and final KL; the
 ``ratios`` of alignloop's medians to the better TRL configuration's for each metric (and
 which one that was); alignloop's headline figures and memory breakdown at the top level.
 
