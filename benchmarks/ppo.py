@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from benchmarks.models import model_dir, model_label
+from benchmarks.trl_ppo_baseline import page_in  # one definition for both sides
 from trainer.ppo.config import CriticKind, PPOConfig
 from trainer.rounds.config import RoundConfig
 
@@ -195,20 +196,6 @@ def _descendants(pid: int) -> list[int]:
 # --- alignloop's side (child process) ---------------------------------------------------------
 
 
-def page_in(*modules: Any) -> None:
-    """Read every parameter and buffer of ``modules`` once. ``from_pretrained`` maps a
-    safetensors file's weights lazily: file-backed pages that enter RSS when a pass first
-    reads them, so without this a model's own weights (538 MB for SmolLM2 in float32) would
-    count as the training memory of whichever pass reads them first. Both sides do it
-    before their after-load RSS (TRL's: ``trl_ppo_baseline.page_in``)."""
-    import torch
-
-    with torch.no_grad():
-        for module in modules:
-            for tensor in [*module.parameters(), *module.buffers()]:
-                tensor.sum()
-
-
 def run_alignloop(args: argparse.Namespace) -> dict:
     import torch
 
@@ -246,7 +233,7 @@ def run_alignloop(args: argparse.Namespace) -> dict:
     config = PPOConfig(
         rollout_batch_size=args.rollout_batch_size,
         mini_batch_size=args.mini_batch_size,
-        micro_batch_size=args.micro_batch_size or PPOConfig.micro_batch_size,
+        micro_batch_size=args.micro_batch_size,
         ppo_epochs=FIXED["ppo_epochs"],
         max_new_tokens=FIXED["max_new_tokens"],
         temperature=FIXED["temperature"],
@@ -629,7 +616,7 @@ def summarise(
             **FIXED,
             "rollout_batch_size": args.rollout_batch_size,
             "mini_batch_size": args.mini_batch_size,
-            "alignloop_micro_batch_size": args.micro_batch_size or PPOConfig.micro_batch_size,
+            "alignloop_micro_batch_size": args.micro_batch_size,
             "threads": args.threads,
             "iterations": args.iterations,
             "actor_lr": args.lr,
@@ -762,6 +749,7 @@ def main() -> int:
     ap.add_argument("--reward-dir", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.micro_batch_size = args.micro_batch_size or PPOConfig.micro_batch_size
     if args.child:
         args.model = Path(args.model)
         print(json.dumps(run_alignloop(args)))

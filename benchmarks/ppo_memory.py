@@ -173,6 +173,7 @@ def main() -> int:
     ap.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto")
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
+    args.micro_batch_size = args.micro_batch_size or bench_ppo.PPOConfig.micro_batch_size
     work = Path(tempfile.mkdtemp(prefix="alignloop-bench-ppo-memory-"))
     args.model = Path(model_dir(args.model))
     if args.scaled_model:
@@ -193,10 +194,11 @@ def main() -> int:
     )
     run = bench_ppo.run_alignloop(child)
     at_end = {"rss": rss_mb(), "heap": heap_mb()}
-    micro = args.micro_batch_size or bench_ppo.PPOConfig.micro_batch_size
     # A micro-batch as the run's: answers of the run's mean length after a 13-token prompt.
     mean_answer = max(1, round(run["tokens_generated"] / run["episodes"]))
-    activations = saved_activations(args.model, reward_dir, micro, 13, mean_answer, args.precision)
+    activations = saved_activations(
+        args.model, reward_dir, args.micro_batch_size, 13, mean_answer, args.precision
+    )
     result = {
         "config": {
             "model": str(args.model if not args.scaled_model else f"llama {args.scaled_model}"),
@@ -204,7 +206,7 @@ def main() -> int:
             "precision": args.precision,
             "rollout_batch_size": args.rollout_batch_size,
             "mini_batch_size": args.mini_batch_size,
-            "micro_batch_size": micro,
+            "micro_batch_size": args.micro_batch_size,
             "iterations": args.iterations,
         },
         "episodes_per_s": round(run["episodes_per_s"], 2),
