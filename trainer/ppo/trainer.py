@@ -129,13 +129,17 @@ class PPOTrainer:
             )
         tokenizer = models.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.takes_sampler_logprobs = (
-            config.recompute_logprobs == "auto"
-            and sampler.is_training_model
-            and models.autocast_dtype is None
+        self.may_take_sampler_logprobs = (
+            config.recompute_logprobs == "auto" and sampler.is_training_model
         )
-        """The sampler is the training model in float32: its log-probs (and values) are the
-        actor's, so scoring a rollout runs the reference (and an adapter critic) only."""
+        """The sampler is the training model: its log-probs (and values) are the actor's up
+        to rounding."""
+        self.takes_sampler_logprobs = (
+            self.may_take_sampler_logprobs and models.autocast_dtype is None
+        )
+        """Scoring a rollout runs the reference (and an adapter critic) only: in float32 from
+        the start; under autocast once an iteration measured the gap below
+        ``config.sampler_logprob_tolerance``."""
         self.ptx_examples = list(ptx_examples) if config.ptx_coef > 0 else []
         if config.ptx_coef > 0 and not self.ptx_examples:
             raise ValueError("ptx_coef > 0 needs ptx_examples (SFT prompt/answer token ids)")
@@ -255,6 +259,10 @@ class PPOTrainer:
                 metrics[f"reward_{name}"] = dist.mean(values_.float().mean().item())
         metrics["seconds"] = time.perf_counter() - started
         metrics["episodes_per_s"] = cfg.rollout_batch_size / metrics["seconds"]
+        gap = metrics["sampler_logprob_gap"]
+        if self.may_take_sampler_logprobs and gap is not None:
+            # The same mean on every rank: the ranks decide alike.
+            self.takes_sampler_logprobs = gap < cfg.sampler_logprob_tolerance
         return metrics
 
     # Long on purpose: one loop that interleaves taking finished answers from the stream

@@ -42,6 +42,7 @@ from transformers import (
 )
 
 from schemas.config import TrainingPrecision
+from trainer.common.cpu_attention import use_cpu_attention
 from trainer.common.device import autocast, autocast_dtype
 from trainer.common.lora_folding import applied
 
@@ -343,9 +344,11 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerB
 
 def load_base_model(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A causal LM directory in float32 (CPU training) with its tokenizer (given a pad token
-    when it has none: :func:`ensure_pad_token`), frozen, eval mode."""
+    when it has none: :func:`ensure_pad_token`), frozen, eval mode, its attention
+    :mod:`~trainer.common.cpu_attention`'s where it would be ``sdpa``."""
     tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(str(path)))
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    use_cpu_attention(model)
     model.requires_grad_(False)
     model.eval()
     return model, tokenizer
@@ -480,6 +483,7 @@ def load_seq_cls_model(path: Path, max_length: int = 256) -> SequenceClassifierR
     model = AutoModelForSequenceClassification.from_pretrained(
         str(path), num_labels=1, dtype=torch.float32
     )
+    use_cpu_attention(model)
     model.eval()
     return SequenceClassifierRewardModel(model, tokenizer, max_length)
 

@@ -9,6 +9,7 @@ autocast works there too, so the exactness of the reference does not wait for a 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -126,9 +127,10 @@ def test_a_bfloat16_iteration_on_the_cpu_runs_folded_and_keeps_float32_masters(
     demo_model_dir: Path, reward_dir: Path, monkeypatch: pytest.MonkeyPatch
 ):
     """``precision: bfloat16`` on the CPU: the update's LoRA layers run the folded path in
-    bfloat16 (not PEFT's per-call weight casts), the decode's log-probs are recomputed
-    (bfloat16 decode and full passes differ in rounding), and the weights, gradients and
-    optimizer state stay float32 while the adapter moves."""
+    bfloat16 (not PEFT's per-call weight casts); the first iteration recomputes the
+    decode's log-probs (bfloat16 decode and full passes differ in rounding) and the next
+    one takes them only because that gap was under the tolerance; the weights, gradients
+    and optimizer state stay float32 while the adapter moves."""
     from trainer.common import lora_folding
 
     models = PolicyModels.load(demo_model_dir, reward_dir, seed=1).to(
@@ -150,6 +152,16 @@ def test_a_bfloat16_iteration_on_the_cpu_runs_folded_and_keeps_float32_masters(
     assert dtypes and set(dtypes) == {torch.bfloat16}
     assert metrics["gradient_steps"] >= 1
     assert torch.isfinite(torch.tensor([metrics["reward_raw"], metrics["kl_ref"]])).all()
+    gap = metrics["sampler_logprob_gap"]
+    assert 0 < gap < SMALL_PPO.sampler_logprob_tolerance and trainer.takes_sampler_logprobs
+    strict = PPOTrainer(
+        dataclasses.replace(SMALL_PPO, sampler_logprob_tolerance=gap / 2),
+        models,
+        HFSampler(models),
+        reward_fn,
+    )
+    strict.iteration(PROMPTS, 0)
+    assert not strict.takes_sampler_logprobs
     after = models.policy_state()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert all(p.dtype == torch.float32 for p in models.peft_model.parameters())

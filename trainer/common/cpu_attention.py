@@ -1,0 +1,93 @@
+"""Attention on the CPU in float32, grouped-query heads without copies: a ``transformers``
+attention implementation for every model the trainers load.
+
+``transformers``' own ``sdpa`` implementation, on torch's CPU kernels, loses time twice
+where this one does not (docs/benchmarks.md, "Attention in float32 on the CPU"):
+
+* **bfloat16**: under CPU bfloat16 autocast, ``scaled_dot_product_attention`` runs in
+  bfloat16, and torch's CPU flash-attention kernels are slower in bfloat16 than in
+  float32 (forward + backward of 16 rows of 61 tokens: 14 ms against 6 ms; one decode
+  step of 64 rows against a 60-token cache: 1.9 ms against 0.4 ms). Attention's products
+  are a small share of a layer's FLOPs, so float32 costs the matrix products nothing that
+  matters, and its softmax is float32 anyway;
+* **grouped-query attention with a mask**: ``transformers`` copies every key and value
+  head out to its query heads (``repeat_kv``) whenever a mask is given, which in a decode
+  loop is a copy of the whole KV cache per layer per generated token. torch's
+  ``enable_gqa`` reads each KV head for its query heads in place; its result is the same.
+
+On any other device, and for the few features this path does not take (ALiBi-style
+position biases, the paged cache of continuous batching), the call goes to
+``transformers``' ``sdpa`` unchanged. The masks are ``sdpa``'s own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+NAME = "alignloop_cpu_sdpa"
+"""The attention implementation's name, as ``config._attn_implementation`` holds it."""
+
+
+def cpu_sdpa_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """``transformers``' attention-function contract: ``query`` ``[B, H, Lq, D]``, ``key``
+    and ``value`` ``[B, Hkv, Lk, D]`` (``H`` a multiple of ``Hkv``), ``attention_mask``
+    boolean or additive, broadcastable to ``[B, 1, Lq, Lk]``, or None for causal; returns
+    ``[B, Lq, H, D]`` in float32 on the CPU, and None for the attention weights."""
+    if (
+        query.device.type != "cpu"
+        or kwargs.get("position_bias") is not None
+        or kwargs.get("cache") is not None
+    ):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
+        )
+    q_length = query.shape[2]
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    # As transformers: causal only where the mask is implied (no padding) and there is
+    # more than one query; one decoded token attends to the whole cache.
+    is_causal = bool(is_causal and attention_mask is None and q_length > 1)
+    if is_causal and key.shape[2] > q_length:  # as transformers: the first Lq keys
+        key, value = key[:, :, :q_length], value[:, :, :q_length]
+    with torch.autocast("cpu", enabled=False):
+        out = F.scaled_dot_product_attention(
+            query.float(),
+            key.float(),
+            value.float(),
+            attn_mask=attention_mask,
+            dropout_p=dropout,
+            scale=scaling,
+            is_causal=is_causal,
+            enable_gqa=query.shape[1] != key.shape[1],
+        )
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(NAME, cpu_sdpa_attention)
+AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+def use_cpu_attention(model: PreTrainedModel) -> bool:
+    """Give ``model`` (and its sub-models) this implementation where it runs ``sdpa``;
+    returns whether it did. Any other implementation (``eager``, flash-attention kernels)
+    is left as chosen: it was chosen on purpose, or ``sdpa`` is not supported."""
+    if model.config._attn_implementation != "sdpa":
+        return False
+    model.set_attn_implementation(NAME)
+    return True
