@@ -118,6 +118,10 @@ DIFFERENCES_NOT_REMOVED = {
     "generation": "alignloop: its own KV-cached decode loop (hf rollouts on CPU), whose "
     "log-probs (and a shared critic's values) it keeps instead of recomputing them; TRL: "
     "transformers generate, then a policy forward for the log-probs",
+    "attention": "alignloop: its CPU attention implementation (trainer/common/cpu_attention.py:"
+    " float32 products under bfloat16 autocast, grouped-query heads read in place); TRL: "
+    "transformers' sdpa as loaded (bfloat16 under autocast in its update, KV heads copied "
+    "out per query head when a mask is given)",
 }
 REWARD_DIFFERENCE = {
     "small": "both sides score with the same small sequence classifier, but not the same "
@@ -145,8 +149,11 @@ CRITIC_DIFFERENCE = {
 PRECISION_DIFFERENCE = {
     "float32": "none: float32 throughout on both sides",
     "bfloat16": "alignloop (PPOConfig.precision bfloat16): every pass (decode, reference, "
-    "reward, update) under bfloat16 autocast, the actor's log-probs recomputed after the "
-    "decode; TRL (bf16=True): accelerate autocasts only the prepared policy-and-value "
+    "reward, update) under bfloat16 autocast, attention's products in float32; the actor's "
+    "log-probs recomputed after the first decode, and taken from the decode loop afterwards "
+    "if that iteration measured them within PPOConfig.sampler_logprob_tolerance "
+    "(iterations_recomputing_logprobs, sampler_logprob_gap); TRL (bf16=True): accelerate "
+    "autocasts only the prepared policy-and-value "
     "wrapper, i.e. the update; its generate, reference, reward and value passes call the "
     "models directly and run in float32 (TRL's own behaviour, not a setting). Both keep "
     "float32 weights, gradients and optimizer state",
@@ -269,6 +276,7 @@ def run_alignloop(args: argparse.Namespace) -> dict:
             f" reward {step['reward_raw']:+.3f}, KL {step['kl_ref']:.3f}"
         )
     seconds = time.perf_counter() - started
+    gaps = [s["sampler_logprob_gap"] for s in steps if s["sampler_logprob_gap"] is not None]
     # The engine's processes (vLLM on CPU: engine core + model worker): each one's peak,
     # summed (an upper bound: their peaks need not coincide).
     engine_rss = round(sum(_rss_mb("VmHWM", p) for p in _descendants(os.getpid())), 1)
@@ -321,9 +329,10 @@ def run_alignloop(args: argparse.Namespace) -> dict:
         "final_kl": steps[-1]["kl_ref"],
         "trainer_device": str(device),
         **gpu,
-        "sampler_logprob_gap": None
-        if steps[0]["sampler_logprob_gap"] is None  # the sampler's own were taken
-        else statistics.mean(s["sampler_logprob_gap"] for s in steps),
+        # Measured where the actor's log-probs were recomputed; None where the sampler's
+        # own were taken (every iteration in float32, after the first under bfloat16).
+        "sampler_logprob_gap": statistics.mean(gaps) if gaps else None,
+        "iterations_recomputing_logprobs": len(gaps),
         "seconds_split": {
             name: round(sum(s[name] for s in steps), 2)
             for name in ("sync_s", "rollout_s", "score_s", "update_s")
@@ -641,6 +650,7 @@ def summarise(
         "peak_rss_mb": sides["alignloop"]["median"]["peak_rss_mb"],
         "total_peak_rss_mb": _round(statistics.median(o["total_peak_rss_mb"] for o in ours)),
         "sampler_logprob_gap": _round(ours[-1]["sampler_logprob_gap"], 5),
+        "iterations_recomputing_logprobs": ours[-1]["iterations_recomputing_logprobs"],
         "memory_breakdown_mb": ours[-1]["memory_breakdown_mb"],
         "seconds_split": ours[-1]["seconds_split"],
     }
