@@ -18,6 +18,7 @@ import ctypes
 import importlib.resources
 import logging
 import os
+import random
 import signal
 import socket
 import stat
@@ -60,11 +61,39 @@ def tansu_binary() -> Path:
     return path
 
 
+_HANDED_OUT: set[int] = set()
+"""Ports :func:`free_port` gave out in this process (not bound yet, perhaps)."""
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default range starts here
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((_HOST, 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on 127.0.0.1 that nothing listens on right now, below the kernel's
+    ephemeral range, and not handed out before by this process.
+
+    Not ``bind(0)``: a port the kernel hands out for it is one it may hand out again, to
+    any socket that binds or connects without a port, before the caller binds it (a CI
+    run: a serving process's engine took the port its HTTP server was about to bind,
+    "address already in use"). Below the range only an explicit bind takes a port."""
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 12000), low)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((_HOST, port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise BrokerError("no free port below the kernel's ephemeral range")
 
 
 def kafka_ping(host: str, port: int, timeout: float = 1.0) -> bool:
