@@ -19,7 +19,10 @@ growing gap is a silent source of off-policy error). A sampler that *is* the tra
 (:attr:`Sampler.is_training_model`: the HF decode loop) computed them with the very weights
 PPO trains; in float32 they are the training pass's up to rounding, so the trainer takes
 them (and, with a shared critic, the values the decode loop also read off the same hidden
-states) instead of a second pass over the rollout (``PPOConfig.recompute_logprobs``).
+states) instead of a second pass over the rollout (``PPOConfig.recompute_logprobs``). Under
+bfloat16 autocast a decode step and a full pass round differently: the first iteration
+recomputes and measures the gap, and the trainer takes them from then on only if it was
+under ``PPOConfig.sampler_logprob_tolerance``.
 
 Which policy to sample: ``"current"`` (the actor as of the last sync), ``"base"`` (no
 adapter: the reference), or a path to a PEFT adapter directory (another version, e.g. the
