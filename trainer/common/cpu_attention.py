@@ -65,6 +65,8 @@ def cpu_sdpa_attention(
     is_causal = bool(is_causal and attention_mask is None and q_length > 1)
     if is_causal and key.shape[2] > q_length:  # as transformers: the first Lq keys
         key, value = key[:, :, :q_length], value[:, :, :q_length]
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = attention_mask.float()  # an additive mask, in the products' dtype
     with torch.autocast("cpu", enabled=False):
         out = F.scaled_dot_product_attention(
             query.float(),

@@ -88,6 +88,20 @@ def test_bfloat16_autocast_computes_in_float32():
     assert (stock.float() - exact).abs().max() > (ours - exact).abs().max()
 
 
+def test_an_additive_bfloat16_mask_masks_as_the_boolean_one():
+    """A float mask (0 where attended, the dtype's minimum elsewhere) in bfloat16, as some
+    mask builders make for a bfloat16 model, masks the float32 products the same."""
+    mask = _padded_mask(2, 5, 5)
+    additive = torch.zeros(mask.shape, dtype=torch.bfloat16).masked_fill(
+        ~mask, torch.finfo(torch.bfloat16).min
+    )
+    query, key, value = _qkv(2, 5, 5, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        boolean, _ = cpu_sdpa_attention(LAYER, query, key, value, mask, scaling=0.3)
+        added, _ = cpu_sdpa_attention(LAYER, query, key, value, additive, scaling=0.3)
+    torch.testing.assert_close(added, boolean)
+
+
 def _tiny_llama(attn_implementation: str) -> LlamaForCausalLM:
     config = LlamaConfig(
         vocab_size=32,
