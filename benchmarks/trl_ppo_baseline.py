@@ -281,10 +281,11 @@ def rss_mb() -> float:
 def page_in(*modules) -> None:
     """Read every parameter and buffer of ``modules`` once. ``from_pretrained`` maps a
     safetensors file's weights lazily: file-backed pages that enter RSS when a pass first
-    reads them, so without this a model's own weights (538 MB for SmolLM2 in float32) would
-    count as the training memory of whichever pass reads them first. Both sides call it
-    before their after-load RSS (alignloop's: ``benchmarks.ppo.run_alignloop``; this module
-    imports nothing beyond the standard library at the top, so that one can import it)."""
+    reads them, so without this a model's own weights would count as the training memory
+    of whichever pass reads them first (docs/benchmarks.md, "Weights paged in"). Both
+    sides call it before their after-load RSS (alignloop's: ``benchmarks.ppo.run_alignloop``;
+    this module imports nothing beyond the standard library at the top, so that one can
+    import it)."""
     import torch
 
     with torch.no_grad():

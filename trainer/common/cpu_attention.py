@@ -6,8 +6,8 @@ where this one does not (docs/benchmarks.md, "Attention in float32 on the CPU"):
 
 * **bfloat16**: under CPU bfloat16 autocast, ``scaled_dot_product_attention`` runs in
   bfloat16, and torch's CPU flash-attention kernels are slower in bfloat16 than in
-  float32 (forward + backward of 16 rows of 61 tokens: 14 ms against 6 ms; one decode
-  step of 64 rows against a 60-token cache: 1.9 ms against 0.4 ms). Attention's products
+  float32, in the decode step and in the training backward most (``./dev bench
+  cpu_attention`` measures both implementations call for call). Attention's products
   are a small share of a layer's FLOPs, so float32 costs the matrix products nothing that
   matters, and its softmax is float32 anyway;
 * **grouped-query attention with a mask**: ``transformers`` copies every key and value

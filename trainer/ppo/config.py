@@ -80,7 +80,8 @@ class PPOConfig(DeviceConfig):
             "recomputes the actor's log-probs and measures their mean absolute gap per token "
             "to the sampler's; below this many nats, later iterations take the sampler's "
             "own. Default 0.01: a ratio within 1 % of exact, far inside the clip range "
-            "(measured gap 0.0011 at 31 M parameters: docs/benchmarks.md)."
+            '(measured gaps per model: docs/benchmarks.md, "Attention in float32 on the '
+            'CPU").'
         },
     )
 
