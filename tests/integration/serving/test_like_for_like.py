@@ -113,12 +113,14 @@ def test_the_latency_guardrail_sees_no_adapter_overhead(replica):
     config = CanaryConfig(guardrail_min_requests=50)
     assert health.requests is not None and min(health.requests) >= 50, health
     assert guardrail_breaches(config, health) == [], (health, _medians(per_token))
-    # The guardrail still has teeth: a canary twice as slow is rolled back.
+    # The guardrail still has teeth: on the same request counts, a canary twice as slow as
+    # the measured stable arm is rolled back. (Doubling the canary's own p95 is not enough:
+    # on a loaded machine the stable arm's tail can be the slower one by more than 2x/1.5.)
     assert health.latency_p95_ms is not None
     slower = Health(
         requests=health.requests,
         errors_5xx=(0, 0),
-        latency_p95_ms=(health.latency_p95_ms[STABLE], 2 * health.latency_p95_ms[CANARY]),
+        latency_p95_ms=(health.latency_p95_ms[STABLE], 2 * health.latency_p95_ms[STABLE]),
     )
     assert any("latency p95 ratio" in b for b in guardrail_breaches(config, slower))
 
