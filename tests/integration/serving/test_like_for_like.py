@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 
-from deploy.canary.stats import CANARY, STABLE, CanaryConfig, Health, guardrail_breaches
+from deploy.canary.stats import STABLE, CanaryConfig, Health, guardrail_breaches
 from deploy.policies import registry
 from schemas import topics
 from schemas.events import InteractionLogged
