@@ -10,11 +10,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from trainer.common import cpu_attention
 from trainer.ppo.models import POLICY, PolicyModels
 from trainer.ppo.rollout.base import Finished, Sampler, Which, eos_token_ids
+from trainer.ppo.rollout.kv_cache import reserved_cache
 
 
 def inverse_cdf_sample(logprobs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
@@ -39,7 +42,9 @@ class HFSampler(Sampler):
     the longest: docs/benchmarks.md, "Figures quoted in code") and samples by drawing one
     random number per vocabulary entry. Here finished rows leave the batch, cache included.
     With a shared critic, each step's value is read off the hidden state the step's logits
-    come from (the value head is one dot product per row)."""
+    come from (the value head is one dot product per row). The KV cache is reserved for the
+    longest answer up front (:mod:`~trainer.ppo.rollout.kv_cache`), not grown by a copy of
+    the whole cache per token."""
 
     is_training_model = True
 
@@ -50,6 +55,16 @@ class HFSampler(Sampler):
         pad = models.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else min(self.eos)
         self._adapters: dict[str, str] = {}
+        self._config: Any = hf_model.config
+
+    def _cache_dtype(self) -> torch.dtype | None:
+        """float32 where attention runs in float32 on bfloat16 keys
+        (:mod:`trainer.common.cpu_attention`): the cache is then cast once per token, as it
+        is written, not whole at every step. None (the keys' own dtype) elsewhere."""
+        attention = self._config._attn_implementation
+        if attention == cpu_attention.NAME and self.models.device.type == "cpu":
+            return torch.float32
+        return None
 
     def sync(self, models: PolicyModels, tag: str) -> float:
         del models, tag  # it samples from the training model itself: always in sync
@@ -82,8 +97,6 @@ class HFSampler(Sampler):
         seed: int,
         with_values: bool = False,
     ) -> list[Finished]:
-        from transformers import DynamicCache
-
         models = self.models
         device = models.device
         n, width = len(prompt_ids), max(len(p) for p in prompt_ids)
@@ -96,7 +109,7 @@ class HFSampler(Sampler):
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         eos = torch.tensor(sorted(self.eos), device=device)
         generator = torch.Generator().manual_seed(seed)
-        cache = DynamicCache()
+        cache = reserved_cache(self._config, max_new_tokens, self._cache_dtype())
         live = torch.arange(n, device=device)  # the original row of each row still generating
         tokens: list[list[int]] = [[] for _ in range(n)]
         logprobs: list[list[float]] = [[] for _ in range(n)]
