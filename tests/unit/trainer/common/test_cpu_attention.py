@@ -9,9 +9,9 @@ import types
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from tests.fixtures.tiny_llama import tiny_llama
 from trainer.common.cpu_attention import NAME, cpu_sdpa_attention, use_cpu_attention
 
 # Four query heads over two KV heads, as a grouped-query Llama layer.
@@ -102,24 +102,10 @@ def test_an_additive_bfloat16_mask_masks_as_the_boolean_one():
     torch.testing.assert_close(added, boolean)
 
 
-def _tiny_llama(attn_implementation: str) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=32,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attn_implementation=attn_implementation,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
-
-
 def test_an_sdpa_model_switches_and_computes_the_same_logits():
     """A model on sdpa takes the implementation (its logits unchanged in float32, left
     padding included); an eager one keeps its own."""
-    stock, switched = _tiny_llama("sdpa"), _tiny_llama("sdpa")
+    stock, switched = tiny_llama("sdpa"), tiny_llama("sdpa")
     assert use_cpu_attention(switched)
     assert switched.config._attn_implementation == NAME
     ids = torch.randint(0, 32, (2, 7), generator=torch.Generator().manual_seed(1))
@@ -131,6 +117,6 @@ def test_an_sdpa_model_switches_and_computes_the_same_logits():
     keep = attention.bool()
     torch.testing.assert_close(got[keep], want[keep])
 
-    eager = _tiny_llama("eager")
+    eager = tiny_llama("eager")
     assert not use_cpu_attention(eager)
     assert eager.config._attn_implementation == "eager"

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaForCausalLM
 
+from tests.fixtures.tiny_llama import tiny_llama
 from trainer.common.cpu_attention import use_cpu_attention
 from trainer.ppo.rollout.kv_cache import ReservedLayer, reserved_cache
 
@@ -59,17 +60,7 @@ def test_a_float32_cache_of_bfloat16_keys_holds_their_exact_values():
 
 
 def _tiny_llama() -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=32,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attn_implementation="sdpa",
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama("sdpa")
     use_cpu_attention(model)
     return model
 
