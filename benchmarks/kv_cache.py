@@ -96,10 +96,10 @@ def main() -> int:
                 if r:
                     per_round[side].append(seconds)
                 tokens[side] = drawn
-                generated = sum(len(t) for t in drawn.values())
             hf.reserved_cache = reserved_cache
             same = tokens["transformers_dynamic"] == tokens["alignloop_reserved"]
             assert same, f"{new_tokens} tokens, round {r}: the two caches drew different tokens"
+        generated = sum(len(t) for t in tokens["alignloop_reserved"].values())  # both sides'
         median = {side: statistics.median(s) for side, s in per_round.items()}
         cases[f"{new_tokens}_new_tokens"] = {
             "rows": len(prompts),

@@ -59,9 +59,7 @@ class ReservedLayer(DynamicLayer):
         assert self._keys is not None and self._values is not None
         start, end = self.length, self.length + key_states.shape[-2]
         if end > self._keys.shape[-2]:  # past the reservation
-            extra = end - self._keys.shape[-2]
-            self._keys = torch.cat([self._keys, self._keys[:, :, :extra]], dim=-2)
-            self._values = torch.cat([self._values, self._values[:, :, :extra]], dim=-2)
+            self._keys, self._values = _grown(self._keys, end), _grown(self._values, end)
         self._keys[:, :, start:end].copy_(key_states)
         self._values[:, :, start:end].copy_(value_states)
         self.length = end
@@ -101,6 +99,12 @@ class ReservedLayer(DynamicLayer):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise NotImplementedError("the decode loop never repeats rows")
+
+
+def _grown(buffer: torch.Tensor, length: int) -> torch.Tensor:
+    """``buffer`` ``[B, H, L, D]`` extended to ``length`` positions (the new ones unset)."""
+    b, h, filled, d = buffer.shape
+    return torch.cat([buffer, buffer.new_empty((b, h, length - filled, d))], dim=-2)
 
 
 def reserved_cache(config: Any, reserve: int, dtype: torch.dtype | None = None) -> DynamicCache:
