@@ -106,6 +106,17 @@ class PPOConfig(DeviceConfig):
             "docs/benchmarks.md, figures quoted in code)."
         },
     )
+    activation_checkpointing: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep only each decoder layer's input for the backward and run the layer "
+            "again during it (trainer.common.activation_checkpointing): the update's peak "
+            "memory holds one layer's activations instead of every layer's, for one more "
+            "forward pass per micro-batch. Off by default (the faster update); on where "
+            'memory, not time, is short (measured: docs/benchmarks.md, "Activation '
+            'checkpointing"). Changes no gradient.'
+        },
+    )
     ppo_epochs: int = field(
         default=1,
         metadata={

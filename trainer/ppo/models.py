@@ -514,7 +514,7 @@ class PolicyModels:
         the autocast dtype (float32 on the CPU)."""
         with autocast(self.device, self.autocast_dtype):
             return self._backbone(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
             ).last_hidden_state
 
     def decode_hidden(

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from trainer.common.activation_checkpointing import checkpoint_layers
 from trainer.common.distributed import Dist
 from trainer.ppo import core as pm
 from trainer.ppo.config import PPOConfig
@@ -122,6 +123,8 @@ class PPOTrainer:
         )
         self.device = models.device
         """Where every tensor of an iteration lives: the models' device."""
+        if config.activation_checkpointing:
+            checkpoint_layers(models.peft_model)
         self.module: torch.nn.Module = models.actor_critic
         if self.dist.enabled:
             self.module = DistributedDataParallel(

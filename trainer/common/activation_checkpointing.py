@@ -1,0 +1,53 @@
+"""Activation checkpointing of a ``transformers`` model's decoder layers, in eval mode too.
+
+A training backward needs what every layer's forward computed: per token, every layer's
+projections, MLP activations and attention inputs (hundreds of KB per token for a model of
+tens of millions of parameters). Checkpointed, a layer keeps only its input; the backward
+runs the layer's forward again, one layer at a time, and frees it before the next. The
+update's peak then holds one layer's activations instead of all of them, for one more
+forward pass of compute (measured: docs/benchmarks.md, "Activation checkpointing").
+
+``transformers``' own switch (``gradient_checkpointing_enable``) applies only to a module in
+training mode. The PPO trainer keeps its models in eval mode (no dropout: PPO's ratios
+compare like with like), so this wraps each layer's ``forward`` instead: checkpointed
+where a gradient is being recorded, untouched under ``torch.no_grad`` (decoding, scoring).
+A pass given a KV cache runs as it is (a replay would extend the cache twice). torch's
+non-reentrant checkpoint replays the autocast state of the forward and needs no input to
+require a gradient (a frozen base under a LoRA adapter is fine).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils.checkpoint import checkpoint
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+_MARK = "_alignloop_checkpointed"
+
+
+def _checkpointed(forward: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(forward)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        # A pass that extends a KV cache cannot be replayed: it would extend it twice.
+        if not torch.is_grad_enabled() or kwargs.get("past_key_values") is not None:
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    setattr(run, _MARK, True)
+    return run
+
+
+def checkpoint_layers(model: torch.nn.Module) -> int:
+    """Checkpoint every decoder layer of ``model`` (each ``GradientCheckpointingLayer``,
+    what ``transformers`` checkpoints itself); returns how many were wrapped. Idempotent."""
+    wrapped = 0
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer):
+            if not getattr(module.forward, _MARK, False):
+                module.forward = _checkpointed(module.forward)
+            wrapped += 1
+    return wrapped
