@@ -51,6 +51,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 # controller serves the admin API: a too-short admin token stops it before it takes its lease.
 PREFLIGHT: dict[str, str] = {"canary": "deploy.ops.admin_auth:startup_problem"}
 
+# Commands that train run on jemalloc where the machine has it (trainer/common/jemalloc.py:
+# the process executes itself again, before importing torch).
+ON_JEMALLOC = frozenset({"train"})
+
 
 def usage() -> str:
     width = max(len(c) for c in COMMANDS)
@@ -69,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"alignloop: unknown command '{name}'\n\n{usage()}", file=sys.stderr)
         return 2
+    if name in ON_JEMALLOC and argv is None:  # this process's own command line
+        from trainer.common.jemalloc import run_on_jemalloc
+
+        run_on_jemalloc()
     from deploy.local import cpu_plan
 
     cpu_plan.apply()  # the cores `alignloop up` gave this process, before any thread starts
