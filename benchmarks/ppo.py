@@ -24,7 +24,9 @@ core) is trained by
 
 Both sides: the PPO hyperparameters of :data:`SHARED` (the same values wherever both expose
 them; what cannot match is :data:`DIFFERENCES_NOT_REMOVED`, printed with the result) and
-alignloop's glibc malloc settings (``trainer/common/malloc_tuning.py``) in every process.
+the same allocator in every process (``--allocator``; default ``auto``, what alignloop's
+trainer runs on: jemalloc preloaded where the machine has it, ``trainer/common/
+jemalloc.py``, else glibc with alignloop's settings, ``trainer/common/malloc_tuning.py``).
 
 Each side runs in a fresh child process (its peak RSS is its own), in an order that
 alternates every round (alignloop, TRL full, TRL LoRA; then reversed; ...) for ``--rounds``
@@ -41,7 +43,8 @@ machine) runs both sides in float32 or under bfloat16 autocast over float32 weig
 (alignloop's ``PPOConfig.precision``, TRL's ``bf16=True``; what each covers differs, see
 :data:`PRECISION_DIFFERENCE`). ``--rollout-batch-size`` / ``--mini-batch-size`` /
 ``--threads`` change the configuration for both sides; ``--micro-batch-size`` alignloop's
-rows per forward/backward (memory against speed; the gradient is unchanged);
+rows per forward/backward and ``--activation-checkpointing`` its
+``PPOConfig.activation_checkpointing`` (memory against speed; the gradient is unchanged);
 ``--scaled-model HIDDEN,LAYERS`` trains a randomly initialised Llama of that width and
 depth (the demo tokenizer and chat template) instead of the demo model, to see where model
 memory, not the Python/torch floor, dominates. ``--quick``: two iterations per run (still
@@ -65,6 +68,7 @@ from typing import Any, get_args
 
 from benchmarks.models import model_dir, model_label
 from benchmarks.trl_ppo_baseline import page_in  # one definition for both sides
+from trainer.common.jemalloc import find_jemalloc, preloaded_env
 from trainer.ppo.config import CriticKind, PPOConfig
 from trainer.rounds.config import RoundConfig
 
@@ -100,6 +104,14 @@ SHARED: dict[str, Any] = {
     "whiten_advantages": True,  # TRL always whitens advantages
     "lora_r": 8,  # alignloop's PolicyModels.load defaults; TRL's peft_config copies them
     "lora_alpha": 16,
+}
+
+ALLOCATORS = {
+    "jemalloc": "jemalloc preloaded (LD_PRELOAD) in every process of both sides, at its "
+    "defaults (what alignloop's trainer runs on where the machine has it: "
+    "trainer/common/jemalloc.py)",
+    "glibc": "glibc malloc with the thresholds of trainer/common/malloc_tuning.py "
+    "(keep_freed_memory) in every process of both sides",
 }
 
 # What stays different, and why (printed with every result).
@@ -160,9 +172,18 @@ PRECISION_DIFFERENCE = {
 }
 
 
-def differences(reward: str, critic: str, precision: str = "float32") -> dict[str, str]:
+def differences(
+    reward: str, critic: str, precision: str = "float32", checkpointing: bool = False
+) -> dict[str, str]:
     """Every difference left between the sides of this run, with the reason."""
+    recompute = {
+        "activation_checkpointing": "alignloop keeps only each decoder layer's input for the "
+        "backward and runs the layer again in it (PPOConfig.activation_checkpointing); TRL "
+        "1.12's PPO loop has no such switch (its gradient_checkpointing argument applies to "
+        "Trainer.train, which its PPO loop does not run) and keeps every layer's activations"
+    }
     return {
+        **(recompute if checkpointing else {}),
         **DIFFERENCES_NOT_REMOVED,
         "reward": REWARD_DIFFERENCE[reward],
         "critic": CRITIC_DIFFERENCE[critic],
@@ -210,6 +231,7 @@ def run_alignloop(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     from tests.fixtures.ppo import CONCISE
     from trainer.common.device import resolve_device
+    from trainer.common.jemalloc import jemalloc_loaded
     from trainer.common.malloc_tuning import keep_freed_memory
     from trainer.demo.corpus import sample_prompts
     from trainer.ppo.models import PolicyModels
@@ -218,7 +240,7 @@ def run_alignloop(args: argparse.Namespace) -> dict:
     from trainer.ppo.trainer import PPOTrainer
     from trainer.reward.rules import ComposedReward, build_rules
 
-    keep_freed_memory()  # as alignloop train ppo / train loop do
+    keep_freed_memory()  # as alignloop train ppo / train loop do (nothing under jemalloc)
     rss = {"after_imports": _rss_mb()}
     device = resolve_device("auto")  # as a round's PPOConfig.device defaults to
     models = PolicyModels.load(
@@ -241,6 +263,7 @@ def run_alignloop(args: argparse.Namespace) -> dict:
         rollout_batch_size=args.rollout_batch_size,
         mini_batch_size=args.mini_batch_size,
         micro_batch_size=args.micro_batch_size,
+        activation_checkpointing=args.activation_checkpointing,
         ppo_epochs=FIXED["ppo_epochs"],
         max_new_tokens=FIXED["max_new_tokens"],
         temperature=FIXED["temperature"],
@@ -298,6 +321,7 @@ def run_alignloop(args: argparse.Namespace) -> dict:
     rollout_seconds = sum(s["rollout_s"] for s in steps)
     return {
         "side": "alignloop",
+        "allocator": "jemalloc" if jemalloc_loaded() else "glibc",
         "critic": models.actor_critic.critic_kind,
         "precision": args.precision,
         "policy_parameters": models.parameter_bytes()["base"] // 4,  # float32
@@ -354,9 +378,10 @@ def _child(
         "--mini-batch-size", str(args.mini_batch_size), "--threads", str(args.threads),
         "--micro-batch-size", str(args.micro_batch_size),
         "--critic", args.critic, "--reward", args.reward, "--precision", args.precision,
+        *(["--activation-checkpointing"] if args.activation_checkpointing else []),
         *(["--save-policy", str(save)] if save else []),
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**allocator_env(args.allocator), "PYTHONPATH": str(ROOT)}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     out = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, check=True)
@@ -400,8 +425,28 @@ def _trl(
         *(["--save-policy", str(save)] if save else []),
         *lora,
     ]  # fmt: skip
-    out = subprocess.run(cmd, stdout=subprocess.PIPE, check=True)
+    out = subprocess.run(cmd, env=allocator_env(args.allocator), stdout=subprocess.PIPE, check=True)
     return json.loads(out.stdout.splitlines()[-1])  # vLLM logs to stdout too
+
+
+def resolved_allocator(choice: str) -> str:
+    """``auto``: what alignloop's trainer runs on here (jemalloc where found)."""
+    if choice == "auto":
+        return "jemalloc" if find_jemalloc() else "glibc"
+    if choice == "jemalloc" and not find_jemalloc():
+        raise SystemExit("--allocator jemalloc: no libjemalloc on this machine (libjemalloc2)")
+    return choice
+
+
+def allocator_env(allocator: str) -> dict[str, str]:
+    """This environment for a child of either side: jemalloc preloaded, or kept off it
+    (``ALIGNLOOP_ALLOCATOR=glibc``, so nothing alignloop starts preloads it either)."""
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    if allocator == "jemalloc":
+        library = find_jemalloc()
+        assert library is not None  # resolved_allocator checked
+        return preloaded_env(env, library)
+    return {**env, "ALIGNLOOP_ALLOCATOR": "glibc"}
 
 
 def held_out(model: Path, reward_dir: Path, policies: dict[str, Path]) -> dict[str, Any]:
@@ -609,6 +654,9 @@ def summarise(
     """The JSON: per side, per round and medians; for alignloop its memory breakdown; the
     ratios against the better TRL configuration for each metric."""
     sides: dict[str, dict[str, Any]] = {}
+    ran = {row["allocator"] for rows in runs.values() for row in rows}
+    if ran != {args.allocator}:  # the same malloc on both sides, or no comparison
+        raise RuntimeError(f"allocator {args.allocator} asked for, {sorted(ran)} ran")
     for side, rows in runs.items():
         per_round = [_per_round(row) for row in rows]
         sides[side] = {
@@ -626,6 +674,7 @@ def summarise(
             "rollout_batch_size": args.rollout_batch_size,
             "mini_batch_size": args.mini_batch_size,
             "alignloop_micro_batch_size": args.micro_batch_size,
+            "alignloop_activation_checkpointing": args.activation_checkpointing,
             "threads": args.threads,
             "iterations": args.iterations,
             "actor_lr": args.lr,
@@ -638,8 +687,7 @@ def summarise(
             "precision": args.precision,
         },
         "shared_hyperparameters": SHARED,
-        "allocator": "glibc malloc thresholds of trainer/common/malloc_tuning.py "
-        "(keep_freed_memory) applied in every process of both sides",
+        "allocator": ALLOCATORS[args.allocator],
         "rounds": args.rounds,
         "order": order,
         "sides": sides,
@@ -682,7 +730,7 @@ def summarise(
             "whole_process_peak_rss": {"ratio": round(whole, 3), "against": whole_vs},
         }
         result["differences_not_removed"] = differences(
-            args.reward, ours[0]["critic"], args.precision
+            args.reward, ours[0]["critic"], args.precision, args.activation_checkpointing
         )
     return result
 
@@ -749,6 +797,19 @@ def main() -> int:
         "model on this machine, given to both",
     )
     ap.add_argument(
+        "--allocator",
+        choices=("auto", "jemalloc", "glibc"),
+        default="auto",
+        help="both sides' malloc: jemalloc preloaded, or glibc with alignloop's settings; "
+        "auto: what alignloop's trainer runs on here (jemalloc where found)",
+    )
+    ap.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="alignloop's PPOConfig.activation_checkpointing (one more forward per "
+        "micro-batch for a smaller update peak); TRL 1.12's PPO loop has no such switch",
+    )
+    ap.add_argument(
         "--eval",
         action="store_true",
         help="score each side's first-round policy and the base on held-out prompts with one "
@@ -764,6 +825,7 @@ def main() -> int:
         args.model = Path(args.model)
         print(json.dumps(run_alignloop(args)))
         return 0
+    args.allocator = resolved_allocator(args.allocator)
     SHARED["critic_lr"] = args.lr  # reported with the result: one rate on both sides
     if args.quick:  # fewer iterations, not fewer rounds
         args.iterations = 2

@@ -170,6 +170,11 @@ def main() -> int:
     ap.add_argument("--rollout-batch-size", type=int, default=64)
     ap.add_argument("--mini-batch-size", type=int, default=16)
     ap.add_argument("--micro-batch-size", type=int, default=0, help="0: PPOConfig's default")
+    ap.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="PPOConfig.activation_checkpointing (bench ppo's flag of the same name)",
+    )
     ap.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto")
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()

@@ -539,6 +539,8 @@ def benchmark(args: argparse.Namespace) -> dict:
         "reward_end": scored[-1]["objective/scores"] if scored else None,
         "final_kl": scored[-1].get("objective/kl") if scored else None,
         "malloc_tuned": malloc_tuned,
+        # as alignloop's trainer/common/jemalloc.py tells it: mapped into this process or not
+        "allocator": "jemalloc" if "jemalloc" in Path("/proc/self/maps").read_text() else "glibc",
         "final_metrics": {
             k: last.get(k)
             for k in ("objective/kl", "objective/scores", "loss/policy_avg", "loss/value_avg")

@@ -1,10 +1,11 @@
-"""The PPO benchmark's pure helpers: the alternating run order and the ratio against the
-better of TRL's configurations (benchmarks/ppo.py)."""
+"""The PPO benchmark's pure helpers: the alternating run order, the ratio against the
+better of TRL's configurations and one allocator for both sides (benchmarks/ppo.py)."""
 
 from __future__ import annotations
 
 import pytest
 
+from benchmarks import ppo as bench_ppo
 from benchmarks.ppo import against_better, alternating_order
 
 
@@ -29,3 +30,20 @@ def test_memory_ratio_is_against_the_smaller_configuration() -> None:
     ratio, against = against_better(100.0, {"trl_full": 400.0, "trl_lora": 250.0}, False)
     assert against == "trl_lora"
     assert ratio == pytest.approx(0.4)
+
+
+def test_both_sides_children_get_one_allocator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """jemalloc preloaded for every child, or glibc with nothing preloaded and alignloop's
+    own re-execution onto jemalloc switched off: never one side on each."""
+    monkeypatch.setenv("LD_PRELOAD", "libother.so")
+    monkeypatch.setattr(bench_ppo, "find_jemalloc", lambda: "libjemalloc.so.2")
+    on_jemalloc = bench_ppo.allocator_env("jemalloc")
+    assert on_jemalloc["LD_PRELOAD"] == "libjemalloc.so.2"
+    assert "ALIGNLOOP_ALLOCATOR" not in on_jemalloc
+    on_glibc = bench_ppo.allocator_env("glibc")
+    assert "LD_PRELOAD" not in on_glibc and on_glibc["ALIGNLOOP_ALLOCATOR"] == "glibc"
+    assert bench_ppo.resolved_allocator("auto") == "jemalloc"
+    monkeypatch.setattr(bench_ppo, "find_jemalloc", lambda: None)
+    assert bench_ppo.resolved_allocator("auto") == "glibc"
+    with pytest.raises(SystemExit, match="libjemalloc2"):
+        bench_ppo.resolved_allocator("jemalloc")
