@@ -212,6 +212,7 @@ def main() -> int:
             "rollout_batch_size": args.rollout_batch_size,
             "mini_batch_size": args.mini_batch_size,
             "micro_batch_size": args.micro_batch_size,
+            "activation_checkpointing": args.activation_checkpointing,
             "iterations": args.iterations,
         },
         "episodes_per_s": round(run["episodes_per_s"], 2),

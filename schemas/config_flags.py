@@ -48,7 +48,8 @@ def add_config_flags(
             add_config_flags(group, kind, overrides_only=overrides_only)
             continue
         flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "")
+        # argparse %-formats help text: a literal "%" ("within 1 % of") must be doubled.
+        help_text = f.metadata.get("help", "").replace("%", "%%")
         default = _default(f)
         if overrides_only:
             help_text += f" (default: {default})"

@@ -35,3 +35,13 @@ def test_flags_cover_nested_ppo_config():
     assert config.rules == [{"name": "empty_answer"}]
     with pytest.raises(ValueError, match="mini_batch_size"):
         config_from_namespace(RoundConfig, {**values, "mini_batch_size": 7})
+
+
+@pytest.mark.parametrize("overrides_only", [False, True])
+def test_help_renders_a_literal_percent_sign(overrides_only: bool) -> None:
+    """argparse %-formats help text; a field's "within 1 % of" must print, not raise."""
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, RoundConfig, overrides_only=overrides_only)
+    text = " ".join(parser.format_help().split())
+    assert "within 1 % of exact" in text
+    assert "--activation-checkpointing" in text
