@@ -74,9 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"alignloop: unknown command '{name}'\n\n{usage()}", file=sys.stderr)
         return 2
     if name in ON_JEMALLOC and argv is None:  # this process's own command line
+        from schemas.settings import Settings
         from trainer.common.jemalloc import run_on_jemalloc
 
-        run_on_jemalloc()
+        run_on_jemalloc(Settings().allocator)
     from deploy.local import cpu_plan
 
     cpu_plan.apply()  # the cores `alignloop up` gave this process, before any thread starts

@@ -386,6 +386,13 @@ class Settings(BaseSettings):
         "reserved for the trainer (at least one core when > 0); serving's engine gets the "
         "rest, so the two never fight over a core. 0: no split, every process sees every core.",
     )
+    allocator: Literal["auto", "glibc"] = Field(
+        "auto",
+        description="The `malloc` of `alignloop train` processes. `auto`: jemalloc where the "
+        "machine has it (Debian/Ubuntu `libjemalloc2`; the process runs itself again with it "
+        "preloaded), glibc otherwise; `glibc`: glibc, with alignloop's thresholds. jemalloc "
+        "keeps the update's training memory lower at the same speed (docs/training.md).",
+    )
 
     def resolved_spool_dir(self) -> Path:
         return self.spool_dir or self.state_dir / "spool"

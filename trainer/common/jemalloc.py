@@ -12,7 +12,8 @@ at 31 M parameters, a lower training peak and more episodes/s than tuned glibc
 
 An allocator cannot be swapped inside a running process, so :func:`run_on_jemalloc`
 executes the same command line again with jemalloc preloaded (``LD_PRELOAD``), once,
-before the command imports anything heavy. ``ALIGNLOOP_ALLOCATOR=glibc`` keeps glibc;
+before the command imports anything heavy. The setting ``allocator: glibc``
+(``ALIGNLOOP_ALLOCATOR``) keeps glibc;
 without the library (Debian/Ubuntu package ``libjemalloc2``) or off Linux nothing changes.
 """
 
@@ -26,9 +27,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-
-SETTING = "ALIGNLOOP_ALLOCATOR"
-"""``auto`` (default: jemalloc where found) or ``glibc`` (leave the allocator alone)."""
 
 _REEXECUTED = "ALIGNLOOP_ALLOCATOR_REEXECUTED"
 
@@ -54,10 +52,11 @@ def preloaded_env(env: Mapping[str, str], library: str) -> dict[str, str]:
     return {**env, "LD_PRELOAD": " ".join([library, *others])}
 
 
-def run_on_jemalloc() -> None:
+def run_on_jemalloc(allocator: str = "auto") -> None:
     """Run this process's command again with jemalloc preloaded, where that applies (see
-    the module docstring); returns only when it does not."""
-    if os.environ.get(SETTING, "auto") == "glibc" or os.environ.get(_REEXECUTED):
+    the module docstring; ``allocator``: the setting, ``auto`` or ``glibc``); returns only
+    when it does not."""
+    if allocator == "glibc" or os.environ.get(_REEXECUTED):
         return
     library = find_jemalloc()
     if library is None or jemalloc_loaded():

@@ -1,5 +1,5 @@
 """A process that asks for jemalloc runs its own command again with it preloaded, once;
-``ALIGNLOOP_ALLOCATOR=glibc`` keeps glibc."""
+the ``glibc`` setting keeps glibc."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from trainer.common.jemalloc import find_jemalloc, jemalloc_loaded, preloaded_en
 
 PROBE = (
     "import os, sys; from trainer.common.jemalloc import run_on_jemalloc, jemalloc_loaded; "
-    "print('start', flush=True); run_on_jemalloc(); "
+    "print('start', flush=True); run_on_jemalloc(os.environ.get('CHOICE', 'auto')); "
     "print(jemalloc_loaded(), sys.argv[1:], os.environ['LD_PRELOAD'].split()[0] if "
     "os.environ.get('LD_PRELOAD') else None)"
 )
@@ -49,4 +49,4 @@ def test_the_command_runs_again_on_jemalloc_with_its_arguments() -> None:
 
 
 def test_glibc_when_asked() -> None:
-    assert _probe(ALIGNLOOP_ALLOCATOR="glibc") == ["start", "False ['--flag', 'value'] None"]
+    assert _probe(CHOICE="glibc") == ["start", "False ['--flag', 'value'] None"]
