@@ -30,9 +30,10 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 IMAGES = {"Dockerfile.cpu": "cpu", "Dockerfile.cuda": "gpu"}
 """Each Dockerfile and the pyproject extra it installs."""
 RUNTIME_PACKAGES = {
-    "Dockerfile.cpu": {"libnuma1", "libgomp1"},
+    # libjemalloc2: the trainer's allocator (trainer/common/jemalloc.py), both images.
+    "Dockerfile.cpu": {"libnuma1", "libgomp1", "libjemalloc2"},
     # Triton (vLLM's GPU kernels) compiles a C launcher at run time: gcc and libc headers.
-    "Dockerfile.cuda": {"gcc", "libc6-dev", "libnuma1"},
+    "Dockerfile.cuda": {"gcc", "libc6-dev", "libnuma1", "libjemalloc2"},
 }
 """Debian packages each runtime stage may install: runtime libraries only, and the one
 documented compiler exception for CUDA."""
