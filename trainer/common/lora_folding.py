@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import types
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -140,6 +141,38 @@ def applied(peft_model: PeftModel, adapter: str) -> contextlib.AbstractContextMa
 # --- passes with a gradient ---------------------------------------------------------------
 
 
+class _SharedCast:
+    """The autocast-dtype copy of the last input cast, handed to every layer that reads the
+    same input while that copy is alive.
+
+    A transformer layer feeds one normalised hidden state to several products (q, k and v;
+    gate and up), and each product keeps its input, in the dtype it ran in, for its
+    backward (LoRA's ``dA`` and ``dB`` read it). Cast by each, that is one copy kept per
+    product; cast once, one copy shared. Weak references only: the cache keeps nothing
+    alive (where nothing else keeps the copy, as in a checkpointed forward, the next layer
+    casts again), and an input written in place since (its version moved on) is cast again.
+    """
+
+    def __init__(self) -> None:
+        self._source: weakref.ref[torch.Tensor] | None = None
+        self._version = -1
+        self._cast: weakref.ref[torch.Tensor] | None = None
+
+    def __call__(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if x.dtype == dtype:
+            return x
+        cast = self._cast() if self._cast is not None else None
+        source = self._source() if self._source is not None else None
+        if cast is not None and source is x and x._version == self._version and cast.dtype == dtype:
+            return cast
+        cast = x.to(dtype)
+        self._source, self._version, self._cast = weakref.ref(x), x._version, weakref.ref(cast)
+        return cast
+
+
+_shared_cast = _SharedCast()
+
+
 class FoldedLoraLinear(torch.autograd.Function):
     """``y = x (W + s B A)^T + bias`` with LoRA's gradients for ``x``, ``A`` and ``B``
     (``W`` and ``bias`` are frozen: no gradient). ``x`` ``[..., in]``, ``W`` ``[out, in]``,
@@ -165,7 +198,7 @@ class FoldedLoraLinear(torch.autograd.Function):
             folded_weight = torch.addmm(weight, lora_b, lora_a, alpha=scaling)
             x_in = x
             if dtype is not None:
-                x_in, folded_weight = x.to(dtype), folded_weight.to(dtype)
+                x_in, folded_weight = _shared_cast(x, dtype), folded_weight.to(dtype)
                 bias = None if bias is None else bias.to(dtype)
             # The base weight, not the folded copy, is kept for the backward, which folds
             # again: one more rank-r product per layer instead of a copy of every weight of

@@ -68,3 +68,42 @@ def test_under_bfloat16_the_products_run_in_it_and_the_gradients_come_back_in_fl
         torch.testing.assert_close(mine, theirs, rtol=3e-2, atol=3e-2 * scale)
     # ... and it really ran in bfloat16: float32 gives other numbers.
     assert not torch.equal(y.float(), y2.detach())
+
+
+def _saved_inputs(y: torch.Tensor, x_shape: torch.Size) -> list[torch.Tensor]:
+    return [t for t in y.grad_fn.saved_tensors if t.shape == x_shape]
+
+
+def test_layers_reading_one_input_keep_one_cast_copy_of_it():
+    """q, k and v (gate and up) read the same hidden state: under bfloat16 their backwards
+    keep one bfloat16 copy of it between them, not one each, and each layer's gradients are
+    what a layer of its own gives."""
+    x, weight, bias, lora_a, lora_b = _inputs()
+    others = [(weight * k, lora_a.detach() * k, lora_b.detach() * k) for k in (0.5, 2.0)]
+    outs = [FoldedLoraLinear.apply(x, weight, bias, lora_a, lora_b, 2.0, torch.bfloat16)]
+    for w, a, b in others:
+        outs.append(FoldedLoraLinear.apply(x, w, bias, a, b, 2.0, torch.bfloat16))
+    kept = {t.data_ptr() for y in outs for t in _saved_inputs(y, x.shape)}
+    assert len(kept) == 1
+    (kept_x,) = _saved_inputs(outs[0], x.shape)
+    assert kept_x.dtype == torch.bfloat16
+
+    sum(y.float().sum() for y in outs).backward()
+    shared_grad = x.grad.clone()
+    x_alone = x.detach().clone().requires_grad_(True)
+    for w, a, b in [(weight, lora_a.detach(), lora_b.detach()), *others]:
+        x_own = x_alone * 1.0  # a tensor of its own per layer: nothing to share
+        FoldedLoraLinear.apply(x_own, w, bias, a, b, 2.0, torch.bfloat16).float().sum().backward()
+    torch.testing.assert_close(shared_grad, x_alone.grad)
+
+
+def test_an_input_written_in_place_is_cast_again():
+    """A cast is shared only while its input is unchanged: written in place in between
+    (while the first cast is still kept for a backward), the next layer reads the new
+    values."""
+    x_leaf, weight, _, lora_a, lora_b = _inputs()
+    x = x_leaf * 1.0
+    first = FoldedLoraLinear.apply(x, weight, None, lora_a, lora_b, 2.0, torch.bfloat16)
+    x.mul_(4.0)
+    second = FoldedLoraLinear.apply(x, weight, None, lora_a, lora_b, 2.0, torch.bfloat16)
+    torch.testing.assert_close(second.float(), 4.0 * first.float(), rtol=2e-2, atol=2e-2)
