@@ -22,10 +22,12 @@ position biases, the paged cache of continuous batching), the call goes to
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -67,8 +69,37 @@ def cpu_sdpa_attention(
         key, value = key[:, :, :q_length], value[:, :, :q_length]
     if attention_mask is not None and attention_mask.is_floating_point():
         attention_mask = attention_mask.float()  # an additive mask, in the products' dtype
+    attend = functools.partial(
+        _float32_attention,
+        attention_mask=attention_mask,
+        dropout=dropout,
+        scaling=scaling,
+        is_causal=is_causal,
+    )
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        # Recomputed in the backward (selective recomputation): what stays for it is the
+        # three inputs as they came, not their float32 copies, the output and its
+        # log-sum-exp; the core is a few percent of a layer's products.
+        out = checkpoint(attend, query, key, value, use_reentrant=False)
+    else:
+        out = attend(query, key, value)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _float32_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None,
+    dropout: float,
+    scaling: float | None,
+    is_causal: bool,
+) -> torch.Tensor:
+    """torch's ``scaled_dot_product_attention`` on float32 copies, autocast off: ``[B, H,
+    Lq, D]``."""
     with torch.autocast("cpu", enabled=False):
-        out = F.scaled_dot_product_attention(
+        return F.scaled_dot_product_attention(
             query.float(),
             key.float(),
             value.float(),
@@ -78,7 +109,6 @@ def cpu_sdpa_attention(
             is_causal=is_causal,
             enable_gqa=query.shape[1] != key.shape[1],
         )
-    return out.transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(NAME, cpu_sdpa_attention)

@@ -9,6 +9,7 @@ import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from tests.fixtures.tiny_llama import tiny_llama
@@ -86,6 +87,35 @@ def test_bfloat16_autocast_computes_in_float32():
     assert ours.dtype == torch.float32 and stock.dtype == torch.bfloat16
     torch.testing.assert_close(ours, exact)
     assert (stock.float() - exact).abs().max() > (ours - exact).abs().max()
+
+
+def test_the_backward_keeps_the_inputs_not_the_float32_output():
+    """With a gradient, the attention core is recomputed in the backward: what the graph
+    keeps is the bfloat16 inputs (no float32 copy of them, no output), and the gradients
+    are those of the pass that keeps everything, bit for bit."""
+    mask = _padded_mask(2, 5, 5)
+    inputs = _qkv(2, 5, 5, dtype=torch.bfloat16, grad=True)
+    kept: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        kept.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        ours, _ = cpu_sdpa_attention(LAYER, *inputs, mask, scaling=0.3)
+    kept_floats = [t for t in kept if t.is_floating_point()]
+    assert {t.dtype for t in kept_floats} == {torch.bfloat16}
+    assert {t.data_ptr() for t in kept_floats} <= {t.data_ptr() for t in inputs}
+    upstream = torch.linspace(-1, 1, ours.numel()).reshape(ours.shape)
+    ours.backward(upstream)
+
+    plain_in = [t.detach().clone().requires_grad_(True) for t in inputs]
+    plain = F.scaled_dot_product_attention(
+        *(t.float() for t in plain_in), attn_mask=mask, scale=0.3, enable_gqa=True
+    )
+    plain.transpose(1, 2).backward(upstream)
+    for mine, other in zip(inputs, plain_in, strict=True):
+        assert torch.equal(mine.grad, other.grad)
 
 
 def test_an_additive_bfloat16_mask_masks_as_the_boolean_one():
