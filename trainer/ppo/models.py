@@ -68,6 +68,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from schemas.config import TrainingPrecision
 from trainer.common.device import autocast, autocast_dtype, folding_pays, module_device
+from trainer.common.gated_mlp import fuse_gated_mlps
 from trainer.common.lora_folding import fold_in_training, folded
 from trainer.ppo.config import CriticKind
 from trainer.ppo.core import entropy_per_token, logprobs_from_logits, ptx_loss
@@ -333,6 +334,9 @@ class PolicyModels:
         bfloat16 on the CPU to check CUDA's exactness claims."""
         # The update's LoRA layers, folded where that was measured faster (lora_folding).
         fold_in_training(peft_model, enabled=folding_pays(self.device))
+        # The update keeps less for its backward, at no cost to its numbers: a gated MLP's
+        # SiLU product keeps 3 of its 4 tensors (gated_mlp).
+        fuse_gated_mlps(peft_model)
         self.tokenizer = tokenizer
         self.reward = reward
         self.base_model_path = base_model_path

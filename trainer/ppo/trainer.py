@@ -46,7 +46,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from trainer.common.activation_checkpointing import checkpoint_layers
 from trainer.common.distributed import Dist
-from trainer.common.gated_mlp import fuse_gated_mlps
 from trainer.ppo import core as pm
 from trainer.ppo.config import PPOConfig
 from trainer.ppo.models import PolicyModels, TokenBatch
@@ -124,9 +123,6 @@ class PPOTrainer:
         )
         self.device = models.device
         """Where every tensor of an iteration lives: the models' device."""
-        # The update keeps less for its backward, at no cost to its numbers or (within
-        # noise) its time: the gated MLP's SiLU product keeps 3 of its 4 tensors.
-        fuse_gated_mlps(models.peft_model)
         if config.activation_checkpointing:
             checkpoint_layers(models.peft_model)
         self.module: torch.nn.Module = models.actor_critic
