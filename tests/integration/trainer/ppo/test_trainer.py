@@ -247,6 +247,24 @@ def test_folded_training_layers_give_loras_own_gradients(demo_model_dir: Path, r
         assert error < 1e-4, f"{name}: relative error {error:.2e}"
 
 
+def test_scoring_and_the_update_fold_the_same_weights(demo_model_dir: Path, reward_dir: Path):
+    """A no-gradient pass (scoring, the decode loop) and a training forward fold the adapter
+    into the same float32 weights, so at the rollout's policy the update's first log-probs
+    are the scored ones bit for bit: the PPO ratio starts at exactly 1."""
+    models = PolicyModels.load(demo_model_dir, reward_dir, seed=3)
+    with torch.no_grad():
+        for name, p in models.peft_model.named_parameters():
+            if ".policy." in name and "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.05)
+    prompts = render_prompts(models.tokenizer, PROMPTS[:4])
+    batch = TokenBatch.build(prompts, [[40, 41, 42], [43], [44, 45], [46]], pad_id=0)
+    with torch.no_grad():
+        scored = models.actor_critic.actor(batch, with_entropy=False)[0]
+    trained = models.actor_critic.actor(batch)[0]
+    assert trained.requires_grad
+    assert torch.equal(trained.detach(), scored)
+
+
 def test_the_reward_model_scores_folded_as_it_trains(demo_model_dir: Path, reward_dir: Path):
     """``score`` (no gradient, folded) and ``rewards`` (the LoRA layers) agree."""
     models = PolicyModels.load(demo_model_dir, reward_dir)
