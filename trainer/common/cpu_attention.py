@@ -18,7 +18,8 @@ where this one does not (docs/benchmarks.md, "Attention in float32 on the CPU"):
 Where a gradient is recorded, the core runs under a non-reentrant checkpoint and runs again
 in the backward (selective recomputation): the graph keeps the inputs as they came, not
 their float32 copies, the output and its log-sum-exp; on SmolLM2, 101 instead of 180 KB per
-token (docs/benchmarks.md, "Fewer activations kept for the update").
+token (docs/benchmarks.md, "Fewer activations kept for the update: the memory target at
+SmolLM2 by default").
 
 On any other device, and for the few features this path does not take (ALiBi-style
 position biases, the paged cache of continuous batching), the call goes to

@@ -6,7 +6,8 @@ product's) and the product (for ``down``'s): four tensors of the MLP's width, th
 layer keeps. :class:`SiluAndMul` keeps ``gate(x)`` and ``up(x)`` and computes the SiLU again
 in the backward, an elementwise pass: three tensors instead of four, and the same gradients
 bit for bit (the backward runs autograd's own operations in autograd's order). Measured:
-docs/benchmarks.md, "Fewer activations kept for the update".
+docs/benchmarks.md, "Fewer activations kept for the update: the memory target at SmolLM2 by
+default".
 
 :func:`fuse_gated_mlps` switches every MLP whose ``forward`` is ``transformers``' Llama one
 (Llama, Mistral, Qwen2, SmolLM2 and the other copies of it, compared by bytecode) and whose
