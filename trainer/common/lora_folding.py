@@ -74,6 +74,47 @@ def _base_weight(layer: LoraLinear) -> torch.Tensor:
     return weight
 
 
+def _adapter_weight(linear: torch.nn.Module) -> torch.Tensor:
+    weight = linear.weight
+    assert isinstance(weight, torch.Tensor)  # a vanilla LoRA layer's A and B are Linear
+    return weight
+
+
+def fold(
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``W + s B A``, in ``dtype`` (None: ``W``'s): the one expression every folding here
+    computes, so a no-gradient pass and the update's forward and backward multiply by the
+    same weights bit for bit. One ``addmm`` reads ``W`` once; ``W + (B A) s`` would pass
+    over a weight-sized tensor three times."""
+    with torch.autocast(weight.device.type, enabled=False):
+        folded_weight = torch.addmm(weight, lora_b, lora_a, alpha=scaling)
+    return folded_weight if dtype is None else folded_weight.to(dtype)
+
+
+@contextlib.contextmanager
+def _weights_swapped(
+    peft_model: PeftModel, layers: list[LoraLinear], copies: list[torch.Tensor]
+) -> Iterator[None]:
+    """Run the body with each layer's base weight tensor holding its copy and every adapter
+    disabled (each LoRA layer then calls only its base layer); the very same tensors are
+    back afterwards."""
+    weights = [_base_weight(layer) for layer in layers]
+    originals = [w.data for w in weights]
+    try:
+        for weight, copy in zip(weights, copies, strict=True):
+            weight.data = copy
+        with peft_model.disable_adapter():
+            yield
+    finally:
+        for weight, original in zip(weights, originals, strict=True):
+            weight.data = original
+
+
 @contextlib.contextmanager
 def folded(peft_model: PeftModel, adapter: str, dtype: torch.dtype | None = None) -> Iterator[None]:
     """Run the body with ``adapter`` folded into the base weights (no gradient may flow).
@@ -100,23 +141,41 @@ def folded(peft_model: PeftModel, adapter: str, dtype: torch.dtype | None = None
             yield
         return
     # Normal tensors even under inference_mode: they become Parameters' data for a while.
+    # One layer at a time: a float32 copy of every weight at once, cast afterwards, would
+    # briefly hold the model twice over (the allocator keeps that high-water mark).
     with torch.inference_mode(False), torch.no_grad():
-        weights = [_base_weight(layer) for layer in layers]
-        # One layer at a time: a float32 copy of every weight at once, cast afterwards,
-        # would briefly hold the model twice over (the allocator keeps that high-water mark).
         copies = [
-            (w + layer.get_delta_weight(adapter)).to(dtype or w.dtype)
-            for w, layer in zip(weights, layers, strict=True)
+            fold(
+                _base_weight(layer),
+                _adapter_weight(layer.lora_A[adapter]),
+                _adapter_weight(layer.lora_B[adapter]),
+                layer.scaling[adapter],
+                dtype,
+            )
+            for layer in layers
         ]
-    originals = [w.data for w in weights]
-    try:
-        for weight, copy in zip(weights, copies, strict=True):
-            weight.data = copy
+    with _weights_swapped(peft_model, layers, copies):
+        yield
+
+
+@contextlib.contextmanager
+def cast_base(peft_model: PeftModel, dtype: torch.dtype) -> Iterator[None]:
+    """Run the body on the base model (every adapter disabled) with the LoRA layers' base
+    weights cast to ``dtype`` once (no gradient may flow): the numbers autocast to ``dtype``
+    gives, without casting every weight again in every call (autocast caches casts only of
+    weights that take a gradient). Where :func:`folded` would not fold (another device, an
+    adapter it cannot fold), the adapters are simply disabled."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("cast_base() is for no-gradient passes: the cast weights are copies")
+    layers = [m for m in peft_model.modules() if isinstance(m, LoraLinear)]
+    if not (layers and folding_pays(module_device(peft_model))):
         with peft_model.disable_adapter():
             yield
-    finally:
-        for weight, original in zip(weights, originals, strict=True):
-            weight.data = original
+        return
+    with torch.inference_mode(False), torch.no_grad():
+        copies = [_base_weight(layer).to(dtype) for layer in layers]
+    with _weights_swapped(peft_model, layers, copies):
+        yield
 
 
 @contextlib.contextmanager
@@ -195,10 +254,10 @@ class FoldedLoraLinear(torch.autograd.Function):
     ) -> torch.Tensor:
         # Explicit dtypes, not the caller's autocast: the fold itself stays float32.
         with torch.autocast(x.device.type, enabled=False):
-            folded_weight = torch.addmm(weight, lora_b, lora_a, alpha=scaling)
+            folded_weight = fold(weight, lora_a, lora_b, scaling, dtype)
             x_in = x
             if dtype is not None:
-                x_in, folded_weight = _shared_cast(x, dtype), folded_weight.to(dtype)
+                x_in = _shared_cast(x, dtype)
                 bias = None if bias is None else bias.to(dtype)
             # The base weight, not the folded copy, is kept for the backward, which folds
             # again: one more rank-r product per layer instead of a copy of every weight of
@@ -220,7 +279,7 @@ class FoldedLoraLinear(torch.autograd.Function):
         a, b = lora_a.to(dtype), lora_b.to(dtype)
         grad_x = grad_a = grad_b = None
         if needs_x:
-            refolded = torch.addmm(weight, lora_b, lora_a, alpha=ctx.scaling).to(dtype)
+            refolded = fold(weight, lora_a, lora_b, ctx.scaling, dtype)
             grad_x = (grad @ refolded).to(ctx.x_dtype)
         if needs_a:
             grad_a = (rows_grad @ b).T.mm(rows_x).mul_(ctx.scaling).to(lora_a.dtype)

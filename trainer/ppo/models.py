@@ -69,7 +69,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from schemas.config import TrainingPrecision
 from trainer.common.device import autocast, autocast_dtype, folding_pays, module_device
 from trainer.common.gated_mlp import fuse_gated_mlps
-from trainer.common.lora_folding import fold_in_training, folded
+from trainer.common.lora_folding import cast_base, fold_in_training, folded
 from trainer.ppo.config import CriticKind
 from trainer.ppo.core import entropy_per_token, logprobs_from_logits, ptx_loss
 from trainer.ppo.lm_head import head_logprobs
@@ -344,6 +344,9 @@ class PolicyModels:
         self._backbone = getattr(hf_model, hf_model.base_model_prefix)
         self._lm_head = hf_model.get_output_embeddings()
         self._lm_head_cached: tuple[tuple[Any, ...], torch.Tensor] | None = None
+        self._weights_held: str | None = None
+        """What the base weights hold during a no-gradient pass: an adapter's name (folded
+        in), ``"reference"`` (cast), or None (the base weights themselves)."""
         self.actor_critic = ActorCritic(self, value_head, temperature, critic)
         marker = {name: f".{name}." for name in (POLICY, CRITIC)}
         self._policy_params = [p for n, p in peft_model.named_parameters() if marker[POLICY] in n]
@@ -497,19 +500,53 @@ class PolicyModels:
     def adapter(self, name: str) -> Iterator[None]:
         """The passes inside run with adapter ``name``: made active (:meth:`use`) when a
         gradient may flow, folded into the base weights when none can (no-gradient passes:
-        scoring, sampling; see :mod:`trainer.common.lora_folding`)."""
+        scoring, sampling; see :mod:`trainer.common.lora_folding`). Inside a no-gradient
+        pass of the same adapter it is already folded: the body runs as it is (a caller
+        folds once for many chunks)."""
         if torch.is_grad_enabled():
             self.use(name)
             yield
+        elif self._weights_held == name:
+            yield
         else:
-            with folded(self.peft_model, name, self.autocast_dtype):
+            with self._holding(name), folded(self.peft_model, name, self.autocast_dtype):
                 yield
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:
-        """The frozen reference: every adapter disabled for the duration."""
-        with self.peft_model.disable_adapter():
+        """The frozen reference: every adapter disabled for the duration. Without a
+        gradient, under autocast, its weights are cast once for the body, not in every
+        call (the same numbers); inside such a pass the body runs as it is."""
+        if torch.is_grad_enabled():
+            with self.peft_model.disable_adapter():
+                yield
+        elif self._weights_held == "reference":
             yield
+        else:
+            dtype = self.autocast_dtype
+            base: contextlib.AbstractContextManager[Any] = (
+                self.peft_model.disable_adapter()
+                if dtype is None
+                else cast_base(self.peft_model, dtype)
+            )
+            with self._holding("reference"), base:
+                yield
+
+    @contextlib.contextmanager
+    def _holding(self, what: str) -> Iterator[None]:
+        """Mark the base weights as holding ``what`` for the body. A second, different
+        no-gradient pass inside would start from these weights, not the base ones (an
+        adapter folded on top of another, a "reference" that is the policy): refused."""
+        if self._weights_held is not None:
+            raise RuntimeError(
+                f"a no-gradient pass of {what!r} inside one of {self._weights_held!r}: "
+                "the base weights hold the outer pass's"
+            )
+        self._weights_held = what
+        try:
+            yield
+        finally:
+            self._weights_held = None
 
     # --- forward passes --------------------------------------------------------------------
 

@@ -48,7 +48,7 @@ from trainer.common.activation_checkpointing import checkpoint_layers
 from trainer.common.distributed import Dist
 from trainer.ppo import core as pm
 from trainer.ppo.config import PPOConfig
-from trainer.ppo.models import PolicyModels, TokenBatch
+from trainer.ppo.models import POLICY, PolicyModels, TokenBatch
 from trainer.ppo.rollout.base import Finished, Sampler, render_prompts
 
 RewardFn = Callable[[Sequence[Any], Sequence[str]], dict[str, torch.Tensor]]
@@ -335,7 +335,8 @@ class PPOTrainer:
             ready += finished
             score_ready(at_least=2 * cfg.micro_batch_size)
         rollout_s = last - started
-        score_ready(at_least=1)
+        if ready:  # the rest in one call: its passes chunk it, each weight folded once
+            score(ready)
         if len(scored) != n:
             raise RuntimeError(f"the sampler answered {len(scored)} of {n} prompts")
 
@@ -377,18 +378,32 @@ class PPOTrainer:
             if all(d.values is not None for d in finished):
                 values_ = [d.values or [] for d in finished]
                 taken_values = _padded(values_, width, batch.device)
-        for rows in batch.length_chunks(self.config.mini_batch_size):
-            chunk = batch.select(rows)
-            width = chunk.response_width
-            if taken_logprobs is None:
-                logprobs, values, _ = ac.evaluate(chunk, with_entropy=False)
-            else:
-                logprobs = taken_logprobs[rows, :width]
-                values = ac.critic(chunk) if taken_values is None else taken_values[rows, :width]
-            parts = (logprobs, values, self.models.reference_logprobs(chunk))
+        size = self.config.mini_batch_size
+        chunks = [(rows, batch.select(rows)) for rows in batch.length_chunks(size)]
+
+        def put(target: torch.Tensor, rows: torch.Tensor, chunk: TokenBatch, part: torch.Tensor):
             keep = chunk.mask.bool()
-            for target, part in zip(out, parts, strict=True):
-                target[rows, :width] = torch.where(keep, part, torch.zeros_like(part))
+            target[rows, : chunk.response_width] = torch.where(keep, part, torch.zeros_like(part))
+
+        # The adapter folded once for every chunk, and the reference's weights cast once
+        # (each a pass over every weight), not once per chunk. A critic adapter of its own
+        # is folded in turn, chunk by chunk.
+        shared = ac.critic_kind == "shared"
+        with self.models.adapter(POLICY) if shared else contextlib.nullcontext():
+            for rows, chunk in chunks:
+                width = chunk.response_width
+                if taken_logprobs is None:
+                    logprobs, values, _ = ac.evaluate(chunk, with_entropy=False)
+                else:
+                    logprobs = taken_logprobs[rows, :width]
+                    values = (
+                        ac.critic(chunk) if taken_values is None else taken_values[rows, :width]
+                    )
+                put(out[0], rows, chunk, logprobs)
+                put(out[1], rows, chunk, values)
+        with self.models.reference():
+            for rows, chunk in chunks:
+                put(out[2], rows, chunk, self.models.reference_logprobs(chunk))
         return tuple(out)
 
     # Long on purpose: one micro-batch's forward, the three losses and their metrics, in

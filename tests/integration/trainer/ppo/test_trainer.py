@@ -20,7 +20,7 @@ import torch
 from tests.fixtures.learned_reward import LearnedReward
 from tests.fixtures.ppo import CONCISE, SMALL_PPO, flat_reward_model
 from tests.fixtures.reward_feedback import corpus_answers, is_liked
-from trainer.common.lora_folding import fold_in_training, folded
+from trainer.common.lora_folding import cast_base, fold_in_training, folded
 from trainer.demo.corpus import sample_prompts
 from trainer.ppo.models import POLICY, PolicyModels, TokenBatch
 from trainer.ppo.rollout.base import render_prompts
@@ -32,6 +32,7 @@ from trainer.reward.rules import ComposedReward, build_rules
 pytestmark = pytest.mark.slow
 
 CONFIG = SMALL_PPO
+BF16 = torch.bfloat16
 PROMPTS = [[{"role": "user", "content": p.text}] for p in sample_prompts(5, 16)]
 
 
@@ -212,6 +213,8 @@ def test_folded_passes_match_the_adapter_and_leave_the_base_untouched(
         pass
     with torch.no_grad(), pytest.raises(KeyError, match="nope"), folded(models.peft_model, "nope"):
         pass
+    with pytest.raises(RuntimeError, match="no-gradient"), cast_base(models.peft_model, BF16):
+        pass
 
 
 def test_folded_training_layers_give_loras_own_gradients(demo_model_dir: Path, reward_dir: Path):
@@ -263,6 +266,54 @@ def test_scoring_and_the_update_fold_the_same_weights(demo_model_dir: Path, rewa
     trained = models.actor_critic.actor(batch)[0]
     assert trained.requires_grad
     assert torch.equal(trained.detach(), scored)
+
+
+def test_one_fold_serves_every_pass_inside_it_and_a_different_pass_is_refused(
+    demo_model_dir: Path, reward_dir: Path
+):
+    """Scoring folds the adapter once for all its chunks: a pass of the same adapter inside
+    runs on the folded weights as they are (folding again would add the adapter twice), and
+    a pass of anything else inside (the reference, another adapter) is refused, since it
+    would start from the folded weights, not the base ones."""
+    models = PolicyModels.load(demo_model_dir, reward_dir, seed=3)
+    with torch.no_grad():
+        for name, p in models.peft_model.named_parameters():
+            if ".policy." in name and "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.05)
+    prompts = render_prompts(models.tokenizer, PROMPTS[:4])
+    batch = TokenBatch.build(prompts, [[40, 41, 42], [43], [44, 45], [46]], pad_id=0)
+    ac = models.actor_critic
+    with torch.no_grad():
+        alone = ac.actor(batch, with_entropy=False)[0]
+        with models.adapter(POLICY):
+            inside = ac.actor(batch, with_entropy=False)[0]
+            with pytest.raises(RuntimeError, match="'reference' inside one of 'policy'"):
+                models.reference_logprobs(batch)
+        assert torch.equal(inside, alone)
+        assert (alone - models.reference_logprobs(batch)).abs().max() > 1e-2  # base again
+
+
+def test_the_reference_casts_its_weights_once_to_the_same_numbers(
+    demo_model_dir: Path, reward_dir: Path
+):
+    """Under bfloat16 autocast, the no-gradient reference runs on base weights cast once
+    for the pass: the log-probs autocast's per-call casts give, bit for bit, and the base
+    weights are the same tensors afterwards."""
+    models = PolicyModels.load(demo_model_dir, reward_dir, seed=3)
+    models.autocast_dtype = torch.bfloat16
+    prompts = render_prompts(models.tokenizer, PROMPTS[:4])
+    batch = TokenBatch.build(prompts, [[40, 41, 42], [43], [44, 45], [46]], pad_id=0)
+    base = {n: p for n, p in models.peft_model.named_parameters() if ".lora_" not in n}
+    before = {n: p.data_ptr() for n, p in base.items()}
+    with torch.no_grad():
+        cast_once = models.reference_logprobs(batch)
+        with models.peft_model.disable_adapter():  # autocast casting in every call
+            hidden = models.response_hidden(batch)[batch.mask.bool()]
+        per_call, _ = models.token_logprobs(
+            hidden, batch.response_tokens(), models.actor_critic.temperature, with_entropy=False
+        )
+    assert torch.equal(cast_once, batch.unpack(per_call))
+    assert all(p.data_ptr() == before[n] and p.dtype == torch.float32 for n, p in base.items())
 
 
 def test_the_reward_model_scores_folded_as_it_trains(demo_model_dir: Path, reward_dir: Path):
