@@ -274,7 +274,8 @@ class PPOTrainer:
         """Sample one response per conversation and score the responses as soon as the
         sampler has finished them: once ``2 * micro_batch_size`` are ready (no gradient:
         no activations kept, so twice the rows of a training micro-batch), all that are
-        ready, up to ``mini_batch_size`` per pass."""
+        ready, up to ``mini_batch_size`` per pass; once the stream ends, the rest in one
+        call, whose passes chunk it (the adapter folded once for all of them)."""
         models, cfg = self.models, self.config
         prompt_ids = render_prompts(models.tokenizer, conversations)
         n = len(prompt_ids)
@@ -386,10 +387,12 @@ class PPOTrainer:
             target[rows, : chunk.response_width] = torch.where(keep, part, torch.zeros_like(part))
 
         # The adapter folded once for every chunk, and the reference's weights cast once
-        # (each a pass over every weight), not once per chunk. A critic adapter of its own
-        # is folded in turn, chunk by chunk.
-        shared = ac.critic_kind == "shared"
-        with self.models.adapter(POLICY) if shared else contextlib.nullcontext():
+        # (each a pass over every weight), not once per chunk; not at all where the sampler
+        # handed over every number. A critic adapter of its own is folded in turn, chunk by
+        # chunk.
+        policy_pass = taken_logprobs is None or taken_values is None
+        once = ac.critic_kind == "shared" and policy_pass
+        with self.models.adapter(POLICY) if once else contextlib.nullcontext():
             for rows, chunk in chunks:
                 width = chunk.response_width
                 if taken_logprobs is None:
