@@ -217,6 +217,21 @@ def test_folded_passes_match_the_adapter_and_leave_the_base_untouched(
         pass
 
 
+def _trained_policy(
+    demo_model_dir: Path, reward_dir: Path, seed: int
+) -> tuple[PolicyModels, TokenBatch]:
+    """Models whose policy adapter moves the model (random ``B``, as after training), and a
+    batch of 4 rollouts of 1 to 3 tokens."""
+    models = PolicyModels.load(demo_model_dir, reward_dir, seed=seed)
+    with torch.no_grad():
+        for name, p in models.peft_model.named_parameters():
+            if ".policy." in name and "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.05)
+    prompts = render_prompts(models.tokenizer, PROMPTS[:4])
+    batch = TokenBatch.build(prompts, [[40, 41, 42], [43], [44, 45], [46]], pad_id=0)
+    return models, batch
+
+
 def test_folded_training_layers_give_loras_own_gradients(demo_model_dir: Path, reward_dir: Path):
     """The update's LoRA layers run folded (one product each); the loss and every gradient
     of the actor and critic adapters are PEFT's own LoRA layers', up to rounding."""
@@ -254,13 +269,7 @@ def test_scoring_and_the_update_fold_the_same_weights(demo_model_dir: Path, rewa
     """A no-gradient pass (scoring, the decode loop) and a training forward fold the adapter
     into the same float32 weights, so at the rollout's policy the update's first log-probs
     are the scored ones bit for bit: the PPO ratio starts at exactly 1."""
-    models = PolicyModels.load(demo_model_dir, reward_dir, seed=3)
-    with torch.no_grad():
-        for name, p in models.peft_model.named_parameters():
-            if ".policy." in name and "lora_B" in name:
-                p.copy_(torch.randn_like(p) * 0.05)
-    prompts = render_prompts(models.tokenizer, PROMPTS[:4])
-    batch = TokenBatch.build(prompts, [[40, 41, 42], [43], [44, 45], [46]], pad_id=0)
+    models, batch = _trained_policy(demo_model_dir, reward_dir, seed=3)
     with torch.no_grad():
         scored = models.actor_critic.actor(batch, with_entropy=False)[0]
     trained = models.actor_critic.actor(batch)[0]
@@ -275,13 +284,7 @@ def test_one_fold_serves_every_pass_inside_it_and_a_different_pass_is_refused(
     runs on the folded weights as they are (folding again would add the adapter twice), and
     a pass of anything else inside (the reference, another adapter) is refused, since it
     would start from the folded weights, not the base ones."""
-    models = PolicyModels.load(demo_model_dir, reward_dir, seed=3)
-    with torch.no_grad():
-        for name, p in models.peft_model.named_parameters():
-            if ".policy." in name and "lora_B" in name:
-                p.copy_(torch.randn_like(p) * 0.05)
-    prompts = render_prompts(models.tokenizer, PROMPTS[:4])
-    batch = TokenBatch.build(prompts, [[40, 41, 42], [43], [44, 45], [46]], pad_id=0)
+    models, batch = _trained_policy(demo_model_dir, reward_dir, seed=3)
     ac = models.actor_critic
     with torch.no_grad():
         alone = ac.actor(batch, with_entropy=False)[0]
