@@ -68,16 +68,14 @@ def _foldable_layers(peft_model: PeftModel, adapter: str) -> list[LoraLinear] | 
     return layers
 
 
-def _base_weight(layer: LoraLinear) -> torch.Tensor:
-    weight = layer.base_layer.weight
-    assert isinstance(weight, torch.Tensor)  # a vanilla LoRA linear wraps a torch Linear
-    return weight
-
-
-def _adapter_weight(linear: torch.nn.Module) -> torch.Tensor:
+def _weight(linear: torch.nn.Module) -> torch.Tensor:
     weight = linear.weight
-    assert isinstance(weight, torch.Tensor)  # a vanilla LoRA layer's A and B are Linear
+    assert isinstance(weight, torch.Tensor)  # a vanilla LoRA layer's base, A and B are Linear
     return weight
+
+
+def _base_weight(layer: LoraLinear) -> torch.Tensor:
+    return _weight(layer.base_layer)
 
 
 def fold(
@@ -147,8 +145,8 @@ def folded(peft_model: PeftModel, adapter: str, dtype: torch.dtype | None = None
         copies = [
             fold(
                 _base_weight(layer),
-                _adapter_weight(layer.lora_A[adapter]),
-                _adapter_weight(layer.lora_B[adapter]),
+                _weight(layer.lora_A[adapter]),
+                _weight(layer.lora_B[adapter]),
                 layer.scaling[adapter],
                 dtype,
             )
@@ -159,16 +157,16 @@ def folded(peft_model: PeftModel, adapter: str, dtype: torch.dtype | None = None
 
 
 @contextlib.contextmanager
-def cast_base(peft_model: PeftModel, dtype: torch.dtype) -> Iterator[None]:
+def cast_base(peft_model: PeftModel, dtype: torch.dtype | None) -> Iterator[None]:
     """Run the body on the base model (every adapter disabled) with the LoRA layers' base
     weights cast to ``dtype`` once (no gradient may flow): the numbers autocast to ``dtype``
     gives, without casting every weight again in every call (autocast caches casts only of
-    weights that take a gradient). Where :func:`folded` would not fold (another device, an
-    adapter it cannot fold), the adapters are simply disabled."""
+    weights that take a gradient). With no ``dtype`` (no autocast: nothing to cast), or where
+    :func:`folded` would not fold (another device), the adapters are simply disabled."""
     if torch.is_grad_enabled():
         raise RuntimeError("cast_base() is for no-gradient passes: the cast weights are copies")
     layers = [m for m in peft_model.modules() if isinstance(m, LoraLinear)]
-    if not (layers and folding_pays(module_device(peft_model))):
+    if dtype is None or not (layers and folding_pays(module_device(peft_model))):
         with peft_model.disable_adapter():
             yield
         return

@@ -506,10 +506,8 @@ class PolicyModels:
         if torch.is_grad_enabled():
             self.use(name)
             yield
-        elif self._weights_held == name:
-            yield
         else:
-            with self._holding(name), folded(self.peft_model, name, self.autocast_dtype):
+            with self._no_gradient_pass(name, folded(self.peft_model, name, self.autocast_dtype)):
                 yield
 
     @contextlib.contextmanager
@@ -520,33 +518,33 @@ class PolicyModels:
         if torch.is_grad_enabled():
             with self.peft_model.disable_adapter():
                 yield
-        elif self._weights_held == "reference":
-            yield
         else:
-            dtype = self.autocast_dtype
-            base: contextlib.AbstractContextManager[Any] = (
-                self.peft_model.disable_adapter()
-                if dtype is None
-                else cast_base(self.peft_model, dtype)
-            )
-            with self._holding("reference"), base:
+            cast = cast_base(self.peft_model, self.autocast_dtype)
+            with self._no_gradient_pass("reference", cast):
                 yield
 
     @contextlib.contextmanager
-    def _holding(self, what: str) -> Iterator[None]:
-        """Mark the base weights as holding ``what`` for the body. A second, different
-        no-gradient pass inside would start from these weights, not the base ones (an
-        adapter folded on top of another, a "reference" that is the policy): refused."""
+    def _no_gradient_pass(
+        self, what: str, weights: contextlib.AbstractContextManager[None]
+    ) -> Iterator[None]:
+        """Run the body with the base weights holding ``what`` (``weights`` puts it there,
+        entered only when they do not hold it already). A different pass inside one would
+        start from these weights, not the base ones (an adapter folded on top of another, a
+        "reference" that is the policy): refused."""
+        if self._weights_held == what:
+            yield
+            return
         if self._weights_held is not None:
             raise RuntimeError(
                 f"a no-gradient pass of {what!r} inside one of {self._weights_held!r}: "
                 "the base weights hold the outer pass's"
             )
-        self._weights_held = what
-        try:
-            yield
-        finally:
-            self._weights_held = None
+        with weights:
+            self._weights_held = what
+            try:
+                yield
+            finally:
+                self._weights_held = None
 
     # --- forward passes --------------------------------------------------------------------
 
