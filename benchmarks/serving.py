@@ -1,10 +1,11 @@
 """alignloop's chat API vs vLLM's own OpenAI server, same model, same load, same tokens.
 
-Both servers run side by side on the same model with the same engine flags (bfloat16 on
-CPU, eager mode, LoRA enabled, same context length); alignloop logs every completion to
-a real Kafka-protocol broker meanwhile and checks an API key and its rate limits on every
-request (limits raised above the load, so the limiter runs but never throttles). Two
-scenarios, each measured the same way:
+Both servers run side by side on the same model with the same engine flags (the dtype
+alignloop's engine resolves ``auto`` to: bfloat16 on a CPU with native bfloat16 products,
+float32 on others; eager mode, LoRA enabled, same context length); alignloop logs every
+completion to a real Kafka-protocol broker meanwhile and checks an API key and its rate
+limits on every request (limits raised above the load, so the limiter runs but never
+throttles). Two scenarios, each measured the same way:
 
 * ``base``: both serve the base model;
 * ``lora``: both serve one LoRA adapter by name -- alignloop because the adapter is the
@@ -44,6 +45,7 @@ import httpx
 from benchmarks.models import model_dir as model_dir_of
 from benchmarks.models import model_label
 from deploy.local.broker import EmbeddedBroker
+from serving.engine import on_gpu, resolved_dtype
 from tests.fixtures.server import AUTH, free_port, start_serving, wait_healthy
 
 PROMPTS = [
@@ -161,7 +163,7 @@ def start_vllm_server(
         "--served-model-name",
         "alignloop",
         "--dtype",
-        "bfloat16",
+        resolved_dtype("auto", on_gpu()),  # what alignloop's engine runs at its default
         "--max-model-len",
         "512",
         "--enforce-eager",

@@ -79,7 +79,11 @@ class Settings(BaseSettings):
         "from a forged one without a database lookup. Unset: a random key is made once "
         "and kept in state_dir/secrets/response_id.key.",
     )
-    engine_dtype: str = Field("auto", description="vLLM dtype; auto = bfloat16 on CPU.")
+    engine_dtype: str = Field(
+        "auto",
+        description="vLLM dtype; auto = the model's on a GPU, bfloat16 on a CPU with native "
+        "bfloat16 products (AVX-512 BF16, AMX), float32 on any other CPU.",
+    )
     engine_kv_cache_gib: int = Field(1, description="KV cache size on CPU (GiB).")
     engine_gpu_memory_utilization: float = Field(
         0.92,

@@ -40,6 +40,26 @@ def on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+def cpu_multiplies_bf16() -> bool:
+    """Whether this CPU has native bfloat16 products (AVX-512 BF16 or AMX). Elsewhere
+    bfloat16 is emulated: on an AVX2 CPU, 0.3 GFLOP/s against float32's 167 for one
+    product, and vLLM decodes SmolLM2-135M 4.4x slower in bfloat16 than in float32
+    (docs/benchmarks.md, "A CPU without bfloat16")."""
+    import torch
+
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def resolved_dtype(setting: str, gpu: bool) -> str:
+    """The vLLM dtype the engine runs at for the setting ``engine_dtype``: as set, or for
+    ``auto``: vLLM's own choice on a GPU (the model's), bfloat16 on a CPU that
+    :func:`cpu_multiplies_bf16`, float32 on any other CPU."""
+    if setting != "auto" or gpu:
+        return setting
+    return "bfloat16" if cpu_multiplies_bf16() else "float32"
+
+
 def context_window(model_dir: Path | str, cap: int) -> int:
     """The context window to run ``model_dir`` with: its own (``max_position_embeddings``,
     or what the config calls it), at most ``cap`` (KV cache memory grows with it)."""
@@ -91,9 +111,7 @@ class Engine:
             extra["gpu_memory_utilization"] = self.settings.engine_gpu_memory_utilization
         else:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.engine_kv_cache_gib))
-        dtype = self.settings.engine_dtype
-        if dtype == "auto" and not gpu:
-            dtype = "bfloat16"
+        dtype = resolved_dtype(self.settings.engine_dtype, gpu)
         # Settings keeps both as plain str/int; vLLM validates them against its literals.
         args = AsyncEngineArgs(
             model=str(self.model_dir),

@@ -24,11 +24,16 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import os
 
 import torch
 
 from schemas.config import TrainingDevice, TrainingPrecision
+from serving.engine import cpu_multiplies_bf16  # serving's engine makes the same decision
+
+log = logging.getLogger(__name__)
 
 MIXED_PRECISION_DTYPE = torch.bfloat16
 """The dtype of CUDA's autocast regions (Ampere and newer run it natively)."""
@@ -67,13 +72,6 @@ and 135 M parameters the round is 1.6-1.7x faster and no heavier; on the 2 M dem
 no faster and oneDNN's bfloat16 kernels cost it 4.6x the training memory."""
 
 
-def cpu_multiplies_bf16() -> bool:
-    """Whether this CPU has native bfloat16 products (AVX-512 BF16 or AMX), where bfloat16
-    autocast runs at a multiple of float32's speed instead of being emulated."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
-
-
 def autocast_dtype(
     device: torch.device,
     precision: TrainingPrecision | str = "auto",
@@ -86,12 +84,24 @@ def autocast_dtype(
     else float32 (also when the size is not given)."""
     if precision not in ("auto", "float32", "bfloat16"):
         raise ValueError(f"precision must be auto, float32 or bfloat16, got {precision!r}")
+    if precision == "bfloat16" and device.type == "cpu" and not cpu_multiplies_bf16():
+        _warn_emulated_bf16()
     if precision == "bfloat16" or (precision == "auto" and device.type == "cuda"):
         return MIXED_PRECISION_DTYPE
     large = parameters is not None and parameters >= CPU_BF16_MIN_PARAMETERS
     if precision == "auto" and device.type == "cpu" and large and cpu_multiplies_bf16():
         return MIXED_PRECISION_DTYPE
     return None
+
+
+@functools.cache
+def _warn_emulated_bf16() -> None:
+    """Once per process: bfloat16 asked for on a CPU that emulates its products."""
+    log.warning(
+        "precision bfloat16 on a CPU without native bfloat16 products (no AVX-512 BF16, no "
+        "AMX): every product is emulated, hundreds of times slower than float32 here "
+        "(docs/benchmarks.md, 'A CPU without bfloat16'); precision auto runs float32 on it"
+    )
 
 
 def autocast(

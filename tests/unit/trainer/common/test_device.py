@@ -80,6 +80,26 @@ def test_auto_on_the_cpu_takes_bfloat16_for_large_models_where_the_cpu_multiplie
     assert autocast_dtype(cpu, "bfloat16", small) is torch.bfloat16  # asked for: given
 
 
+def test_bfloat16_asked_for_on_a_cpu_that_emulates_it_is_given_with_one_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    from trainer.common import device
+
+    device._warn_emulated_bf16.cache_clear()
+    monkeypatch.setattr(device, "cpu_multiplies_bf16", lambda: True)
+    with caplog.at_level("WARNING", logger=device.__name__):
+        autocast_dtype(torch.device("cpu"), "bfloat16")
+        assert not caplog.records  # native products: nothing to say
+        monkeypatch.setattr(device, "cpu_multiplies_bf16", lambda: False)
+        autocast_dtype(torch.device("cpu"), "auto", CPU_BF16_MIN_PARAMETERS)
+        assert not caplog.records  # auto takes float32 there: nothing emulated
+        for _ in range(2):
+            assert autocast_dtype(torch.device("cpu"), "bfloat16") is torch.bfloat16
+        assert autocast_dtype(torch.device("cuda", 0), "bfloat16") is torch.bfloat16
+    assert [r.getMessage().count("emulated") for r in caplog.records] == [1]  # once
+    device._warn_emulated_bf16.cache_clear()
+
+
 def test_an_unknown_precision_is_refused():
     with pytest.raises(ValueError, match="precision must be"):
         autocast_dtype(torch.device("cpu"), "float16")
