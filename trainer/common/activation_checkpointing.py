@@ -28,6 +28,27 @@ from torch.utils.checkpoint import checkpoint
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 _MARK = "_alignloop_checkpointed"
+_depth = 0  # checkpointed forwards running now (the first pass or the backward's replay)
+
+
+def inside_checkpoint() -> bool:
+    """Whether a checkpointed layer's forward is running: its first pass, whose saved
+    tensors torch's checkpoint drops, or the replay in the backward, whose saved tensors it
+    collects. Code that keeps tensors for the backward its own way (saved-tensor hooks)
+    stands aside there: the checkpoint's own hooks must see every tensor saved."""
+    return _depth > 0
+
+
+def _marked(forward: Callable[..., Any]) -> Callable[..., Any]:
+    def run(*args: Any, **kwargs: Any) -> Any:
+        global _depth
+        _depth += 1
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            _depth -= 1
+
+    return run
 
 
 def _checkpointed(forward: Callable[..., Any]) -> Callable[..., Any]:
@@ -36,7 +57,7 @@ def _checkpointed(forward: Callable[..., Any]) -> Callable[..., Any]:
         # A pass that extends a KV cache cannot be replayed: it would extend it twice.
         if not torch.is_grad_enabled() or kwargs.get("past_key_values") is not None:
             return forward(*args, **kwargs)
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return checkpoint(_marked(forward), *args, use_reentrant=False, **kwargs)
 
     setattr(run, _MARK, True)
     return run

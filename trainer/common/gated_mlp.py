@@ -1,13 +1,20 @@
-"""The gated MLP's SiLU product, keeping three tensors for its backward instead of four.
+"""The gated MLP's SiLU product, keeping two tensors for its backward instead of four.
 
 A Llama-style MLP computes ``down(silu(gate(x)) * up(x))``. Autograd keeps, per token and
 layer, ``gate(x)`` (for the SiLU's backward), ``silu(gate(x))`` and ``up(x)`` (for the
-product's) and the product (for ``down``'s): four tensors of the MLP's width, the widest a
-layer keeps. :class:`SiluAndMul` keeps ``gate(x)`` and ``up(x)`` and computes the SiLU again
-in the backward, an elementwise pass: three tensors instead of four, and the same gradients
-bit for bit (the backward runs autograd's own operations in autograd's order). Measured:
-docs/benchmarks.md, "Fewer activations kept for the update: the memory target at SmolLM2 by
-default".
+product's) and the product (for ``down``'s LoRA gradients): four tensors of the MLP's
+width, the widest a layer keeps. Here only ``gate(x)`` and ``up(x)`` are kept:
+
+* :class:`SiluAndMul` computes the SiLU again in its backward, an elementwise pass, with
+  autograd's own operations in autograd's order (the same gradients bit for bit);
+* the product ``down`` keeps is replaced, through saved-tensor hooks, by a recipe holding
+  the ``gate(x)`` and ``up(x)`` already kept, and computed again, with the forward's own
+  operations, when ``down``'s backward asks for it. Not inside a checkpointed layer
+  (:func:`~trainer.common.activation_checkpointing.inside_checkpoint`), which keeps
+  nothing of the layer anyway.
+
+Measured: docs/benchmarks.md, "Fewer activations kept for the update: the memory target at
+SmolLM2 by default" (the SiLU) and "A CPU without bfloat16" (the product).
 
 :func:`fuse_gated_mlps` switches every MLP whose ``forward`` is ``transformers``' Llama one
 (Llama, Mistral, Qwen2, SmolLM2 and the other copies of it, compared by bytecode) and whose
@@ -23,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import SiLUActivation
 from transformers.models.llama.modeling_llama import LlamaMLP
+
+from trainer.common.activation_checkpointing import inside_checkpoint
 
 
 class SiluAndMul(torch.autograd.Function):
@@ -47,8 +56,50 @@ def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+class _Product:
+    """What the down projection keeps instead of the product: its two factors' tensors,
+    which :class:`SiluAndMul` keeps anyway, and the shape the product was kept in."""
+
+    __slots__ = ("gate", "shape", "up")
+
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, shape: torch.Size) -> None:
+        self.gate, self.up, self.shape = gate, up, shape
+
+
+def recomputed_product(
+    product: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
+) -> torch.autograd.graph.saved_tensors_hooks:
+    """Saved-tensor hooks under which any tensor saved that is ``product`` (itself, or a
+    contiguous reshape of it: the same memory, the same number of elements) is kept as a
+    :class:`_Product` and computed again, ``silu(gate) * up``, when the backward unpacks it.
+    ``product`` must be ``silu(gate) * up`` as :func:`silu_and_mul` computed it, so the
+    numbers computed again are the same bits. Every other saved tensor is kept as it is."""
+
+    # The product's address, not the product: each saved tensor's record holds these hooks
+    # until the backward, and a reference here would keep the product alive through them.
+    where = None
+    if product.is_contiguous():
+        where = (product.data_ptr(), product.numel(), product.dtype)
+
+    def pack(t: torch.Tensor) -> torch.Tensor | _Product:
+        same = where == (t.data_ptr(), t.numel(), t.dtype) and t.is_contiguous()
+        return _Product(gate, up, t.shape) if same else t
+
+    def unpack(kept: torch.Tensor | _Product) -> torch.Tensor:
+        if isinstance(kept, _Product):
+            return (F.silu(kept.gate) * kept.up).reshape(kept.shape)
+        return kept
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+
 def _gated_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
-    return self.down_proj(silu_and_mul(self.gate_proj(x), self.up_proj(x)))
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    product = silu_and_mul(gate, up)
+    if not product.requires_grad or inside_checkpoint():
+        return self.down_proj(product)
+    with recomputed_product(product, gate, up):
+        return self.down_proj(product)
 
 
 def _is_llama_gated_mlp(module: torch.nn.Module) -> bool:
