@@ -40,6 +40,7 @@ from peft import PeftModel
 from peft.tuners.lora.layer import Linear as LoraLinear
 
 from trainer.common.device import folding_pays, module_device
+from trainer.common.onednn_layout import laid_out_copy, layout_pays, multiplying_by
 
 
 def _vanilla(layer: torch.nn.Module, adapter: str) -> bool:
@@ -72,6 +73,17 @@ def _weight(linear: torch.nn.Module) -> torch.Tensor:
     weight = linear.weight
     assert isinstance(weight, torch.Tensor)  # a vanilla LoRA layer's base, A and B are Linear
     return weight
+
+
+def _plain_bases(layers: list[LoraLinear], dtype: torch.dtype | None) -> list[torch.nn.Linear]:
+    """The layers' base layers where a pass under ``dtype`` can multiply by their weights
+    laid out for oneDNN (:func:`~trainer.common.onednn_layout.layout_pays`), each a plain
+    ``nn.Linear`` (not a quantised or otherwise rewritten one); else none."""
+    bases = [layer.base_layer for layer in layers]
+    plain = [b for b in bases if type(b) is torch.nn.Linear]
+    if not plain or len(plain) < len(bases) or not layout_pays(plain[0].weight, dtype):
+        return []
+    return plain
 
 
 def _base_weight(layer: LoraLinear) -> torch.Tensor:
@@ -114,7 +126,12 @@ def _weights_swapped(
 
 
 @contextlib.contextmanager
-def folded(peft_model: PeftModel, adapter: str, dtype: torch.dtype | None = None) -> Iterator[None]:
+def folded(
+    peft_model: PeftModel,
+    adapter: str,
+    dtype: torch.dtype | None = None,
+    layout_rows: int | None = None,
+) -> Iterator[None]:
     """Run the body with ``adapter`` folded into the base weights (no gradient may flow).
 
     Inside, the model computes what it computes with ``adapter`` active, up to float
@@ -126,6 +143,12 @@ def folded(peft_model: PeftModel, adapter: str, dtype: torch.dtype | None = None
     made in that dtype, once: autocast would cast a float32 copy to the very same values in
     every call (it caches casts only of weights that take a gradient), which in a decode
     loop is a pass over every weight per generated token.
+
+    ``layout_rows`` (a decode loop's batch): where that pays
+    (:func:`~trainer.common.onednn_layout.layout_pays`), each folded copy is laid out for
+    oneDNN's kernels at products of about that many rows, and the base layers multiply by
+    it instead (their weights stay the base's); the folded copy itself is dropped as soon
+    as it is laid out, so the pass holds one copy of the weights, as without it.
     """
     if torch.is_grad_enabled():
         raise RuntimeError("folded() is for no-gradient passes: the folded weights are copies")
@@ -136,6 +159,11 @@ def folded(peft_model: PeftModel, adapter: str, dtype: torch.dtype | None = None
         layers = _foldable_layers(peft_model, adapter)
     if layers is None:
         with active(peft_model, adapter):
+            yield
+        return
+    bases = _plain_bases(layers, dtype) if layout_rows is not None else []
+    if bases and layout_rows is not None:
+        with _folded_laid_out(peft_model, adapter, layers, bases, layout_rows):
             yield
         return
     # Normal tensors even under inference_mode: they become Parameters' data for a while.
@@ -157,16 +185,55 @@ def folded(peft_model: PeftModel, adapter: str, dtype: torch.dtype | None = None
 
 
 @contextlib.contextmanager
-def cast_base(peft_model: PeftModel, dtype: torch.dtype | None) -> Iterator[None]:
+def _folded_laid_out(
+    peft_model: PeftModel,
+    adapter: str,
+    layers: list[LoraLinear],
+    bases: list[torch.nn.Linear],
+    rows: int,
+) -> Iterator[None]:
+    """:func:`folded`'s body on the folded weights laid out for oneDNN: one layer at a
+    time, each folded copy laid out and dropped (the pass holds one copy of the weights)."""
+    laid_out = [
+        (
+            base,
+            laid_out_copy(
+                fold(
+                    base.weight,
+                    _weight(layer.lora_A[adapter]),
+                    _weight(layer.lora_B[adapter]),
+                    layer.scaling[adapter],
+                ),
+                rows,
+            ),
+        )
+        for layer, base in zip(layers, bases, strict=True)
+    ]
+    with multiplying_by(laid_out), peft_model.disable_adapter():
+        yield
+
+
+@contextlib.contextmanager
+def cast_base(
+    peft_model: PeftModel, dtype: torch.dtype | None, layout_rows: int | None = None
+) -> Iterator[None]:
     """Run the body on the base model (every adapter disabled) with the LoRA layers' base
     weights cast to ``dtype`` once (no gradient may flow): the numbers autocast to ``dtype``
     gives, without casting every weight again in every call (autocast caches casts only of
     weights that take a gradient). With no ``dtype`` (no autocast: nothing to cast), or where
-    :func:`folded` would not fold (another device), the adapters are simply disabled."""
+    :func:`folded` would not fold (another device), the adapters are simply disabled.
+    ``layout_rows``: as :func:`folded`'s, the base weights laid out for oneDNN."""
     if torch.is_grad_enabled():
         raise RuntimeError("cast_base() is for no-gradient passes: the cast weights are copies")
     layers = [m for m in peft_model.modules() if isinstance(m, LoraLinear)]
-    if dtype is None or not (layers and folding_pays(module_device(peft_model))):
+    pays = bool(layers) and folding_pays(module_device(peft_model))
+    bases = _plain_bases(layers, dtype) if layout_rows is not None and pays else []
+    if bases and layout_rows is not None:
+        laid_out = [(base, laid_out_copy(base.weight, layout_rows)) for base in bases]
+        with multiplying_by(laid_out), peft_model.disable_adapter():
+            yield
+        return
+    if dtype is None or not pays:
         with peft_model.disable_adapter():
             yield
         return

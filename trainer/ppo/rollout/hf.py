@@ -44,7 +44,9 @@ class HFSampler(Sampler):
     With a shared critic, each step's value is read off the hidden state the step's logits
     come from (the value head is one dot product per row). The KV cache is reserved for the
     longest answer up front (:mod:`~trainer.ppo.rollout.kv_cache`), not grown by a copy of
-    the whole cache per token."""
+    the whole cache per token. In float32 on the CPU the loop's products multiply by the
+    weights laid out once per batch for oneDNN's kernels (:mod:`trainer.common.onednn_layout`),
+    faster at a decode step's few rows."""
 
     is_training_model = True
 
@@ -84,7 +86,7 @@ class HFSampler(Sampler):
         the sampler). One seed for the batch, not one per row: one generator draws for all
         rows."""
         values = which == "current" and self.models.actor_critic.critic_kind == "shared"
-        with torch.no_grad(), self._policy(which):
+        with torch.no_grad(), self._policy(which, rows=len(prompt_ids)):
             rows = self._generate(prompt_ids, max_new_tokens, temperature, seed, values)
         yield sorted(rows, key=lambda row: len(row.response_ids))
 
@@ -150,19 +152,20 @@ class HFSampler(Sampler):
             for i in range(n)
         ]
 
-    def _policy(self, which: Which) -> contextlib.AbstractContextManager[None]:
-        """The sampling model (no gradient: the adapter is folded into the base weights)."""
+    def _policy(self, which: Which, rows: int) -> contextlib.AbstractContextManager[None]:
+        """The sampling model for a decode loop of ``rows`` rows (no gradient: the adapter
+        is folded into the base weights, laid out for so few rows where that pays)."""
         if which == "current":
-            return self.models.adapter(POLICY)
+            return self.models.adapter(POLICY, decode_rows=rows)
         if which == "base":
-            return self.models.reference()
+            return self.models.reference(decode_rows=rows)
         path = str(Path(which))
         name = self._adapters.get(path)
         if name is None:
             name = f"eval{len(self._adapters)}"
             self.models.peft_model.load_adapter(path, adapter_name=name, is_trainable=False)
             self._adapters[path] = name
-        return self.models.adapter(name)
+        return self.models.adapter(name, decode_rows=rows)
 
     def close(self) -> None:
         for name in self._adapters.values():

@@ -21,6 +21,7 @@ from tests.fixtures.learned_reward import LearnedReward
 from tests.fixtures.ppo import CONCISE, SMALL_PPO, flat_reward_model
 from tests.fixtures.reward_feedback import corpus_answers, is_liked
 from trainer.common.lora_folding import cast_base, fold_in_training, folded
+from trainer.common.onednn_layout import layout_pays
 from trainer.demo.corpus import sample_prompts
 from trainer.ppo.models import POLICY, PolicyModels, TokenBatch
 from trainer.ppo.rollout.base import render_prompts
@@ -215,6 +216,47 @@ def test_folded_passes_match_the_adapter_and_leave_the_base_untouched(
         pass
     with pytest.raises(RuntimeError, match="no-gradient"), cast_base(models.peft_model, BF16):
         pass
+
+
+@pytest.mark.skipif(
+    not layout_pays(torch.zeros(1), None), reason="this torch has no oneDNN linear ops"
+)
+def test_decode_passes_on_weights_laid_out_for_onednn_are_the_folded_passes(
+    demo_model_dir: Path, reward_dir: Path
+):
+    """A decode loop's passes (``decode_rows``) multiply by the folded weights laid out for
+    oneDNN: the policy's and the reference's logits are the folded passes' up to rounding,
+    every base layer and the LM head take the layout only for the body, and the base
+    weights are the same tensors with the same bits afterwards."""
+    models = PolicyModels.load(demo_model_dir, reward_dir, seed=1)
+    with torch.no_grad():
+        for name, p in models.peft_model.named_parameters():
+            if ".policy." in name and "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.05)
+    prompts = render_prompts(models.tokenizer, PROMPTS[:4])
+    batch = TokenBatch.build(prompts, [[40, 41, 42], [43], [44, 45], [46]], pad_id=0)
+    base = {n: p for n, p in models.peft_model.named_parameters() if ".lora_" not in n}
+    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in base.items()}
+    linears = [m for m in models.peft_model.modules() if type(m) is torch.nn.Linear]
+    with torch.no_grad():
+        with models.adapter(POLICY):
+            policy = models.response_logits(batch)
+        with models.reference():
+            reference = models.response_logits(batch)
+        with models.adapter(POLICY, decode_rows=4):
+            laid_out = [m for m in linears if "forward" in vars(m)]
+            policy_laid_out = models.response_logits(batch)
+        with models.reference(decode_rows=4):
+            reference_laid_out = models.response_logits(batch)
+    assert len(laid_out) > len(models.peft_model.base_model.model.model.layers)
+    assert models.peft_model.get_output_embeddings() in laid_out
+    assert all("forward" not in vars(m) for m in linears)
+    torch.testing.assert_close(policy_laid_out, policy, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(reference_laid_out, reference, atol=1e-4, rtol=1e-4)
+    assert (policy - reference).abs().max() > 1e-2  # the adapter really changes the model
+    for name, p in base.items():
+        pointer, values = before[name]
+        assert p.data_ptr() == pointer and torch.equal(p.detach(), values), name
 
 
 def _trained_policy(

@@ -1,0 +1,84 @@
+"""Linear layers multiplying by a copy of their weight laid out once for oneDNN: the decode
+loop's products on the CPU in float32.
+
+A float32 ``F.linear`` on the CPU hands the weight, row-major, to a general matrix product
+(MKL's). A decode step multiplies one row per answer still being written (16 or fewer in a
+rollout batch) by every weight of the model, and at so few rows that product reads the
+weights well below the machine's memory bandwidth. oneDNN's kernels, given the weight
+already in their blocked layout (``torch.ops.mkldnn._reorder_linear_weight``, what
+inductor does to a frozen model's weights), run the same product faster; the layout is
+made once per rollout batch (a copy of each weight, about 0.3 s for SmolLM2's 538 MB) and
+dropped after it. Measured: docs/benchmarks.md, "The decode loop's products laid out for
+oneDNN".
+
+* The results differ from ``F.linear``'s by rounding only (another kernel's summation
+  order; the values of the weight are the same bits, see :func:`laid_out_copy`).
+* Not for bfloat16: on an AMX CPU the layout made no difference to the decode loop
+  (docs/benchmarks.md, "Tried and not taken: the decode loop on weights laid out once for
+  oneDNN"), and autocast's casts would need their own copies.
+* Not for the passes over whole sequences (scoring, the update): at hundreds of rows both
+  kernels run near the CPU's peak.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator, Sequence
+
+import torch
+
+
+def layout_pays(weight: torch.Tensor, autocast_dtype: torch.dtype | None) -> bool:
+    """Whether products by ``weight`` in a pass under ``autocast_dtype`` take the laid-out
+    path: a float32 weight on the CPU with no autocast, and a torch built with oneDNN's
+    linear ops (private ops; without them the plain path stays)."""
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and autocast_dtype is None
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
+def laid_out_copy(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """A copy of ``weight`` ``[out, in]`` in oneDNN's layout for products of about ``rows``
+    rows (a hint for the kernel's choice; any row count multiplies correctly). An opaque
+    oneDNN tensor: only :func:`multiplying_by` reads it. A reorder, no arithmetic: its dense
+    form is ``weight`` bit for bit."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_size=max(rows, 1))
+
+
+def _laid_out_forward(
+    x: torch.Tensor, *, laid_out: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch.ops.mkldnn._linear_pointwise(rows, laid_out, bias, "none", [], "")
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+@contextlib.contextmanager
+def multiplying_by(layers: Sequence[tuple[torch.nn.Linear, torch.Tensor]]) -> Iterator[None]:
+    """Run the body with each ``(linear, laid_out)`` layer's forward multiplying by
+    ``laid_out`` (:func:`laid_out_copy`) instead of its ``weight``, which the body must not
+    expect to be read (the caller's copy may be another weight: a folded adapter). No
+    gradient flows through the laid-out path: refused where one could. Afterwards each
+    layer's own forward is back and the copies are dropped with the caller's list."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("multiplying_by() is for no-gradient passes: the layout is a copy")
+    patched: list[torch.nn.Linear] = []
+    try:
+        for linear, laid_out in layers:
+            if "forward" in vars(linear):
+                raise RuntimeError(f"{linear!r} already has its forward replaced")
+            # An instance attribute: Module.__call__ (and its hooks) then call this forward.
+            linear.forward = functools.partial(  # type: ignore[method-assign]
+                _laid_out_forward, laid_out=laid_out, bias=linear.bias
+            )
+            patched.append(linear)
+        yield
+    finally:
+        for linear in patched:
+            del linear.forward
