@@ -6,10 +6,11 @@ A float32 ``F.linear`` on the CPU hands the weight, row-major, to a general matr
 rollout batch) by every weight of the model, and at so few rows that product reads the
 weights well below the machine's memory bandwidth. oneDNN's kernels, given the weight
 already in their blocked layout (``torch.ops.mkldnn._reorder_linear_weight``, what
-inductor does to a frozen model's weights), run the same product faster; the layout is
-made once per rollout batch (a copy of each weight, about 0.3 s for SmolLM2's 538 MB) and
-dropped after it. Measured: docs/benchmarks.md, "The decode loop's products laid out for
-oneDNN".
+inductor does to a frozen model's weights), run the same product faster. The layout is
+made once per rollout batch, of the folded adapter's weights, in place of the folded copy
+the pass makes anyway (:func:`trainer.common.lora_folding.folded`: about 0.3 s for
+SmolLM2's 538 MB), and dropped after it. Measured: docs/benchmarks.md, "The decode loop's
+products laid out for oneDNN".
 
 * The results differ from ``F.linear``'s by rounding only (another kernel's summation
   order; the values of the weight are the same bits, see :func:`laid_out_copy`).

@@ -44,9 +44,9 @@ class HFSampler(Sampler):
     With a shared critic, each step's value is read off the hidden state the step's logits
     come from (the value head is one dot product per row). The KV cache is reserved for the
     longest answer up front (:mod:`~trainer.ppo.rollout.kv_cache`), not grown by a copy of
-    the whole cache per token. In float32 on the CPU the loop's products multiply by the
-    weights laid out once per batch for oneDNN's kernels (:mod:`trainer.common.onednn_layout`),
-    faster at a decode step's few rows."""
+    the whole cache per token. In float32 on the CPU the loop's layers multiply by their
+    folded weights laid out once per batch for oneDNN's kernels
+    (:mod:`trainer.common.onednn_layout`), faster at a decode step's few rows."""
 
     is_training_model = True
 
@@ -154,11 +154,12 @@ class HFSampler(Sampler):
 
     def _policy(self, which: Which, rows: int) -> contextlib.AbstractContextManager[None]:
         """The sampling model for a decode loop of ``rows`` rows (no gradient: the adapter
-        is folded into the base weights, laid out for so few rows where that pays)."""
+        is folded into copies of the base weights, laid out for so few rows where that
+        pays)."""
         if which == "current":
             return self.models.adapter(POLICY, decode_rows=rows)
         if which == "base":
-            return self.models.reference(decode_rows=rows)
+            return self.models.reference()
         path = str(Path(which))
         name = self._adapters.get(path)
         if name is None:
