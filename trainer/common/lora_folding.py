@@ -75,13 +75,15 @@ def _weight(linear: torch.nn.Module) -> torch.Tensor:
     return weight
 
 
-def _plain_bases(layers: list[LoraLinear], dtype: torch.dtype | None) -> list[torch.nn.Linear]:
-    """The layers' base layers where a pass under ``dtype`` can multiply by their weights
-    laid out for oneDNN (:func:`~trainer.common.onednn_layout.layout_pays`), each a plain
-    ``nn.Linear`` (not a quantised or otherwise rewritten one); else none."""
+def _plain_bases(
+    layers: list[LoraLinear], dtype: torch.dtype | None, rows: int
+) -> list[torch.nn.Linear]:
+    """The layers' base layers where a pass of ``rows`` rows under ``dtype`` can multiply
+    by their weights laid out for oneDNN (:func:`~trainer.common.onednn_layout.layout_pays`),
+    each a plain ``nn.Linear`` (not a quantised or otherwise rewritten one); else none."""
     bases = [layer.base_layer for layer in layers]
     plain = [b for b in bases if type(b) is torch.nn.Linear]
-    if not plain or len(plain) < len(bases) or not layout_pays(plain[0].weight, dtype):
+    if not plain or len(plain) < len(bases) or not layout_pays(plain[0].weight, dtype, rows):
         return []
     return plain
 
@@ -145,14 +147,13 @@ def folded(
     loop is a pass over every weight per generated token.
 
     ``layout_rows`` (a decode loop's batch): where that pays
-    (:func:`~trainer.common.onednn_layout.layout_pays`), each folded copy is laid out for
-    oneDNN's kernels at products of about that many rows, and the base layers multiply by
-    it instead (their weights stay the base's); the folded copy itself is dropped as soon
-    as it is laid out, so the pass holds one copy of the weights, as without it. (Nothing
-    else is laid out: a weight not already copied for the pass, such as the frozen LM
-    head or the reference's base weights in float32, would cost a copy of its own. At
-    31 M parameters, whose LM head is most of the model, that copy raised the training
-    peak by 41 MB for no measurable speed.)
+    (:func:`~trainer.common.onednn_layout.layout_pays`: float32, few rows), each folded
+    copy is laid out for oneDNN's kernels and the base layers multiply by it instead (their
+    weights stay the base's); the folded copy is dropped as soon as it is laid out, so the
+    pass holds one copy of the weights, as without it. Nothing else is laid out: a weight
+    the pass does not copy anyway (the frozen LM head, the reference's base weights in
+    float32) would cost a copy of its own (docs/benchmarks.md, "The decode loop's products
+    laid out for oneDNN").
     """
     if torch.is_grad_enabled():
         raise RuntimeError("folded() is for no-gradient passes: the folded weights are copies")
@@ -165,7 +166,7 @@ def folded(
         with active(peft_model, adapter):
             yield
         return
-    bases = _plain_bases(layers, dtype) if layout_rows is not None else []
+    bases = _plain_bases(layers, dtype, layout_rows) if layout_rows is not None else []
     if bases and layout_rows is not None:
         with _folded_laid_out(peft_model, adapter, layers, bases, layout_rows):
             yield

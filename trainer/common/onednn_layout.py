@@ -29,13 +29,22 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+MAX_ROWS = 32
+"""The most rows per product for which the layout is made. It pays at a decode step's few
+rows (16, 32); at 64 rows (a 31 M model's decode) it made no difference, and at 256 (the
+demo model's) the decode ran slower and the training peak rose by 200 MB (oneDNN's
+kernels for every row count the batch passes through as answers finish). Measured:
+docs/benchmarks.md, "The decode loop's products laid out for oneDNN"."""
 
-def layout_pays(weight: torch.Tensor, autocast_dtype: torch.dtype | None) -> bool:
-    """Whether products by ``weight`` in a pass under ``autocast_dtype`` take the laid-out
-    path: a float32 weight on the CPU with no autocast, and a torch built with oneDNN's
-    linear ops (private ops; without them the plain path stays)."""
+
+def layout_pays(weight: torch.Tensor, autocast_dtype: torch.dtype | None, rows: int) -> bool:
+    """Whether products of at most ``rows`` rows by ``weight`` in a pass under
+    ``autocast_dtype`` take the laid-out path: a float32 weight on the CPU with no
+    autocast, at most :data:`MAX_ROWS` rows, and a torch built with oneDNN's linear ops
+    (private ops; without them the plain path stays)."""
     return (
-        weight.device.type == "cpu"
+        rows <= MAX_ROWS
+        and weight.device.type == "cpu"
         and weight.dtype == torch.float32
         and autocast_dtype is None
         and torch.backends.mkldnn.is_available()

@@ -219,7 +219,7 @@ def test_folded_passes_match_the_adapter_and_leave_the_base_untouched(
 
 
 @pytest.mark.skipif(
-    not layout_pays(torch.zeros(1), None), reason="this torch has no oneDNN linear ops"
+    not layout_pays(torch.zeros(1), None, 1), reason="this torch has no oneDNN linear ops"
 )
 def test_decode_passes_on_weights_laid_out_for_onednn_are_the_folded_passes(
     demo_model_dir: Path, reward_dir: Path

@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.common.onednn_layout import laid_out_copy, layout_pays, multiplying_by
+from trainer.common.onednn_layout import MAX_ROWS, laid_out_copy, layout_pays, multiplying_by
 
 pytestmark = pytest.mark.skipif(
-    not layout_pays(torch.zeros(1), None), reason="this torch has no oneDNN linear ops"
+    not layout_pays(torch.zeros(1), None, 1), reason="this torch has no oneDNN linear ops"
 )
 
 
@@ -70,7 +70,9 @@ def test_refused_where_a_gradient_could_flow_and_where_a_layer_is_already_laid_o
     assert "forward" not in vars(linear)
 
 
-def test_only_float32_products_without_autocast_take_the_layout():
+def test_only_float32_products_of_few_rows_without_autocast_take_the_layout():
     weight = torch.zeros(4, 4)
-    assert not layout_pays(weight.bfloat16(), None)
-    assert not layout_pays(weight, torch.bfloat16)
+    assert layout_pays(weight, None, MAX_ROWS)
+    assert not layout_pays(weight, None, MAX_ROWS + 1)
+    assert not layout_pays(weight.bfloat16(), None, 1)
+    assert not layout_pays(weight, torch.bfloat16, 1)
