@@ -32,9 +32,9 @@ import torch
 MAX_ROWS = 32
 """The most rows per product for which the layout is made. It pays at a decode step's few
 rows (16, 32); at 64 rows (a 31 M model's decode) it made no difference, and at 256 (the
-demo model's) the decode ran slower and the training peak rose by 200 MB (oneDNN's
-kernels for every row count the batch passes through as answers finish). Measured:
-docs/benchmarks.md, "The decode loop's products laid out for oneDNN"."""
+demo model's) the decode ran slower and the training peak rose by 200 MB (not traced;
+oneDNN keeps a kernel for each row count a batch passes through as answers finish).
+Measured: docs/benchmarks.md, "The decode loop's products laid out for oneDNN"."""
 
 
 def layout_pays(weight: torch.Tensor, autocast_dtype: torch.dtype | None, rows: int) -> bool:
