@@ -228,13 +228,7 @@ def test_decode_passes_on_weights_laid_out_for_onednn_are_the_folded_passes(
     oneDNN: the policy's logits are the folded pass's up to rounding, every LoRA layer's
     base takes the layout only for the body (nothing else: the LM head would cost a copy
     of its own), and the base weights are the same tensors with the same bits afterwards."""
-    models = PolicyModels.load(demo_model_dir, reward_dir, seed=1)
-    with torch.no_grad():
-        for name, p in models.peft_model.named_parameters():
-            if ".policy." in name and "lora_B" in name:
-                p.copy_(torch.randn_like(p) * 0.05)
-    prompts = render_prompts(models.tokenizer, PROMPTS[:4])
-    batch = TokenBatch.build(prompts, [[40, 41, 42], [43], [44, 45], [46]], pad_id=0)
+    models, batch = _trained_policy(demo_model_dir, reward_dir, seed=1)
     base = {n: p for n, p in models.peft_model.named_parameters() if ".lora_" not in n}
     before = {n: (p.data_ptr(), p.detach().clone()) for n, p in base.items()}
     linears = [m for m in models.peft_model.modules() if type(m) is torch.nn.Linear]
