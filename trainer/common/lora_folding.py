@@ -81,9 +81,8 @@ def _plain_bases(
     """The layers' base layers where a pass of ``rows`` rows under ``dtype`` can multiply
     by their weights laid out for oneDNN (:func:`~trainer.common.onednn_layout.layout_pays`),
     each a plain ``nn.Linear`` (not a quantised or otherwise rewritten one); else none."""
-    bases = [layer.base_layer for layer in layers]
-    plain = [b for b in bases if type(b) is torch.nn.Linear]
-    if not plain or len(plain) < len(bases) or not layout_pays(plain[0].weight, dtype, rows):
+    plain = [layer.base_layer for layer in layers if type(layer.base_layer) is torch.nn.Linear]
+    if not plain or len(plain) < len(layers) or not layout_pays(plain[0].weight, dtype, rows):
         return []
     return plain
 
@@ -166,8 +165,7 @@ def folded(
         with active(peft_model, adapter):
             yield
         return
-    bases = _plain_bases(layers, dtype, layout_rows) if layout_rows is not None else []
-    if bases and layout_rows is not None:
+    if layout_rows is not None and (bases := _plain_bases(layers, dtype, layout_rows)):
         with _folded_laid_out(peft_model, adapter, layers, bases, layout_rows):
             yield
         return
