@@ -149,10 +149,8 @@ def folded(
     (:func:`~trainer.common.onednn_layout.layout_pays`: float32, few rows), each folded
     copy is laid out for oneDNN's kernels and the base layers multiply by it instead (their
     weights stay the base's); the folded copy is dropped as soon as it is laid out, so the
-    pass holds one copy of the weights, as without it. Nothing else is laid out: a weight
-    the pass does not copy anyway (the frozen LM head, the reference's base weights in
-    float32) would cost a copy of its own (docs/benchmarks.md, "The decode loop's products
-    laid out for oneDNN").
+    pass holds one copy of the weights, as without it. (The LM head, which is not folded,
+    is laid out by its caller: :meth:`trainer.ppo.models.PolicyModels.adapter`.)
     """
     if torch.is_grad_enabled():
         raise RuntimeError("folded() is for no-gradient passes: the folded weights are copies")

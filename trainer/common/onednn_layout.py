@@ -7,10 +7,10 @@ rollout batch) by every weight of the model, and at so few rows that product rea
 weights well below the machine's memory bandwidth. oneDNN's kernels, given the weight
 already in their blocked layout (``torch.ops.mkldnn._reorder_linear_weight``, what
 inductor does to a frozen model's weights), run the same product faster. The layout is
-made once per rollout batch, of the folded adapter's weights, in place of the folded copy
+made once per rollout batch, of the folded adapter's weights in place of the folded copy
 the pass makes anyway (:func:`trainer.common.lora_folding.folded`: about 0.3 s for
-SmolLM2's 538 MB), and dropped after it. Measured: docs/benchmarks.md, "The decode loop's
-products laid out for oneDNN".
+SmolLM2's 538 MB) and of the LM head's (a copy of its own), and dropped after it.
+Measured: docs/benchmarks.md, "The decode loop's products laid out for oneDNN".
 
 * The results differ from ``F.linear``'s by rounding only (another kernel's summation
   order; the values of the weight are the same bits, see :func:`laid_out_copy`).

@@ -70,6 +70,7 @@ from schemas.config import TrainingPrecision
 from trainer.common.device import autocast, autocast_dtype, folding_pays, module_device
 from trainer.common.gated_mlp import fuse_gated_mlps
 from trainer.common.lora_folding import cast_base, fold_in_training, folded
+from trainer.common.onednn_layout import laid_out_copy, layout_pays, multiplying_by
 from trainer.ppo.config import CriticKind
 from trainer.ppo.core import entropy_per_token, logprobs_from_logits, ptx_loss
 from trainer.ppo.lm_head import head_logprobs
@@ -503,15 +504,31 @@ class PolicyModels:
         scoring, sampling; see :mod:`trainer.common.lora_folding`). Inside a no-gradient
         pass of the same adapter it is already folded: the body runs as it is (a caller
         folds once for many chunks). ``decode_rows``: the body is a decode loop over that
-        many rows, whose products take the folded weights laid out for them where that pays
-        (:mod:`trainer.common.onednn_layout`)."""
+        many rows, whose products take the folded weights, and the LM head's, laid out for
+        them where that pays (:mod:`trainer.common.onednn_layout`)."""
         if torch.is_grad_enabled():
             self.use(name)
             yield
         else:
             weights = folded(self.peft_model, name, self.autocast_dtype, decode_rows)
-            with self._no_gradient_pass(name, weights):
+            with self._no_gradient_pass(name, weights), self._lm_head_laid_out(decode_rows):
                 yield
+
+    @contextlib.contextmanager
+    def _lm_head_laid_out(self, rows: int | None) -> Iterator[None]:
+        """The LM head multiplying by a copy of its weight laid out for ``rows`` rows (a
+        decode loop's; None: as it is) where that pays (:mod:`trainer.common.onednn_layout`).
+        The vocabulary-wide head is a small model's widest product, made at every step; the
+        copy is its own (the head is not folded), made once per decode loop and dropped
+        after it, and the layout stops at a few rows, where the decode is not the training
+        peak."""
+        head = self._lm_head
+        plain = type(head) is torch.nn.Linear and "forward" not in vars(head)  # not laid out
+        if rows is None or not plain or not layout_pays(head.weight, self.autocast_dtype, rows):
+            yield
+            return
+        with multiplying_by([(head, laid_out_copy(head.weight, rows))]):
+            yield
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:

@@ -45,8 +45,8 @@ class HFSampler(Sampler):
     come from (the value head is one dot product per row). The KV cache is reserved for the
     longest answer up front (:mod:`~trainer.ppo.rollout.kv_cache`), not grown by a copy of
     the whole cache per token. In float32 on the CPU the loop's layers multiply by their
-    folded weights laid out once per batch for oneDNN's kernels
-    (:mod:`trainer.common.onednn_layout`), faster at a decode step's few rows."""
+    folded weights, and the LM head by its weight, laid out once per batch for oneDNN's
+    kernels (:mod:`trainer.common.onednn_layout`), faster at a decode step's few rows."""
 
     is_training_model = True
 

@@ -27,7 +27,7 @@ from trainer.ppo.models import POLICY, PolicyModels, TokenBatch
 from trainer.ppo.rollout.base import render_prompts
 from trainer.ppo.rollout.hf import HFSampler
 from trainer.ppo.trainer import PPOTrainer
-from trainer.reward.model import load_reward_model
+from trainer.reward.model import load_reward_model, transformer_of
 from trainer.reward.rules import ComposedReward, build_rules
 
 pytestmark = pytest.mark.slow
@@ -225,9 +225,9 @@ def test_decode_passes_on_weights_laid_out_for_onednn_are_the_folded_passes(
     demo_model_dir: Path, reward_dir: Path
 ):
     """A decode loop's passes (``decode_rows``) multiply by the folded weights laid out for
-    oneDNN: the policy's logits are the folded pass's up to rounding, every LoRA layer's
-    base takes the layout only for the body (nothing else: the LM head would cost a copy
-    of its own), and the base weights are the same tensors with the same bits afterwards."""
+    oneDNN, and the LM head by a laid-out copy of its own: the policy's logits are the
+    folded pass's up to rounding, exactly those layers take the layout and only for the
+    body, and the base weights are the same tensors with the same bits afterwards."""
     models, batch = _trained_policy(demo_model_dir, reward_dir, seed=1)
     base = {n: p for n, p in models.peft_model.named_parameters() if ".lora_" not in n}
     before = {n: (p.data_ptr(), p.detach().clone()) for n, p in base.items()}
@@ -240,7 +240,9 @@ def test_decode_passes_on_weights_laid_out_for_onednn_are_the_folded_passes(
         with models.adapter(POLICY, decode_rows=4):
             laid_out = [m for m in linears if "forward" in vars(m)]
             policy_laid_out = models.response_logits(batch)
-    assert laid_out and laid_out == [m for m in linears if any(m is b for b in bases)]
+    head = transformer_of(models.peft_model).get_output_embeddings()
+    expected = [m for m in linears if any(m is b for b in bases) or m is head]
+    assert head in laid_out and laid_out == expected
     assert all("forward" not in vars(m) for m in linears)
     torch.testing.assert_close(policy_laid_out, policy, atol=1e-4, rtol=1e-4)
     assert not torch.equal(policy_laid_out, policy)  # another kernel: rounding differs
