@@ -510,25 +510,28 @@ class PolicyModels:
             self.use(name)
             yield
         else:
-            weights = folded(self.peft_model, name, self.autocast_dtype, decode_rows)
-            with self._no_gradient_pass(name, weights), self._lm_head_laid_out(decode_rows):
+            with self._no_gradient_pass(name, self._folded_weights(name, decode_rows)):
                 yield
 
     @contextlib.contextmanager
-    def _lm_head_laid_out(self, rows: int | None) -> Iterator[None]:
-        """The LM head multiplying by a copy of its weight laid out for ``rows`` rows (a
-        decode loop's; None: as it is) where that pays (:mod:`trainer.common.onednn_layout`).
-        The vocabulary-wide head is a small model's widest product, made at every step; the
-        copy is its own (the head is not folded), made once per decode loop and dropped
-        after it, and the layout stops at a few rows, where the decode is not the training
-        peak."""
-        head = self._lm_head
-        plain = type(head) is torch.nn.Linear and "forward" not in vars(head)  # not laid out
-        if rows is None or not plain or not layout_pays(head.weight, self.autocast_dtype, rows):
-            yield
-            return
-        with multiplying_by([(head, laid_out_copy(head.weight, rows))]):
-            yield
+    def _folded_weights(self, name: str, decode_rows: int | None) -> Iterator[None]:
+        """Adapter ``name`` folded into the base weights (:func:`folded`) and, for a decode
+        loop of ``decode_rows`` rows where that pays (:mod:`trainer.common.onednn_layout`),
+        the LM head multiplying by a copy of its weight laid out for them: the
+        vocabulary-wide head is a small model's widest product, made at every step. The
+        copy is the head's own (the head is not folded), made once per decode loop and
+        dropped after it."""
+        with folded(self.peft_model, name, self.autocast_dtype, decode_rows):
+            head = self._lm_head
+            if (
+                decode_rows is None
+                or type(head) is not torch.nn.Linear
+                or not layout_pays(head.weight, self.autocast_dtype, decode_rows)
+            ):
+                yield
+                return
+            with multiplying_by([(head, laid_out_copy(head.weight, decode_rows))]):
+                yield
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:
