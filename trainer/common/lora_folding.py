@@ -146,7 +146,7 @@ def folded(
     loop is a pass over every weight per generated token.
 
     ``layout_rows`` (a decode loop's batch): where that pays
-    (:func:`~trainer.common.onednn_layout.layout_pays`: float32, few rows), each folded
+    (:func:`~trainer.common.onednn_layout.layout_pays`: few rows), each folded
     copy is laid out for oneDNN's kernels and the base layers multiply by it instead (their
     weights stay the base's); the folded copy is dropped as soon as it is laid out, so the
     pass holds one copy of the weights, as without it. (The LM head, which is not folded,
@@ -164,7 +164,7 @@ def folded(
             yield
         return
     if layout_rows is not None and (bases := _plain_bases(layers, dtype, layout_rows)):
-        with _folded_laid_out(peft_model, adapter, layers, bases, layout_rows):
+        with _folded_laid_out(peft_model, adapter, layers, bases, layout_rows, dtype):
             yield
         return
     # Normal tensors even under inference_mode: they become Parameters' data for a while.
@@ -192,9 +192,11 @@ def _folded_laid_out(
     layers: list[LoraLinear],
     bases: list[torch.nn.Linear],
     rows: int,
+    dtype: torch.dtype | None,
 ) -> Iterator[None]:
-    """:func:`folded`'s body on the folded weights laid out for oneDNN: one layer at a
-    time, each folded copy laid out and dropped (the pass holds one copy of the weights)."""
+    """:func:`folded`'s body on the folded weights (in ``dtype``, as :func:`folded` makes
+    them) laid out for oneDNN: one layer at a time, each folded copy laid out and dropped
+    (the pass holds one copy of the weights)."""
     laid_out = [
         (
             base,
@@ -204,6 +206,7 @@ def _folded_laid_out(
                     _weight(layer.lora_A[adapter]),
                     _weight(layer.lora_B[adapter]),
                     layer.scaling[adapter],
+                    dtype,
                 ),
                 rows,
             ),

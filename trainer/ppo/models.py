@@ -70,7 +70,12 @@ from schemas.config import TrainingPrecision
 from trainer.common.device import autocast, autocast_dtype, folding_pays, module_device
 from trainer.common.gated_mlp import fuse_gated_mlps
 from trainer.common.lora_folding import cast_base, fold_in_training, folded
-from trainer.common.onednn_layout import laid_out_copy, layout_pays, multiplying_by
+from trainer.common.onednn_layout import (
+    is_laid_out,
+    laid_out_copy,
+    layout_pays,
+    multiplying_by,
+)
 from trainer.ppo.config import CriticKind
 from trainer.ppo.core import entropy_per_token, logprobs_from_logits, ptx_loss
 from trainer.ppo.lm_head import head_logprobs
@@ -530,7 +535,8 @@ class PolicyModels:
             ):
                 yield
                 return
-            with multiplying_by([(head, laid_out_copy(head.weight, decode_rows))]):
+            laid_out = laid_out_copy(head.weight, decode_rows, self.autocast_dtype)
+            with multiplying_by([(head, laid_out)]):
                 yield
 
     @contextlib.contextmanager
@@ -608,11 +614,11 @@ class PolicyModels:
         """The LM head on hidden states ``[N, H]`` -> logits ``[N, V]``, in float32."""
         dtype = self.autocast_dtype
         head = self._lm_head
-        plain = type(head) is torch.nn.Linear and head.bias is None
+        plain = type(head) is torch.nn.Linear and head.bias is None and not is_laid_out(head)
         if dtype is not None and plain and not torch.is_grad_enabled():
             # The frozen head's autocast cast, made once (autocast would make it per call,
             # per generated token in the decode loop; a vocabulary-wide head is the widest
-            # product of a small model).
+            # product of a small model). A decode loop's laid-out head has its own.
             logits = F.linear(hidden.to(dtype), self._lm_head_cast(dtype))
         else:
             with autocast(self.device, dtype):

@@ -44,9 +44,10 @@ class HFSampler(Sampler):
     With a shared critic, each step's value is read off the hidden state the step's logits
     come from (the value head is one dot product per row). The KV cache is reserved for the
     longest answer up front (:mod:`~trainer.ppo.rollout.kv_cache`), not grown by a copy of
-    the whole cache per token. In float32 on the CPU the loop's layers multiply by their
-    folded weights, and the LM head by its weight, laid out once per batch for oneDNN's
-    kernels (:mod:`trainer.common.onednn_layout`), faster at a decode step's few rows."""
+    the whole cache per token. On the CPU (in float32, or under bfloat16 autocast where the
+    CPU multiplies bfloat16) the loop's layers multiply by their folded weights, and the LM
+    head by its weight, laid out once per batch for oneDNN's kernels
+    (:mod:`trainer.common.onednn_layout`), faster at a decode step's few rows."""
 
     is_training_model = True
 

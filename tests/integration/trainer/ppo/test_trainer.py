@@ -221,31 +221,46 @@ def test_folded_passes_match_the_adapter_and_leave_the_base_untouched(
 @pytest.mark.skipif(
     not layout_pays(torch.zeros(1), None, 1), reason="this torch has no oneDNN linear ops"
 )
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 def test_decode_passes_on_weights_laid_out_for_onednn_are_the_folded_passes(
-    demo_model_dir: Path, reward_dir: Path
+    demo_model_dir: Path, reward_dir: Path, precision: str
 ):
     """A decode loop's passes (``decode_rows``) multiply by the folded weights laid out for
-    oneDNN, and the LM head by a laid-out copy of its own: the policy's logits are the
-    folded pass's up to rounding, exactly those layers take the layout and only for the
-    body, and the base weights are the same tensors with the same bits afterwards."""
+    oneDNN, and the LM head by a laid-out copy of its own, in float32 or (on a CPU that
+    multiplies bfloat16) under bfloat16 autocast: the policy's logits are the folded pass's
+    up to rounding, exactly those layers take the layout and only for the body, the head's
+    product is the head's own call (not the autocast cast the plain pass keeps), and the
+    base weights are the same tensors with the same bits afterwards."""
+    if precision == "bfloat16" and not layout_pays(torch.zeros(1), BF16, 1):
+        pytest.skip("this CPU has no bfloat16 products")
     models, batch = _trained_policy(demo_model_dir, reward_dir, seed=1)
+    models.to(torch.device("cpu"), precision)
     base = {n: p for n, p in models.peft_model.named_parameters() if ".lora_" not in n}
     before = {n: (p.data_ptr(), p.detach().clone()) for n, p in base.items()}
     linears = [m for m in models.peft_model.modules() if type(m) is torch.nn.Linear]
     bases = [m.base_layer for m in models.peft_model.modules() if hasattr(m, "base_layer")]
+    head = transformer_of(models.peft_model).get_output_embeddings()
+    head_calls: list[torch.Tensor] = []
+    hook = head.register_forward_hook(lambda _m, _i, out: head_calls.append(out))
     with torch.no_grad():
         reference = models.reference_logprobs(batch)
         with models.adapter(POLICY):
             policy = models.response_logits(batch)
+        plain_calls = len(head_calls)
         with models.adapter(POLICY, decode_rows=4):
             laid_out = [m for m in linears if "forward" in vars(m)]
             policy_laid_out = models.response_logits(batch)
-    head = transformer_of(models.peft_model).get_output_embeddings()
+    hook.remove()
     expected = [m for m in linears if any(m is b for b in bases) or m is head]
     assert head in laid_out and laid_out == expected
     assert all("forward" not in vars(m) for m in linears)
-    torch.testing.assert_close(policy_laid_out, policy, atol=1e-4, rtol=1e-4)
-    assert not torch.equal(policy_laid_out, policy)  # another kernel: rounding differs
+    assert len(head_calls) == plain_calls + 1
+    if precision == "float32":
+        torch.testing.assert_close(policy_laid_out, policy, atol=1e-4, rtol=1e-4)
+        assert not torch.equal(policy_laid_out, policy)  # another kernel: rounding differs
+    else:  # bfloat16 products: a kernel's rounding is a bfloat16 step of a logit at most
+        assert head_calls[-1].dtype == BF16
+        torch.testing.assert_close(policy_laid_out, policy, atol=0.1, rtol=0.02)
     for name, p in base.items():
         pointer, values = before[name]
         assert p.data_ptr() == pointer and torch.equal(p.detach(), values), name

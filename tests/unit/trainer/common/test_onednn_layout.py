@@ -7,7 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.common.onednn_layout import MAX_ROWS, laid_out_copy, layout_pays, multiplying_by
+from serving.engine import cpu_multiplies_bf16
+from trainer.common.onednn_layout import (
+    MAX_ROWS,
+    is_laid_out,
+    laid_out_copy,
+    layout_pays,
+    multiplying_by,
+)
 
 pytestmark = pytest.mark.skipif(
     not layout_pays(torch.zeros(1), None, 1), reason="this torch has no oneDNN linear ops"
@@ -35,7 +42,7 @@ def test_a_laid_out_layer_computes_its_product_up_to_rounding(bias: bool):
         with multiplying_by([(linear, laid_out_copy(linear.weight, 4))]):
             for rows in (1, 4, 7):
                 torch.testing.assert_close(linear(x[:, :rows]), plain[:, :rows])
-        assert "forward" not in vars(linear)
+        assert not is_laid_out(linear)
         assert torch.equal(linear(x), plain)
 
 
@@ -70,9 +77,31 @@ def test_refused_where_a_gradient_could_flow_and_where_a_layer_is_already_laid_o
     assert "forward" not in vars(linear)
 
 
-def test_only_float32_products_of_few_rows_without_autocast_take_the_layout():
+def test_only_float32_weights_in_products_of_few_rows_take_the_layout():
+    """No autocast, or bfloat16 autocast where the CPU multiplies bfloat16 natively (the
+    decision serving's engine makes); never float16, never a weight already cast."""
     weight = torch.zeros(4, 4)
     assert layout_pays(weight, None, MAX_ROWS)
     assert not layout_pays(weight, None, MAX_ROWS + 1)
     assert not layout_pays(weight.bfloat16(), None, 1)
-    assert not layout_pays(weight, torch.bfloat16, 1)
+    assert layout_pays(weight, torch.bfloat16, 1) == cpu_multiplies_bf16()
+    assert not layout_pays(weight, torch.bfloat16, MAX_ROWS + 1)
+    assert not layout_pays(weight, torch.float16, 1)
+
+
+@pytest.mark.skipif(not cpu_multiplies_bf16(), reason="this CPU has no bfloat16 products")
+@pytest.mark.parametrize("bias", [True, False])
+def test_under_bfloat16_autocast_a_laid_out_layer_computes_autocasts_product(bias: bool):
+    """The copy is of the weight cast to bfloat16 and the input is cast as autocast casts
+    it: a float32 input (the residual stream) and a bfloat16 one (an earlier product's
+    output) both give autocast's ``F.linear`` in bfloat16, up to a kernel's rounding."""
+    linear = _linear(9, bias)
+    x = torch.randn(6, 24, generator=torch.Generator().manual_seed(10))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = linear(x)
+        with multiplying_by([(linear, laid_out_copy(linear.weight, 6, torch.bfloat16))]):
+            for given in (x, x.bfloat16()):
+                out = linear(given)
+                assert out.dtype == torch.bfloat16
+                torch.testing.assert_close(out, plain)
+        assert not is_laid_out(linear)
