@@ -21,7 +21,8 @@ decode loop laid out under bfloat16 autocast".
   bfloat16 natively (elsewhere bfloat16 is emulated and autocast is not the default). On
   an AMX CPU the layout made no difference to the decode loop (docs/benchmarks.md, "Tried
   and not taken: the decode loop on weights laid out once for oneDNN"); on an AVX-512 BF16
-  CPU without AMX it halved the decode step's products.
+  CPU without AMX it halved a SmolLM2 decode step's products in isolation and took a
+  quarter off them in the decode loop.
 * Not for the passes over whole sequences (scoring, the update): at hundreds of rows both
   kernels run near the CPU's peak.
 """
