@@ -55,16 +55,11 @@ def layout_pays(weight: torch.Tensor, autocast_dtype: torch.dtype | None, rows: 
         rows <= MAX_ROWS
         and weight.device.type == "cpu"
         and weight.dtype == torch.float32
-        and (autocast_dtype is None or (autocast_dtype == torch.bfloat16 and _native_bf16()))
+        and (autocast_dtype is None or (autocast_dtype == torch.bfloat16 and cpu_multiplies_bf16()))
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     )
-
-
-@functools.cache
-def _native_bf16() -> bool:
-    return cpu_multiplies_bf16()
 
 
 def laid_out_copy(
