@@ -44,7 +44,8 @@ machine) runs both sides in float32 or under bfloat16 autocast over float32 weig
 :data:`PRECISION_DIFFERENCE`). ``--rollout-batch-size`` / ``--mini-batch-size`` /
 ``--threads`` change the configuration for both sides; ``--micro-batch-size`` alignloop's
 rows per forward/backward and ``--activation-checkpointing`` its
-``PPOConfig.activation_checkpointing`` (memory against speed; the gradient is unchanged);
+``PPOConfig.activation_checkpointing`` (memory against speed; the gradient is unchanged),
+``--checkpoint-every N`` its ``checkpoint_every`` (every N-th layer checkpointed);
 ``--scaled-model HIDDEN,LAYERS`` trains a randomly initialised Llama of that width and
 depth (the demo tokenizer and chat template) instead of the demo model, to see where model
 memory, not the Python/torch floor, dominates. ``--quick``: two iterations per run (still
@@ -178,7 +179,8 @@ def differences(
     """Every difference left between the sides of this run, with the reason."""
     recompute = {
         "activation_checkpointing": "alignloop keeps only each decoder layer's input for the "
-        "backward and runs the layer again in it (PPOConfig.activation_checkpointing); TRL "
+        "backward and runs the layer again in it (PPOConfig.activation_checkpointing and "
+        "checkpoint_every: which layers); TRL "
         "1.12's PPO loop has no such switch (its gradient_checkpointing argument applies to "
         "Trainer.train, which its PPO loop does not run) and keeps every layer's activations"
     }
@@ -264,6 +266,7 @@ def run_alignloop(args: argparse.Namespace) -> dict:
         mini_batch_size=args.mini_batch_size,
         micro_batch_size=args.micro_batch_size,
         activation_checkpointing=args.activation_checkpointing,
+        checkpoint_every=args.checkpoint_every,
         ppo_epochs=FIXED["ppo_epochs"],
         max_new_tokens=FIXED["max_new_tokens"],
         temperature=FIXED["temperature"],
@@ -379,6 +382,7 @@ def _child(
         "--micro-batch-size", str(args.micro_batch_size),
         "--critic", args.critic, "--reward", args.reward, "--precision", args.precision,
         *(["--activation-checkpointing"] if args.activation_checkpointing else []),
+        "--checkpoint-every", str(args.checkpoint_every),
         *(["--save-policy", str(save)] if save else []),
     ]  # fmt: skip
     env = {**allocator_env(args.allocator), "PYTHONPATH": str(ROOT)}
@@ -675,6 +679,7 @@ def summarise(
             "mini_batch_size": args.mini_batch_size,
             "alignloop_micro_batch_size": args.micro_batch_size,
             "alignloop_activation_checkpointing": args.activation_checkpointing,
+            "alignloop_checkpoint_every": args.checkpoint_every,
             "threads": args.threads,
             "iterations": args.iterations,
             "actor_lr": args.lr,
@@ -808,6 +813,14 @@ def main() -> int:
         action="store_true",
         help="alignloop's PPOConfig.activation_checkpointing (one more forward per "
         "micro-batch for a smaller update peak); TRL 1.12's PPO loop has no such switch",
+    )
+    ap.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with --activation-checkpointing: PPOConfig.checkpoint_every (checkpoint the "
+        "first decoder layer and every N-th after it; 1: all of them)",
     )
     ap.add_argument(
         "--eval",

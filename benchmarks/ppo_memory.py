@@ -175,6 +175,13 @@ def main() -> int:
         action="store_true",
         help="PPOConfig.activation_checkpointing (bench ppo's flag of the same name)",
     )
+    ap.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=1,
+        metavar="N",
+        help="PPOConfig.checkpoint_every (bench ppo's flag of the same name)",
+    )
     ap.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto")
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
@@ -213,6 +220,7 @@ def main() -> int:
             "mini_batch_size": args.mini_batch_size,
             "micro_batch_size": args.micro_batch_size,
             "activation_checkpointing": args.activation_checkpointing,
+            "checkpoint_every": args.checkpoint_every,
             "iterations": args.iterations,
         },
         "episodes_per_s": round(run["episodes_per_s"], 2),

@@ -63,13 +63,16 @@ def _checkpointed(forward: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-def checkpoint_layers(model: torch.nn.Module) -> int:
-    """Checkpoint every decoder layer of ``model`` (each ``GradientCheckpointingLayer``,
-    what ``transformers`` checkpoints itself); returns how many were wrapped. Idempotent."""
-    wrapped = 0
-    for module in model.modules():
-        if isinstance(module, GradientCheckpointingLayer):
-            if not getattr(module.forward, _MARK, False):
-                module.forward = _checkpointed(module.forward)
-            wrapped += 1
-    return wrapped
+def checkpoint_layers(model: torch.nn.Module, every: int = 1) -> int:
+    """Checkpoint the decoder layers of ``model`` (each ``GradientCheckpointingLayer``, what
+    ``transformers`` checkpoints itself): the first and every ``every``-th one after it
+    (1: all of them; 2: every other one, half the replayed forward for about half the
+    activations saved). Returns how many layers are checkpointed. Idempotent for one
+    ``every``; a layer checkpointed once stays so."""
+    if every < 1:
+        raise ValueError(f"every must be at least 1, not {every}")
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for module in layers[::every]:
+        if not getattr(module.forward, _MARK, False):
+            module.forward = _checkpointed(module.forward)
+    return sum(1 for m in layers if getattr(m.forward, _MARK, False))

@@ -117,6 +117,17 @@ class PPOConfig(DeviceConfig):
             'activation checkpointing: both PPO targets at 31 M"). Changes no gradient.'
         },
     )
+    checkpoint_every: int = field(
+        default=1,
+        metadata={
+            "help": "With activation_checkpointing: checkpoint the first decoder layer and "
+            "every n-th one after it. 1 checkpoints them all (the least memory); 2 every "
+            "other one: half the replayed forward for about half the activations saved. A "
+            "round's peak is the larger of the update's and the decode loop's (its KV cache "
+            "and folded weights), so where the update's is well below, a larger n buys speed "
+            'for no peak (measured: docs/benchmarks.md, "Checkpointing every other layer").'
+        },
+    )
     ppo_epochs: int = field(
         default=1,
         metadata={
@@ -295,6 +306,7 @@ class PPOConfig(DeviceConfig):
             "rollout_batch_size",
             "mini_batch_size",
             "micro_batch_size",
+            "checkpoint_every",
             "ppo_epochs",
             "max_new_tokens",
             "kl_horizon",

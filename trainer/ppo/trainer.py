@@ -124,7 +124,7 @@ class PPOTrainer:
         self.device = models.device
         """Where every tensor of an iteration lives: the models' device."""
         if config.activation_checkpointing:
-            checkpoint_layers(models.peft_model)
+            checkpoint_layers(models.peft_model, config.checkpoint_every)
         self.module: torch.nn.Module = models.actor_critic
         if self.dist.enabled:
             self.module = DistributedDataParallel(

@@ -52,11 +52,12 @@ def _bytes_saved_for_backward(model: torch.nn.Module) -> int:
     return saved
 
 
+@pytest.mark.parametrize("every", [1, 2], ids=["every-layer", "every-other-layer"])
 @pytest.mark.parametrize("folded", [False, True], ids=["peft", "folded-lora"])
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["float32", "bf16-autocast"])
-def test_gradients_are_the_same_with_and_without_checkpointing(folded, dtype) -> None:
+def test_gradients_are_the_same_with_and_without_checkpointing(folded, dtype, every) -> None:
     plain, checkpointed = _lora_model(folded), _lora_model(folded)
-    assert checkpoint_layers(checkpointed) == 2
+    assert checkpoint_layers(checkpointed, every) == 2 // every
     with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
         loss_a, grads_a = _loss_and_grads(plain)
         loss_b, grads_b = _loss_and_grads(checkpointed)
@@ -73,6 +74,24 @@ def test_the_backward_keeps_only_layer_inputs() -> None:
     kept = _bytes_saved_for_backward(checkpointed)
     # Two layers' activations against two layer inputs (+ the final norm and head's own).
     assert kept < kept_plain / 2, (kept, kept_plain)
+
+
+def test_every_other_layer_keeps_what_the_others_do() -> None:
+    """Every other layer checkpointed: the first keeps its input only, the second all its
+    activations, so the backward keeps less than without checkpointing and more than with
+    every layer checkpointed."""
+    plain, half, full = _lora_model(False), _lora_model(False), _lora_model(False)
+    checkpoint_layers(half, every=2)
+    checkpoint_layers(full)
+    layers = half.base_model.model.model.layers
+    assert [hasattr(layer.forward, "_alignloop_checkpointed") for layer in layers] == [
+        True,
+        False,
+    ]
+    kept = [_bytes_saved_for_backward(m) for m in (plain, half, full)]
+    assert kept[2] < kept[1] < kept[0], kept
+    with pytest.raises(ValueError, match="at least 1"):
+        checkpoint_layers(plain, every=0)
 
 
 def test_wrapping_twice_wraps_once() -> None:

@@ -42,6 +42,7 @@ def test_kl_controller_follows_the_mode() -> None:
         ({"rollout_batch_size": 0}, "rollout_batch_size must be at least 1, got 0"),
         ({"ppo_epochs": 0}, "ppo_epochs must be at least 1"),
         ({"max_new_tokens": -3}, "max_new_tokens must be at least 1"),
+        ({"checkpoint_every": 0}, "checkpoint_every must be at least 1"),
         ({"mini_batch_size": 48}, "mini_batch_size must divide rollout_batch_size \\(512\\)"),
         ({"mini_batch_size": 1024}, "mini_batch_size must divide"),
         ({"actor_lr": 0.0}, "actor_lr must be > 0"),
