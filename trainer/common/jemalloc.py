@@ -10,6 +10,11 @@ such blocks from size classes and returns unused pages on a timer: on the PPO be
 at 31 M parameters, a training peak of 465 MB against tuned glibc's 633 at the same
 episodes/s (docs/benchmarks.md, "jemalloc and activation checkpointing: both PPO targets at 31 M").
 
+jemalloc keeps the pages of freed blocks ("dirty" pages) for reuse and gives them back to
+the system on a timer (10 s by default). :func:`release_freed_pages` gives them back now:
+the PPO trainer calls it between an update and the next rollout, so the decode loop's KV
+cache and folded weights do not sit on top of the update's leftovers.
+
 An allocator cannot be swapped inside a running process, so :func:`run_on_jemalloc`
 executes the same command line again with jemalloc preloaded (``LD_PRELOAD``), once,
 before the command imports anything heavy. The setting ``allocator: glibc``
@@ -29,6 +34,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 _REEXECUTED = "ALIGNLOOP_ALLOCATOR_REEXECUTED"
+_ALL_ARENAS = 4096
+"""``MALLCTL_ARENAS_ALL`` of ``jemalloc.h``: the arena index that names every arena."""
 
 
 def find_jemalloc() -> str | None:
@@ -67,3 +74,16 @@ def run_on_jemalloc(allocator: str = "auto") -> None:
     sys.stderr.flush()
     log.debug("running again on %s", library)
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def release_freed_pages() -> bool:
+    """Give the pages of freed blocks jemalloc keeps back to the system now, in every arena
+    (``mallctl("arena.<all>.purge")``); True where jemalloc did. Live memory is untouched:
+    only the resident size falls, and a later allocation that needs those pages faults them
+    in again. Without jemalloc in this process nothing happens (False)."""
+    try:
+        mallctl = ctypes.CDLL(None).mallctl
+    except (OSError, AttributeError):  # glibc's malloc, or no dynamic symbols
+        return False
+    mallctl.argtypes = [ctypes.c_char_p, *[ctypes.c_void_p] * 3, ctypes.c_size_t]
+    return mallctl(f"arena.{_ALL_ARENAS}.purge".encode(), None, None, None, 0) == 0

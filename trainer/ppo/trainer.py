@@ -46,6 +46,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from trainer.common.activation_checkpointing import checkpoint_layers
 from trainer.common.distributed import Dist
+from trainer.common.jemalloc import release_freed_pages
 from trainer.ppo import core as pm
 from trainer.ppo.config import PPOConfig
 from trainer.ppo.models import POLICY, PolicyModels, TokenBatch
@@ -193,7 +194,9 @@ class PPOTrainer:
         started = time.perf_counter()
 
         # 1+2. rollout, and evaluate it as it streams in: actor and critic (this very model),
-        #      reference, reward.
+        #      reference, reward. The last update's freed pages go back to the system
+        #      first: the decode's KV cache and folded weights would sit on top of them.
+        release_freed_pages()
         sync_s = self.sampler.sync(models, str(iteration))
         seed = (cfg.seed * 1_000_003 + iteration) * dist.world_size + dist.rank
         rollout = self._rollout_and_score(conversations, seed)
