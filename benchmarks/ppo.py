@@ -165,7 +165,10 @@ PRECISION_DIFFERENCE = {
     "reward, update) under bfloat16 autocast, attention's products in float32; the actor's "
     "log-probs recomputed after the first decode, and taken from the decode loop afterwards "
     "if that iteration measured them within PPOConfig.sampler_logprob_tolerance "
-    "(iterations_recomputing_logprobs, sampler_logprob_gap); TRL (bf16=True): accelerate "
+    "(iterations_recomputing_logprobs, sampler_logprob_gap); where recomputed, those of the "
+    "update's first mini-batch read off its own forward in the update "
+    "(PPOConfig.first_mini_batch_from_update; rows_scored_by_update); TRL (bf16=True): "
+    "accelerate "
     "autocasts only the prepared policy-and-value "
     "wrapper, i.e. the update; its generate, reference, reward and value passes call the "
     "models directly and run in float32 (TRL's own behaviour, not a setting). Both keep "
@@ -360,6 +363,7 @@ def run_alignloop(args: argparse.Namespace) -> dict:
         # own were taken (every iteration in float32, after the first under bfloat16).
         "sampler_logprob_gap": statistics.mean(gaps) if gaps else None,
         "iterations_recomputing_logprobs": len(gaps),
+        "rows_scored_by_update": sum(s["rows_scored_by_update"] for s in steps),
         "seconds_split": {
             name: round(sum(s[name] for s in steps), 2)
             for name in ("sync_s", "rollout_s", "score_s", "update_s")
@@ -704,6 +708,7 @@ def summarise(
         "total_peak_rss_mb": _round(statistics.median(o["total_peak_rss_mb"] for o in ours)),
         "sampler_logprob_gap": _round(ours[-1]["sampler_logprob_gap"], 5),
         "iterations_recomputing_logprobs": ours[-1]["iterations_recomputing_logprobs"],
+        "rows_scored_by_update": ours[-1]["rows_scored_by_update"],
         "memory_breakdown_mb": ours[-1]["memory_breakdown_mb"],
         "seconds_split": ours[-1]["seconds_split"],
     }

@@ -84,6 +84,19 @@ class PPOConfig(DeviceConfig):
             'CPU").'
         },
     )
+    first_mini_batch_from_update: bool = field(
+        default=True,
+        metadata={
+            "help": "Where the actor's log-probs are recomputed, those of the first mini-batch "
+            "of the update (and its critic values) are read off that mini-batch's own forward "
+            "in the update, made before any optimizer step with the weights that sampled, "
+            "instead of a scoring pass of their own: one actor pass over mini_batch_size rows "
+            "fewer per iteration, and the first step's ratios exactly 1. Taken where the "
+            "mini-batch is one micro-batch (its graph is then the only one held while "
+            "advantages are computed), on one process and without PPO-ptx. Measured: "
+            'docs/benchmarks.md, "The first mini-batch scored by its own update forward".'
+        },
+    )
 
     # --- optimisation ------------------------------------------------------------------------
     mini_batch_size: int = field(

@@ -73,6 +73,18 @@ class ScoredRollout:
     """Time spent scoring (with vLLM, most of it while the engine was still generating)."""
 
 
+@dataclass
+class FirstForward:
+    """The update's first micro-batch, run before the advantages exist
+    (:meth:`PPOTrainer._first_forward`): its rows in the order the update takes them and
+    the actor-critic's outputs, graph attached, for the update's first backward."""
+
+    rows: torch.Tensor
+    outputs: tuple[Any, ...]
+    """``(logprobs, values, entropy, ptx_nll)``, as :class:`~trainer.ppo.models.ActorCritic`
+    returns them."""
+
+
 class TrainingDiverged(RuntimeError):
     """NaN/inf in scores, losses or gradients: the round must abort, not register."""
 
@@ -186,6 +198,53 @@ class PPOTrainer:
         warmup = self.config.lr_warmup_iterations
         return 1.0 if warmup == 0 else 0.1 + 0.9 * min(1.0, iteration / warmup)
 
+    def _shuffle_generator(self, iteration: int) -> torch.Generator:
+        """The generator that draws iteration ``iteration``'s mini-batches."""
+        return torch.Generator().manual_seed(self.config.seed * 7_919 + iteration)
+
+    def _micro_batches(self, batch: TokenBatch, rows: torch.Tensor) -> list[torch.Tensor]:
+        """The mini-batch ``rows`` sorted by length (stable) and cut into micro-batches."""
+        rows = rows.to(batch.device)  # drawn on the CPU (a seeded generator there)
+        lengths = batch.attention_mask[rows].sum(1)
+        rows = rows[torch.argsort(lengths, stable=True)]
+        return list(rows.split(self.config.micro_batch_size))
+
+    def _first_mini_batch(self, rows: int, iteration: int) -> torch.Tensor | None:
+        """The rows of the update's first mini-batch (of ``rows`` rollout rows), drawn as
+        :meth:`_update` will draw them, where its own forward can stand in for their actor
+        pass in scoring (``PPOConfig.first_mini_batch_from_update``: the pass runs at all,
+        the mini-batch is one micro-batch, one process, no PPO-ptx); else None."""
+        cfg = self.config
+        mini = cfg.mini_batch_size // self.dist.world_size
+        if (
+            not cfg.first_mini_batch_from_update
+            or self.takes_sampler_logprobs
+            or mini > cfg.micro_batch_size
+            or self.dist.enabled
+            or self.ptx_examples
+        ):
+            return None
+        return torch.randperm(rows, generator=self._shuffle_generator(iteration))[:mini]
+
+    def _first_forward(
+        self,
+        batch: TokenBatch,
+        rows: torch.Tensor,
+        old_logprobs: torch.Tensor,
+        values: torch.Tensor,
+    ) -> FirstForward:
+        """The update's first forward, on the mini-batch ``rows``, before any optimizer step:
+        its log-probs and values (detached, 0 on padding) written into ``old_logprobs`` and
+        ``values``, in place of the scoring pass those rows skipped; its outputs kept, graph
+        and all, for :meth:`_accumulate` to take its loss from."""
+        (piece,) = self._micro_batches(batch, rows)  # one micro-batch (_first_mini_batch)
+        mb = batch.select(piece)
+        outputs = self.module(mb, None, entropy_grad=self.config.entropy_coef > 0)
+        keep, width = mb.mask.bool(), mb.response_width
+        for target, computed in ((old_logprobs, outputs[0]), (values, outputs[1])):
+            target[piece, :width] = torch.where(keep, computed.detach(), 0.0)
+        return FirstForward(piece, tuple(outputs))
+
     # Long on purpose: the PPO steps in the order they happen, read top to bottom as in
     # CleanRL's ppo.py; every step's math is a small pure function in trainer.ppo.core.
     def iteration(self, conversations: Sequence[Any], iteration: int) -> dict[str, Any]:
@@ -199,12 +258,12 @@ class PPOTrainer:
         release_freed_pages()
         sync_s = self.sampler.sync(models, str(iteration))
         seed = (cfg.seed * 1_000_003 + iteration) * dist.world_size + dist.rank
-        rollout = self._rollout_and_score(conversations, seed)
+        first_rows = self._first_mini_batch(len(conversations), iteration)
+        rollout = self._rollout_and_score(conversations, seed, first_rows)
         batch, old_logprobs, values = rollout.batch, rollout.old_logprobs, rollout.values
         mask = batch.mask.float()
         scores = rollout.reward_parts["total"].float()
         _finite("reward scores", scores, iteration)
-        logprob_gap = pm.masked_mean((old_logprobs - rollout.sampler_logprobs).abs(), mask).item()
         t_score = time.perf_counter()
 
         # 3. reward: normalise + clip the scores (stats over every rank), per-token KL penalty.
@@ -212,6 +271,15 @@ class PPOTrainer:
         self.moments.update(dist.gather(scores))
         if first_look and cfg.normalize_reward and models.critic_from_reward:
             values = self._value_head_to_normalized_units(values, mask)
+        # The update's first forward, made now (after the critic head's rescale, if any):
+        # the actor's numbers of the rows scoring left out
+        # (PPOConfig.first_mini_batch_from_update). Timed as the update's.
+        first, first_s = None, 0.0
+        if first_rows is not None:
+            t_first = time.perf_counter()
+            first = self._first_forward(batch, first_rows, old_logprobs, values)
+            first_s = time.perf_counter() - t_first
+        logprob_gap = pm.masked_mean((old_logprobs - rollout.sampler_logprobs).abs(), mask).item()
         if cfg.normalize_reward:
             norm_scores = pm.normalize_and_clip_rewards(
                 scores, self.moments, cfg.reward_clip, update=False
@@ -226,12 +294,12 @@ class PPOTrainer:
         advantages, returns = pm.gae(rewards, values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             advantages = pm.whiten(advantages, mask)
-        score_s = rollout.score_s + time.perf_counter() - t_score
+        score_s = rollout.score_s + time.perf_counter() - t_score - first_s
 
         # 5. update: epochs of shuffled mini-batches, early stop on approximate KL.
         t_update = time.perf_counter()
-        update = self._update(batch, old_logprobs, values, advantages, returns, iteration)
-        update_s = time.perf_counter() - t_update
+        update = self._update(batch, old_logprobs, values, advantages, returns, iteration, first)
+        update_s = time.perf_counter() - t_update + first_s
 
         # 6. KL controller, on the mean per-sequence KL to the reference.
         token_kl = torch.where(batch.mask.bool(), kl, torch.zeros_like(kl))  # not on padding
@@ -248,6 +316,7 @@ class PPOTrainer:
             "next_kl_coef": self.kl_controller.value,
             "explained_variance": dist.mean(pm.explained_variance(values, returns, mask)),
             "response_length": dist.mean(lengths.mean().item()),
+            "rows_scored_by_update": 0 if first is None else len(first.rows),
             # None where the sampler's own log-probs were taken: there is no gap to measure.
             "sampler_logprob_gap": None if self.takes_sampler_logprobs else dist.mean(logprob_gap),
             "episodes": cfg.rollout_batch_size,
@@ -273,12 +342,16 @@ class PPOTrainer:
 
     # Long on purpose: one loop that interleaves taking finished answers from the stream
     # with scoring them; split, its shared buffers would travel through every piece.
-    def _rollout_and_score(self, conversations: Sequence[Any], seed: int) -> ScoredRollout:
+    def _rollout_and_score(
+        self, conversations: Sequence[Any], seed: int, by_update: torch.Tensor | None = None
+    ) -> ScoredRollout:
         """Sample one response per conversation and score the responses as soon as the
         sampler has finished them: once ``2 * micro_batch_size`` are ready (no gradient:
         no activations kept, so twice the rows of a training micro-batch), all that are
         ready, up to ``mini_batch_size`` per pass; once the stream ends, the rest in one
-        call, whose passes chunk it (the adapter folded once for all of them)."""
+        call, whose passes chunk it (the adapter folded once for all of them). The rows
+        ``by_update`` get no actor pass here (0 for their log-probs and values): the
+        update's first forward computes them (:meth:`_first_forward`)."""
         models, cfg = self.models, self.config
         prompt_ids = render_prompts(models.tokenizer, conversations)
         n = len(prompt_ids)
@@ -287,6 +360,7 @@ class PPOTrainer:
         scored: dict[int, tuple[torch.Tensor, ...]] = {}  # row -> (logprobs, values, ref)
         parts: dict[str, torch.Tensor] = {}
         score_s = 0.0
+        skipped = set() if by_update is None else set(by_update.tolist())
 
         def score(chunk: list[Finished]) -> None:
             nonlocal score_s
@@ -298,7 +372,7 @@ class PPOTrainer:
                 self.pad_id,
                 self.device,
             )
-            per_token = self._score_tokens(sub, chunk)
+            per_token = self._score_tokens(sub, chunk, [d.index in skipped for d in chunk])
             for j, d in enumerate(chunk):
                 length = len(d.response_ids)
                 scored[d.index] = tuple(part[j, :length] for part in per_token)
@@ -365,14 +439,18 @@ class PPOTrainer:
 
     @torch.inference_mode()
     def _score_tokens(
-        self, batch: TokenBatch, finished: Sequence[Finished] | None = None
+        self,
+        batch: TokenBatch,
+        finished: Sequence[Finished] | None = None,
+        skip_actor: Sequence[bool] | None = None,
     ) -> tuple[torch.Tensor, ...]:
         """Actor log-probs, critic values and reference log-probs ``[B, R]`` of the rollout
         rows ``finished`` (laid out in ``batch``), computed in length-sorted chunks (less
         padding; every row's numbers are its own), 0 on padding. Where the sampler is the
         training model (:attr:`takes_sampler_logprobs`) its log-probs, and the values it
         read when it has them, are taken instead of recomputed (``finished`` None: every
-        number is computed)."""
+        number is computed). Rows flagged in ``skip_actor`` get the reference only (0 for
+        the actor's log-probs and values: the update computes them)."""
         out = [torch.zeros(batch.mask.shape, device=batch.device) for _ in range(3)]
         ac = self.models.actor_critic
         width = batch.response_width
@@ -384,6 +462,11 @@ class PPOTrainer:
                 taken_values = _padded(values_, width, batch.device)
         size = self.config.mini_batch_size
         chunks = [(rows, batch.select(rows)) for rows in batch.length_chunks(size)]
+        actor_chunks = chunks
+        if skip_actor is not None and any(skip_actor):
+            skip = torch.tensor(list(skip_actor), dtype=torch.bool, device=batch.device)
+            kept_rows = [rows[~skip[rows]] for rows, _ in chunks]
+            actor_chunks = [(rows, batch.select(rows)) for rows in kept_rows if len(rows)]
 
         def put(target: torch.Tensor, rows: torch.Tensor, chunk: TokenBatch, part: torch.Tensor):
             keep = chunk.mask.bool()
@@ -393,10 +476,10 @@ class PPOTrainer:
         # (each a pass over every weight), not once per chunk; not at all where the sampler
         # handed over every number. A critic adapter of its own is folded in turn, chunk by
         # chunk.
-        policy_pass = taken_logprobs is None or taken_values is None
+        policy_pass = bool(actor_chunks) and (taken_logprobs is None or taken_values is None)
         once = ac.critic_kind == "shared" and policy_pass
         with self.models.adapter(POLICY) if once else contextlib.nullcontext():
-            for rows, chunk in chunks:
+            for rows, chunk in actor_chunks:
                 width = chunk.response_width
                 if taken_logprobs is None:
                     logprobs, values, _ = ac.evaluate(chunk, with_entropy=False)
@@ -424,6 +507,7 @@ class PPOTrainer:
         returns: torch.Tensor,
         ptx: TokenBatch | None,
         iteration: int,
+        first: FirstForward | None = None,
     ) -> dict[str, torch.Tensor]:
         """Backward the mini-batch ``rows``'s loss, micro-batch by micro-batch, and return
         its (detached) loss terms and statistics.
@@ -432,13 +516,14 @@ class PPOTrainer:
         only to its own longest row. Every loss term is a masked mean over response tokens;
         a micro-batch's mean is weighted by its share of the mini-batch's tokens, so the
         summed gradient is the mini-batch's own. (PPO-ptx rides on the first micro-batch.)
+        ``first``: this mini-batch's forward, already made (:meth:`_first_forward`).
         """
         cfg = self.config
         warming_up = iteration < cfg.critic_warmup_iterations
-        rows = rows.to(batch.device)  # drawn on the CPU (a seeded generator there)
-        lengths = batch.attention_mask[rows].sum(1)
-        rows = rows[torch.argsort(lengths, stable=True)]
-        pieces = list(rows.split(cfg.micro_batch_size))
+        pieces = self._micro_batches(batch, rows)
+        if first is not None and not torch.equal(pieces[0], first.rows):
+            raise RuntimeError("the first forward was made on other rows than the update's")
+        rows = torch.cat(pieces)
         total_tokens = float(batch.mask[rows].sum().clamp(min=1))
         sums: dict[str, torch.Tensor] = {}
         for k, piece in enumerate(pieces):
@@ -451,9 +536,12 @@ class PPOTrainer:
             ddp = self.module if isinstance(self.module, DistributedDataParallel) else None
             no_sync = ddp.no_sync() if ddp is not None and not last else None
             with no_sync or contextlib.nullcontext():
-                logprobs, values, entropy, ptx_nll = self.module(
-                    mb, ptx if k == 0 else None, entropy_grad=cfg.entropy_coef > 0
-                )
+                if k == 0 and first is not None:
+                    logprobs, values, entropy, ptx_nll = first.outputs
+                else:
+                    logprobs, values, entropy, ptx_nll = self.module(
+                        mb, ptx if k == 0 else None, entropy_grad=cfg.entropy_coef > 0
+                    )
                 p_loss, clip_frac, approx_kl = pm.policy_loss(
                     logprobs,
                     old_logprobs[piece, :width],
@@ -508,7 +596,10 @@ class PPOTrainer:
         advantages: torch.Tensor,
         returns: torch.Tensor,
         iteration: int,
+        first: FirstForward | None = None,
     ) -> dict[str, Any]:
+        """Epochs of shuffled mini-batches; ``first``: the first one's forward, already
+        made (:meth:`_first_forward`)."""
         cfg, dist = self.config, self.dist
         warming_up = iteration < cfg.critic_warmup_iterations
         factor = self._lr_factor(iteration)
@@ -532,7 +623,7 @@ class PPOTrainer:
             )
         }
         epochs_done, early_stopped = 0, False
-        generator = torch.Generator().manual_seed(cfg.seed * 7_919 + iteration)
+        generator = self._shuffle_generator(iteration)
         for _epoch in range(cfg.ppo_epochs):
             order = torch.randperm(local_batch, generator=generator)
             for start in range(0, local_batch, local_mini):
@@ -540,8 +631,17 @@ class PPOTrainer:
                 ptx = self._ptx_batch(generator)
                 self.optimizer.zero_grad(set_to_none=True)
                 step = self._accumulate(
-                    batch, rows, old_logprobs, old_values, advantages, returns, ptx, iteration
+                    batch,
+                    rows,
+                    old_logprobs,
+                    old_values,
+                    advantages,
+                    returns,
+                    ptx,
+                    iteration,
+                    first,
                 )
+                first = None  # its graph is spent
                 grad_norm = pm.clip_grad_norm(params, cfg.max_grad_norm)
                 _finite("gradient norm", grad_norm, iteration)
                 self.optimizer.step()

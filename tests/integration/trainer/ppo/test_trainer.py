@@ -172,9 +172,12 @@ def test_ppo_ptx_mixes_the_sft_likelihood_in(demo_model_dir: Path, reward_dir: P
 def test_trainer_logprobs_match_the_transformers_sampler(demo_model_dir: Path, reward_dir: Path):
     """The same float32 model sampled and re-scored: the logged gap is rounding only (what
     lets ``recompute_logprobs="auto"`` take the decode loop's own)."""
-    metrics = _trainer(demo_model_dir, reward_dir, recompute_logprobs="always").iteration(
-        PROMPTS, 0
+    # Every row re-scored by the scoring pass, the reference's own code path: a fresh
+    # adapter's KL is then exactly 0 (the update's forward, at other shapes, rounds apart).
+    trainer = _trainer(
+        demo_model_dir, reward_dir, recompute_logprobs="always", first_mini_batch_from_update=False
     )
+    metrics = trainer.iteration(PROMPTS, 0)
     assert metrics["sampler_logprob_gap"] < 1e-4
     assert metrics["kl_ref"] == 0.0  # a fresh adapter (B = 0) is exactly the reference
     assert metrics["rollout_tokens"] > 0 and metrics["episodes"] == 16
@@ -579,3 +582,82 @@ def test_the_decode_loops_numbers_are_the_training_passes(
     assert torch.equal(auto.ref_logprobs, always.ref_logprobs)
     assert (auto.old_logprobs - auto.ref_logprobs)[keep].abs().max() > 1e-2  # not the base
     assert passes["auto"] < passes["always"]
+
+
+def _rows_through_backbone(models: PolicyModels) -> dict[str, int]:
+    """Rows the base backbone has run (added up by a hook), by the kind of pass: "update"
+    (a gradient recorded), "scoring" (inference mode: scoring and the reward model) and
+    "decode" (the rest: the decode loop's steps)."""
+    rows = {"update": 0, "scoring": 0, "decode": 0}
+
+    def count(module: torch.nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        kind = (
+            "update"
+            if torch.is_grad_enabled()
+            else "scoring"
+            if torch.is_inference_mode_enabled()
+            else "decode"
+        )
+        rows[kind] += 0 if ids is None else int(ids.shape[0])
+
+    models._backbone.register_forward_hook(count, with_kwargs=True)
+    return rows
+
+
+@pytest.mark.parametrize("critic", ["shared", "adapter"])
+def test_the_first_mini_batch_is_scored_by_its_own_update_forward(
+    demo_model_dir: Path, reward_dir: Path, critic: str
+):
+    """``first_mini_batch_from_update``: scoring runs the actor on the rows outside the
+    update's first mini-batch only (the reference still sees every row), the update's first
+    forward stands in for the rest, and the iteration trains the policy as when every row
+    is scored (the same rows, the same ratios up to rounding)."""
+    trained, metrics, rows = {}, {}, {}
+    for reuse in (True, False):
+        models = PolicyModels.load(demo_model_dir, reward_dir, critic=critic, seed=4)
+        with torch.no_grad():  # a non-trivial policy adapter and value head
+            for name, p in models.peft_model.named_parameters():
+                if ".policy." in name and "lora_B" in name:
+                    p.copy_(torch.randn_like(p, generator=torch.Generator().manual_seed(5)) * 0.05)
+            models.value_head.weight.copy_(torch.linspace(-1, 1, models.value_head.in_features))
+        reward_fn = ComposedReward(models.reward, build_rules(CONCISE)).components
+        config = dataclasses.replace(
+            CONFIG, recompute_logprobs="always", first_mini_batch_from_update=reuse
+        )
+        trainer = PPOTrainer(config, models, HFSampler(models), reward_fn)
+        rows[reuse] = _rows_through_backbone(models)
+        metrics[reuse] = trainer.iteration(PROMPTS, 0)
+        trained[reuse] = [p.detach().clone() for p in models.trainable_parameters()]
+    n, mini = len(PROMPTS), CONFIG.mini_batch_size
+    assert metrics[True]["rows_scored_by_update"] == mini
+    assert metrics[False]["rows_scored_by_update"] == 0
+    actor_passes = 1 if critic == "shared" else 2  # an adapter critic: its own pass
+    # Scoring ran the actor on all rows but the first mini-batch's; the update ran the same
+    # forwards (one per row and actor pass); the decode loop sampled the same answers.
+    assert rows[False]["scoring"] - rows[True]["scoring"] == actor_passes * mini
+    assert rows[True]["update"] == rows[False]["update"] == actor_passes * n
+    assert rows[True]["decode"] == rows[False]["decode"] > 0
+    for key in ("policy_loss", "value_loss", "approx_kl", "kl_ref", "reward_raw"):
+        assert metrics[True][key] == pytest.approx(metrics[False][key], rel=1e-4, abs=1e-6)
+    assert any(not torch.equal(a, b) for a, b in zip(trained[True], trained[False], strict=True))
+    for a, b in zip(trained[True], trained[False], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_the_first_mini_batch_keeps_its_scoring_pass_where_its_forward_cannot_stand_in(
+    demo_model_dir: Path, reward_dir: Path
+):
+    """Several micro-batches (their graphs would all be held), PPO-ptx, or the sampler's own
+    log-probs taken (no actor pass to save): every row is scored as before."""
+    ptx = [([1, 2, 3], [4, 5])]
+    for changes in (
+        {"recompute_logprobs": "always", "micro_batch_size": 4},
+        {"recompute_logprobs": "always", "ptx_coef": 0.1, "ptx_examples": ptx},
+        {"recompute_logprobs": "auto"},  # float32: the decode loop's own are taken
+    ):
+        trainer = _trainer(demo_model_dir, reward_dir, **changes)
+        assert trainer._first_mini_batch(len(PROMPTS), 0) is None, changes
+    trainer = _trainer(demo_model_dir, reward_dir, recompute_logprobs="always")
+    first = trainer._first_mini_batch(len(PROMPTS), 0)
+    assert first is not None and len(first) == CONFIG.mini_batch_size
