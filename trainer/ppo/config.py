@@ -93,8 +93,10 @@ class PPOConfig(DeviceConfig):
             "instead of a scoring pass of their own: one actor pass over mini_batch_size rows "
             "fewer per iteration, and the first step's ratios exactly 1. Taken where the "
             "mini-batch is one micro-batch (its graph is then the only one held while "
-            "advantages are computed), on one process and without PPO-ptx. Measured: "
-            'docs/benchmarks.md, "The first mini-batch scored by its own update forward".'
+            "advantages are computed), on one process and without PPO-ptx, and not in the "
+            "iteration that measures the sampler's gap (recompute_logprobs 'auto': the "
+            "scoring pass then scores every row). Measured: docs/benchmarks.md, "
+            '"The first mini-batch scored by its own update forward".'
         },
     )
 

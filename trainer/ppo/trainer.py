@@ -156,6 +156,9 @@ class PPOTrainer:
         """Scoring a rollout runs the reference (and an adapter critic) only: in float32 from
         the start; under autocast once an iteration measured the gap below
         ``config.sampler_logprob_tolerance``."""
+        self.sampler_gap_measured = False
+        """Whether an iteration has compared the sampler's log-probs with the scoring
+        pass's (under ``may_take_sampler_logprobs``), deciding ``takes_sampler_logprobs``."""
         self.ptx_examples = list(ptx_examples) if config.ptx_coef > 0 else []
         if config.ptx_coef > 0 and not self.ptx_examples:
             raise ValueError("ptx_coef > 0 needs ptx_examples (SFT prompt/answer token ids)")
@@ -213,12 +216,17 @@ class PPOTrainer:
         """The rows of the update's first mini-batch (of ``rows`` rollout rows), drawn as
         :meth:`_update` will draw them, where its own forward can stand in for their actor
         pass in scoring (``PPOConfig.first_mini_batch_from_update``: the pass runs at all,
-        the mini-batch is one micro-batch, one process, no PPO-ptx); else None."""
+        the mini-batch is one micro-batch, one process, no PPO-ptx); else None. Not in the
+        iteration that measures the sampler's gap (``recompute_logprobs`` ``auto``): the
+        tolerance is on the gap to the scoring pass, so that pass scores every row, and
+        where the gap is small, later iterations run no actor pass at all."""
         cfg = self.config
         mini = cfg.mini_batch_size // self.dist.world_size
+        measuring = self.may_take_sampler_logprobs and not self.sampler_gap_measured
         if (
             not cfg.first_mini_batch_from_update
             or self.takes_sampler_logprobs
+            or measuring
             or mini > cfg.micro_batch_size
             or self.dist.enabled
             or self.ptx_examples
@@ -338,6 +346,7 @@ class PPOTrainer:
         if self.may_take_sampler_logprobs and gap is not None:
             # The same mean on every rank: the ranks decide alike.
             self.takes_sampler_logprobs = gap < cfg.sampler_logprob_tolerance
+            self.sampler_gap_measured = True
         return metrics
 
     # Long on purpose: one loop that interleaves taking finished answers from the stream

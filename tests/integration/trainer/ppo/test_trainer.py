@@ -648,8 +648,9 @@ def test_the_first_mini_batch_is_scored_by_its_own_update_forward(
 def test_the_first_mini_batch_keeps_its_scoring_pass_where_its_forward_cannot_stand_in(
     demo_model_dir: Path, reward_dir: Path
 ):
-    """Several micro-batches (their graphs would all be held), PPO-ptx, or the sampler's own
-    log-probs taken (no actor pass to save): every row is scored as before."""
+    """Several micro-batches (their graphs would all be held), PPO-ptx, the sampler's own
+    log-probs taken (no actor pass to save), or the iteration that measures their gap to the
+    scoring pass: every row is scored as before."""
     ptx = [([1, 2, 3], [4, 5])]
     for changes in (
         {"recompute_logprobs": "always", "micro_batch_size": 4},
@@ -661,3 +662,13 @@ def test_the_first_mini_batch_keeps_its_scoring_pass_where_its_forward_cannot_st
     trainer = _trainer(demo_model_dir, reward_dir, recompute_logprobs="always")
     first = trainer._first_mini_batch(len(PROMPTS), 0)
     assert first is not None and len(first) == CONFIG.mini_batch_size
+    # "auto" under bfloat16: the first iteration measures the decode loop's gap against
+    # the scoring pass on every row; later ones save the first mini-batch's pass only
+    # where the pass goes on (the gap above the tolerance).
+    models = PolicyModels.load(demo_model_dir, reward_dir).to(torch.device("cpu"), "bfloat16")
+    reward_fn = ComposedReward(models.reward, build_rules(CONCISE)).components
+    trainer = PPOTrainer(CONFIG, models, HFSampler(models), reward_fn)
+    assert trainer._first_mini_batch(len(PROMPTS), 0) is None
+    assert trainer.iteration(PROMPTS, 0)["rows_scored_by_update"] == 0
+    later = trainer._first_mini_batch(len(PROMPTS), 1)
+    assert (later is None) == trainer.takes_sampler_logprobs
