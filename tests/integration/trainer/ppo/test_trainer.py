@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -549,6 +550,20 @@ def test_a_shared_critic_learns_and_trains_the_policy(demo_model_dir: Path, rewa
     assert math.isfinite(second["value_loss"]) and second["explained_variance"] > -1.0
 
 
+def _nontrivial_policy(
+    demo_model_dir: Path, reward_dir: Path, critic: str
+) -> tuple[PolicyModels, Callable]:
+    """Models whose policy adapter and value head are not their zero start (so the policy
+    differs from the reference), with the flat reward's scoring function."""
+    models = PolicyModels.load(demo_model_dir, reward_dir, critic=critic, seed=4)
+    with torch.no_grad():
+        for name, p in models.peft_model.named_parameters():
+            if ".policy." in name and "lora_B" in name:
+                p.copy_(torch.randn_like(p, generator=torch.Generator().manual_seed(5)) * 0.05)
+        models.value_head.weight.copy_(torch.linspace(-1, 1, models.value_head.in_features))
+    return models, ComposedReward(models.reward, build_rules(CONCISE)).components
+
+
 @pytest.mark.parametrize("critic", ["shared", "adapter"])
 def test_the_decode_loops_numbers_are_the_training_passes(
     demo_model_dir: Path, reward_dir: Path, critic: str
@@ -559,13 +574,7 @@ def test_the_decode_loops_numbers_are_the_training_passes(
     are saved)."""
     rollouts, passes = {}, {}
     for mode in ("auto", "always"):
-        models = PolicyModels.load(demo_model_dir, reward_dir, critic=critic, seed=4)
-        with torch.no_grad():  # a non-trivial policy adapter and value head
-            for name, p in models.peft_model.named_parameters():
-                if ".policy." in name and "lora_B" in name:
-                    p.copy_(torch.randn_like(p, generator=torch.Generator().manual_seed(5)) * 0.05)
-            models.value_head.weight.copy_(torch.linspace(-1, 1, models.value_head.in_features))
-        reward_fn = ComposedReward(models.reward, build_rules(CONCISE)).components
+        models, reward_fn = _nontrivial_policy(demo_model_dir, reward_dir, critic)
         config = dataclasses.replace(CONFIG, recompute_logprobs=mode)
         trainer = PPOTrainer(config, models, HFSampler(models), reward_fn)
         assert trainer.takes_sampler_logprobs == (mode == "auto")
@@ -615,13 +624,7 @@ def test_the_first_mini_batch_is_scored_by_its_own_update_forward(
     is scored (the same rows, the same ratios up to rounding)."""
     trained, metrics, rows = {}, {}, {}
     for reuse in (True, False):
-        models = PolicyModels.load(demo_model_dir, reward_dir, critic=critic, seed=4)
-        with torch.no_grad():  # a non-trivial policy adapter and value head
-            for name, p in models.peft_model.named_parameters():
-                if ".policy." in name and "lora_B" in name:
-                    p.copy_(torch.randn_like(p, generator=torch.Generator().manual_seed(5)) * 0.05)
-            models.value_head.weight.copy_(torch.linspace(-1, 1, models.value_head.in_features))
-        reward_fn = ComposedReward(models.reward, build_rules(CONCISE)).components
+        models, reward_fn = _nontrivial_policy(demo_model_dir, reward_dir, critic)
         config = dataclasses.replace(
             CONFIG, recompute_logprobs="always", first_mini_batch_from_update=reuse
         )
