@@ -94,6 +94,13 @@ def _finite(name: str, value: torch.Tensor, iteration: int) -> None:
         raise TrainingDiverged(f"non-finite {name} at iteration {iteration}")
 
 
+def _put(target: torch.Tensor, rows: torch.Tensor, chunk: TokenBatch, part: torch.Tensor) -> None:
+    """Write ``part`` ``[b, R']``, per-token numbers of ``chunk`` (the rows ``rows`` of a
+    batch, cut to its own width), into those rows of ``target`` ``[B, R]``, 0 on padding."""
+    keep = chunk.mask.bool()
+    target[rows, : chunk.response_width] = torch.where(keep, part, torch.zeros_like(part))
+
+
 def _padded(
     rows: Sequence[Sequence[float]], width: int, device: torch.device | None = None
 ) -> torch.Tensor:
@@ -248,9 +255,8 @@ class PPOTrainer:
         (piece,) = self._micro_batches(batch, rows)  # one micro-batch (_first_mini_batch)
         mb = batch.select(piece)
         outputs = self.module(mb, None, entropy_grad=self.config.entropy_coef > 0)
-        keep, width = mb.mask.bool(), mb.response_width
-        for target, computed in ((old_logprobs, outputs[0]), (values, outputs[1])):
-            target[piece, :width] = torch.where(keep, computed.detach(), 0.0)
+        _put(old_logprobs, piece, mb, outputs[0].detach())
+        _put(values, piece, mb, outputs[1].detach())
         return FirstForward(piece, tuple(outputs))
 
     # Long on purpose: the PPO steps in the order they happen, read top to bottom as in
@@ -477,10 +483,6 @@ class PPOTrainer:
             kept_rows = [rows[~skip[rows]] for rows, _ in chunks]
             actor_chunks = [(rows, batch.select(rows)) for rows in kept_rows if len(rows)]
 
-        def put(target: torch.Tensor, rows: torch.Tensor, chunk: TokenBatch, part: torch.Tensor):
-            keep = chunk.mask.bool()
-            target[rows, : chunk.response_width] = torch.where(keep, part, torch.zeros_like(part))
-
         # The adapter folded once for every chunk, and the reference's weights cast once
         # (each a pass over every weight), not once per chunk; not at all where the sampler
         # handed over every number. A critic adapter of its own is folded in turn, chunk by
@@ -497,11 +499,11 @@ class PPOTrainer:
                     values = (
                         ac.critic(chunk) if taken_values is None else taken_values[rows, :width]
                     )
-                put(out[0], rows, chunk, logprobs)
-                put(out[1], rows, chunk, values)
+                _put(out[0], rows, chunk, logprobs)
+                _put(out[1], rows, chunk, values)
         with self.models.reference():
             for rows, chunk in chunks:
-                put(out[2], rows, chunk, self.models.reference_logprobs(chunk))
+                _put(out[2], rows, chunk, self.models.reference_logprobs(chunk))
         return tuple(out)
 
     # Long on purpose: one micro-batch's forward, the three losses and their metrics, in
