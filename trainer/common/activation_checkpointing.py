@@ -19,8 +19,10 @@ require a gradient (a frozen base under a LoRA adapter is fine).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -51,28 +53,48 @@ def _marked(forward: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-def _checkpointed(forward: Callable[..., Any]) -> Callable[..., Any]:
+def _checkpointed(
+    forward: Callable[..., Any], replay_state: Callable[[], AbstractContextManager[None]] | None
+) -> Callable[..., Any]:
     @functools.wraps(forward)
     def run(*args: Any, **kwargs: Any) -> Any:
         # A pass that extends a KV cache cannot be replayed: it would extend it twice.
         if not torch.is_grad_enabled() or kwargs.get("past_key_values") is not None:
             return forward(*args, **kwargs)
-        return checkpoint(_marked(forward), *args, use_reentrant=False, **kwargs)
+        replay = replay_state() if replay_state is not None else contextlib.nullcontext()
+        return checkpoint(
+            _marked(forward),
+            *args,
+            use_reentrant=False,
+            context_fn=lambda: (contextlib.nullcontext(), replay),
+            **kwargs,
+        )
 
     setattr(run, _MARK, True)
     return run
 
 
-def checkpoint_layers(model: torch.nn.Module, every: int = 1) -> int:
+def checkpoint_layers(
+    model: torch.nn.Module,
+    every: int = 1,
+    replay_state: Callable[[], AbstractContextManager[None]] | None = None,
+) -> int:
     """Checkpoint the decoder layers of ``model`` (each ``GradientCheckpointingLayer``, what
     ``transformers`` checkpoints itself): the first and every ``every``-th one after it
     (1: all of them; 2: every other one, half the replayed forward for about half the
     activations saved). Returns how many layers are checkpointed. Idempotent for one
-    ``every``; a layer checkpointed once stays so."""
+    ``every``; a layer checkpointed once stays so, with the ``replay_state`` it got.
+
+    ``replay_state``: called as each checkpointed forward runs; the backward replays that
+    forward inside the context it returns. It restores what the layer's output depends on
+    besides its inputs and weights, where that may change between the forward and the
+    backward: which LoRA adapter is active, when passes of two adapters (an actor and a
+    critic) run before one backward. Without it the replay runs in the state of the
+    backward's time."""
     if every < 1:
         raise ValueError(f"every must be at least 1, not {every}")
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for module in layers[::every]:
         if not getattr(module.forward, _MARK, False):
-            module.forward = _checkpointed(module.forward)
+            module.forward = _checkpointed(module.forward, replay_state)
     return sum(1 for m in layers if getattr(m.forward, _MARK, False))

@@ -353,6 +353,10 @@ class PolicyModels:
         self._weights_held: str | None = None
         """What the base weights hold during a no-gradient pass: an adapter's name (folded
         in), ``"reference"`` (cast), or None (the base weights themselves)."""
+        self.shared_prefix_min_tokens = 0
+        """A prefix at least this long that every row of a pass begins with runs once, as
+        one row (:mod:`trainer.common.shared_prefix`); 0: every row runs whole. The trainer
+        sets it from ``PPOConfig.shared_prefix_min_tokens``."""
         self.actor_critic = ActorCritic(self, value_head, temperature, critic)
         marker = {name: f".{name}." for name in (POLICY, CRITIC)}
         self._policy_params = [p for n, p in peft_model.named_parameters() if marker[POLICY] in n]
@@ -492,6 +496,25 @@ class PolicyModels:
             self.peft_model.set_adapter(adapter)
         for p in self._adapter_tensors():
             p.requires_grad_(id(p) in self._trainable)
+
+    def replaying_adapter(self) -> contextlib.AbstractContextManager[None]:
+        """A context that makes the adapter active now the active one again for its body
+        (and then the one active then): a checkpointed layer's replay in the backward runs
+        in it (:func:`trainer.common.activation_checkpointing.checkpoint_layers`), since an
+        adapter critic's forward runs between the actor's and the backward."""
+        return self._active_again(self.peft_model.active_adapter)
+
+    @contextlib.contextmanager
+    def _active_again(self, name: str) -> Iterator[None]:
+        before = self.peft_model.active_adapter
+        if before == name:
+            yield
+            return
+        self.use(name)
+        try:
+            yield
+        finally:
+            self.use(before)
 
     def _adapter_tensors(self) -> list[torch.nn.Parameter]:
         """Every adapter's tensors (the base's stay frozen): recomputed when adapters are

@@ -144,7 +144,7 @@ class PPOTrainer:
         self.device = models.device
         """Where every tensor of an iteration lives: the models' device."""
         if config.activation_checkpointing:
-            checkpoint_layers(models.peft_model, config.checkpoint_every)
+            checkpoint_layers(models.peft_model, config.checkpoint_every, models.replaying_adapter)
         self.module: torch.nn.Module = models.actor_critic
         if self.dist.enabled:
             self.module = DistributedDataParallel(

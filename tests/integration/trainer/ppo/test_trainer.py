@@ -675,3 +675,20 @@ def test_the_first_mini_batch_keeps_its_scoring_pass_where_its_forward_cannot_st
     assert trainer.iteration(PROMPTS, 0)["rows_scored_by_update"] == 0
     later = trainer._first_mini_batch(len(PROMPTS), 1)
     assert (later is None) == trainer.takes_sampler_logprobs
+
+
+def test_an_adapter_critic_trains_the_same_with_activation_checkpointing(
+    demo_model_dir: Path, reward_dir: Path
+):
+    """The critic adapter's forward runs between the actor's and the backward; the actor's
+    checkpointed layers replay with the policy adapter active again, so an iteration trains
+    the weights it trains without checkpointing."""
+    trained = {}
+    for checkpointing in (False, True):
+        models, reward_fn = _nontrivial_policy(demo_model_dir, reward_dir, "adapter")
+        config = dataclasses.replace(CONFIG, activation_checkpointing=checkpointing)
+        trainer = PPOTrainer(config, models, HFSampler(models), reward_fn)
+        trainer.iteration(PROMPTS, 0)
+        trained[checkpointing] = [p.detach().clone() for p in models.trainable_parameters()]
+    for a, b in zip(trained[True], trained[False], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6)

@@ -3,6 +3,8 @@ and passes without a gradient or with a KV cache left as they were."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -119,3 +121,53 @@ def test_a_cached_decode_is_not_replayed() -> None:
             checkpointed(input_ids=IDS, attention_mask=MASK).logits,
             plain(input_ids=IDS, attention_mask=MASK).logits,
         )
+
+
+def _two_adapter_grads(checkpoint: bool, replay_state: bool) -> dict[str, torch.Tensor]:
+    """Gradients of one backward through a pass of the "actor" adapter and then one of the
+    "critic" adapter: the backward runs with the critic active."""
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"])
+    model = get_peft_model(tiny_llama(), config, "actor")
+    model.add_adapter("critic", config)
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    model.eval()
+
+    def active_again() -> contextlib.AbstractContextManager[None]:
+        name = model.active_adapter
+
+        @contextlib.contextmanager
+        def again():
+            before = model.active_adapter
+            model.set_adapter(name)
+            yield
+            model.set_adapter(before)
+
+        return again()
+
+    if checkpoint:
+        checkpoint_layers(model, replay_state=active_again if replay_state else None)
+    loss = torch.zeros(())
+    for name in ("actor", "critic"):
+        model.set_adapter(name)
+        for param_name, p in model.named_parameters():  # set_adapter froze the other one
+            p.requires_grad_(".lora_" in param_name)
+        logits = model(input_ids=IDS, attention_mask=MASK, use_cache=False).logits
+        loss = loss + (logits.float().log_softmax(-1)[..., 0] * MASK).sum()
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_the_replay_runs_with_the_adapter_its_forward_ran_with() -> None:
+    """A layer checkpointed in the actor's pass is replayed after the critic's pass made the
+    critic active: with ``replay_state`` the replay runs the actor again and the gradients
+    are those without checkpointing; without it, the actor's layers replay as the critic."""
+    plain = _two_adapter_grads(checkpoint=False, replay_state=False)
+    restored = _two_adapter_grads(checkpoint=True, replay_state=True)
+    assert len(plain) == 2 * 2 * 2 * 2  # adapters, layers, targets, A and B
+    for name in plain:
+        torch.testing.assert_close(restored[name], plain[name], rtol=0, atol=0, msg=name)
+    unrestored = _two_adapter_grads(checkpoint=True, replay_state=False)
+    assert any(not torch.equal(unrestored[n], plain[n]) for n in plain)
