@@ -131,6 +131,12 @@ DIFFERENCES_NOT_REMOVED = {
     "generation": "alignloop: its own KV-cached decode loop (hf rollouts on CPU), whose "
     "log-probs (and a shared critic's values) it keeps instead of recomputing them; TRL: "
     "transformers generate, then a policy forward for the log-probs",
+    "shared_prompt_prefix": "alignloop runs a prompt prefix every row of a scoring or "
+    "update pass begins with (at least PPOConfig.shared_prefix_min_tokens, 8, long: "
+    "SmolLM2's template's 24-token system prompt; the demo template's is 2 tokens, too short) "
+    "once per pass, and each row's rest against its keys and values (prefix_tokens_shared: "
+    "the token positions not computed); TRL runs every row whole. Its decode loop's prefill "
+    "and TRL's generate both run every row whole",
     "attention": "alignloop: its CPU attention implementation (trainer/common/cpu_attention.py:"
     " float32 products under bfloat16 autocast, grouped-query heads read in place); TRL: "
     "transformers' sdpa as loaded (bfloat16 under autocast in its update, KV heads copied "
@@ -270,6 +276,7 @@ def run_alignloop(args: argparse.Namespace) -> dict:
         micro_batch_size=args.micro_batch_size,
         activation_checkpointing=args.activation_checkpointing,
         checkpoint_every=args.checkpoint_every,
+        shared_prefix_min_tokens=args.shared_prefix_min_tokens,
         ppo_epochs=FIXED["ppo_epochs"],
         max_new_tokens=FIXED["max_new_tokens"],
         temperature=FIXED["temperature"],
@@ -364,6 +371,7 @@ def run_alignloop(args: argparse.Namespace) -> dict:
         "sampler_logprob_gap": statistics.mean(gaps) if gaps else None,
         "iterations_recomputing_logprobs": len(gaps),
         "rows_scored_by_update": sum(s["rows_scored_by_update"] for s in steps),
+        "prefix_tokens_shared": sum(s["prefix_tokens_shared"] for s in steps),
         "seconds_split": {
             name: round(sum(s[name] for s in steps), 2)
             for name in ("sync_s", "rollout_s", "score_s", "update_s")
@@ -387,6 +395,7 @@ def _child(
         "--critic", args.critic, "--reward", args.reward, "--precision", args.precision,
         *(["--activation-checkpointing"] if args.activation_checkpointing else []),
         "--checkpoint-every", str(args.checkpoint_every),
+        "--shared-prefix-min-tokens", str(args.shared_prefix_min_tokens),
         *(["--save-policy", str(save)] if save else []),
     ]  # fmt: skip
     env = {**allocator_env(args.allocator), "PYTHONPATH": str(ROOT)}
@@ -684,6 +693,7 @@ def summarise(
             "alignloop_micro_batch_size": args.micro_batch_size,
             "alignloop_activation_checkpointing": args.activation_checkpointing,
             "alignloop_checkpoint_every": args.checkpoint_every,
+            "alignloop_shared_prefix_min_tokens": args.shared_prefix_min_tokens,
             "threads": args.threads,
             "iterations": args.iterations,
             "actor_lr": args.lr,
@@ -709,6 +719,7 @@ def summarise(
         "sampler_logprob_gap": _round(ours[-1]["sampler_logprob_gap"], 5),
         "iterations_recomputing_logprobs": ours[-1]["iterations_recomputing_logprobs"],
         "rows_scored_by_update": ours[-1]["rows_scored_by_update"],
+        "prefix_tokens_shared": ours[-1]["prefix_tokens_shared"],
         "memory_breakdown_mb": ours[-1]["memory_breakdown_mb"],
         "seconds_split": ours[-1]["seconds_split"],
     }
@@ -826,6 +837,14 @@ def main() -> int:
         metavar="N",
         help="with --activation-checkpointing: PPOConfig.checkpoint_every (checkpoint the "
         "first decoder layer and every N-th after it; 1: all of them)",
+    )
+    ap.add_argument(
+        "--shared-prefix-min-tokens",
+        type=int,
+        default=PPOConfig.shared_prefix_min_tokens,
+        metavar="N",
+        help="alignloop's PPOConfig.shared_prefix_min_tokens: a prompt prefix at least N "
+        "tokens long that every row of a pass shares runs once (0: every row whole)",
     )
     ap.add_argument(
         "--eval",

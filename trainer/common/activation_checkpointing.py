@@ -12,7 +12,8 @@ checkpointing: both PPO targets at 31 M").
 training mode. The PPO trainer keeps its models in eval mode (no dropout: PPO's ratios
 compare like with like), so this wraps each layer's ``forward`` instead: checkpointed
 where a gradient is being recorded, untouched under ``torch.no_grad`` (decoding, scoring).
-A pass given a KV cache runs as it is (a replay would extend the cache twice). torch's
+A pass given a KV cache runs as it is (a replay would extend the cache twice), unless the
+cache is only read (a shared prompt prefix's, :mod:`trainer.common.shared_prefix`). torch's
 non-reentrant checkpoint replays the autocast state of the forward and needs no input to
 require a gradient (a frozen base under a LoRA adapter is fine).
 """
@@ -58,8 +59,12 @@ def _checkpointed(
 ) -> Callable[..., Any]:
     @functools.wraps(forward)
     def run(*args: Any, **kwargs: Any) -> Any:
-        # A pass that extends a KV cache cannot be replayed: it would extend it twice.
-        if not torch.is_grad_enabled() or kwargs.get("past_key_values") is not None:
+        # A pass that extends a KV cache cannot be replayed: it would extend it twice. One
+        # that only reads it (a shared prefix: trainer.common.shared_prefix) can.
+        cache = kwargs.get("past_key_values")
+        if not torch.is_grad_enabled() or not (
+            cache is None or getattr(cache, "replayable", False)
+        ):
             return forward(*args, **kwargs)
         replay = replay_state() if replay_state is not None else contextlib.nullcontext()
         return checkpoint(

@@ -144,6 +144,18 @@ class PPOConfig(DeviceConfig):
             'peak; docs/benchmarks.md, "Checkpointing every other layer, on an AMX machine").'
         },
     )
+    shared_prefix_min_tokens: int = field(
+        default=8,
+        metadata={
+            "help": "Where every row of a scoring or update pass begins with the same prompt "
+            "tokens, at least this many (a chat template's system prompt: SmolLM2's default "
+            "one is 24 tokens), the backbone runs them once, as one row, and the rest of "
+            "each row against their keys and values (trainer.common.shared_prefix): the same "
+            "numbers up to rounding, and the same gradients (the prefix's is the sum over "
+            "its rows). 0 runs every row whole. Default 8: below that the extra pass costs "
+            "about what it saves on a small model. The decode loop's prefill runs whole."
+        },
+    )
     ppo_epochs: int = field(
         default=1,
         metadata={
@@ -336,7 +348,14 @@ class PPOConfig(DeviceConfig):
             "reward_clip",
             "target_kl",
         )
-        non_negative = ("vf_coef", "entropy_coef", "ptx_coef", "init_kl_coef", "approx_kl_stop")
+        non_negative = (
+            "vf_coef",
+            "entropy_coef",
+            "ptx_coef",
+            "init_kl_coef",
+            "approx_kl_stop",
+            "shared_prefix_min_tokens",
+        )
         return [
             *((getattr(self, n) >= 1, n, "must be at least 1") for n in at_least_one),
             *(

@@ -76,6 +76,11 @@ from trainer.common.onednn_layout import (
     layout_pays,
     multiplying_by,
 )
+from trainer.common.shared_prefix import (
+    hidden_after_prefix,
+    prefix_shareable,
+    shared_prefix_length,
+)
 from trainer.ppo.config import CriticKind
 from trainer.ppo.core import entropy_per_token, logprobs_from_logits, ptx_loss
 from trainer.ppo.lm_head import head_logprobs
@@ -357,6 +362,10 @@ class PolicyModels:
         """A prefix at least this long that every row of a pass begins with runs once, as
         one row (:mod:`trainer.common.shared_prefix`); 0: every row runs whole. The trainer
         sets it from ``PPOConfig.shared_prefix_min_tokens``."""
+        self._prefix_shareable = prefix_shareable(self._backbone.config)
+        self.prefix_tokens_shared = 0
+        """Backbone token positions not computed so far because their rows shared them:
+        ``(rows - 1) * prefix`` per pass."""
         self.actor_critic = ActorCritic(self, value_head, temperature, critic)
         marker = {name: f".{name}." for name in (POLICY, CRITIC)}
         self._policy_params = [p for n, p in peft_model.named_parameters() if marker[POLICY] in n]
@@ -630,8 +639,21 @@ class PolicyModels:
 
     def response_hidden(self, batch: TokenBatch) -> torch.Tensor:
         """Final hidden states ``[B, R, H]`` of the positions that predict each response
-        token (what the LM head and the value head read)."""
-        return _gather_positions(self.hidden_states(batch), batch.positions)
+        token (what the LM head and the value head read). A prompt prefix every row shares
+        (at least :attr:`shared_prefix_min_tokens` long) runs once; it ends before the
+        first position read, so only the rest's hidden states are needed."""
+        shared = 0
+        if self.shared_prefix_min_tokens and self._prefix_shareable:
+            first_read = int(batch.positions[:, 0].min())  # the shortest prompt's last token
+            shared = shared_prefix_length(batch.input_ids, batch.attention_mask, first_read)
+        if shared < max(1, self.shared_prefix_min_tokens):
+            return _gather_positions(self.hidden_states(batch), batch.positions)
+        with autocast(self.device, self.autocast_dtype):
+            rest = hidden_after_prefix(
+                self._backbone, batch.input_ids, batch.attention_mask, shared
+            )
+        self.prefix_tokens_shared += (len(batch) - 1) * shared
+        return _gather_positions(rest, batch.positions - shared)
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head on hidden states ``[N, H]`` -> logits ``[N, V]``, in float32."""

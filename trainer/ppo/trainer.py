@@ -145,6 +145,7 @@ class PPOTrainer:
         """Where every tensor of an iteration lives: the models' device."""
         if config.activation_checkpointing:
             checkpoint_layers(models.peft_model, config.checkpoint_every, models.replaying_adapter)
+        models.shared_prefix_min_tokens = config.shared_prefix_min_tokens
         self.module: torch.nn.Module = models.actor_critic
         if self.dist.enabled:
             self.module = DistributedDataParallel(
@@ -265,6 +266,7 @@ class PPOTrainer:
         """One PPO iteration on this rank's ``conversations``; returns its metrics."""
         cfg, dist, models = self.config, self.dist, self.models
         started = time.perf_counter()
+        shared_before = models.prefix_tokens_shared
 
         # 1+2. rollout, and evaluate it as it streams in: actor and critic (this very model),
         #      reference, reward. The last update's freed pages go back to the system
@@ -331,6 +333,7 @@ class PPOTrainer:
             "explained_variance": dist.mean(pm.explained_variance(values, returns, mask)),
             "response_length": dist.mean(lengths.mean().item()),
             "rows_scored_by_update": 0 if first is None else len(first.rows),
+            "prefix_tokens_shared": models.prefix_tokens_shared - shared_before,
             # None where the sampler's own log-probs were taken: there is no gap to measure.
             "sampler_logprob_gap": None if self.takes_sampler_logprobs else dist.mean(logprob_gap),
             "episodes": cfg.rollout_batch_size,

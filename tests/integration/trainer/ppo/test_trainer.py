@@ -692,3 +692,51 @@ def test_an_adapter_critic_trains_the_same_with_activation_checkpointing(
         trained[checkpointing] = [p.detach().clone() for p in models.trainable_parameters()]
     for a, b in zip(trained[True], trained[False], strict=True):
         torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6)
+
+
+SYSTEM = "Answer the question in one short sentence, politely, and in plain words."
+
+
+@pytest.mark.parametrize("critic", ["shared", "adapter"])
+def test_a_shared_system_prompt_runs_once_per_pass(
+    demo_model_dir: Path, reward_dir: Path, critic: str
+):
+    """Prompts that open with the same system message: every scoring and update pass runs
+    that prefix as one row (the backbone computes ``prefix_tokens_shared`` token positions
+    fewer), and the iteration's numbers and trained weights are those of whole rows."""
+    prompts = [[{"role": "system", "content": SYSTEM}, *p] for p in PROMPTS]
+    trained, metrics, tokens = {}, {}, {}
+    for minimum in (8, 0):
+        models, reward_fn = _nontrivial_policy(demo_model_dir, reward_dir, critic)
+        config = dataclasses.replace(
+            CONFIG, recompute_logprobs="always", shared_prefix_min_tokens=minimum
+        )
+        trainer = PPOTrainer(config, models, HFSampler(models), reward_fn)
+        tokens[minimum] = _tokens_through_backbone(models)
+        metrics[minimum] = trainer.iteration(prompts, 0)
+        trained[minimum] = [p.detach().clone() for p in models.trainable_parameters()]
+    shared = metrics[8]["prefix_tokens_shared"]
+    assert metrics[0]["prefix_tokens_shared"] == 0
+    # The template's BOS and system turn, in every row of every pass but one per pass.
+    assert shared >= len(PROMPTS) * 10
+    assert tokens[0][0] - tokens[8][0] == shared
+    for key in ("policy_loss", "value_loss", "approx_kl", "kl_ref", "reward_raw"):
+        assert metrics[8][key] == pytest.approx(metrics[0][key], rel=1e-4, abs=1e-6)
+    for a, b in zip(trained[8], trained[0], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def _tokens_through_backbone(models: PolicyModels) -> list[int]:
+    """Token positions the base backbone has computed, added up by a hook, except the decode
+    loop's steps (each extends a cache that holds tokens already)."""
+    total = [0]
+
+    def count(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("past_key_values")
+        extends = kwargs.get("use_cache") and cache is not None and cache.get_seq_length() > 0
+        if ids is not None and not extends:
+            total[0] += ids.numel()
+
+    models._backbone.register_forward_pre_hook(count, with_kwargs=True)
+    return total
