@@ -182,6 +182,13 @@ def main() -> int:
         metavar="N",
         help="PPOConfig.checkpoint_every (bench ppo's flag of the same name)",
     )
+    ap.add_argument(
+        "--shared-prefix-min-tokens",
+        type=int,
+        default=bench_ppo.PPOConfig.shared_prefix_min_tokens,
+        metavar="N",
+        help="PPOConfig.shared_prefix_min_tokens (bench ppo's flag of the same name)",
+    )
     ap.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto")
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
@@ -221,6 +228,7 @@ def main() -> int:
             "micro_batch_size": args.micro_batch_size,
             "activation_checkpointing": args.activation_checkpointing,
             "checkpoint_every": args.checkpoint_every,
+            "shared_prefix_min_tokens": args.shared_prefix_min_tokens,
             "iterations": args.iterations,
         },
         "episodes_per_s": round(run["episodes_per_s"], 2),
