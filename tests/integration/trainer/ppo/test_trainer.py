@@ -14,6 +14,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -614,6 +615,25 @@ def _rows_through_backbone(models: PolicyModels) -> dict[str, int]:
     return rows
 
 
+def _one_iteration(
+    demo_model_dir: Path,
+    reward_dir: Path,
+    critic: str,
+    count: Callable[[PolicyModels], Any] | None = None,
+    prompts: list = PROMPTS,
+    **changes: Any,
+) -> tuple[dict[str, Any], list[torch.Tensor], Any]:
+    """One iteration of :data:`CONFIG` with ``changes`` from :func:`_nontrivial_policy`:
+    its metrics, the trained parameters after it, and what ``count`` (a hook installed on
+    the models before the iteration) returned."""
+    models, reward_fn = _nontrivial_policy(demo_model_dir, reward_dir, critic)
+    config = dataclasses.replace(CONFIG, **changes)
+    trainer = PPOTrainer(config, models, HFSampler(models), reward_fn)
+    counted = count(models) if count is not None else None
+    metrics = trainer.iteration(prompts, 0)
+    return metrics, [p.detach().clone() for p in models.trainable_parameters()], counted
+
+
 @pytest.mark.parametrize("critic", ["shared", "adapter"])
 def test_the_first_mini_batch_is_scored_by_its_own_update_forward(
     demo_model_dir: Path, reward_dir: Path, critic: str
@@ -624,14 +644,14 @@ def test_the_first_mini_batch_is_scored_by_its_own_update_forward(
     is scored (the same rows, the same ratios up to rounding)."""
     trained, metrics, rows = {}, {}, {}
     for reuse in (True, False):
-        models, reward_fn = _nontrivial_policy(demo_model_dir, reward_dir, critic)
-        config = dataclasses.replace(
-            CONFIG, recompute_logprobs="always", first_mini_batch_from_update=reuse
+        metrics[reuse], trained[reuse], rows[reuse] = _one_iteration(
+            demo_model_dir,
+            reward_dir,
+            critic,
+            _rows_through_backbone,
+            recompute_logprobs="always",
+            first_mini_batch_from_update=reuse,
         )
-        trainer = PPOTrainer(config, models, HFSampler(models), reward_fn)
-        rows[reuse] = _rows_through_backbone(models)
-        metrics[reuse] = trainer.iteration(PROMPTS, 0)
-        trained[reuse] = [p.detach().clone() for p in models.trainable_parameters()]
     n, mini = len(PROMPTS), CONFIG.mini_batch_size
     assert metrics[True]["rows_scored_by_update"] == mini
     assert metrics[False]["rows_scored_by_update"] == 0
@@ -685,11 +705,9 @@ def test_an_adapter_critic_trains_the_same_with_activation_checkpointing(
     the weights it trains without checkpointing."""
     trained = {}
     for checkpointing in (False, True):
-        models, reward_fn = _nontrivial_policy(demo_model_dir, reward_dir, "adapter")
-        config = dataclasses.replace(CONFIG, activation_checkpointing=checkpointing)
-        trainer = PPOTrainer(config, models, HFSampler(models), reward_fn)
-        trainer.iteration(PROMPTS, 0)
-        trained[checkpointing] = [p.detach().clone() for p in models.trainable_parameters()]
+        _, trained[checkpointing], _ = _one_iteration(
+            demo_model_dir, reward_dir, "adapter", activation_checkpointing=checkpointing
+        )
     for a, b in zip(trained[True], trained[False], strict=True):
         torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6)
 
@@ -707,14 +725,15 @@ def test_a_shared_system_prompt_runs_once_per_pass(
     prompts = [[{"role": "system", "content": SYSTEM}, *p] for p in PROMPTS]
     trained, metrics, tokens = {}, {}, {}
     for minimum in (8, 0):
-        models, reward_fn = _nontrivial_policy(demo_model_dir, reward_dir, critic)
-        config = dataclasses.replace(
-            CONFIG, recompute_logprobs="always", shared_prefix_min_tokens=minimum
+        metrics[minimum], trained[minimum], tokens[minimum] = _one_iteration(
+            demo_model_dir,
+            reward_dir,
+            critic,
+            _tokens_through_backbone,
+            prompts,
+            recompute_logprobs="always",
+            shared_prefix_min_tokens=minimum,
         )
-        trainer = PPOTrainer(config, models, HFSampler(models), reward_fn)
-        tokens[minimum] = _tokens_through_backbone(models)
-        metrics[minimum] = trainer.iteration(prompts, 0)
-        trained[minimum] = [p.detach().clone() for p in models.trainable_parameters()]
     shared = metrics[8]["prefix_tokens_shared"]
     assert metrics[0]["prefix_tokens_shared"] == 0
     # The template's BOS and system turn, in every row of every pass but one per pass.
