@@ -50,20 +50,21 @@ class _ReadOnlyLayer(DynamicLayer):
     the new positions' appended, and keeps nothing (a replayed forward sees the same
     prefix)."""
 
+    keys: torch.Tensor
+    values: torch.Tensor
+
     def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         super().__init__()
-        self.keys, self.values = keys, values  # what get_seq_length and the masks read
-        self._prefix = (keys, values)
+        self.keys, self.values = keys, values
         self.dtype, self.device = keys.dtype, keys.device
         self.is_initialized = True
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = self._prefix
         return (
-            torch.cat([keys.to(key_states.dtype), key_states], dim=-2),
-            torch.cat([values.to(value_states.dtype), value_states], dim=-2),
+            torch.cat([self.keys, key_states], dim=-2),
+            torch.cat([self.values, value_states], dim=-2),
         )
 
 
