@@ -16,10 +16,16 @@ forward in the backward (:mod:`trainer.common.activation_checkpointing`).
 
 Rows are right-padded (prompt, response, then pad: :class:`trainer.ppo.models.TokenBatch`),
 so every row's prefix starts at column 0 and the rest keeps its absolute positions.
+
+The decode loop's prefill shares the prefix the same way, with a cache it extends
+(:class:`~trainer.ppo.rollout.hf.HFSampler`): the prefix runs as one row into the KV
+cache, which is then repeated to every row, and each prompt's rest runs after it,
+left-padded; :func:`common_prefix_length` finds the prefix among the prompts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -30,6 +36,19 @@ from transformers.cache_utils import (
     DynamicLayer,
     LinearAttentionCacheLayerMixin,
 )
+
+
+def common_prefix_length(rows: Sequence[Sequence[int]], limit: int) -> int:
+    """How many leading tokens all of ``rows`` (token ids) have in common, at most
+    ``limit``; 0 for a single row. What :func:`shared_prefix_length` finds in a batch,
+    for prompts not yet in one (a decode loop's)."""
+    if len(rows) < 2 or limit < 1:
+        return 0
+    first, width = rows[0], min(limit, *(len(row) for row in rows))
+    for i in range(width):
+        if any(row[i] != first[i] for row in rows):
+            return i
+    return width
 
 
 def shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor, limit: int) -> int:

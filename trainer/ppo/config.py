@@ -153,7 +153,8 @@ class PPOConfig(DeviceConfig):
             "each row against their keys and values (trainer.common.shared_prefix): the same "
             "numbers up to rounding, and the same gradients (the prefix's is the sum over "
             "its rows). 0 runs every row whole. Default 8: below that the extra pass costs "
-            "about what it saves on a small model. The decode loop's prefill runs whole."
+            "about what it saves on a small model. The decode loop's prefill shares it too: "
+            "the prefix runs once into the KV cache, which every row then starts from."
         },
     )
     ppo_epochs: int = field(

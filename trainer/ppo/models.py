@@ -77,6 +77,7 @@ from trainer.common.onednn_layout import (
     multiplying_by,
 )
 from trainer.common.shared_prefix import (
+    common_prefix_length,
     hidden_after_prefix,
     prefix_shareable,
     shared_prefix_length,
@@ -636,6 +637,28 @@ class PolicyModels:
                 use_cache=True,
             )
         return out.last_hidden_state[:, -1]
+
+    def shared_prompt_prefix(self, prompts: Sequence[Sequence[int]]) -> int:
+        """How many leading tokens of ``prompts`` (token ids) a decode loop's prefill runs
+        once (:meth:`decode_prefix`): what every prompt begins with, each keeping at least
+        its last token for its own pass (the first answer token is read off it), where that
+        is at least :attr:`shared_prefix_min_tokens` and the model's layers cache plain keys
+        and values; else 0."""
+        if not (self.shared_prefix_min_tokens and self._prefix_shareable):
+            return 0
+        shared = common_prefix_length(prompts, min(len(p) for p in prompts) - 1)
+        return shared if shared >= self.shared_prefix_min_tokens else 0
+
+    def decode_prefix(self, prefix: Sequence[int], rows: int, cache: Any) -> None:
+        """Fill the empty KV ``cache`` with the keys and values of ``prefix``, which all
+        ``rows`` prompts of a decode loop begin with: one row's forward of the active
+        adapter, its cache then repeated to the batch. The prefill that follows runs each
+        prompt's rest, after the prefix's positions."""
+        ids = torch.tensor([list(prefix)], dtype=torch.long, device=self.device)
+        positions = torch.arange(len(prefix), device=self.device).unsqueeze(0)
+        self.decode_hidden(ids, torch.ones_like(ids), positions, cache)
+        cache.batch_repeat_interleave(rows)
+        self.prefix_tokens_shared += (rows - 1) * len(prefix)
 
     def response_hidden(self, batch: TokenBatch) -> torch.Tensor:
         """Final hidden states ``[B, R, H]`` of the positions that predict each response

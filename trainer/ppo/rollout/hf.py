@@ -40,7 +40,9 @@ class HFSampler(Sampler):
     docstring): a short decode loop rather than ``generate``, because ``generate`` keeps
     computing every row until the longest one ends (most rollouts stop far earlier than
     the longest: docs/benchmarks.md, "Figures quoted in code") and samples by drawing one
-    random number per vocabulary entry. Here finished rows leave the batch, cache included.
+    random number per vocabulary entry. Here finished rows leave the batch, cache included,
+    and a prompt prefix every row shares (``PPOConfig.shared_prefix_min_tokens``: a system
+    prompt) runs once, as one row, its keys and values then copied into every row's cache.
     With a shared critic, each step's value is read off the hidden state the step's logits
     come from (the value head is one dot product per row). The KV cache is reserved for the
     longest answer up front (:mod:`~trainer.ppo.rollout.kv_cache`), not grown by a copy of
@@ -102,17 +104,27 @@ class HFSampler(Sampler):
     ) -> list[Finished]:
         models = self.models
         device = models.device
-        n, width = len(prompt_ids), max(len(p) for p in prompt_ids)
+        n = len(prompt_ids)
+        # A prefix every prompt shares (a system prompt) runs once, into the cache of every
+        # row; the prefill runs the rest of each prompt after it.
+        shared = models.shared_prompt_prefix(prompt_ids)
+        rests = [p[shared:] for p in prompt_ids]
+        width = max(len(p) for p in rests)
         input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros_like(input_ids)
-        for i, p in enumerate(prompt_ids):  # left padding: every row ends where generation starts
+        attention = torch.zeros((n, shared + width), dtype=torch.long)
+        attention[:, :shared] = 1
+        for i, p in enumerate(rests):  # left padding: every row ends where generation starts
             input_ids[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
-            attention[i, width - len(p) :] = 1
+            attention[i, shared + width - len(p) :] = 1
         input_ids, attention = input_ids.to(device), attention.to(device)
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, shared:]
         eos = torch.tensor(sorted(self.eos), device=device)
         generator = torch.Generator().manual_seed(seed)
-        cache = reserved_cache(self._config, max_new_tokens, self._cache_dtype())
+        # Room after the first write: the prefill's (all of it, or the prefix's alone).
+        reserve = max_new_tokens + (width if shared else 0)
+        cache = reserved_cache(self._config, reserve, self._cache_dtype())
+        if shared:
+            models.decode_prefix(prompt_ids[0][:shared], n, cache)
         live = torch.arange(n, device=device)  # the original row of each row still generating
         tokens: list[list[int]] = [[] for _ in range(n)]
         logprobs: list[list[float]] = [[] for _ in range(n)]

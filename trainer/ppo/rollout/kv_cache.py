@@ -5,7 +5,8 @@ every generated token copies the whole cache of every layer into a new, one-toke
 block. The decode loop knows its longest answer in advance, so each layer here allocates
 its keys and values once, prompt plus ``reserve`` tokens long, writes each step's new
 token in place and hands attention views of the filled part. Rows that finish still leave
-the batch (:meth:`ReservedLayer.batch_select_indices`).
+the batch (:meth:`ReservedLayer.batch_select_indices`); a prompt prefix every row shares
+is written for one row and then repeated to all (:meth:`ReservedLayer.batch_repeat_interleave`).
 
 ``dtype`` is the dtype the cache stores, when it is not the projections' own. On the CPU
 under bfloat16 autocast, attention runs in float32 (:mod:`trainer.common.cpu_attention`),
@@ -98,7 +99,13 @@ class ReservedLayer(DynamicLayer):
         raise NotImplementedError("the decode loop never crops its cache")
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        raise NotImplementedError("the decode loop never repeats rows")
+        """Each row ``repeats`` times over, in order (a prompt prefix computed once, as one
+        row, handed to every row of the batch): the filled part is copied, into buffers as
+        long as the old (:meth:`batch_select_indices`)."""
+        if self.get_seq_length() > 0:
+            assert self._keys is not None
+            rows = torch.arange(self._keys.shape[0], device=self._keys.device)
+            self.batch_select_indices(rows.repeat_interleave(repeats))
 
 
 def _grown(buffer: torch.Tensor, length: int) -> torch.Tensor:

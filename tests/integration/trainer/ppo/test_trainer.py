@@ -745,16 +745,43 @@ def test_a_shared_system_prompt_runs_once_per_pass(
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
+def test_the_decode_loop_runs_a_shared_system_prompt_once(demo_model_dir: Path, reward_dir: Path):
+    """Prompts that open with the same system message: the decode loop's prefill runs their
+    common prefix as one row, into every row's cache, and samples what it samples running
+    each prompt whole: the same tokens, their log-probs and values up to rounding."""
+    models, _ = _nontrivial_policy(demo_model_dir, reward_dir, "shared")
+    conversations = [[{"role": "system", "content": SYSTEM}, *p] for p in PROMPTS]
+    prompt_ids = render_prompts(models.tokenizer, conversations)
+    columns = zip(*prompt_ids, strict=False)  # as long as the shortest prompt
+    prefix = next(i for i, column in enumerate(columns) if len(set(column)) > 1)
+    assert prefix >= 16  # the template's BOS and system turn
+    sampler, tokens = HFSampler(models), _tokens_through_backbone(models)
+    rows, computed = {}, {}
+    for minimum in (0, 8):
+        models.shared_prefix_min_tokens = minimum
+        before, shared_before = tokens[0], models.prefix_tokens_shared
+        (rows[minimum],) = sampler.stream(prompt_ids, max_new_tokens=12, temperature=1.0, seed=3)
+        computed[minimum] = tokens[0] - before
+        assert models.prefix_tokens_shared - shared_before == (
+            prefix * (len(PROMPTS) - 1) if minimum else 0
+        )
+    assert computed[0] - computed[8] == prefix * (len(PROMPTS) - 1)
+    for whole, shared in zip(rows[0], rows[8], strict=True):
+        assert shared.response_ids == whole.response_ids
+        assert shared.sampler_logprobs == pytest.approx(whole.sampler_logprobs, abs=1e-5)
+        assert shared.values == pytest.approx(whole.values, abs=1e-5)
+    assert any(v != 0 for row in rows[8] for v in row.values or [])
+
+
 def _tokens_through_backbone(models: PolicyModels) -> list[int]:
-    """Token positions the base backbone has computed, added up by a hook, except the decode
-    loop's steps (each extends a cache that holds tokens already)."""
+    """Token positions the base backbone has computed, added up by a hook (the decode loop's
+    steps included: a run that shares a prefix samples the same tokens as one that does
+    not)."""
     total = [0]
 
     def count(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("past_key_values")
-        extends = kwargs.get("use_cache") and cache is not None and cache.get_seq_length() > 0
-        if ids is not None and not extends:
+        if ids is not None:
             total[0] += ids.numel()
 
     models._backbone.register_forward_pre_hook(count, with_kwargs=True)

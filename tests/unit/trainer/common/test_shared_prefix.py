@@ -13,6 +13,7 @@ from trainer.common.activation_checkpointing import checkpoint_layers
 from trainer.common.cpu_attention import use_cpu_attention
 from trainer.common.shared_prefix import (
     SharedPrefixCache,
+    common_prefix_length,
     hidden_after_prefix,
     prefix_shareable,
     shared_prefix_length,
@@ -41,6 +42,15 @@ def test_the_shared_prefix_length_by_hand() -> None:
     different = IDS.clone()
     different[1, 0] = 4
     assert shared_prefix_length(different, MASK, limit=9) == 0
+
+
+def test_the_common_prefix_of_unpadded_prompts_by_hand() -> None:
+    prompts = [[3, 7, 1, 9, 4], [3, 7, 1, 9, 6, 2], [3, 7, 1, 9, 4, 1, 6]]
+    assert common_prefix_length(prompts, limit=10) == 4
+    assert common_prefix_length(prompts, limit=2) == 2  # capped by the caller
+    assert common_prefix_length([prompts[0], prompts[2]], limit=10) == 5  # the shorter, whole
+    assert common_prefix_length(prompts[:1], limit=10) == 0  # one prompt: nothing shared
+    assert common_prefix_length([[5, 1], [6, 1]], limit=10) == 0
 
 
 def _lora_model(checkpoint_every: int = 0) -> torch.nn.Module:

@@ -51,6 +51,16 @@ def test_finished_rows_leave_the_batch():
     assert keys[:, 0, :, 0].tolist() == [[1, 2, 3], [21, 22, 13]]
 
 
+def test_a_prefix_written_for_one_row_is_repeated_to_every_row():
+    layer = ReservedLayer(reserve=2)
+    layer.update(_kv(1, 2), -_kv(1, 2))  # the shared prefix, one row
+    layer.batch_repeat_interleave(3)
+    keys, values = layer.update(_kv(3, rows=3), -_kv(3, rows=3))  # each row's own token
+    assert keys[:, 0, :, 0].tolist() == [[1, 2, 3], [1, 2, 13], [1, 2, 23]]
+    assert values[:, 0, :, 0].tolist() == [[-1, -2, -3], [-1, -2, -13], [-1, -2, -23]]
+    assert layer.get_seq_length() == 3
+
+
 def test_a_float32_cache_of_bfloat16_keys_holds_their_exact_values():
     layer = ReservedLayer(reserve=1, dtype=torch.float32)
     k = torch.tensor([1.00390625, 3.0]).reshape(1, 1, 2, 1).bfloat16()
