@@ -135,8 +135,9 @@ DIFFERENCES_NOT_REMOVED = {
     "update pass begins with (at least PPOConfig.shared_prefix_min_tokens, 8, long: "
     "SmolLM2's template's 24-token system prompt; the demo template's is 2 tokens, too short) "
     "once per pass, and each row's rest against its keys and values (prefix_tokens_shared: "
-    "the token positions not computed); TRL runs every row whole. Its decode loop's prefill "
-    "and TRL's generate both run every row whole",
+    "the token positions not computed), and once into its decode loop's KV cache, which "
+    "every row's prefill then starts from; TRL runs every row whole, in its passes and in "
+    "generate",
     "attention": "alignloop: its CPU attention implementation (trainer/common/cpu_attention.py:"
     " float32 products under bfloat16 autocast, grouped-query heads read in place); TRL: "
     "transformers' sdpa as loaded (bfloat16 under autocast in its update, KV heads copied "
