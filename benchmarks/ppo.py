@@ -245,7 +245,6 @@ def run_alignloop(args: argparse.Namespace) -> dict:
     from trainer.common.device import resolve_device
     from trainer.common.jemalloc import jemalloc_loaded
     from trainer.common.malloc_tuning import keep_freed_memory
-    from trainer.demo.corpus import sample_prompts
     from trainer.ppo.models import PolicyModels
     from trainer.ppo.rollout.hf import HFSampler
     from trainer.ppo.rollout.vllm import VllmOptions, VllmSampler
@@ -299,7 +298,7 @@ def run_alignloop(args: argparse.Namespace) -> dict:
     rules = build_rules(CONCISE if args.reward == "flat" else [])  # small: the model alone
     reward_fn = ComposedReward(models.reward, rules).components
     trainer = PPOTrainer(config, models, sampler, reward_fn)
-    prompts = [[{"role": "user", "content": p.text}] for p in sample_prompts(0, FIXED["prompts"])]
+    prompts = conversations(args.system_prompt)
     batch = config.rollout_batch_size
     steps = []
     started = time.perf_counter()
@@ -397,6 +396,7 @@ def _child(
         *(["--activation-checkpointing"] if args.activation_checkpointing else []),
         "--checkpoint-every", str(args.checkpoint_every),
         "--shared-prefix-min-tokens", str(args.shared_prefix_min_tokens),
+        *(["--system-prompt", args.system_prompt] if args.system_prompt else []),
         *(["--save-policy", str(save)] if save else []),
     ]  # fmt: skip
     env = {**allocator_env(args.allocator), "PYTHONPATH": str(ROOT)}
@@ -544,11 +544,23 @@ def _lora_targets(model: Path) -> str:
     return ",".join(lora_target_modules(AutoModelForCausalLM.from_pretrained(model)))
 
 
-def _setup(model: Path, work: Path, reward: str) -> tuple[Path, Path]:
-    """The reward model version (:func:`small_reward_model` or the flat one) and the
-    prompts file (TRL's format)."""
-    from tests.fixtures.ppo import flat_reward_model
+def conversations(system_prompt: str | None) -> list[list[dict[str, str]]]:
+    """The benchmark's prompts, both sides': demo-corpus questions as user turns, each after
+    ``system_prompt`` as a system turn where one is given."""
     from trainer.demo.corpus import sample_prompts
+
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return [
+        [*system, {"role": "user", "content": p.text}] for p in sample_prompts(0, FIXED["prompts"])
+    ]
+
+
+def _setup(
+    model: Path, work: Path, reward: str, system_prompt: str | None = None
+) -> tuple[Path, Path]:
+    """The reward model version (:func:`small_reward_model` or the flat one) and the
+    prompts file (TRL's format: :func:`conversations`)."""
+    from tests.fixtures.ppo import flat_reward_model
 
     reward_dir = work / "reward"
     if reward == "small":
@@ -558,8 +570,8 @@ def _setup(model: Path, work: Path, reward: str) -> tuple[Path, Path]:
         flat_reward_model(model).save(reward_dir)
     prompts_file = work / "prompts.jsonl"
     with open(prompts_file, "w") as f:
-        for p in sample_prompts(0, FIXED["prompts"]):
-            f.write(json.dumps({"messages": [{"role": "user", "content": p.text}]}) + "\n")
+        for messages in conversations(system_prompt):
+            f.write(json.dumps({"messages": messages}) + "\n")
     return reward_dir, prompts_file
 
 
@@ -695,6 +707,7 @@ def summarise(
             "alignloop_activation_checkpointing": args.activation_checkpointing,
             "alignloop_checkpoint_every": args.checkpoint_every,
             "alignloop_shared_prefix_min_tokens": args.shared_prefix_min_tokens,
+            "system_prompt": args.system_prompt,
             "threads": args.threads,
             "iterations": args.iterations,
             "actor_lr": args.lr,
@@ -848,6 +861,12 @@ def main() -> int:
         "tokens long that every row of a pass shares runs once (0: every row whole)",
     )
     ap.add_argument(
+        "--system-prompt",
+        metavar="TEXT",
+        help="a system message before every prompt, on both sides (a product's own "
+        "instructions; without it the model's template adds its default, if it has one)",
+    )
+    ap.add_argument(
         "--eval",
         action="store_true",
         help="score each side's first-round policy and the base on held-out prompts with one "
@@ -879,7 +898,7 @@ def main() -> int:
         args.model_label = f"llama {args.scaled_model} (random)"
     args.precision = resolved_precision(args.model, args.precision)
     log(f"precision: {args.precision} on both sides")
-    reward_dir, prompts_file = _setup(args.model, work, args.reward)
+    reward_dir, prompts_file = _setup(args.model, work, args.reward, args.system_prompt)
     sides = ["alignloop"] if args.no_trl else ["alignloop", "trl_full", "trl_lora"]
     targets = None if args.no_trl else _lora_targets(args.model)
     runs: dict[str, list[dict]] = {side: [] for side in sides}

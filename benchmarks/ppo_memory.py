@@ -209,6 +209,7 @@ def main() -> int:
         critic="shared",
         reward="small",
         save_policy=None,
+        system_prompt=None,
         work=work,
     )
     run = bench_ppo.run_alignloop(child)
