@@ -48,8 +48,10 @@ rows per forward/backward and ``--activation-checkpointing`` its
 ``--checkpoint-every N`` its ``checkpoint_every`` (every N-th layer checkpointed);
 ``--scaled-model HIDDEN,LAYERS`` trains a randomly initialised Llama of that width and
 depth (the demo tokenizer and chat template) instead of the demo model, to see where model
-memory, not the Python/torch floor, dominates. ``--quick``: two iterations per run (still
-every round). ``--no-trl``: alignloop alone.
+memory, not the Python/torch floor, dominates. ``--system-prompt TEXT`` opens every prompt
+with that system message on both sides (:func:`conversations`): a product's own
+instructions, what a production round's prompts begin with. ``--quick``: two iterations
+per run (still every round). ``--no-trl``: alignloop alone.
 
     python -m benchmarks.ppo [--quick] [--rounds 3] [--rollout auto|vllm|hf] [--no-trl]
 """
