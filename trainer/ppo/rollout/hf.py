@@ -105,26 +105,9 @@ class HFSampler(Sampler):
         models = self.models
         device = models.device
         n = len(prompt_ids)
-        # A prefix every prompt shares (a system prompt) runs once, into the cache of every
-        # row; the prefill runs the rest of each prompt after it.
-        shared = models.shared_prompt_prefix(prompt_ids)
-        rests = [p[shared:] for p in prompt_ids]
-        width = max(len(p) for p in rests)
-        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((n, shared + width), dtype=torch.long)
-        attention[:, :shared] = 1
-        for i, p in enumerate(rests):  # left padding: every row ends where generation starts
-            input_ids[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
-            attention[i, shared + width - len(p) :] = 1
-        input_ids, attention = input_ids.to(device), attention.to(device)
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+        input_ids, attention, positions, cache = self._prefill_inputs(prompt_ids, max_new_tokens)
         eos = torch.tensor(sorted(self.eos), device=device)
         generator = torch.Generator().manual_seed(seed)
-        # Room after the first write: the prefill's (all of it, or the prefix's alone).
-        reserve = max_new_tokens + (width if shared else 0)
-        cache = reserved_cache(self._config, reserve, self._cache_dtype())
-        if shared:
-            models.decode_prefix(prompt_ids[0][:shared], n, cache)
         live = torch.arange(n, device=device)  # the original row of each row still generating
         tokens: list[list[int]] = [[] for _ in range(n)]
         logprobs: list[list[float]] = [[] for _ in range(n)]
@@ -164,6 +147,33 @@ class HFSampler(Sampler):
             Finished(i, tokens[i], logprobs[i], values[i] if with_values else None)
             for i in range(n)
         ]
+
+    def _prefill_inputs(
+        self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+        """The first decode step's ``input_ids``, ``attention_mask`` and ``position_ids``,
+        and the KV cache it extends. A prefix every prompt shares (a system prompt) is in
+        the cache already, run once as one row (:meth:`PolicyModels.decode_prefix`); the
+        step runs the rest of each prompt after it, left-padded, so that every row ends
+        where generation starts."""
+        models, n = self.models, len(prompt_ids)
+        shared = models.shared_prompt_prefix(prompt_ids)
+        rests = [p[shared:] for p in prompt_ids]
+        width = max(len(p) for p in rests)
+        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((n, shared + width), dtype=torch.long)
+        attention[:, :shared] = 1
+        for i, p in enumerate(rests):
+            input_ids[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+            attention[i, shared + width - len(p) :] = 1
+        input_ids, attention = input_ids.to(models.device), attention.to(models.device)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+        # Room after the first write: the prefill's (all of it, or the prefix's alone).
+        reserve = max_new_tokens + (width if shared else 0)
+        cache = reserved_cache(self._config, reserve, self._cache_dtype())
+        if shared:
+            models.decode_prefix(prompt_ids[0][:shared], n, cache)
+        return input_ids, attention, positions, cache
 
     def _policy(self, which: Which, rows: int) -> contextlib.AbstractContextManager[None]:
         """The sampling model for a decode loop of ``rows`` rows (no gradient: the adapter
