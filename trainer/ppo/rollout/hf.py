@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 from trainer.common import cpu_attention
 from trainer.ppo.models import POLICY, PolicyModels
@@ -150,7 +151,7 @@ class HFSampler(Sampler):
 
     def _prefill_inputs(
         self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DynamicCache]:
         """The first decode step's ``input_ids``, ``attention_mask`` and ``position_ids``,
         and the KV cache it extends. A prefix every prompt shares (a system prompt) is in
         the cache already, run once as one row (:meth:`PolicyModels.decode_prefix`); the
