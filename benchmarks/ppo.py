@@ -171,11 +171,12 @@ CRITIC_DIFFERENCE = {
 PRECISION_DIFFERENCE = {
     "float32": "none: float32 throughout on both sides",
     "bfloat16": "alignloop (PPOConfig.precision bfloat16): every pass (decode, reference, "
-    "reward, update) under bfloat16 autocast, attention's products in float32; the actor's "
-    "log-probs recomputed after the first decode, and taken from the decode loop afterwards "
-    "if that iteration measured them within PPOConfig.sampler_logprob_tolerance "
-    "(iterations_recomputing_logprobs, sampler_logprob_gap); where recomputed, those of the "
-    "update's first mini-batch read off its own forward in the update "
+    "reward, update) under bfloat16 autocast, attention's products in float32; the decode "
+    "loop's log-probs taken for every row but the update's first mini-batch, whose "
+    "recomputed ones measure their gap (iterations_recomputing_logprobs, "
+    "sampler_logprob_gap), and for every row once that gap is within "
+    "PPOConfig.sampler_logprob_tolerance (else the other rows are recomputed too); the "
+    "first mini-batch's read off its own forward in the update "
     "(PPOConfig.first_mini_batch_from_update; rows_scored_by_update); TRL (bf16=True): "
     "accelerate "
     "autocasts only the prepared policy-and-value "

@@ -68,8 +68,8 @@ class PPOConfig(DeviceConfig):
             "another engine or another precision; a sampler that is the training model "
             "itself in float32 (the hf decode loop on the CPU) computed them with the same "
             "weights, equal up to rounding (trainer.ppo.rollout.base), so that pass is saved; "
-            "in another precision, only once its first iteration measured the gap below "
-            "sampler_logprob_tolerance."
+            "in another precision, only once an iteration measured the gap below "
+            "sampler_logprob_tolerance on the update's first mini-batch."
         },
     )
     sampler_logprob_tolerance: float = field(
@@ -77,9 +77,12 @@ class PPOConfig(DeviceConfig):
         metadata={
             "help": "'auto' with a sampler that is the training model under bfloat16 "
             "autocast (a decode step and a full pass round differently): the first iteration "
-            "recomputes the actor's log-probs and measures their mean absolute gap per token "
-            "to the sampler's; below this many nats, later iterations take the sampler's "
-            "own. Default 0.01: a ratio within 1 % of exact, far inside the clip range "
+            "recomputes the actor's log-probs of the update's first mini-batch only and "
+            "measures their mean absolute gap per token to the sampler's, taking the "
+            "sampler's for the other rows; below this many nats, this and later iterations "
+            "keep the sampler's own, else the other rows are recomputed too (and the gap "
+            "measured again next iteration). Default 0.01: a ratio within 1 % of exact, far "
+            "inside the clip range "
             '(measured gaps per model: docs/benchmarks.md, "Attention in float32 on the '
             'CPU").'
         },
@@ -93,9 +96,10 @@ class PPOConfig(DeviceConfig):
             "instead of a scoring pass of their own: one actor pass over mini_batch_size rows "
             "fewer per iteration, and the first step's ratios exactly 1. Taken where the "
             "mini-batch is one micro-batch (its graph is then the only one held while "
-            "advantages are computed), on one process and without PPO-ptx, and not in the "
-            "iteration that measures the sampler's gap (recompute_logprobs 'auto': the "
-            "scoring pass then scores every row). Measured: docs/benchmarks.md, "
+            "advantages are computed), on one process and without PPO-ptx; in the iteration "
+            "that measures the sampler's gap (recompute_logprobs 'auto'), that forward is "
+            "what the gap is measured on, so it costs no actor pass. Measured: "
+            "docs/benchmarks.md, "
             '"The first mini-batch scored by its own update forward".'
         },
     )

@@ -7,9 +7,11 @@
 2. **evaluate the rollout** (no gradient) - recomputes the actor's log-probs with the
    training model (never another engine's: their mean absolute gap is logged; a sampler
    that is the training model in float32 hands over its own, and a shared critic's values
-   with them: ``recompute_logprobs``), the frozen reference's log-probs (adapters
-   disabled), the critic's values, and the reward: reward model score plus rule terms, one
-   number per response. With vLLM this overlaps step 1:
+   with them: ``recompute_logprobs``; in another precision it hands them over for every
+   row but the update's first mini-batch, whose recomputed ones measure the gap, and the
+   rest are recomputed only where that gap is too large), the frozen reference's
+   log-probs (adapters disabled), the critic's values, and the reward: reward model score
+   plus rule terms, one number per response. With vLLM this overlaps step 1:
    the sampler streams finished responses, and once two micro-batches of them are ready
    they are scored, up to a mini-batch a pass, while the engine (its own processes, on its
    own cores) still generates the longer ones; the ``hf`` decode loop hands over the whole
@@ -113,6 +115,20 @@ def _padded(
     return out if device is None else out.to(device)
 
 
+def _complement(rows: torch.Tensor, n: int) -> torch.Tensor:
+    """The indices of ``range(n)`` not in ``rows``, ascending."""
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[rows] = False
+    return keep.nonzero()[:, 0]
+
+
+def _flags(rows: torch.Tensor, n: int) -> torch.Tensor:
+    """``[n]`` booleans, True at ``rows``."""
+    flags = torch.zeros(n, dtype=torch.bool)
+    flags[rows] = True
+    return flags
+
+
 class PPOTrainer:
     """Runs PPO iterations on :class:`PolicyModels` (see module docstring)."""
 
@@ -164,12 +180,16 @@ class PPOTrainer:
         """Scoring a rollout runs the reference (and an adapter critic) only: in float32 from
         the start; under autocast once an iteration measured the gap below
         ``config.sampler_logprob_tolerance``."""
-        self.sampler_gap_measured = False
-        """Whether an iteration has compared the sampler's log-probs with the scoring
-        pass's (under ``may_take_sampler_logprobs``), deciding ``takes_sampler_logprobs``."""
         self.ptx_examples = list(ptx_examples) if config.ptx_coef > 0 else []
         if config.ptx_coef > 0 and not self.ptx_examples:
             raise ValueError("ptx_coef > 0 needs ptx_examples (SFT prompt/answer token ids)")
+
+    @property
+    def measuring_sampler_gap(self) -> bool:
+        """Whether the next iteration measures the sampler's log-prob gap to decide whether
+        to take them (``recompute_logprobs`` "auto" with the training model as sampler, in
+        a precision where they were not trusted from the start, nor since)."""
+        return self.may_take_sampler_logprobs and not self.takes_sampler_logprobs
 
     # --- checkpoint state --------------------------------------------------------------------
 
@@ -220,27 +240,28 @@ class PPOTrainer:
         rows = rows[torch.argsort(lengths, stable=True)]
         return list(rows.split(self.config.micro_batch_size))
 
+    def _first_draw(self, rows: int, iteration: int) -> torch.Tensor:
+        """The rows (of ``rows`` rollout rows) of the update's first mini-batch, drawn as
+        :meth:`_update` will draw them."""
+        mini = self.config.mini_batch_size // self.dist.world_size
+        return torch.randperm(rows, generator=self._shuffle_generator(iteration))[:mini]
+
     def _first_mini_batch(self, rows: int, iteration: int) -> torch.Tensor | None:
-        """The rows of the update's first mini-batch (of ``rows`` rollout rows), drawn as
-        :meth:`_update` will draw them, where its own forward can stand in for their actor
-        pass in scoring (``PPOConfig.first_mini_batch_from_update``: the pass runs at all,
-        the mini-batch is one micro-batch, one process, no PPO-ptx); else None. Not in the
-        iteration that measures the sampler's gap (``recompute_logprobs`` ``auto``): the
-        tolerance is on the gap to the scoring pass, so that pass scores every row, and
-        where the gap is small, later iterations run no actor pass at all."""
+        """The rows of the update's first mini-batch (:meth:`_first_draw`) where its own
+        forward can stand in for their actor pass in scoring
+        (``PPOConfig.first_mini_batch_from_update``: the pass runs at all, the mini-batch is
+        one micro-batch, one process, no PPO-ptx); else None."""
         cfg = self.config
         mini = cfg.mini_batch_size // self.dist.world_size
-        measuring = self.may_take_sampler_logprobs and not self.sampler_gap_measured
         if (
             not cfg.first_mini_batch_from_update
             or self.takes_sampler_logprobs
-            or measuring
             or mini > cfg.micro_batch_size
             or self.dist.enabled
             or self.ptx_examples
         ):
             return None
-        return torch.randperm(rows, generator=self._shuffle_generator(iteration))[:mini]
+        return self._first_draw(rows, iteration)
 
     def _first_forward(
         self,
@@ -274,8 +295,14 @@ class PPOTrainer:
         release_freed_pages()
         sync_s = self.sampler.sync(models, str(iteration))
         seed = (cfg.seed * 1_000_003 + iteration) * dist.world_size + dist.rank
-        first_rows = self._first_mini_batch(len(conversations), iteration)
-        rollout = self._rollout_and_score(conversations, seed, first_rows)
+        n = len(conversations)
+        first_rows = self._first_mini_batch(n, iteration)
+        # While the sampler's log-probs are not yet trusted (recompute_logprobs "auto" in
+        # another precision), they are taken for every row but the update's first
+        # mini-batch, whose actor pass measures the gap (below, under "gap").
+        measured = self._first_draw(n, iteration) if self.measuring_sampler_gap else None
+        taken = None if measured is None else _complement(measured, n)
+        rollout = self._rollout_and_score(conversations, seed, first_rows, taken)
         batch, old_logprobs, values = rollout.batch, rollout.old_logprobs, rollout.values
         mask = batch.mask.float()
         scores = rollout.reward_parts["total"].float()
@@ -295,7 +322,18 @@ class PPOTrainer:
             t_first = time.perf_counter()
             first = self._first_forward(batch, first_rows, old_logprobs, values)
             first_s = time.perf_counter() - t_first
-        logprob_gap = pm.masked_mean((old_logprobs - rollout.sampler_logprobs).abs(), mask).item()
+        # gap: the actor's log-probs against the sampler's, where both exist; under "auto",
+        # below the tolerance the sampler's are taken from now on, else the rows that took
+        # them tentatively get their actor pass now.
+        gap = None
+        if not self.takes_sampler_logprobs:
+            gap = dist.mean(
+                self._sampler_gap(old_logprobs, rollout.sampler_logprobs, mask, measured)
+            )
+        if taken is not None and gap is not None:
+            self.takes_sampler_logprobs = gap < cfg.sampler_logprob_tolerance
+            if not self.takes_sampler_logprobs:
+                self._actor_pass(batch, _flags(taken, n), old_logprobs, values)
         if cfg.normalize_reward:
             norm_scores = pm.normalize_and_clip_rewards(
                 scores, self.moments, cfg.reward_clip, update=False
@@ -335,7 +373,7 @@ class PPOTrainer:
             "rows_scored_by_update": 0 if first is None else len(first.rows),
             "prefix_tokens_shared": models.prefix_tokens_shared - shared_before,
             # None where the sampler's own log-probs were taken: there is no gap to measure.
-            "sampler_logprob_gap": None if self.takes_sampler_logprobs else dist.mean(logprob_gap),
+            "sampler_logprob_gap": gap,
             "episodes": cfg.rollout_batch_size,
             "rollout_tokens": int(dist.mean(float(rollout.tokens)) * dist.world_size),
             "rollout_tokens_per_s": dist.mean(rollout.tokens / max(rollout.rollout_s, 1e-9))
@@ -351,17 +389,16 @@ class PPOTrainer:
                 metrics[f"reward_{name}"] = dist.mean(values_.float().mean().item())
         metrics["seconds"] = time.perf_counter() - started
         metrics["episodes_per_s"] = cfg.rollout_batch_size / metrics["seconds"]
-        gap = metrics["sampler_logprob_gap"]
-        if self.may_take_sampler_logprobs and gap is not None:
-            # The same mean on every rank: the ranks decide alike.
-            self.takes_sampler_logprobs = gap < cfg.sampler_logprob_tolerance
-            self.sampler_gap_measured = True
         return metrics
 
     # Long on purpose: one loop that interleaves taking finished answers from the stream
     # with scoring them; split, its shared buffers would travel through every piece.
     def _rollout_and_score(
-        self, conversations: Sequence[Any], seed: int, by_update: torch.Tensor | None = None
+        self,
+        conversations: Sequence[Any],
+        seed: int,
+        by_update: torch.Tensor | None = None,
+        taken: torch.Tensor | None = None,
     ) -> ScoredRollout:
         """Sample one response per conversation and score the responses as soon as the
         sampler has finished them: once ``2 * micro_batch_size`` are ready (no gradient:
@@ -369,7 +406,10 @@ class PPOTrainer:
         ready, up to ``mini_batch_size`` per pass; once the stream ends, the rest in one
         call, whose passes chunk it (the adapter folded once for all of them). The rows
         ``by_update`` get no actor pass here (0 for their log-probs and values): the
-        update's first forward computes them (:meth:`_first_forward`)."""
+        update's first forward computes them (:meth:`_first_forward`). The rows ``taken``
+        (default: every row where :attr:`takes_sampler_logprobs`, else none) get the
+        sampler's log-probs, and the values it read where it has them, instead of an actor
+        pass."""
         models, cfg = self.models, self.config
         prompt_ids = render_prompts(models.tokenizer, conversations)
         n = len(prompt_ids)
@@ -379,6 +419,9 @@ class PPOTrainer:
         parts: dict[str, torch.Tensor] = {}
         score_s = 0.0
         skipped = set() if by_update is None else set(by_update.tolist())
+        from_sampler = set(range(n)) if self.takes_sampler_logprobs else set()
+        if taken is not None:
+            from_sampler = set(taken.tolist())
 
         def score(chunk: list[Finished]) -> None:
             nonlocal score_s
@@ -390,7 +433,12 @@ class PPOTrainer:
                 self.pad_id,
                 self.device,
             )
-            per_token = self._score_tokens(sub, chunk, [d.index in skipped for d in chunk])
+            per_token = self._score_tokens(
+                sub,
+                chunk,
+                skip_actor=[d.index in skipped for d in chunk],
+                take_sampler=[d.index in from_sampler for d in chunk],
+            )
             for j, d in enumerate(chunk):
                 length = len(d.response_ids)
                 scored[d.index] = tuple(part[j, :length] for part in per_token)
@@ -461,53 +509,90 @@ class PPOTrainer:
         batch: TokenBatch,
         finished: Sequence[Finished] | None = None,
         skip_actor: Sequence[bool] | None = None,
+        take_sampler: Sequence[bool] | None = None,
     ) -> tuple[torch.Tensor, ...]:
         """Actor log-probs, critic values and reference log-probs ``[B, R]`` of the rollout
         rows ``finished`` (laid out in ``batch``), computed in length-sorted chunks (less
-        padding; every row's numbers are its own), 0 on padding. Where the sampler is the
-        training model (:attr:`takes_sampler_logprobs`) its log-probs, and the values it
-        read when it has them, are taken instead of recomputed (``finished`` None: every
-        number is computed). Rows flagged in ``skip_actor`` get the reference only (0 for
-        the actor's log-probs and values: the update computes them)."""
+        padding; every row's numbers are its own), 0 on padding. Rows flagged in
+        ``take_sampler`` (default: all where :attr:`takes_sampler_logprobs`; none where
+        ``finished`` is None, then every number is computed) get the sampler's log-probs,
+        and the values it read when it has them, instead of recomputed ones. Rows flagged
+        in ``skip_actor`` get the reference only (0 for the actor's log-probs and values:
+        the update computes them)."""
+        n = len(batch)
         out = [torch.zeros(batch.mask.shape, device=batch.device) for _ in range(3)]
-        ac = self.models.actor_critic
-        width = batch.response_width
-        taken_logprobs = taken_values = None
-        if self.takes_sampler_logprobs and finished is not None:
+        take = torch.tensor(
+            [self.takes_sampler_logprobs] * n if take_sampler is None else list(take_sampler),
+            dtype=torch.bool,
+        )
+        skip = torch.tensor([False] * n if skip_actor is None else list(skip_actor))
+        if finished is None:
+            take[:] = False
+        critic_only = torch.zeros(n, dtype=torch.bool)
+        if finished is not None and bool(take.any()):
+            width, here = batch.response_width, take.to(batch.device)
             taken_logprobs = _padded([d.sampler_logprobs for d in finished], width, batch.device)
+            out[0][here] = taken_logprobs[here]
             if all(d.values is not None for d in finished):
-                values_ = [d.values or [] for d in finished]
-                taken_values = _padded(values_, width, batch.device)
-        size = self.config.mini_batch_size
-        chunks = [(rows, batch.select(rows)) for rows in batch.length_chunks(size)]
-        actor_chunks = chunks
-        if skip_actor is not None and any(skip_actor):
-            skip = torch.tensor(list(skip_actor), dtype=torch.bool, device=batch.device)
-            kept_rows = [rows[~skip[rows]] for rows, _ in chunks]
-            actor_chunks = [(rows, batch.select(rows)) for rows in kept_rows if len(rows)]
-
-        # The adapter folded once for every chunk, and the reference's weights cast once
-        # (each a pass over every weight), not once per chunk; not at all where the sampler
-        # handed over every number. A critic adapter of its own is folded in turn, chunk by
-        # chunk.
-        policy_pass = bool(actor_chunks) and (taken_logprobs is None or taken_values is None)
-        once = ac.critic_kind == "shared" and policy_pass
-        with self.models.adapter(POLICY) if once else contextlib.nullcontext():
-            for rows, chunk in actor_chunks:
-                width = chunk.response_width
-                if taken_logprobs is None:
-                    logprobs, values, _ = ac.evaluate(chunk, with_entropy=False)
-                else:
-                    logprobs = taken_logprobs[rows, :width]
-                    values = (
-                        ac.critic(chunk) if taken_values is None else taken_values[rows, :width]
-                    )
-                _put(out[0], rows, chunk, logprobs)
-                _put(out[1], rows, chunk, values)
+                taken_values = _padded([d.values or [] for d in finished], width, batch.device)
+                out[1][here] = taken_values[here]
+            else:
+                critic_only = take & ~skip
+        self._actor_pass(batch, ~take & ~skip, out[0], out[1], critic_only)
         with self.models.reference():
-            for rows, chunk in chunks:
+            for rows in batch.length_chunks(self.config.mini_batch_size):
+                chunk = batch.select(rows)
                 _put(out[2], rows, chunk, self.models.reference_logprobs(chunk))
         return tuple(out)
+
+    @torch.inference_mode()
+    def _actor_pass(
+        self,
+        batch: TokenBatch,
+        actor: torch.Tensor,
+        logprobs: torch.Tensor,
+        values: torch.Tensor,
+        critic_only: torch.Tensor | None = None,
+    ) -> None:
+        """The actor's log-probs and the critic's values of the rows of ``batch`` flagged
+        in ``actor`` (``[B]`` booleans), and the critic's values alone of those flagged in
+        ``critic_only``, written into ``logprobs`` and ``values`` ``[B, R]``; length-sorted
+        chunks of at most a mini-batch. The adapter is folded once for every chunk (a pass
+        over every weight), not once per chunk; a critic adapter of its own is folded in
+        turn, chunk by chunk."""
+        critic_only = torch.zeros_like(actor) if critic_only is None else critic_only
+        if not bool((actor | critic_only).any()):
+            return
+        ac = self.models.actor_critic
+        once = ac.critic_kind == "shared"
+        with self.models.adapter(POLICY) if once else contextlib.nullcontext():
+            for rows in batch.length_chunks(self.config.mini_batch_size):
+                for wanted, alone in ((actor[rows.cpu()], False), (critic_only[rows.cpu()], True)):
+                    kept = rows[wanted.to(rows.device)]
+                    if not len(kept):
+                        continue
+                    chunk = batch.select(kept)
+                    if alone:
+                        _put(values, kept, chunk, ac.critic(chunk))
+                        continue
+                    chunk_logprobs, chunk_values, _ = ac.evaluate(chunk, with_entropy=False)
+                    _put(logprobs, kept, chunk, chunk_logprobs)
+                    _put(values, kept, chunk, chunk_values)
+
+    def _sampler_gap(
+        self,
+        logprobs: torch.Tensor,
+        sampler_logprobs: torch.Tensor,
+        mask: torch.Tensor,
+        rows: torch.Tensor | None,
+    ) -> float:
+        """The mean absolute gap per response token between the actor's log-probs and the
+        sampler's, over ``rows`` (None: every row)."""
+        gap = (logprobs - sampler_logprobs).abs()
+        if rows is not None:
+            rows = rows.to(gap.device)
+            gap, mask = gap[rows], mask[rows]
+        return pm.masked_mean(gap, mask).item()
 
     # Long on purpose: one micro-batch's forward, the three losses and their metrics, in
     # the order the gradient is built (the loss terms are pure functions in core).

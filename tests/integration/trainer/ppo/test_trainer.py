@@ -671,9 +671,8 @@ def test_the_first_mini_batch_is_scored_by_its_own_update_forward(
 def test_the_first_mini_batch_keeps_its_scoring_pass_where_its_forward_cannot_stand_in(
     demo_model_dir: Path, reward_dir: Path
 ):
-    """Several micro-batches (their graphs would all be held), PPO-ptx, the sampler's own
-    log-probs taken (no actor pass to save), or the iteration that measures their gap to the
-    scoring pass: every row is scored as before."""
+    """Several micro-batches (their graphs would all be held), PPO-ptx, or the sampler's
+    own log-probs taken (no actor pass to save): every row is scored as before."""
     ptx = [([1, 2, 3], [4, 5])]
     for changes in (
         {"recompute_logprobs": "always", "micro_batch_size": 4},
@@ -685,16 +684,66 @@ def test_the_first_mini_batch_keeps_its_scoring_pass_where_its_forward_cannot_st
     trainer = _trainer(demo_model_dir, reward_dir, recompute_logprobs="always")
     first = trainer._first_mini_batch(len(PROMPTS), 0)
     assert first is not None and len(first) == CONFIG.mini_batch_size
-    # "auto" under bfloat16: the first iteration measures the decode loop's gap against
-    # the scoring pass on every row; later ones save the first mini-batch's pass only
-    # where the pass goes on (the gap above the tolerance).
-    models = PolicyModels.load(demo_model_dir, reward_dir).to(torch.device("cpu"), "bfloat16")
-    reward_fn = ComposedReward(models.reward, build_rules(CONCISE)).components
-    trainer = PPOTrainer(CONFIG, models, HFSampler(models), reward_fn)
-    assert trainer._first_mini_batch(len(PROMPTS), 0) is None
-    assert trainer.iteration(PROMPTS, 0)["rows_scored_by_update"] == 0
-    later = trainer._first_mini_batch(len(PROMPTS), 1)
-    assert (later is None) == trainer.takes_sampler_logprobs
+
+
+@pytest.mark.parametrize("tolerance", [1.0, 1e-9])
+def test_the_samplers_gap_is_measured_on_the_first_mini_batch_alone(
+    demo_model_dir: Path, reward_dir: Path, tolerance: float
+):
+    """``recompute_logprobs="auto"`` under bfloat16: the first iteration runs the actor on
+    the update's first mini-batch only (its forward in the update) and measures the decode
+    loop's gap there, taking the decode loop's log-probs and values for the other rows.
+    Within the tolerance they stay taken, and so they are from then on; past it (a
+    tolerance below any rounding) the other rows get their actor pass before the
+    advantages, so the update trains on the training model's own numbers, and the next
+    iteration measures again."""
+    models, reward_fn = _nontrivial_policy(demo_model_dir, reward_dir, "shared")
+    models = models.to(torch.device("cpu"), "bfloat16")
+    config = dataclasses.replace(CONFIG, sampler_logprob_tolerance=tolerance)
+    trainer = PPOTrainer(config, models, HFSampler(models), reward_fn)
+    assert trainer.measuring_sampler_gap
+    seen: dict[str, Any] = {}
+    score, update = trainer._rollout_and_score, trainer._update
+
+    def rollout_spy(*args: Any) -> Any:
+        seen["rollout"] = score(*args)
+        seen["sampled"] = seen["rollout"].old_logprobs.clone()
+        return seen["rollout"]
+
+    def update_spy(batch: TokenBatch, old_logprobs: torch.Tensor, *args: Any) -> Any:
+        seen["old"] = old_logprobs.clone()
+        return update(batch, old_logprobs, *args)
+
+    trainer._rollout_and_score = rollout_spy  # type: ignore[method-assign]
+    trainer._update = update_spy  # type: ignore[method-assign]
+    rows = _rows_through_backbone(models)
+    metrics = trainer.iteration(PROMPTS, 0)
+    n, mini = len(PROMPTS), CONFIG.mini_batch_size
+    rollout, keep = seen["rollout"], seen["rollout"].batch.mask.bool()
+    first = trainer._first_draw(n, 0)
+    others = torch.ones(n, dtype=torch.bool)
+    others[first] = False
+    assert metrics["rows_scored_by_update"] == mini
+    assert metrics["sampler_logprob_gap"] > 1e-9  # bfloat16 decode and full pass round apart
+    sampler, old = rollout.sampler_logprobs, seen["old"]
+    # Scoring: the reference and the reward model (an adapter of this very backbone) on
+    # every row, the actor on none (within the tolerance) or on the rows outside the first
+    # mini-batch once the gap is past it.
+    within = tolerance == 1.0
+    assert rows["scoring"] == 2 * n + (0 if within else n - mini)
+    assert rows["update"] == n
+    assert torch.equal(seen["sampled"][others], sampler[others])  # taken, not recomputed
+    assert not torch.equal(old[first][keep[first]], sampler[first][keep[first]])
+    if within:
+        assert torch.equal(old[others], sampler[others])
+    else:
+        # Recomputed: apart from the decode loop's by rounding, as the first mini-batch is.
+        gap = (old - sampler).abs()[others][keep[others]]
+        assert gap.max() > 0 and gap.mean() < 0.05
+    assert trainer.takes_sampler_logprobs == within
+    assert trainer.measuring_sampler_gap == (not within)
+    again = trainer.iteration(PROMPTS, 1)
+    assert (again["sampler_logprob_gap"] is None) == within
 
 
 def test_an_adapter_critic_trains_the_same_with_activation_checkpointing(
