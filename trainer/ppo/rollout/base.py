@@ -21,8 +21,9 @@ PPO trains; in float32 they are the training pass's up to rounding, so the train
 them (and, with a shared critic, the values the decode loop also read off the same hidden
 states) instead of a second pass over the rollout (``PPOConfig.recompute_logprobs``). Under
 bfloat16 autocast a decode step and a full pass round differently: the first iteration
-recomputes and measures the gap, and the trainer takes them from then on only if it was
-under ``PPOConfig.sampler_logprob_tolerance``.
+recomputes them for the update's first mini-batch and measures the gap there, and the
+trainer keeps them (for that iteration's other rows and from then on) only if it was under
+``PPOConfig.sampler_logprob_tolerance``.
 
 Which policy to sample: ``"current"`` (the actor as of the last sync), ``"base"`` (no
 adapter: the reference), or a path to a PEFT adapter directory (another version, e.g. the
