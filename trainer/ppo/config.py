@@ -80,8 +80,8 @@ class PPOConfig(DeviceConfig):
             "recomputes the actor's log-probs of the update's first mini-batch only and "
             "measures their mean absolute gap per token to the sampler's, taking the "
             "sampler's for the other rows; below this many nats, this and later iterations "
-            "keep the sampler's own, else the other rows are recomputed too (and the gap "
-            "measured again next iteration). Default 0.01: a ratio within 1 % of exact, far "
+            "keep the sampler's own, else the other rows are recomputed too, and so are "
+            "later iterations'. Default 0.01: a ratio within 1 % of exact, far "
             "inside the clip range "
             '(measured gaps per model: docs/benchmarks.md, "Attention in float32 on the '
             'CPU").'
@@ -96,10 +96,10 @@ class PPOConfig(DeviceConfig):
             "instead of a scoring pass of their own: one actor pass over mini_batch_size rows "
             "fewer per iteration, and the first step's ratios exactly 1. Taken where the "
             "mini-batch is one micro-batch (its graph is then the only one held while "
-            "advantages are computed), on one process and without PPO-ptx; in the iteration "
-            "that measures the sampler's gap (recompute_logprobs 'auto'), that forward is "
-            "what the gap is measured on, so it costs no actor pass. Measured: "
-            "docs/benchmarks.md, "
+            "advantages are computed), on one process and without PPO-ptx, and not in the "
+            "iteration that measures the sampler's gap (recompute_logprobs 'auto': it scores "
+            "that mini-batch before the update, so that where the gap is too large the other "
+            "rows' pass runs while no graph is held). Measured: docs/benchmarks.md, "
             '"The first mini-batch scored by its own update forward".'
         },
     )

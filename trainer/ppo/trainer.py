@@ -180,6 +180,9 @@ class PPOTrainer:
         """Scoring a rollout runs the reference (and an adapter critic) only: in float32 from
         the start; under autocast once an iteration measured the gap below
         ``config.sampler_logprob_tolerance``."""
+        self.sampler_gap_measured = False
+        """Whether an iteration has measured the sampler's log-prob gap (under
+        ``may_take_sampler_logprobs``), deciding ``takes_sampler_logprobs``."""
         self.ptx_examples = list(ptx_examples) if config.ptx_coef > 0 else []
         if config.ptx_coef > 0 and not self.ptx_examples:
             raise ValueError("ptx_coef > 0 needs ptx_examples (SFT prompt/answer token ids)")
@@ -188,8 +191,9 @@ class PPOTrainer:
     def measuring_sampler_gap(self) -> bool:
         """Whether the next iteration measures the sampler's log-prob gap to decide whether
         to take them (``recompute_logprobs`` "auto" with the training model as sampler, in
-        a precision where they were not trusted from the start, nor since)."""
-        return self.may_take_sampler_logprobs and not self.takes_sampler_logprobs
+        a precision where they were not trusted from the start): the first iteration
+        only."""
+        return self.may_take_sampler_logprobs and not self.sampler_gap_measured
 
     # --- checkpoint state --------------------------------------------------------------------
 
@@ -250,12 +254,17 @@ class PPOTrainer:
         """The rows of the update's first mini-batch (:meth:`_first_draw`) where its own
         forward can stand in for their actor pass in scoring
         (``PPOConfig.first_mini_batch_from_update``: the pass runs at all, the mini-batch is
-        one micro-batch, one process, no PPO-ptx); else None."""
+        one micro-batch, one process, no PPO-ptx); else None. Not in the iteration that
+        measures the sampler's gap: it scores those rows before the update, so that where
+        the gap is too large the other rows' actor pass runs while no graph is held (a
+        folded copy of the weights on top of the first forward's activations would raise
+        the peak)."""
         cfg = self.config
         mini = cfg.mini_batch_size // self.dist.world_size
         if (
             not cfg.first_mini_batch_from_update
             or self.takes_sampler_logprobs
+            or self.measuring_sampler_gap
             or mini > cfg.micro_batch_size
             or self.dist.enabled
             or self.ptx_examples
@@ -297,17 +306,27 @@ class PPOTrainer:
         seed = (cfg.seed * 1_000_003 + iteration) * dist.world_size + dist.rank
         n = len(conversations)
         first_rows = self._first_mini_batch(n, iteration)
-        # While the sampler's log-probs are not yet trusted (recompute_logprobs "auto" in
-        # another precision), they are taken for every row but the update's first
-        # mini-batch, whose actor pass measures the gap (below, under "gap").
+        # The first iteration under recompute_logprobs "auto" in another precision runs the
+        # actor on the update's first mini-batch only, and measures the sampler's gap there:
+        # within the tolerance the other rows keep the sampler's numbers, and so do all rows
+        # from then on; past it the other rows get their actor pass now.
         measured = self._first_draw(n, iteration) if self.measuring_sampler_gap else None
         taken = None if measured is None else _complement(measured, n)
         rollout = self._rollout_and_score(conversations, seed, first_rows, taken)
+        t_score = time.perf_counter()
         batch, old_logprobs, values = rollout.batch, rollout.old_logprobs, rollout.values
         mask = batch.mask.float()
+        gap = None
+        if taken is not None:
+            gap = dist.mean(
+                self._sampler_gap(old_logprobs, rollout.sampler_logprobs, mask, measured)
+            )
+            self.takes_sampler_logprobs = gap < cfg.sampler_logprob_tolerance
+            self.sampler_gap_measured = True
+            if not self.takes_sampler_logprobs:
+                self._actor_pass(batch, _flags(taken, n), old_logprobs, values)
         scores = rollout.reward_parts["total"].float()
         _finite("reward scores", scores, iteration)
-        t_score = time.perf_counter()
 
         # 3. reward: normalise + clip the scores (stats over every rank), per-token KL penalty.
         first_look = self.moments.count == 0
@@ -322,18 +341,8 @@ class PPOTrainer:
             t_first = time.perf_counter()
             first = self._first_forward(batch, first_rows, old_logprobs, values)
             first_s = time.perf_counter() - t_first
-        # gap: the actor's log-probs against the sampler's, where both exist; under "auto",
-        # below the tolerance the sampler's are taken from now on, else the rows that took
-        # them tentatively get their actor pass now.
-        gap = None
-        if not self.takes_sampler_logprobs:
-            gap = dist.mean(
-                self._sampler_gap(old_logprobs, rollout.sampler_logprobs, mask, measured)
-            )
-        if taken is not None and gap is not None:
-            self.takes_sampler_logprobs = gap < cfg.sampler_logprob_tolerance
-            if not self.takes_sampler_logprobs:
-                self._actor_pass(batch, _flags(taken, n), old_logprobs, values)
+        if taken is None and not self.takes_sampler_logprobs:  # logged: see module docstring
+            gap = dist.mean(self._sampler_gap(old_logprobs, rollout.sampler_logprobs, mask, None))
         if cfg.normalize_reward:
             norm_scores = pm.normalize_and_clip_rewards(
                 scores, self.moments, cfg.reward_clip, update=False

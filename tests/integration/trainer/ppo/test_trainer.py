@@ -671,8 +671,9 @@ def test_the_first_mini_batch_is_scored_by_its_own_update_forward(
 def test_the_first_mini_batch_keeps_its_scoring_pass_where_its_forward_cannot_stand_in(
     demo_model_dir: Path, reward_dir: Path
 ):
-    """Several micro-batches (their graphs would all be held), PPO-ptx, or the sampler's
-    own log-probs taken (no actor pass to save): every row is scored as before."""
+    """Several micro-batches (their graphs would all be held), PPO-ptx, the sampler's own
+    log-probs taken (no actor pass to save), or the iteration that measures their gap
+    (it scores that mini-batch before the update): every row is scored as before."""
     ptx = [([1, 2, 3], [4, 5])]
     for changes in (
         {"recompute_logprobs": "always", "micro_batch_size": 4},
@@ -686,18 +687,22 @@ def test_the_first_mini_batch_keeps_its_scoring_pass_where_its_forward_cannot_st
     assert first is not None and len(first) == CONFIG.mini_batch_size
 
 
-@pytest.mark.parametrize("tolerance", [1.0, 1e-9])
+@pytest.mark.parametrize(
+    ("critic", "tolerance"), [("shared", 1.0), ("shared", 1e-9), ("adapter", 1e-9)]
+)
 def test_the_samplers_gap_is_measured_on_the_first_mini_batch_alone(
-    demo_model_dir: Path, reward_dir: Path, tolerance: float
+    demo_model_dir: Path, reward_dir: Path, critic: str, tolerance: float
 ):
-    """``recompute_logprobs="auto"`` under bfloat16: the first iteration runs the actor on
-    the update's first mini-batch only (its forward in the update) and measures the decode
-    loop's gap there, taking the decode loop's log-probs and values for the other rows.
-    Within the tolerance they stay taken, and so they are from then on; past it (a
-    tolerance below any rounding) the other rows get their actor pass before the
-    advantages, so the update trains on the training model's own numbers, and the next
-    iteration measures again."""
-    models, reward_fn = _nontrivial_policy(demo_model_dir, reward_dir, "shared")
+    """``recompute_logprobs="auto"`` under bfloat16: the first iteration scores the
+    update's first mini-batch alone with the actor and measures the decode loop's gap
+    there, taking the decode loop's log-probs and values for the other rows. Within the
+    tolerance they stay taken, and so they are from then on; past it (a tolerance below
+    any rounding) the other rows get their actor pass before the advantages, so the update
+    trains on the training model's own numbers, and later iterations recompute (the
+    update's first forward standing in for its mini-batch). An adapter critic (the decode
+    loop reads no values) scores the rows that take the decode loop's log-probs with a
+    pass of its own."""
+    models, reward_fn = _nontrivial_policy(demo_model_dir, reward_dir, critic)
     models = models.to(torch.device("cpu"), "bfloat16")
     config = dataclasses.replace(CONFIG, sampler_logprob_tolerance=tolerance)
     trainer = PPOTrainer(config, models, HFSampler(models), reward_fn)
@@ -723,15 +728,17 @@ def test_the_samplers_gap_is_measured_on_the_first_mini_batch_alone(
     first = trainer._first_draw(n, 0)
     others = torch.ones(n, dtype=torch.bool)
     others[first] = False
-    assert metrics["rows_scored_by_update"] == mini
+    assert metrics["rows_scored_by_update"] == 0
     assert metrics["sampler_logprob_gap"] > 1e-9  # bfloat16 decode and full pass round apart
     sampler, old = rollout.sampler_logprobs, seen["old"]
     # Scoring: the reference and the reward model (an adapter of this very backbone) on
-    # every row, the actor on none (within the tolerance) or on the rows outside the first
-    # mini-batch once the gap is past it.
-    within = tolerance == 1.0
-    assert rows["scoring"] == 2 * n + (0 if within else n - mini)
-    assert rows["update"] == n
+    # every row, the actor on the first mini-batch; an adapter critic on the other rows;
+    # the actor (and an adapter critic again) on none of them within the tolerance, on all
+    # once past it.
+    within, passes = tolerance == 1.0, 1 if critic == "shared" else 2
+    others_scored = (passes - 1) + (0 if within else passes)
+    assert rows["scoring"] == 2 * n + passes * mini + others_scored * (n - mini)
+    assert rows["update"] == passes * n
     assert torch.equal(seen["sampled"][others], sampler[others])  # taken, not recomputed
     assert not torch.equal(old[first][keep[first]], sampler[first][keep[first]])
     if within:
@@ -741,9 +748,10 @@ def test_the_samplers_gap_is_measured_on_the_first_mini_batch_alone(
         gap = (old - sampler).abs()[others][keep[others]]
         assert gap.max() > 0 and gap.mean() < 0.05
     assert trainer.takes_sampler_logprobs == within
-    assert trainer.measuring_sampler_gap == (not within)
+    assert not trainer.measuring_sampler_gap
     again = trainer.iteration(PROMPTS, 1)
     assert (again["sampler_logprob_gap"] is None) == within
+    assert again["rows_scored_by_update"] == (0 if within else mini)
 
 
 def test_an_adapter_critic_trains_the_same_with_activation_checkpointing(
