@@ -193,7 +193,11 @@ class PPOTrainer:
         to take them (``recompute_logprobs`` "auto" with the training model as sampler, in
         a precision where they were not trusted from the start): the first iteration
         only."""
-        return self.may_take_sampler_logprobs and not self.sampler_gap_measured
+        return (
+            self.may_take_sampler_logprobs
+            and not self.takes_sampler_logprobs
+            and not self.sampler_gap_measured
+        )
 
     # --- checkpoint state --------------------------------------------------------------------
 

@@ -687,6 +687,19 @@ def test_the_first_mini_batch_keeps_its_scoring_pass_where_its_forward_cannot_st
     assert first is not None and len(first) == CONFIG.mini_batch_size
 
 
+def test_in_float32_the_first_iteration_measures_nothing(demo_model_dir: Path, reward_dir: Path):
+    """float32 ("auto" with the decode loop as sampler): its log-probs are the training
+    pass's up to rounding from the start, so even the first iteration runs no actor pass
+    in scoring and measures no gap."""
+    models, reward_fn = _nontrivial_policy(demo_model_dir, reward_dir, "shared")
+    trainer = PPOTrainer(CONFIG, models, HFSampler(models), reward_fn)
+    assert models.autocast_dtype is None and not trainer.measuring_sampler_gap
+    rows = _rows_through_backbone(models)
+    metrics = trainer.iteration(PROMPTS, 0)
+    assert metrics["sampler_logprob_gap"] is None
+    assert rows["scoring"] == 2 * len(PROMPTS)  # the reference and the reward model alone
+
+
 @pytest.mark.parametrize(
     ("critic", "tolerance"), [("shared", 1.0), ("shared", 1e-9), ("adapter", 1e-9)]
 )
