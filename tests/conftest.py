@@ -1,6 +1,8 @@
 """Shared fixtures: real broker, real demo model, real serving process."""
 
 import os
+import shutil
+import tempfile
 
 # The suite runs several torch processes at once on a few cores (pytest, serving's vLLM
 # engine, `alignloop up`'s children). OpenMP workers that spin while they wait starve the
@@ -14,6 +16,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # `alignloop up`. Off for the suite; the tests of that port (and `running_stack`) pick a
 # free one.
 os.environ.setdefault("ALIGNLOOP_CONTROLLER_METRICS_PORT", "0")
+# A developer's own `./dev up` keeps its state under ./.alignloop, the default state
+# directory, secrets included: with its user id key there, a CLI a test runs would store
+# and erase users under that key (the README's two commands, one after the other, failed
+# two erasure tests so). The suite reads no one's state: a test that wants a state
+# directory names its own, the rest share an empty one, removed afterwards.
+_STATE_DIR = tempfile.mkdtemp(prefix="alignloop-test-state-")
+os.environ["ALIGNLOOP_STATE_DIR"] = _STATE_DIR
+os.environ.pop("ALIGNLOOP_USER_ID_KEY", None)
 
 pytest_plugins = [
     "tests.fixtures.broker",
@@ -30,6 +40,10 @@ def pytest_configure(config) -> None:
     config.addinivalue_line(
         "markers", "gpu: needs a CUDA GPU (skipped without one; benchmarks/gpu_check.py runs them)"
     )
+
+
+def pytest_unconfigure(config) -> None:
+    shutil.rmtree(_STATE_DIR, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items) -> None:
