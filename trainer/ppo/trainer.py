@@ -321,7 +321,7 @@ class PPOTrainer:
         batch, old_logprobs, values = rollout.batch, rollout.old_logprobs, rollout.values
         mask = batch.mask.float()
         gap = None
-        if taken is not None:
+        if taken is not None:  # the same mean on every rank: the ranks decide alike
             gap = dist.mean(
                 self._sampler_gap(old_logprobs, rollout.sampler_logprobs, mask, measured)
             )
