@@ -624,14 +624,29 @@ def _one_iteration(
     **changes: Any,
 ) -> tuple[dict[str, Any], list[torch.Tensor], Any]:
     """One iteration of :data:`CONFIG` with ``changes`` from :func:`_nontrivial_policy`:
-    its metrics, the trained parameters after it, and what ``count`` (a hook installed on
-    the models before the iteration) returned."""
+    its metrics, how far it moved each trainable parameter (after − before), and what
+    ``count`` (a hook installed on the models before the iteration) returned."""
     models, reward_fn = _nontrivial_policy(demo_model_dir, reward_dir, critic)
     config = dataclasses.replace(CONFIG, **changes)
     trainer = PPOTrainer(config, models, HFSampler(models), reward_fn)
     counted = count(models) if count is not None else None
+    before = [p.detach().clone() for p in models.trainable_parameters()]
     metrics = trainer.iteration(prompts, 0)
-    return metrics, [p.detach().clone() for p in models.trainable_parameters()], counted
+    moved = [p.detach() - b for p, b in zip(models.trainable_parameters(), before, strict=True)]
+    return metrics, moved, counted
+
+
+def _assert_trained_alike(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    """Two iterations moved every parameter alike up to float32 rounding: each tensor's
+    two moves within 1 % of each other in norm. Not element by element: Adam divides each
+    element's gradient by its own running scale, and where an element's gradients nearly
+    cancel across steps it turns a rounding difference into a visible one (on an AVX2 CPU,
+    one element of 1,536 moved 8.3e-6 apart, 3.7 % of its tensor's largest move, while
+    no tensor's two moves were more than 0.1 % apart in norm). A wrong row, ratio or value
+    moves the whole tensor."""
+    for x, y in zip(a, b, strict=True):
+        apart = float(torch.linalg.vector_norm(x - y))
+        assert apart <= 1e-2 * float(torch.linalg.vector_norm(y)), (tuple(y.shape), apart)
 
 
 @pytest.mark.parametrize("critic", ["shared", "adapter"])
@@ -664,8 +679,7 @@ def test_the_first_mini_batch_is_scored_by_its_own_update_forward(
     for key in ("policy_loss", "value_loss", "approx_kl", "kl_ref", "reward_raw"):
         assert metrics[True][key] == pytest.approx(metrics[False][key], rel=1e-4, abs=1e-6)
     assert any(not torch.equal(a, b) for a, b in zip(trained[True], trained[False], strict=True))
-    for a, b in zip(trained[True], trained[False], strict=True):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    _assert_trained_alike(trained[True], trained[False])
 
 
 def test_the_first_mini_batch_keeps_its_scoring_pass_where_its_forward_cannot_stand_in(
@@ -811,8 +825,7 @@ def test_a_shared_system_prompt_runs_once_per_pass(
     assert tokens[0][0] - tokens[8][0] == shared
     for key in ("policy_loss", "value_loss", "approx_kl", "kl_ref", "reward_raw"):
         assert metrics[8][key] == pytest.approx(metrics[0][key], rel=1e-4, abs=1e-6)
-    for a, b in zip(trained[8], trained[0], strict=True):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    _assert_trained_alike(trained[8], trained[0])
 
 
 def test_the_decode_loop_runs_a_shared_system_prompt_once(demo_model_dir: Path, reward_dir: Path):
