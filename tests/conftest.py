@@ -46,6 +46,14 @@ def pytest_unconfigure(config) -> None:
     shutil.rmtree(_STATE_DIR, ignore_errors=True)
 
 
+def pytest_itemcollected(item) -> None:
+    """A test that needs the demo model is ``slow``: the model's fixture builds it where it
+    is not cached (4 minutes on a slow CPU), and the test runs it. Marked here, before
+    ``-m`` selects, so no module can forget it."""
+    if "demo_model_dir" in item.fixturenames:
+        item.add_marker("slow")
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     """``gpu`` tests skip on a machine where torch sees no CUDA GPU."""
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]

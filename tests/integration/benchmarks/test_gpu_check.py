@@ -10,12 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[3]
-
-# Trains on the demo model (and builds it where it is not cached): `-m "not slow"` skips it.
-pytestmark = pytest.mark.slow
 
 
 def test_the_gpu_check_dry_run_prints_its_json(demo_model_dir: Path):

@@ -8,12 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[3]
-
-# Decodes with the demo model (and builds it where it is not cached): `-m "not slow"` skips it.
-pytestmark = pytest.mark.slow
 
 
 def test_both_caches_decode_the_same_tokens_each_round(demo_model_dir):

@@ -9,12 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[3]
-
-# Trains on the demo model (and builds it where it is not cached): `-m "not slow"` skips it.
-pytestmark = pytest.mark.slow
 
 
 def test_the_memory_profile_records_each_phase_and_a_micro_batchs_activations(

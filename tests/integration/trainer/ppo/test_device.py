@@ -28,9 +28,6 @@ from trainer.ppo.trainer import PPOTrainer, ScoredRollout
 from trainer.reward.model import load_base_model
 from trainer.reward.rules import ComposedReward, build_rules
 
-# Trains on the demo model (and builds it where it is not cached): `-m "not slow"` skips it.
-pytestmark = pytest.mark.slow
-
 PROMPTS = [[{"role": "user", "content": p.text}] for p in sample_prompts(5, 16)]
 
 
