@@ -69,8 +69,12 @@ during an outage. ``reserved_share`` of ``spool_max_bytes`` is kept for
 ``reserved_topics`` (the feedback topic): events of every other topic (interactions, policy
 events) are dropped with :class:`SpoolFull` once together they would fill more than
 ``(1 - reserved_share) * spool_max_bytes``, while feedback may fill the whole bound. The
-split is counted per topic by the spools themselves (rebuilt from disk at start), so it
-holds across restarts; it is one FIFO, so replay order is unchanged. The alternative, a
+split is rebuilt from the spools' per-topic counts at start, so it holds across restarts;
+it is one FIFO, so replay order is unchanged. While running, the publisher keeps the two
+counts itself, under its lock: ``publish()`` (overflow mode) and the worker then check the
+bound against the same numbers, and a record being moved from the overflow spool to the
+main one (two files, each with its own lock) is never counted twice nor not at all. Counting
+a moving record twice once refused ratings inside their reserve. The alternative, a
 second spool for feedback, would need a second replay cursor and state machine for no
 better guarantee.
 
@@ -381,9 +385,15 @@ class EventPublisher:
             quarantine_path or self.spool_dir / "quarantine.jsonl",
             spool_max_bytes if quarantine_max_bytes is None else quarantine_max_bytes,
         )
+        # What both spools hold, and the part of it outside the reserve (see "Feedback's
+        # reserve"); guarded by _lock.
+        self._held_bytes = self._main.bytes + self._overflow.bytes
+        self._held_unreserved = self._held_bytes - sum(
+            self._main.topic_bytes(t) + self._overflow.topic_bytes(t) for t in self.reserved_topics
+        )
         self._rejects: deque[_Rejected] = deque()  # guarded by _lock
         self._queue: queue.Queue[_Pending] = queue.Queue(maxsize=queue_size)
-        # guards _overflowing, _overflow_pending, _closed, _rejects
+        # guards _overflowing, _overflow_pending, _closed, _rejects, _held_*
         self._lock = threading.Lock()
         self._overflowing = False
         self._overflow_pending: deque[_Pending] = deque()
@@ -440,7 +450,8 @@ class EventPublisher:
                     self._overflowing = True
                     log.warning("event queue full: spilling new events to the overflow spool")
             # Overflow mode: append behind everything older (see module doc).
-            if encoded_size(item.record()) > self._spool_room(topic):
+            size = encoded_size(item.record())
+            if size > self._spool_room(topic):
                 self._drop(item, self._spool_full(topic))
                 return future
             try:
@@ -448,6 +459,7 @@ class EventPublisher:
             except Exception as exc:  # disk error: report it on the future, not raise
                 self._drop(item, exc)
                 return future
+            self._hold(topic, size)
             self._overflow_pending.append(item)
         return future
 
@@ -487,7 +499,7 @@ class EventPublisher:
             "queue_depth": self._queue.qsize(),
             "overflowing": self._overflowing,
             "spool_records": len(self._main) + len(self._overflow),
-            "spool_bytes": self._main.bytes + self._overflow.bytes,
+            "spool_bytes": self._held_bytes,
             "spool_max_bytes": self.spool_max_bytes,
             "quarantine_bytes": self._quarantine.size,
             "last_error": self._last_error,
@@ -671,6 +683,7 @@ class EventPublisher:
             if isinstance(outcome, _Refusal):  # before advance(): a crash writes it twice
                 self._quarantine_record(r.topic, r.key, r.value, outcome)
         self._main.advance(prefix)
+        self._release(records[:prefix])
         for r, outcome in zip(records[:prefix], outcomes[:prefix], strict=True):
             if outcome is True:
                 REPLAYED.labels(r.topic).inc()
@@ -748,28 +761,34 @@ class EventPublisher:
         the kept ones is intact)."""
         if not items:
             return
-        total = self.spool_max_bytes - self._main.bytes - self._overflow.bytes
-        unreserved = self.unreserved_max_bytes - self._unreserved_bytes()
         kept: list[_Pending] = []
-        for item in items:
-            size = encoded_size(item.record())
-            reserved = item.topic in self.reserved_topics
-            if size <= total and (reserved or size <= unreserved):
-                kept.append(item)
-                total -= size
-                if not reserved:
-                    unreserved -= size
-            else:
-                self._drop(item, self._spool_full(item.topic))
-                # Once one is dropped, drop the rest of its kind: no gaps inside a batch.
-                if reserved:
-                    total = -1
+        dropped: list[_Pending] = []
+        with self._lock:  # room is taken here, so that a racing publish() sees it taken
+            total = self.spool_max_bytes - self._held_bytes
+            unreserved = self.unreserved_max_bytes - self._held_unreserved
+            for item in items:
+                size = encoded_size(item.record())
+                reserved = item.topic in self.reserved_topics
+                if size <= total and (reserved or size <= unreserved):
+                    kept.append(item)
+                    self._hold(item.topic, size)
+                    total -= size
+                    if not reserved:
+                        unreserved -= size
                 else:
-                    unreserved = -1
+                    dropped.append(item)
+                    # Once one is dropped, drop the rest of its kind: no gaps inside a batch.
+                    if reserved:
+                        total = -1
+                    else:
+                        unreserved = -1
+        for item in dropped:
+            self._drop(item, self._spool_full(item.topic))
         try:
             self._main.append_many([i.record() for i in kept], fsync=True)
         except Exception as exc:
             log.exception("cannot write the event spool")
+            self._release([i.record() for i in kept])
             for item in kept:
                 self._drop(item, exc)
             return
@@ -808,18 +827,25 @@ class EventPublisher:
             if last:
                 return
 
-    def _unreserved_bytes(self) -> int:
-        """What events of the topics without a reserve hold in both spools."""
-        used = self._main.bytes + self._overflow.bytes
-        for topic in self.reserved_topics:
-            used -= self._main.topic_bytes(topic) + self._overflow.topic_bytes(topic)
-        return used
+    def _hold(self, topic: str, size: int) -> None:
+        """Count ``size`` bytes of ``topic`` into the spools (negative: out of them; caller
+        holds ``_lock``)."""
+        self._held_bytes += size
+        if topic not in self.reserved_topics:
+            self._held_unreserved += size
+
+    def _release(self, records: Sequence[SpoolRecord]) -> None:
+        """Stop counting records that left the spools (delivered, quarantined, or never
+        written)."""
+        with self._lock:
+            for r in records:
+                self._hold(r.topic, -encoded_size(r))
 
     def _spool_room(self, topic: str) -> int:
-        """Bytes an event of ``topic`` may still add to the spools."""
-        room = self.spool_max_bytes - self._main.bytes - self._overflow.bytes
+        """Bytes an event of ``topic`` may still add to the spools (caller holds ``_lock``)."""
+        room = self.spool_max_bytes - self._held_bytes
         if topic not in self.reserved_topics:
-            room = min(room, self.unreserved_max_bytes - self._unreserved_bytes())
+            room = min(room, self.unreserved_max_bytes - self._held_unreserved)
         return room
 
     def _spool_full(self, topic: str) -> SpoolFull:
@@ -941,5 +967,5 @@ class EventPublisher:
     def _update_gauges(self) -> None:
         QUARANTINE_BYTES.set(self._quarantine.size)
         SPOOL_RECORDS.set(len(self._main) + len(self._overflow))
-        SPOOL_BYTES.set(self._main.bytes + self._overflow.bytes)
+        SPOOL_BYTES.set(self._held_bytes)
         QUEUE_DEPTH.set(self._queue.qsize())
