@@ -17,16 +17,23 @@ default and where the default comes from. The math it parameterises is in
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from schemas.config import DeviceConfig
-from trainer.ppo.core import AdaptiveKLController, FixedKLController, KLEstimator
 
+if TYPE_CHECKING:  # not at run time: a config is data, and parsing one needs no torch
+    from trainer.ppo.core import AdaptiveKLController, FixedKLController
+
+KLEstimator = Literal["k1", "k3"]
+"""The per-token KL estimator of the penalty (:func:`trainer.ppo.core.kl_penalty`)."""
 KLMode = Literal["adaptive", "fixed"]
 RecomputeLogprobs = Literal["auto", "always"]
 CriticKind = Literal["adapter", "shared"]
 """The critic's trunk (:mod:`trainer.ppo.models`): its own LoRA adapter on the base, or the
 actor's trunk shared (one backbone pass for both)."""
+VllmDtype = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
+"""The dtypes vLLM's engine accepts (its ``ModelDType``), for the rollout engine
+(:mod:`trainer.ppo.rollout.vllm`)."""
 
 
 @dataclass
@@ -386,6 +393,8 @@ class PPOConfig(DeviceConfig):
 
     def kl_controller(self) -> AdaptiveKLController | FixedKLController:
         """A fresh KL coefficient controller for ``kl_mode``."""
+        from trainer.ppo.core import AdaptiveKLController, FixedKLController
+
         if self.kl_mode == "adaptive":
             return AdaptiveKLController(self.init_kl_coef, self.target_kl, self.kl_horizon)
         return FixedKLController(self.init_kl_coef)

@@ -24,12 +24,10 @@ anything, even ``nan``), and a row with no response token contributes nothing.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Literal
 
 import torch
 
-KLEstimator = Literal["k1", "k3"]
-
+from trainer.ppo.config import KLEstimator
 
 # --- masked statistics ------------------------------------------------------------------
 

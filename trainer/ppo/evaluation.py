@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from trainer.ppo.config import PPOConfig
-from trainer.ppo.core import KLEstimator, kl_penalty, masked_mean
+from trainer.ppo.config import KLEstimator, PPOConfig
+from trainer.ppo.core import kl_penalty, masked_mean
 from trainer.ppo.models import PolicyModels, TokenBatch
 from trainer.ppo.rollout.base import Sampler, Which, render_prompts
 

@@ -128,12 +128,6 @@ def _round_config(values: dict[str, Any]) -> RoundConfig | None:
 
 def ppo_main(argv: list[str]) -> int:
     """``alignloop train ppo``: one round now (resuming an interrupted one)."""
-    import torch
-    from prometheus_client import start_http_server
-
-    from trainer.common.distributed import Dist
-    from trainer.rounds.training_round import run_round
-
     parser = _parser("alignloop train ppo", __doc__ or "", loop=False)
     config = _round_config(_parse(parser, argv))
     if config is None:
@@ -143,25 +137,42 @@ def ppo_main(argv: list[str]) -> int:
     lease = _take_lease(config) if int(os.environ.get("RANK", "0")) == 0 else None
     if isinstance(lease, int):
         return lease
+    try:
+        result, is_main = _ppo_round(config)
+    except KeyboardInterrupt:
+        if lease is None or not lease.lost.is_set():
+            raise
+        return _lost()
+    finally:
+        if lease is not None:
+            lease.release()
+    if is_main:
+        print(json.dumps(result.to_json(), indent=2, default=str))
+        print(f"round {result.round_id} {result.outcome}: {result.reason}", file=sys.stderr)
+    return EXIT_CODES.get(result.outcome, 0)
+
+
+def _ppo_round(config: RoundConfig) -> tuple[Any, bool]:
+    """One round on this rank (:func:`ppo_main`): its result, and whether this is rank 0.
+
+    The training stack is imported here, under the lease: a second trainer is refused
+    without waiting for it, and a lease lost meanwhile stops this like a lease lost later.
+    """
+    import torch
+    from prometheus_client import start_http_server
+
+    from trainer.common.distributed import Dist
+    from trainer.rounds.training_round import run_round
+
     torch.set_num_threads(config.torch_threads())
     keep_freed_memory()
     dist = Dist.from_env(config.ppo.device)
     try:
         if config.metrics_port and dist.is_main:
             start_http_server(config.metrics_port)
-        result = run_round(config, dist=dist)
-    except KeyboardInterrupt:
-        if lease is None or not lease.lost.is_set():
-            raise
-        return _lost()
+        return run_round(config, dist=dist), dist.is_main
     finally:
         dist.close()
-        if lease is not None:
-            lease.release()
-    if dist.is_main:
-        print(json.dumps(result.to_json(), indent=2, default=str))
-        print(f"round {result.round_id} {result.outcome}: {result.reason}", file=sys.stderr)
-    return EXIT_CODES.get(result.outcome, 0)
 
 
 class _Stop(Exception):
@@ -188,26 +199,27 @@ def loop_main(argv: list[str]) -> int:
 
 
 def _loop(config: RoundConfig, trigger: TriggerConfig, poll_s: float, lease: leases.Lease) -> int:
-    """The training loop under its lease (:func:`loop_main`)."""
-    import torch
-    from prometheus_client import start_http_server
-
-    from feedback.db import connect, migrate
-    from trainer.rounds.training_round import run_round, shared_sampler
-
-    torch.set_num_threads(config.torch_threads())
-    keep_freed_memory()
-    if config.metrics_port:
-        start_http_server(config.metrics_port)
+    """The training loop under its lease (:func:`loop_main`). The training stack is
+    imported here, under the lease, for the reasons :func:`_ppo_round` gives."""
     signal.signal(signal.SIGTERM, _raise_stop)
     sampler = None
-    log.info(
-        "training loop: a round after %d new ratings or %.0f s (poll every %.0f s)",
-        trigger.min_new_ratings,
-        trigger.max_interval_s,
-        poll_s,
-    )
     try:
+        import torch
+        from prometheus_client import start_http_server
+
+        from feedback.db import connect, migrate
+        from trainer.rounds.training_round import run_round, shared_sampler
+
+        torch.set_num_threads(config.torch_threads())
+        keep_freed_memory()
+        if config.metrics_port:
+            start_http_server(config.metrics_port)
+        log.info(
+            "training loop: a round after %d new ratings or %.0f s (poll every %.0f s)",
+            trigger.min_new_ratings,
+            trigger.max_interval_s,
+            poll_s,
+        )
         while True:
             with connect(config.database_url, autocommit=True) as conn:
                 migrate(conn)

@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from schemas.config import ConfigBase
-from trainer.ppo.config import CriticKind, PPOConfig
-from trainer.ppo.rollout.vllm import VllmDtype
+from trainer.ppo.config import CriticKind, PPOConfig, VllmDtype
 
 RolloutBackend = Literal["auto", "vllm", "hf"]
 CriticInit = Literal["reward", "fresh"]

@@ -19,11 +19,12 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from serving.engine import context_window
+from trainer.ppo.config import VllmDtype
 from trainer.ppo.models import PolicyModels
 from trainer.ppo.rollout.base import AdapterSyncError, Finished, Sampler, Which
 from trainer.ppo.rollout.placement import CorePlacement, pin_process, split_cpus
@@ -33,9 +34,6 @@ log = logging.getLogger(__name__)
 CONTEXT_CAP = 4096
 """Largest context window a rollout engine gets by default: prompts are capped well below
 (``RoundConfig.max_prompt_tokens``), and the KV cache must hold one such sequence."""
-
-VllmDtype = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
-"""The dtypes vLLM's engine accepts (its ``ModelDType``)."""
 
 
 @dataclass(frozen=True)
