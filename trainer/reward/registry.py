@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -27,7 +27,9 @@ from trainer.common.artifacts import (
     verify_dir,
     write_dir_atomically,
 )
-from trainer.reward.model import RewardModel
+
+if TYPE_CHECKING:  # `alignloop reward list` reads records: it needs no torch
+    from trainer.reward.model import RewardModel
 
 REGISTRY_LOCK_KEY = 0x616C_726D  # "alrm": serialises version allocation across trainers
 Status = Literal["current", "previous", "rejected"]
