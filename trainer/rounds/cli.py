@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deploy.policies import leases
 from schemas.config_flags import add_config_flags, config_from_namespace
@@ -39,6 +39,9 @@ from trainer.rounds import records as round_records
 from trainer.rounds import requests as round_requests
 from trainer.rounds.config import RoundConfig
 from trainer.rounds.trigger import TriggerConfig, should_start
+
+if TYPE_CHECKING:  # imported under the lease (see _ppo_round)
+    from trainer.rounds.training_round import TrainingRoundResult
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +155,7 @@ def ppo_main(argv: list[str]) -> int:
     return EXIT_CODES.get(result.outcome, 0)
 
 
-def _ppo_round(config: RoundConfig) -> tuple[Any, bool]:
+def _ppo_round(config: RoundConfig) -> tuple[TrainingRoundResult, bool]:
     """One round on this rank (:func:`ppo_main`): its result, and whether this is rank 0.
 
     The training stack is imported here, under the lease: a second trainer is refused
