@@ -107,9 +107,13 @@ def test_the_rest_after_a_shared_prefix_is_the_whole_pass(checkpoint_every: int)
     valid = MASK[:, 4:].bool()
     torch.testing.assert_close(shared[valid], whole[valid], atol=1e-5, rtol=1e-5)
     assert whole_grads.keys() == shared_grads.keys() and len(whole_grads) == 2 * 3 * 2
-    for name in whole_grads:
+    for name, whole_grad in whole_grads.items():
+        # float32 rounding, relative to the gradient's scale: each path is about 1e-5 off
+        # the float64 gradient of 0.08 at most (an AMX CPU), the two paths at 3e-5 apart;
+        # a prefix counted once instead of three times, or misplaced, is off by its size.
+        scale = whole_grad.abs().max().item()
         torch.testing.assert_close(
-            shared_grads[name], whole_grads[name], atol=1e-5, rtol=1e-4, msg=name
+            shared_grads[name], whole_grad, atol=2e-3 * scale, rtol=0, msg=name
         )
 
 
