@@ -71,6 +71,7 @@ from typing import Any, get_args
 
 from benchmarks.models import model_dir, model_label
 from benchmarks.trl_ppo_baseline import page_in  # one definition for both sides
+from trainer.common import onednn_cache
 from trainer.common.jemalloc import find_jemalloc, preloaded_env
 from trainer.ppo.config import CriticKind, PPOConfig
 from trainer.rounds.config import RoundConfig
@@ -255,6 +256,7 @@ def run_alignloop(args: argparse.Namespace) -> dict:
     from trainer.reward.rules import ComposedReward, build_rules
 
     keep_freed_memory()  # as alignloop train ppo / train loop do (nothing under jemalloc)
+    onednn_cache.bound_computation_caches()  # as they do (the environment's: both sides')
     rss = {"after_imports": _rss_mb()}
     device = resolve_device("auto")  # as a round's PPOConfig.device defaults to
     models = PolicyModels.load(
@@ -338,6 +340,7 @@ def run_alignloop(args: argparse.Namespace) -> dict:
     return {
         "side": "alignloop",
         "allocator": "jemalloc" if jemalloc_loaded() else "glibc",
+        "onednn_caches": {name: os.environ.get(name) for name in onednn_cache.ENVS},
         "critic": models.actor_critic.critic_kind,
         "precision": args.precision,
         "policy_parameters": models.parameter_bytes()["base"] // 4,  # float32
@@ -402,7 +405,7 @@ def _child(
         *(["--system-prompt", args.system_prompt] if args.system_prompt else []),
         *(["--save-policy", str(save)] if save else []),
     ]  # fmt: skip
-    env = {**allocator_env(args.allocator), "PYTHONPATH": str(ROOT)}
+    env = {**child_env(args.allocator, args.onednn_cache_capacity), "PYTHONPATH": str(ROOT)}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     out = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, check=True)
@@ -446,7 +449,8 @@ def _trl(
         *(["--save-policy", str(save)] if save else []),
         *lora,
     ]  # fmt: skip
-    out = subprocess.run(cmd, env=allocator_env(args.allocator), stdout=subprocess.PIPE, check=True)
+    env = child_env(args.allocator, args.onednn_cache_capacity)
+    out = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, check=True)
     return json.loads(out.stdout.splitlines()[-1])  # vLLM logs to stdout too
 
 
@@ -459,10 +463,13 @@ def resolved_allocator(choice: str) -> str:
     return choice
 
 
-def allocator_env(allocator: str) -> dict[str, str]:
+def child_env(allocator: str, onednn_cache_capacity: int) -> dict[str, str]:
     """This environment for a child of either side: jemalloc preloaded, or kept off it
-    (``ALIGNLOOP_ALLOCATOR=glibc``, so nothing alignloop starts preloads it either)."""
+    (``ALIGNLOOP_ALLOCATOR=glibc``, so nothing alignloop starts preloads it either); and
+    torch's caches of oneDNN computations at ``onednn_cache_capacity`` entries each
+    (:mod:`trainer.common.onednn_cache`)."""
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    env.update(dict.fromkeys(onednn_cache.ENVS, str(onednn_cache_capacity)))
     if allocator == "jemalloc":
         library = find_jemalloc()
         assert library is not None  # resolved_allocator checked
@@ -690,6 +697,11 @@ def summarise(
     ran = {row["allocator"] for rows in runs.values() for row in rows}
     if ran != {args.allocator}:  # the same malloc on both sides, or no comparison
         raise RuntimeError(f"allocator {args.allocator} asked for, {sorted(ran)} ran")
+    asked = dict.fromkeys(onednn_cache.ENVS, str(args.onednn_cache_capacity))
+    for rows in runs.values():  # the same oneDNN caches on both sides, too
+        for row in rows:
+            if row["onednn_caches"] != asked:
+                raise RuntimeError(f"oneDNN caches {asked} asked for, {row['onednn_caches']} ran")
     for side, rows in runs.items():
         per_round = [_per_round(row) for row in rows]
         sides[side] = {
@@ -724,6 +736,7 @@ def summarise(
         },
         "shared_hyperparameters": SHARED,
         "allocator": ALLOCATORS[args.allocator],
+        "onednn_cache_capacity": args.onednn_cache_capacity,
         "rounds": args.rounds,
         "order": order,
         "sides": sides,
@@ -840,6 +853,16 @@ def main() -> int:
         default="auto",
         help="both sides' malloc: jemalloc preloaded, or glibc with alignloop's settings; "
         "auto: what alignloop's trainer runs on here (jemalloc where found)",
+    )
+    ap.add_argument(
+        "--onednn-cache-capacity",
+        type=int,
+        default=onednn_cache.CAPACITY,
+        metavar="N",
+        help="both sides: the entries each of torch's caches of oneDNN computations keeps "
+        "(ONEDNN_PRIMITIVE_CACHE_CAPACITY, LRU_CACHE_CAPACITY: trainer/common/onednn_cache.py"
+        f"; default {onednn_cache.CAPACITY}, what alignloop's trainer keeps; 1024 is "
+        "torch's own)",
     )
     ap.add_argument(
         "--activation-checkpointing",

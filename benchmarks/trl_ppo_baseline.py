@@ -541,6 +541,11 @@ def benchmark(args: argparse.Namespace) -> dict:
         "malloc_tuned": malloc_tuned,
         # as alignloop's trainer/common/jemalloc.py tells it: mapped into this process or not
         "allocator": "jemalloc" if "jemalloc" in Path("/proc/self/maps").read_text() else "glibc",
+        # torch's caches of oneDNN computations, as benchmarks/ppo.py gave both sides
+        "onednn_caches": {
+            name: os.environ.get(name)
+            for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+        },
         "final_metrics": {
             k: last.get(k)
             for k in ("objective/kl", "objective/scores", "loss/policy_avg", "loss/value_avg")

@@ -58,6 +58,7 @@ def config_from_args(argv: list[str]) -> RewardConfig:
 
 def train_reward(argv: list[str]) -> int:
     """One reward model round from the command line; returns the exit code."""
+    from trainer.common.onednn_cache import bound_computation_caches
     from trainer.reward.checkpoints import CheckpointCorrupted
     from trainer.reward.data import InsufficientData
     from trainer.reward.rules import build_rules
@@ -81,6 +82,7 @@ def train_reward(argv: list[str]) -> int:
     except ValueError as exc:
         print(f"alignloop train reward: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    bound_computation_caches()  # before the first product
     try:
         result = train_reward_model(config)
     except InsufficientData as exc:

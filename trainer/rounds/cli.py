@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from deploy.policies import leases
 from schemas.config_flags import add_config_flags, config_from_namespace
 from trainer.common.malloc_tuning import keep_freed_memory
+from trainer.common.onednn_cache import bound_computation_caches
 from trainer.rounds import records as round_records
 from trainer.rounds import requests as round_requests
 from trainer.rounds.config import RoundConfig
@@ -169,6 +170,7 @@ def _ppo_round(config: RoundConfig) -> tuple[TrainingRoundResult, bool]:
 
     torch.set_num_threads(config.torch_threads())
     keep_freed_memory()
+    bound_computation_caches()  # before the first product
     dist = Dist.from_env(config.ppo.device)
     try:
         if config.metrics_port and dist.is_main:
@@ -215,6 +217,7 @@ def _loop(config: RoundConfig, trigger: TriggerConfig, poll_s: float, lease: lea
 
         torch.set_num_threads(config.torch_threads())
         keep_freed_memory()
+        bound_computation_caches()  # before the first product
         if config.metrics_port:
             start_http_server(config.metrics_port)
         log.info(

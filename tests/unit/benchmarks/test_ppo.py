@@ -34,14 +34,20 @@ def test_memory_ratio_is_against_the_smaller_configuration() -> None:
 
 def test_both_sides_children_get_one_allocator(monkeypatch: pytest.MonkeyPatch) -> None:
     """jemalloc preloaded for every child, or glibc with nothing preloaded and alignloop's
-    own re-execution onto jemalloc switched off: never one side on each."""
+    own re-execution onto jemalloc switched off: never one side on each. The oneDNN caches'
+    capacity asked for replaces whatever this process's environment says."""
     monkeypatch.setenv("LD_PRELOAD", "libother.so")
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "7")
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "7")
     monkeypatch.setattr(bench_ppo, "find_jemalloc", lambda: "libjemalloc.so.2")
-    on_jemalloc = bench_ppo.allocator_env("jemalloc")
+    on_jemalloc = bench_ppo.child_env("jemalloc", 64)
     assert on_jemalloc["LD_PRELOAD"] == "libjemalloc.so.2"
     assert "ALIGNLOOP_ALLOCATOR" not in on_jemalloc
-    on_glibc = bench_ppo.allocator_env("glibc")
+    caches = ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+    assert [on_jemalloc[name] for name in caches] == ["64", "64"]
+    on_glibc = bench_ppo.child_env("glibc", 1024)
     assert "LD_PRELOAD" not in on_glibc and on_glibc["ALIGNLOOP_ALLOCATOR"] == "glibc"
+    assert [on_glibc[name] for name in caches] == ["1024", "1024"]
     assert bench_ppo.resolved_allocator("auto") == "jemalloc"
     monkeypatch.setattr(bench_ppo, "find_jemalloc", lambda: None)
     assert bench_ppo.resolved_allocator("auto") == "glibc"
