@@ -26,7 +26,9 @@ Both sides: the PPO hyperparameters of :data:`SHARED` (the same values wherever 
 them; what cannot match is :data:`DIFFERENCES_NOT_REMOVED`, printed with the result) and
 the same allocator in every process (``--allocator``; default ``auto``, what alignloop's
 trainer runs on: jemalloc preloaded where the machine has it, ``trainer/common/
-jemalloc.py``, else glibc with alignloop's settings, ``trainer/common/malloc_tuning.py``).
+jemalloc.py``, else glibc with alignloop's settings, ``trainer/common/malloc_tuning.py``)
+and the same capacities of torch's caches of oneDNN computations (``--onednn-cache-capacity``;
+default what alignloop's trainer keeps, ``trainer/common/onednn_cache.py``).
 
 Each side runs in a fresh child process (its peak RSS is its own), in an order that
 alternates every round (alignloop, TRL full, TRL LoRA; then reversed; ...) for ``--rounds``
