@@ -36,7 +36,7 @@ def live():
 laid_out = torch.ops.mkldnn._reorder_linear_weight(torch.randn(1024, 256), batch_size=8)
 torch.ops.mkldnn._linear_pointwise(torch.randn(1, 256), laid_out, None, "none", [], "")
 before = live()
-for rows in range(2, 302):
+for rows in range(2, 402):
     torch.ops.mkldnn._linear_pointwise(torch.randn(rows, 256), laid_out, None, "none", [], "")
 print((live() - before) / 2**20)
 """
@@ -66,8 +66,11 @@ def _growth_mb(mode: str) -> float:
     reason="needs glibc >= 2.33 and torch's oneDNN linear ops",
 )
 def test_bounded_caches_keep_the_memory_of_many_shapes_down() -> None:
-    default, bounded = _growth_mb("default"), _growth_mb("bounded")
-    # Measured 1.5 MB bounded against 220 MB at torch's defaults, for 400 shapes.
+    default = _growth_mb("default")
+    # 220 MB on an AMX CPU (1.5 bounded): what an entry keeps depends on the CPU's kernels.
+    if default < 32:
+        pytest.skip(f"this CPU's oneDNN kept {default:.1f} MB for 400 shapes: nothing to bound")
+    bounded = _growth_mb("bounded")
     assert bounded < 16, bounded
     assert default > 4 * bounded + 16, (default, bounded)
 
