@@ -852,7 +852,8 @@ def test_the_decode_loop_runs_a_shared_system_prompt_once(demo_model_dir: Path, 
     for whole, shared in zip(rows[0], rows[8], strict=True):
         assert shared.response_ids == whole.response_ids
         assert shared.sampler_logprobs == pytest.approx(whole.sampler_logprobs, abs=1e-5)
-        assert shared.values == pytest.approx(whole.values, abs=1e-5)
+        # float32 rounding of values near 10: 1.3e-6 of them apart on an AMX CPU
+        assert shared.values == pytest.approx(whole.values, rel=1e-5, abs=1e-5)
     assert any(v != 0 for row in rows[8] for v in row.values or [])
 
 
