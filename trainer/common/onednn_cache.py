@@ -12,9 +12,9 @@ again. A training process meets new ones all the time: every micro-batch has its
 every decode step of a rollout batch its own number of rows still writing; the caches fill
 over a round, and what they hold stays live. 300 bfloat16 products of 300 shapes left 573
 MB live at the defaults, 45 MB with both caches at 64. On the PPO benchmark at 31 M
-parameters (an AMX CPU), the training peak was 320-325 MB at the defaults against 235-240
-bounded, at the same episodes/s (docs/benchmarks.md, "Bounded caches of oneDNN
-computations").
+parameters (an AMX CPU), alignloop's training-only peak was 335 MB at the defaults against
+260 bounded, and at SmolLM2 705-712 against 597-611 MB, at the same episodes/s
+(docs/benchmarks.md, "Bounded caches of oneDNN computations").
 
 Each cache reads its capacity once, when the first product needs it, so
 :func:`bound_computation_caches` runs before the process multiplies anything. An operator's
